@@ -1,0 +1,141 @@
+//! REST wire types shared by the server and the CLI.
+//!
+//! Routes (all JSON, under [`API_PREFIX`]; writes need `Authorization: Bearer <admin token>`):
+//!
+//! | method | path                               | body                 | answer            |
+//! |--------|------------------------------------|----------------------|-------------------|
+//! | GET    | `/{kind}`                          |                      | `[object]`        |
+//! | GET    | `/{kind}/{name}`                   |                      | object            |
+//! | POST   | `/{kind}`                          | object (`NodeCreate` for nodes) | `[object]` |
+//! | PATCH  | `/{kind}/{name}`                   | merge patch (`NodePatch` for nodes, name may be a hostlist) | `[object]` |
+//! | DELETE | `/{kind}/{name}`                   |                      | `{"deleted": [names]}` |
+//! | POST   | `/{kind}/{name}/rename`            | `RenameRequest`      | object            |
+//! | POST   | `/{kind}/{name}/clone`             | `RenameRequest`      | object            |
+//! | POST   | `/network/{name}/reserve`, `/release` | `RangeRequest`    | network           |
+//! | GET/PATCH | `/cluster`                      |                      | cluster           |
+//!
+//! `?secrets=1` on GET shows secrets (admin token required). Every error is an [`ErrorBody`].
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::mac::MacAddr;
+use crate::model::{IpRange, NodeStatus};
+
+pub const API_PREFIX: &str = "/api/v1";
+
+/// Machine-readable error class; the HTTP status is derived from it in one place (the server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    NotFound,
+    AlreadyExists,
+    InUse,
+    Conflict,
+    Exhausted,
+    Unauthorized,
+    Forbidden,
+    Unavailable,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenameRequest {
+    pub new_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeRequest {
+    pub range: IpRange,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub deleted: Vec<String>,
+}
+
+/// `POST /node`: `name` may be a hostlist; all nodes are created in one atomic write.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeCreate {
+    pub name: String,
+    pub group: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    /// Explicit addresses per interface; the rest are allocated.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ips: BTreeMap<String, Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+    #[serde(default)]
+    pub localboot: bool,
+    #[serde(default)]
+    pub service: bool,
+    #[serde(default)]
+    pub setupbmc: bool,
+    #[serde(default)]
+    pub comment: String,
+}
+
+/// `PATCH /node/{hostlist}`: fields left out stay; `null` clears an optional field.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodePatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, deserialize_with = "some", skip_serializing_if = "Option::is_none")]
+    pub mac: Option<Option<MacAddr>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ips: BTreeMap<String, Ipv4Addr>,
+    #[serde(default, deserialize_with = "some", skip_serializing_if = "Option::is_none")]
+    pub switch: Option<Option<String>>,
+    #[serde(default, deserialize_with = "some", skip_serializing_if = "Option::is_none")]
+    pub port: Option<Option<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub localboot: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setupbmc: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    #[serde(default, deserialize_with = "some", skip_serializing_if = "Option::is_none")]
+    pub status: Option<Option<NodeStatus>>,
+    /// Compare-and-swap: refuse with `conflict` unless the node is at this revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<u64>,
+}
+
+/// Tells "absent" (outer `None`) from "null" (`Some(None)`).
+fn some<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patch_tells_null_from_absent() {
+        let p: NodePatch = serde_json::from_str(r#"{"mac": null}"#).unwrap();
+        assert_eq!(p.mac, Some(None));
+        let p: NodePatch = serde_json::from_str(r#"{}"#).unwrap();
+        assert_eq!(p.mac, None);
+        assert!(serde_json::from_str::<NodePatch>(r#"{"macc": null}"#).is_err());
+        let back = serde_json::to_string(&NodePatch { mac: Some(None), ..Default::default() }).unwrap();
+        assert_eq!(back, r#"{"mac":null}"#);
+    }
+}

@@ -1,0 +1,13 @@
+//! The one place that defines what luna's objects are.
+//!
+//! Everything here is pure: no sockets, no files, no store. The server, the CLI and the agent all
+//! speak in these types, so a field exists exactly once.
+
+pub mod api;
+pub mod hostlist;
+pub mod ipalloc;
+pub mod mac;
+pub mod model;
+
+pub use mac::MacAddr;
+pub use model::{Kind, ModelError};
