@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use crate::model::Network;
+use crate::model::{IpRange, Network};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AllocError {
@@ -16,11 +16,12 @@ pub enum AllocError {
 }
 
 /// Returns the `count` lowest addresses of `network` that are neither in `used`, nor reserved by
-/// the network (gateway, reserved ranges), nor in `also_reserved` (e.g. the server's own address).
+/// the network (gateway, reserved ranges), nor in `also_reserved` (the server's own address, the
+/// DHCP range for unknown machines).
 pub fn lowest_free(
     network: &Network,
     used: &BTreeSet<Ipv4Addr>,
-    also_reserved: &[Ipv4Addr],
+    also_reserved: &[IpRange],
     count: usize,
 ) -> Result<Vec<Ipv4Addr>, AllocError> {
     let range = network.host_range();
@@ -30,14 +31,14 @@ pub fn lowest_free(
     while out.len() < count && cur <= end {
         let ip = Ipv4Addr::from(cur);
         // Jump over a whole reserved range at once: a /8 with a big reserved block stays cheap.
-        if let Some(r) = network.reserved.iter().find(|r| r.contains(ip)) {
+        if let Some(r) = network.reserved.iter().chain(also_reserved).find(|r| r.contains(ip)) {
             cur = u32::from(r.end).saturating_add(1);
             if u32::from(r.end) == u32::MAX {
                 break;
             }
             continue;
         }
-        if !used.contains(&ip) && Some(ip) != network.gateway && !also_reserved.contains(&ip) {
+        if !used.contains(&ip) && Some(ip) != network.gateway {
             out.push(ip);
         }
         cur += 1;
@@ -50,11 +51,11 @@ pub fn lowest_free(
 }
 
 /// Checks an address an admin asked for explicitly (taken-ness is the store's claim check).
-pub fn check_explicit(network: &Network, ip: Ipv4Addr, also_reserved: &[Ipv4Addr]) -> Result<(), AllocError> {
+pub fn check_explicit(network: &Network, ip: Ipv4Addr, also_reserved: &[IpRange]) -> Result<(), AllocError> {
     if !network.contains_host(ip) {
         return Err(AllocError::Outside { network: network.name.clone(), cidr: network.cidr.to_string(), ip });
     }
-    if network.is_reserved(ip) || also_reserved.contains(&ip) {
+    if network.is_reserved(ip) || also_reserved.iter().any(|r| r.contains(ip)) {
         return Err(AllocError::Reserved { network: network.name.clone(), ip });
     }
     Ok(())
@@ -63,7 +64,6 @@ pub fn check_explicit(network: &Network, ip: Ipv4Addr, also_reserved: &[Ipv4Addr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::IpRange;
     use proptest::prelude::*;
 
     fn net(cidr: &str) -> Network {

@@ -122,6 +122,9 @@ pub struct IpRange {
 }
 
 impl IpRange {
+    pub fn single(ip: Ipv4Addr) -> Self {
+        IpRange { start: ip, end: ip }
+    }
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         self.start <= ip && ip <= self.end
     }
@@ -290,6 +293,7 @@ fn validate_ifname(field: &str, name: &str) -> Result<(), ModelError> {
 #[serde(deny_unknown_fields)]
 pub struct Network {
     pub name: String,
+    #[serde(deserialize_with = "de_cidr")]
     pub cidr: Ipv4Net,
     /// Reserved for dual-stack networks; allocation is IPv4-only today.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -307,6 +311,13 @@ pub struct Network {
     pub comment: String,
     #[serde(default)]
     pub rev: u64,
+}
+
+fn de_cidr<'de, D: Deserializer<'de>>(d: D) -> Result<Ipv4Net, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|_| {
+        serde::de::Error::custom(format!("invalid cidr '{s}': expected an IPv4 network like 10.141.0.0/16"))
+    })
 }
 
 fn default_mtu() -> u16 {
@@ -342,6 +353,43 @@ impl Network {
     /// Whether `ip` is unavailable for allocation because the network itself holds it.
     pub fn is_reserved(&self, ip: Ipv4Addr) -> bool {
         Some(ip) == self.gateway || self.reserved.iter().any(|r| r.contains(ip))
+    }
+
+    /// Adds a reserved range, merging it with ranges it overlaps or touches.
+    pub fn reserve(&mut self, r: IpRange) {
+        let mut merged = r;
+        let touches = |a: &IpRange, b: &IpRange| {
+            u64::from(u32::from(a.start)) <= u64::from(u32::from(b.end)) + 1
+                && u64::from(u32::from(b.start)) <= u64::from(u32::from(a.end)) + 1
+        };
+        self.reserved.retain(|x| {
+            if touches(x, &merged) {
+                merged = IpRange { start: merged.start.min(x.start), end: merged.end.max(x.end) };
+                false
+            } else {
+                true
+            }
+        });
+        self.reserved.push(merged);
+        self.reserved.sort();
+    }
+
+    /// Removes `r` from the reserved ranges, splitting ranges it cuts through.
+    pub fn release(&mut self, r: IpRange) {
+        let mut out = Vec::new();
+        for x in self.reserved.drain(..) {
+            if !x.overlaps(&r) {
+                out.push(x);
+                continue;
+            }
+            if x.start < r.start {
+                out.push(IpRange { start: x.start, end: Ipv4Addr::from(u32::from(r.start) - 1) });
+            }
+            if x.end > r.end {
+                out.push(IpRange { start: Ipv4Addr::from(u32::from(r.end) + 1), end: x.end });
+            }
+        }
+        self.reserved = out;
     }
 
     fn validate(&self) -> Result<(), ModelError> {
@@ -1098,6 +1146,18 @@ mod tests {
         let mut o = AnyObject::Bmcsetup(b);
         o.redact();
         assert!(!o.to_value().to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn reserve_merges_and_release_splits() {
+        let mut n = Network::new("n", "10.0.0.0/24".parse().unwrap());
+        n.reserve("10.0.0.10-10.0.0.20".parse().unwrap());
+        n.reserve("10.0.0.21-10.0.0.30".parse().unwrap());
+        n.reserve("10.0.0.100".parse().unwrap());
+        assert_eq!(n.reserved.iter().map(|r| r.to_string()).collect::<Vec<_>>(), ["10.0.0.10-10.0.0.30", "10.0.0.100"]);
+        n.release("10.0.0.15-10.0.0.16".parse().unwrap());
+        n.release("10.0.0.100".parse().unwrap());
+        assert_eq!(n.reserved.iter().map(|r| r.to_string()).collect::<Vec<_>>(), ["10.0.0.10-10.0.0.14", "10.0.0.17-10.0.0.30"]);
     }
 
     #[test]

@@ -1,1 +1,67 @@
-fn main() {}
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use luna_server::{config, server};
+
+/// luna-server: the master of a luna cluster (store, REST API, DHCP, TFTP, HTTP boot, tracker).
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, short, default_value = "/etc/luna/luna.toml", env = "LUNA_CONFIG")]
+    config: PathBuf,
+    /// Print the configuration keys with their documented defaults and exit.
+    #[arg(long)]
+    print_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the store, the admin token file and the cluster object (idempotent).
+    Init,
+    /// Serve (the default).
+    Serve,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if cli.print_config {
+        print!("{}", config::documented_defaults());
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let config = if cli.config.exists() || cli.config != PathBuf::from("/etc/luna/luna.toml") {
+        config::Config::load(&cli.config)?
+    } else {
+        config::Config::default()
+    };
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Init => {
+                let r = server::init(&config).await?;
+                println!("cluster {} ready in {}", r.cluster, config.store);
+                if r.token_created {
+                    println!("admin token written to {}", r.token_file.display());
+                } else {
+                    println!("admin token kept in {}", r.token_file.display());
+                }
+                Ok(())
+            }
+            Command::Serve => {
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    server::shutdown_signal().await;
+                    let _ = tx.send(true);
+                });
+                server::serve(config, rx).await.map_err(anyhow::Error::from)
+            }
+        }
+    })
+}

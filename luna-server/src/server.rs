@@ -1,0 +1,124 @@
+//! Start-up and shutdown: `init` and `serve`.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::service::{Service, ServiceError};
+use crate::store::{self, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error("cannot read token file {path}: {source} (run `luna-server init` first)")]
+    TokenRead { path: PathBuf, source: std::io::Error },
+    #[error("token file {path} is empty (run `luna-server init` again)")]
+    TokenEmpty { path: PathBuf },
+    #[error("cannot write token file {path}: {source}")]
+    TokenWrite { path: PathBuf, source: std::io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("http server failed: {0}")]
+    Http(std::io::Error),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+}
+
+/// Creates the store and the cluster object, and the admin token file if there is none.
+pub async fn init(config: &Config) -> Result<InitReport, ServerError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
+    let store = store::open(&config.store).await?;
+    let service = Service::new(store);
+    let cluster = service.ensure_cluster(&config.cluster_name).await?;
+    let token_created = ensure_token(&config.token_file)?;
+    Ok(InitReport { cluster: cluster.name, token_file: config.token_file.clone(), token_created })
+}
+
+pub struct InitReport {
+    pub cluster: String,
+    pub token_file: PathBuf,
+    pub token_created: bool,
+}
+
+fn ensure_token(path: &Path) -> Result<bool, ServerError> {
+    if path.exists() {
+        return Ok(false);
+    }
+    let err = |source| ServerError::TokenWrite { path: path.into(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(err)?;
+    writeln!(f, "{token}").map_err(err)?;
+    Ok(true)
+}
+
+pub fn read_token(path: &Path) -> Result<String, ServerError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ServerError::TokenRead { path: path.into(), source })?;
+    let token = text.trim().to_string();
+    if token.is_empty() {
+        return Err(ServerError::TokenEmpty { path: path.into() });
+    }
+    Ok(token)
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Runs every service of the server until `shutdown` turns true.
+pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
+    let store = store::open(&config.store).await?;
+    tracing::info!(backend = store.backend(), "store opened");
+    let service = Service::new(store);
+    service.ensure_cluster(&config.cluster_name).await?;
+    let admin_token = read_token(&config.token_file)?;
+    let state = Arc::new(AppState { service, admin_token });
+    let app = api::router(state);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    tracing::info!(addr = %config.listen, "http listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            while !*shutdown.borrow() {
+                if shutdown.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await
+        .map_err(ServerError::Http)?;
+    tracing::info!("stopped");
+    Ok(())
+}
