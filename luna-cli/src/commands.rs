@@ -1,0 +1,767 @@
+//! What each verb does: check the input locally, send one request (two when a change has to be
+//! merged into the current object), print the answer.
+
+use std::io::Read;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use luna_core::api::{Deleted, ErrorCode, NodeCreate, NodePatch, RangeRequest, RenameRequest};
+use luna_core::hostlist;
+use luna_core::model::{validate_name, AnyObject, BMC, BOOTIF};
+use luna_core::Kind;
+use serde_json::{json, Map, Value};
+
+use crate::args::*;
+use crate::client::{encode_segment, Client};
+use crate::render;
+use crate::text::TextSource;
+
+pub struct Ctx<R> {
+    pub client: Client,
+    pub text: TextSource<R>,
+    pub out: String,
+}
+
+fn kind_path(kind: Kind) -> String {
+    format!("/{kind}")
+}
+
+fn object_path(kind: Kind, name: &str) -> String {
+    format!("/{kind}/{}", encode_segment(name))
+}
+
+/// Names this run sends as one object (not a hostlist).
+fn check_name(kind: Kind, name: &str) -> Result<()> {
+    validate_name(kind, name)?;
+    Ok(())
+}
+
+/// Expands a node hostlist locally so a typo never reaches the server; returns the names.
+fn check_hostlist(expr: &str) -> Result<Vec<String>> {
+    let names = hostlist::expand(expr)?;
+    for n in &names {
+        validate_name(Kind::Node, n).with_context(|| format!("in hostlist '{expr}'"))?;
+    }
+    Ok(names)
+}
+
+/// Names of the objects in an answer array, folded into a hostlist.
+fn names_of(objs: &[Value]) -> String {
+    let names: Vec<&str> = objs.iter().filter_map(|o| o.get("name").and_then(Value::as_str)).collect();
+    hostlist::compress(&names)
+}
+
+fn plural(kind: Kind, n: usize) -> String {
+    if n == 1 {
+        kind.to_string()
+    } else {
+        format!("{n} {kind}s")
+    }
+}
+
+fn as_array(v: Value, what: &str) -> Result<Vec<Value>> {
+    match v {
+        Value::Array(a) => Ok(a),
+        other => Err(anyhow!("invalid answer from luna-server: expected a list of {what}, got {other}")),
+    }
+}
+
+/// RFC 7396: objects merge key by key, `null` removes, anything else replaces.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let Value::Object(t) = target else { return };
+    for (k, v) in p {
+        if v.is_null() {
+            t.remove(k);
+        } else {
+            merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+/// Builds the object from the fields given and validates it with the model, so bad input is
+/// reported without a request.
+fn validate_new(kind: Kind, fields: &Map<String, Value>) -> Result<()> {
+    let obj = AnyObject::from_value(kind, Value::Object(fields.clone()))?;
+    obj.validate()?;
+    Ok(())
+}
+
+fn put<T: serde::Serialize>(m: &mut Map<String, Value>, key: &str, v: Option<T>) {
+    if let Some(v) = v {
+        m.insert(key.into(), serde_json::to_value(v).expect("plain values serialise"));
+    }
+}
+
+impl<R: Read> Ctx<R> {
+    pub fn new(client: Client, stdin: R) -> Self {
+        Ctx { client, text: TextSource::new(stdin), out: String::new() }
+    }
+
+    fn print(&mut self, s: &str) {
+        self.out.push_str(s);
+        if !s.ends_with('\n') {
+            self.out.push('\n');
+        }
+    }
+
+    fn print_json(&mut self, v: &Value) {
+        let s = serde_json::to_string_pretty(v).expect("json values serialise");
+        self.print(&s);
+    }
+
+    fn comment(&mut self, c: &CommentArgs, m: &mut Map<String, Value>) -> Result<()> {
+        let v = self.text.read_opt("--comment", c.comment.as_ref())?;
+        put(m, "comment", v);
+        Ok(())
+    }
+
+    // ---- generic verbs --------------------------------------------------------------------
+
+    fn list(&mut self, kind: Kind, args: &ListArgs, secrets: bool, filter: impl Fn(&Value) -> bool) -> Result<()> {
+        let items = as_array(self.client.get(&kind_path(kind), secrets)?, &format!("{kind}s"))?;
+        let items: Vec<Value> = items.into_iter().filter(|o| filter(o)).collect();
+        if args.json {
+            self.print_json(&Value::Array(items));
+        } else {
+            self.print(&render::list(kind, &items));
+        }
+        Ok(())
+    }
+
+    fn fetch(&self, kind: Kind, name: &str, secrets: bool) -> Result<Value> {
+        check_name(kind, name)?;
+        Ok(self.client.get(&object_path(kind, name), secrets)?)
+    }
+
+    fn show(&mut self, kind: Kind, args: &ShowArgs, secrets: bool) -> Result<()> {
+        let obj = self.fetch(kind, &args.name, secrets)?;
+        if args.json {
+            self.print_json(&obj);
+        } else {
+            self.print(&render::show(kind, &obj));
+        }
+        Ok(())
+    }
+
+    fn create(&mut self, kind: Kind, body: Value) -> Result<()> {
+        let created = as_array(self.client.write("POST", &kind_path(kind), Some(&body))?, &format!("{kind}s"))?;
+        let msg = format!("added {} {}", plural(kind, created.len()), names_of(&created));
+        self.print(&msg);
+        Ok(())
+    }
+
+    /// A non-node change: merged into the current object and validated locally first.
+    fn change(&mut self, kind: Kind, name: &str, patch: Map<String, Value>) -> Result<()> {
+        if patch.is_empty() {
+            bail!("nothing to change for {kind} {name}: give at least one option");
+        }
+        let patch = Value::Object(patch);
+        let mut current = self.fetch(kind, name, false)?;
+        merge_patch(&mut current, &patch);
+        AnyObject::from_value(kind, current)?.validate()?;
+        self.send_patch(kind, name, &patch)
+    }
+
+    fn send_patch(&mut self, kind: Kind, name: &str, patch: &Value) -> Result<()> {
+        let changed =
+            as_array(self.client.write("PATCH", &object_path(kind, name), Some(patch))?, &format!("{kind}s"))?;
+        let msg = format!("changed {} {}", plural(kind, changed.len()), names_of(&changed));
+        self.print(&msg);
+        Ok(())
+    }
+
+    fn rename(&mut self, kind: Kind, args: &RenameArgs, clone: bool) -> Result<()> {
+        check_name(kind, &args.name)?;
+        check_name(kind, &args.new_name)?;
+        let verb = if clone { "clone" } else { "rename" };
+        let body = serde_json::to_value(RenameRequest { new_name: args.new_name.clone() })?;
+        self.client.write("POST", &format!("{}/{verb}", object_path(kind, &args.name)), Some(&body))?;
+        let msg = if clone {
+            format!("cloned {kind} {} as {}", args.name, args.new_name)
+        } else {
+            format!("renamed {kind} {} to {}", args.name, args.new_name)
+        };
+        self.print(&msg);
+        Ok(())
+    }
+
+    fn delete(&mut self, kind: Kind, args: &DeleteArgs) -> Result<()> {
+        if kind == Kind::Node {
+            check_hostlist(&args.name)?;
+        } else {
+            check_name(kind, &args.name)?;
+        }
+        let answer = self.client.write("DELETE", &object_path(kind, &args.name), None)?;
+        let deleted: Deleted = serde_json::from_value(answer).context("invalid answer from luna-server")?;
+        let msg = format!("deleted {} {}", plural(kind, deleted.deleted.len()), hostlist::compress(&deleted.deleted));
+        self.print(&msg);
+        Ok(())
+    }
+
+    // ---- cluster ----------------------------------------------------------------------------
+
+    fn cluster_patch(&mut self, c: &ClusterChange) -> Result<Map<String, Value>> {
+        let mut m = Map::new();
+        put(&mut m, "name", c.name.clone());
+        put(&mut m, "frontend_address", c.frontend_address);
+        put(&mut m, "http_port", c.http_port);
+        put(&mut m, "nodename_prefix", c.nodename_prefix.clone());
+        put(&mut m, "nodename_digits", c.nodename_digits);
+        put(&mut m, "tracker_interval", c.tracker_interval);
+        put(&mut m, "tracker_max_peers", c.tracker_max_peers);
+        put(&mut m, "dhcp_interfaces", c.dhcp_interfaces.clone());
+        put(&mut m, "dhcp_range", c.dhcp_range);
+        put(&mut m, "domain", c.domain.clone());
+        self.comment(&c.comment, &mut m)?;
+        unset(&mut m, &c.unset.unset)?;
+        Ok(m)
+    }
+
+    fn cluster(&mut self, cmd: &ClusterCmd) -> Result<()> {
+        match cmd {
+            ClusterCmd::Show(s) => {
+                let c = self.client.get("/cluster", false)?;
+                if s.json {
+                    self.print_json(&c);
+                } else {
+                    self.print(&render::show(Kind::Cluster, &c));
+                }
+            }
+            ClusterCmd::Change(c) => {
+                let patch = self.cluster_patch(c)?;
+                if patch.is_empty() {
+                    bail!("nothing to change for the cluster: give at least one option");
+                }
+                self.cluster_apply(patch)?;
+                self.print("changed cluster");
+            }
+            ClusterCmd::Init(c) => {
+                // Creating the store and the token needs the server machine; over the API, init
+                // means "the cluster exists and has these settings", which is safe to repeat.
+                let patch = self.cluster_patch(c)?;
+                let current = match self.client.get("/cluster", false) {
+                    Err(e) if e.code() == Some(ErrorCode::NotFound) => bail!(
+                        "luna-server at {} has no cluster yet: run 'luna-server --config FILE init' on the server first",
+                        self.client.base()
+                    ),
+                    other => other?,
+                };
+                let cluster = if patch.is_empty() { current } else { self.cluster_apply(patch)? };
+                self.print(&render::show(Kind::Cluster, &cluster));
+                if cluster.get("frontend_address").is_none_or(Value::is_null) {
+                    self.print("note: frontend_address is not set; nodes cannot boot until 'luna cluster change --frontend-address IP'");
+                }
+                if cluster.get("dhcp_interfaces").and_then(Value::as_array).is_none_or(Vec::is_empty) {
+                    self.print("note: dhcp_interfaces is empty; DHCP answers nowhere until 'luna cluster change --dhcp-interfaces IF'");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn cluster_apply(&mut self, patch: Map<String, Value>) -> Result<Value> {
+        let patch = Value::Object(patch);
+        let mut current = self.client.get("/cluster", false)?;
+        merge_patch(&mut current, &patch);
+        AnyObject::from_value(Kind::Cluster, current)?.validate()?;
+        let answer = self.client.write("PATCH", "/cluster", Some(&patch))?;
+        // The route table says the cluster PATCH answers with the cluster; accept a one-element
+        // list as well, as every other PATCH answers with a list.
+        Ok(match answer {
+            Value::Array(mut a) if a.len() == 1 => a.remove(0),
+            other => other,
+        })
+    }
+
+    // ---- network ----------------------------------------------------------------------------
+
+    fn network_fields(&mut self, f: &NetworkFields) -> Result<Map<String, Value>> {
+        let mut m = Map::new();
+        put(&mut m, "cidr", f.cidr);
+        put(&mut m, "gateway", f.gateway);
+        put(&mut m, "dns_server", f.dns);
+        put(&mut m, "mtu", f.mtu);
+        self.comment(&f.comment, &mut m)?;
+        Ok(m)
+    }
+
+    fn network(&mut self, cmd: &NetworkCmd) -> Result<()> {
+        let k = Kind::Network;
+        match cmd {
+            NetworkCmd::List(a) => self.list(k, a, false, |_| true),
+            NetworkCmd::Show(a) => self.show(k, a, false),
+            NetworkCmd::Add(a) => {
+                check_name(k, &a.name)?;
+                let mut m = self.network_fields(&a.fields)?;
+                m.insert("name".into(), json!(a.name));
+                validate_new(k, &m)?;
+                self.create(k, Value::Object(m))
+            }
+            NetworkCmd::Change(a) => {
+                let mut m = self.network_fields(&a.fields)?;
+                unset(&mut m, &a.unset.unset)?;
+                self.change(k, &a.name, m)
+            }
+            NetworkCmd::Rename(a) => self.rename(k, a, false),
+            NetworkCmd::Clone(a) => self.rename(k, a, true),
+            NetworkCmd::Delete(a) => self.delete(k, a),
+            NetworkCmd::Reserve(a) | NetworkCmd::Release(a) => {
+                let verb = if matches!(cmd, NetworkCmd::Reserve(_)) { "reserve" } else { "release" };
+                check_name(k, &a.name)?;
+                let body = serde_json::to_value(RangeRequest { range: a.range })?;
+                self.client.write("POST", &format!("{}/{verb}", object_path(k, &a.name)), Some(&body))?;
+                let done = if verb == "reserve" { "reserved" } else { "released" };
+                self.print(&format!("{done} {} on network {}", a.range, a.name));
+                Ok(())
+            }
+        }
+    }
+
+    // ---- osimage ----------------------------------------------------------------------------
+
+    fn osimage_fields(&mut self, f: &OsimageFields) -> Result<Map<String, Value>> {
+        let mut m = Map::new();
+        put(&mut m, "path", f.path.clone());
+        put(&mut m, "kernel_version", f.kernel_version.clone());
+        let opts = self.text.read_opt("--kernel-opts", f.kernel_opts.as_ref())?;
+        put(&mut m, "kernel_opts", opts.map(|o| o.trim().to_string()));
+        put(&mut m, "grab_exclude", f.grab_exclude.clone());
+        self.comment(&f.comment, &mut m)?;
+        Ok(m)
+    }
+
+    fn osimage(&mut self, cmd: &OsimageCmd) -> Result<()> {
+        let k = Kind::Osimage;
+        match cmd {
+            OsimageCmd::List(a) => self.list(k, a, false, |_| true),
+            OsimageCmd::Show(a) => self.show(k, a, false),
+            OsimageCmd::Add(a) => {
+                check_name(k, &a.name)?;
+                let mut m = self.osimage_fields(&a.fields)?;
+                m.insert("name".into(), json!(a.name));
+                validate_new(k, &m)?;
+                self.create(k, Value::Object(m))
+            }
+            OsimageCmd::Change(a) => {
+                let mut m = self.osimage_fields(&a.fields)?;
+                unset(&mut m, &a.unset.unset)?;
+                self.change(k, &a.name, m)
+            }
+            OsimageCmd::Rename(a) => self.rename(k, a, false),
+            OsimageCmd::Clone(a) => self.rename(k, a, true),
+            OsimageCmd::Delete(a) => self.delete(k, a),
+        }
+    }
+
+    // ---- bmcsetup ---------------------------------------------------------------------------
+
+    fn bmcsetup_fields(&mut self, f: &BmcsetupFields) -> Result<Map<String, Value>> {
+        let mut m = Map::new();
+        put(&mut m, "user", f.user.clone());
+        if let Some(p) = &f.password {
+            m.insert("password".into(), json!(self.text.read_line("--password", p)?));
+        }
+        put(&mut m, "userid", f.userid);
+        put(&mut m, "netchannel", f.netchannel);
+        put(&mut m, "mgmtchannel", f.mgmtchannel);
+        put(&mut m, "protocol", f.protocol);
+        self.comment(&f.comment, &mut m)?;
+        Ok(m)
+    }
+
+    fn bmcsetup(&mut self, cmd: &BmcsetupCmd) -> Result<()> {
+        let k = Kind::Bmcsetup;
+        match cmd {
+            BmcsetupCmd::List(a) => self.list(k, &a.list, a.secrets.show_secrets, |_| true),
+            BmcsetupCmd::Show(a) => self.show(k, &a.show, a.secrets.show_secrets),
+            BmcsetupCmd::Add(a) => {
+                check_name(k, &a.name)?;
+                let mut m = self.bmcsetup_fields(&a.fields)?;
+                m.insert("name".into(), json!(a.name));
+                validate_new(k, &m)?;
+                self.create(k, Value::Object(m))
+            }
+            BmcsetupCmd::Change(a) => {
+                // What `change` fetches has the password redacted to `********`, which still
+                // validates, so the merge check works without the secret.
+                let m = self.bmcsetup_fields(&a.fields)?;
+                self.change(k, &a.name, m)
+            }
+            BmcsetupCmd::Rename(a) => self.rename(k, a, false),
+            BmcsetupCmd::Clone(a) => self.rename(k, a, true),
+            BmcsetupCmd::Delete(a) => self.delete(k, a),
+        }
+    }
+
+    // ---- group ------------------------------------------------------------------------------
+
+    /// Scalar group fields; interfaces are handled by the callers since `add` builds a list and
+    /// `change` edits the current one.
+    fn group_fields(&mut self, f: &GroupFields) -> Result<Map<String, Value>> {
+        let mut m = Map::new();
+        put(&mut m, "osimage", f.osimage.clone());
+        put(&mut m, "bmcsetup", f.bmcsetup.clone());
+        for (flag, key, arg) in [
+            ("--prescript", "prescript", &f.prescript),
+            ("--partscript", "partscript", &f.partscript),
+            ("--postscript", "postscript", &f.postscript),
+        ] {
+            let v = self.text.read_opt(flag, arg.as_ref())?;
+            put(&mut m, key, v);
+        }
+        put(&mut m, "torrent_interface", f.torrent_interface.clone());
+        put(&mut m, "domain", f.domain.clone());
+        self.comment(&f.comment, &mut m)?;
+        Ok(m)
+    }
+
+    fn group(&mut self, cmd: &GroupCmd) -> Result<()> {
+        let k = Kind::Group;
+        match cmd {
+            GroupCmd::List(a) => self.list(k, a, false, |_| true),
+            GroupCmd::Show(a) => self.show(k, a, false),
+            GroupCmd::Add(a) => {
+                check_name(k, &a.name)?;
+                let mut m = self.group_fields(&a.fields)?;
+                m.insert("name".into(), json!(a.name));
+                let mut ifs = Vec::new();
+                set_group_interfaces(&mut ifs, &a.fields, &[])?;
+                if !ifs.is_empty() {
+                    m.insert("interfaces".into(), Value::Array(ifs));
+                }
+                validate_new(k, &m)?;
+                self.create(k, Value::Object(m))
+            }
+            GroupCmd::Change(a) => {
+                let mut m = self.group_fields(&a.fields)?;
+                unset(&mut m, &a.unset)?;
+                let edits_interfaces = a.fields.network.is_some()
+                    || a.fields.bmc_network.is_some()
+                    || !a.fields.interfaces.is_empty()
+                    || !a.remove_interface.is_empty();
+                if edits_interfaces {
+                    // A merge patch replaces lists whole: start from the group's current ones.
+                    let current = self.fetch(k, &a.name, false)?;
+                    let mut ifs = current.get("interfaces").and_then(Value::as_array).cloned().unwrap_or_default();
+                    set_group_interfaces(&mut ifs, &a.fields, &a.remove_interface)
+                        .with_context(|| format!("group {}", a.name))?;
+                    m.insert("interfaces".into(), Value::Array(ifs));
+                }
+                self.change(k, &a.name, m)
+            }
+            GroupCmd::Rename(a) => self.rename(k, a, false),
+            GroupCmd::Clone(a) => self.rename(k, a, true),
+            GroupCmd::Delete(a) => self.delete(k, a),
+        }
+    }
+
+    // ---- node -------------------------------------------------------------------------------
+
+    fn node(&mut self, cmd: &NodeCmd) -> Result<()> {
+        let k = Kind::Node;
+        match cmd {
+            NodeCmd::List(a) => {
+                let group = a.group.clone();
+                self.list(k, &a.list, false, |n| {
+                    group.as_deref().is_none_or(|g| n.get("group").and_then(Value::as_str) == Some(g))
+                })
+            }
+            NodeCmd::Show(a) => match a.script {
+                None => self.show(k, &a.show, false),
+                Some(NodeScript::Boot) => {
+                    let node = self.fetch(k, &a.show.name, false)?;
+                    let Some(mac) = node.get("mac").and_then(Value::as_str) else {
+                        bail!(
+                            "node {0} has no mac address, so it has no boot script: set one with 'luna node change {0} --mac MAC'",
+                            a.show.name
+                        );
+                    };
+                    let script = self.client.get_text(&format!("/boot/ipxe?mac={}", encode_segment(mac)))?;
+                    self.print(&script);
+                    Ok(())
+                }
+            },
+            NodeCmd::Add(a) => {
+                let names = check_hostlist(&a.name)?;
+                let f = &a.fields;
+                single_node_only(&a.name, names.len(), f)?;
+                if let Some(g) = &f.group {
+                    check_name(Kind::Group, g)?;
+                }
+                let create = NodeCreate {
+                    name: a.name.clone(),
+                    group: f.group.clone().unwrap_or_default(),
+                    mac: f.mac,
+                    ips: f.ips.iter().cloned().collect(),
+                    switch: f.switch.clone(),
+                    port: f.port,
+                    localboot: f.localboot.unwrap_or(false),
+                    service: f.service.unwrap_or(false),
+                    setupbmc: f.setupbmc.unwrap_or(false),
+                    comment: self.text.read_opt("--comment", f.comment.comment.as_ref())?.unwrap_or_default(),
+                };
+                if create.port.is_some() && create.switch.is_none() {
+                    bail!("--port {} needs --switch", create.port.unwrap_or_default());
+                }
+                self.create(k, serde_json::to_value(create)?)
+            }
+            NodeCmd::Change(a) => {
+                let names = check_hostlist(&a.name)?;
+                let f = &a.fields;
+                single_node_only(&a.name, names.len(), f)?;
+                let mut p = NodePatch {
+                    group: f.group.clone(),
+                    mac: f.mac.map(Some),
+                    ips: f.ips.iter().cloned().collect(),
+                    switch: f.switch.clone().map(Some),
+                    port: f.port.map(Some),
+                    localboot: f.localboot,
+                    service: f.service,
+                    setupbmc: f.setupbmc,
+                    comment: self.text.read_opt("--comment", f.comment.comment.as_ref())?,
+                    ..Default::default()
+                };
+                for field in &a.unset.unset {
+                    let given = match field.as_str() {
+                        "mac" => p.mac.replace(None).is_some(),
+                        "switch" => p.switch.replace(None).is_some(),
+                        "port" => p.port.replace(None).is_some(),
+                        "status" => p.status.replace(None).is_some(),
+                        other => bail!("invalid value '{other}' for --unset: a node cannot clear it"),
+                    };
+                    if given {
+                        bail!("--{field} and --unset {field} contradict each other");
+                    }
+                }
+                if p == NodePatch::default() {
+                    bail!("nothing to change for node {}: give at least one option", a.name);
+                }
+                self.send_patch(k, &a.name, &serde_json::to_value(p)?)
+            }
+            NodeCmd::Rename(a) => self.rename(k, a, false),
+            NodeCmd::Clone(a) => self.rename(k, a, true),
+            NodeCmd::Delete(a) => self.delete(k, a),
+        }
+    }
+
+    // ---- switch, otherdev -------------------------------------------------------------------
+
+    fn device_fields(&mut self, f: &DeviceFields) -> Result<Map<String, Value>> {
+        let mut m = Map::new();
+        put(&mut m, "network", f.network.clone());
+        put(&mut m, "ip", f.ip);
+        self.comment(&f.comment, &mut m)?;
+        Ok(m)
+    }
+
+    fn switch_fields(&mut self, f: &SwitchFields) -> Result<Map<String, Value>> {
+        let mut m = self.device_fields(&f.device)?;
+        if let Some(c) = &f.community {
+            m.insert("community".into(), json!(self.text.read_line("--community", c)?));
+        }
+        put(&mut m, "oid", f.oid.clone());
+        put(&mut m, "uplinks", f.uplinks.clone());
+        Ok(m)
+    }
+
+    fn switch(&mut self, cmd: &SwitchCmd) -> Result<()> {
+        let k = Kind::Switch;
+        match cmd {
+            SwitchCmd::List(a) => self.list(k, &a.list, a.secrets.show_secrets, |_| true),
+            SwitchCmd::Show(a) => self.show(k, &a.show, a.secrets.show_secrets),
+            SwitchCmd::Add(a) => {
+                check_name(k, &a.name)?;
+                let mut m = self.switch_fields(&a.fields)?;
+                m.insert("name".into(), json!(a.name));
+                validate_new(k, &m)?;
+                self.create(k, Value::Object(m))
+            }
+            SwitchCmd::Change(a) => {
+                let m = self.switch_fields(&a.fields)?;
+                self.change(k, &a.name, m)
+            }
+            SwitchCmd::Rename(a) => self.rename(k, a, false),
+            SwitchCmd::Clone(a) => self.rename(k, a, true),
+            SwitchCmd::Delete(a) => self.delete(k, a),
+        }
+    }
+
+    fn otherdev(&mut self, cmd: &OtherdevCmd) -> Result<()> {
+        let k = Kind::Otherdev;
+        match cmd {
+            OtherdevCmd::List(a) => self.list(k, a, false, |_| true),
+            OtherdevCmd::Show(a) => self.show(k, a, false),
+            OtherdevCmd::Add(a) => {
+                check_name(k, &a.name)?;
+                let mut m = self.device_fields(&a.fields)?;
+                m.insert("name".into(), json!(a.name));
+                validate_new(k, &m)?;
+                self.create(k, Value::Object(m))
+            }
+            OtherdevCmd::Change(a) => {
+                let m = self.device_fields(&a.fields)?;
+                self.change(k, &a.name, m)
+            }
+            OtherdevCmd::Rename(a) => self.rename(k, a, false),
+            OtherdevCmd::Clone(a) => self.rename(k, a, true),
+            OtherdevCmd::Delete(a) => self.delete(k, a),
+        }
+    }
+
+    pub fn dispatch(&mut self, cmd: &Command) -> Result<()> {
+        match cmd {
+            Command::Cluster(c) => self.cluster(c),
+            Command::Network(c) => self.network(c),
+            Command::Osimage(c) => self.osimage(c),
+            Command::Bmcsetup(c) => self.bmcsetup(c),
+            Command::Group(c) => self.group(c),
+            Command::Node(c) => self.node(c),
+            Command::Switch(c) => self.switch(c),
+            Command::Otherdev(c) => self.otherdev(c),
+            Command::Completions(_) | Command::Manpages(_) => {
+                unreachable!("generated files are written without a server")
+            }
+        }
+    }
+}
+
+/// `--unset` sets fields to `null` in a merge patch; giving a field and unsetting it is a mistake.
+fn unset(m: &mut Map<String, Value>, fields: &[String]) -> Result<()> {
+    for f in fields {
+        if m.contains_key(f) {
+            bail!("--{} and --unset {f} contradict each other", f.replace('_', "-"));
+        }
+        m.insert(f.clone(), Value::Null);
+    }
+    Ok(())
+}
+
+/// Addresses, MACs and switch ports belong to one node: refuse them for a hostlist of several.
+fn single_node_only(expr: &str, count: usize, f: &NodeFields) -> Result<()> {
+    if count < 2 {
+        return Ok(());
+    }
+    if let Some(mac) = f.mac {
+        bail!("--mac {mac} is one node's address, but '{expr}' names {count} nodes");
+    }
+    if let Some((iface, ip)) = f.ips.first() {
+        bail!("--ip {iface}={ip} is one node's address, but '{expr}' names {count} nodes");
+    }
+    if let Some(port) = f.port {
+        bail!("--port {port} is one node's switch port, but '{expr}' names {count} nodes");
+    }
+    Ok(())
+}
+
+/// Applies `--network` (BOOTIF), `--bmc-network` (BMC), `--interface IF=NET` and
+/// `--remove-interface IF` to a group's interface list, keeping each interface's other fields.
+fn set_group_interfaces(ifs: &mut Vec<Value>, f: &GroupFields, remove: &[String]) -> Result<()> {
+    let mut set = |name: &str, network: &str| match ifs
+        .iter_mut()
+        .find(|i| i.get("name").and_then(Value::as_str) == Some(name))
+    {
+        Some(i) => {
+            if let Some(o) = i.as_object_mut() {
+                o.insert("network".into(), json!(network));
+            }
+        }
+        None => ifs.push(json!({"name": name, "network": network})),
+    };
+    if let Some(n) = &f.network {
+        set(BOOTIF, n);
+    }
+    if let Some(n) = &f.bmc_network {
+        set(BMC, n);
+    }
+    for (name, network) in &f.interfaces {
+        set(name, network);
+    }
+    for r in remove {
+        let before = ifs.len();
+        ifs.retain(|i| i.get("name").and_then(Value::as_str) != Some(r.as_str()));
+        if ifs.len() == before {
+            bail!("has no interface '{r}' to remove");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_patch_rfc7396() {
+        let mut t = json!({"a": "b", "c": {"d": "e", "f": "g"}, "l": [1, 2]});
+        merge_patch(&mut t, &json!({"a": "z", "c": {"f": null}, "l": [3], "n": 1}));
+        assert_eq!(t, json!({"a": "z", "c": {"d": "e"}, "l": [3], "n": 1}));
+    }
+
+    #[test]
+    fn hostlists_are_checked_locally() {
+        assert_eq!(check_hostlist("n[1-3]").unwrap(), ["n1", "n2", "n3"]);
+        let e = check_hostlist("node[001-").unwrap_err().to_string();
+        assert!(e.contains("malformed hostlist 'node[001-'"), "{e}");
+        let e = format!("{:#}", check_hostlist("node_[1-2]").unwrap_err());
+        assert!(e.contains("in hostlist 'node_[1-2]'") && e.contains("node_1"), "{e}");
+    }
+
+    #[test]
+    fn new_objects_are_validated_with_the_model() {
+        let mut m = Map::new();
+        m.insert("name".into(), json!("cluster"));
+        m.insert("cidr".into(), json!("10.141.0.1/16"));
+        let e = validate_new(Kind::Network, &m).unwrap_err().to_string();
+        assert!(e.contains("10.141.0.1/16") && e.contains("did you mean 10.141.0.0/16"), "{e}");
+        m.insert("cidr".into(), json!("10.141.0.0/16"));
+        validate_new(Kind::Network, &m).unwrap();
+    }
+
+    #[test]
+    fn group_interfaces_edit_in_place() {
+        let f = GroupFields {
+            osimage: None,
+            network: Some("cluster2".into()),
+            bmcsetup: None,
+            bmc_network: Some("ipmi".into()),
+            interfaces: vec![("ib0".into(), "ib".into())],
+            prescript: None,
+            partscript: None,
+            postscript: None,
+            torrent_interface: None,
+            domain: None,
+            comment: CommentArgs { comment: None },
+        };
+        let mut ifs = vec![
+            json!({"name": "BOOTIF", "network": "cluster", "params": "MTU=9000"}),
+            json!({"name": "eth1", "network": "x"}),
+        ];
+        set_group_interfaces(&mut ifs, &f, &["eth1".to_string()]).unwrap();
+        assert_eq!(
+            ifs,
+            [
+                json!({"name": "BOOTIF", "network": "cluster2", "params": "MTU=9000"}),
+                json!({"name": "BMC", "network": "ipmi"}),
+                json!({"name": "ib0", "network": "ib"})
+            ]
+        );
+        let e = set_group_interfaces(&mut ifs, &f, &["eth9".to_string()]).unwrap_err().to_string();
+        assert!(e.contains("'eth9'"), "{e}");
+    }
+
+    #[test]
+    fn unset_conflicts() {
+        let mut m = Map::new();
+        m.insert("gateway".into(), json!("10.0.0.1"));
+        assert!(unset(&mut m, &["gateway".into()]).unwrap_err().to_string().contains("--gateway and --unset gateway"));
+        let mut m = Map::new();
+        unset(&mut m, &["dns_server".into()]).unwrap();
+        assert_eq!(Value::Object(m), json!({"dns_server": null}));
+    }
+}

@@ -1,0 +1,340 @@
+//! Human output: aligned tables for lists, key/value lines for single objects.
+//!
+//! Rendering works on the server's JSON, not on typed objects, so a field the server adds later
+//! shows up (at the end) instead of breaking the command.
+
+use luna_core::Kind;
+use serde_json::Value;
+
+/// Columns separated by two spaces, each as wide as its widest cell; the last is not padded so
+/// lines carry no trailing blanks.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.zip(&widths).enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            l.push_str(cell);
+            if i + 1 < widths.len() {
+                l.extend(std::iter::repeat_n(' ', w.saturating_sub(cell.chars().count())));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut headers.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+/// A scalar as a table cell: `-` for nothing, the first line of a long text.
+fn cell(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => "-".into(),
+        Some(Value::String(s)) if s.trim().is_empty() => "-".into(),
+        Some(Value::String(s)) => s.lines().next().unwrap_or_default().to_string(),
+        Some(Value::Array(a)) if a.is_empty() => "-".into(),
+        Some(Value::Array(a)) => a.iter().map(|x| cell(Some(x))).collect::<Vec<_>>().join(","),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn field<'a>(o: &'a Value, key: &str) -> Option<&'a Value> {
+    o.get(key)
+}
+
+fn interface_ip(node: &Value, iface: &str) -> String {
+    let found = node
+        .get("interfaces")
+        .and_then(Value::as_array)
+        .and_then(|ifs| ifs.iter().find(|i| i.get("name").and_then(Value::as_str) == Some(iface)));
+    cell(found.and_then(|i| i.get("ip")))
+}
+
+fn status(node: &Value) -> String {
+    let Some(s) = node.get("status").filter(|s| !s.is_null()) else { return "-".into() };
+    let step = cell(s.get("step"));
+    match s.get("progress").and_then(Value::as_u64) {
+        Some(p) => format!("{step} {p}%"),
+        None => step,
+    }
+}
+
+fn group_interfaces(group: &Value) -> String {
+    let ifs = group.get("interfaces").and_then(Value::as_array).cloned().unwrap_or_default();
+    if ifs.is_empty() {
+        return "-".into();
+    }
+    ifs.iter().map(|i| format!("{}:{}", cell(i.get("name")), cell(i.get("network")))).collect::<Vec<_>>().join(",")
+}
+
+/// The list table of a kind.
+pub fn list(kind: Kind, items: &[Value]) -> String {
+    type Col = (&'static str, fn(&Value) -> String);
+    let cols: Vec<Col> = match kind {
+        Kind::Cluster => {
+            vec![("NAME", |o| cell(field(o, "name"))), ("FRONTEND", |o| cell(field(o, "frontend_address")))]
+        }
+        Kind::Network => vec![
+            ("NAME", |o| cell(field(o, "name"))),
+            ("CIDR", |o| cell(field(o, "cidr"))),
+            ("GATEWAY", |o| cell(field(o, "gateway"))),
+            ("DNS", |o| cell(field(o, "dns_server"))),
+            ("MTU", |o| cell(field(o, "mtu"))),
+            ("RESERVED", |o| cell(field(o, "reserved"))),
+            ("COMMENT", |o| cell(field(o, "comment"))),
+        ],
+        Kind::Osimage => vec![
+            ("NAME", |o| cell(field(o, "name"))),
+            ("PATH", |o| cell(field(o, "path"))),
+            ("KERNEL", |o| cell(field(o, "kernel_version"))),
+            ("REVISION", |o| cell(field(o, "current_revision"))),
+            ("COMMENT", |o| cell(field(o, "comment"))),
+        ],
+        Kind::Bmcsetup => vec![
+            ("NAME", |o| cell(field(o, "name"))),
+            ("USER", |o| cell(field(o, "user"))),
+            ("USERID", |o| cell(field(o, "userid"))),
+            ("PASSWORD", |o| cell(field(o, "password"))),
+            ("PROTOCOL", |o| cell(field(o, "protocol"))),
+            ("COMMENT", |o| cell(field(o, "comment"))),
+        ],
+        Kind::Group => vec![
+            ("NAME", |o| cell(field(o, "name"))),
+            ("OSIMAGE", |o| cell(field(o, "osimage"))),
+            ("BMCSETUP", |o| cell(field(o, "bmcsetup"))),
+            ("INTERFACES", group_interfaces),
+            ("COMMENT", |o| cell(field(o, "comment"))),
+        ],
+        Kind::Node => vec![
+            ("NAME", |o| cell(field(o, "name"))),
+            ("GROUP", |o| cell(field(o, "group"))),
+            ("MAC", |o| cell(field(o, "mac"))),
+            ("BOOTIF-IP", |o| interface_ip(o, luna_core::model::BOOTIF)),
+            ("STATUS", status),
+        ],
+        Kind::Switch => vec![
+            ("NAME", |o| cell(field(o, "name"))),
+            ("NETWORK", |o| cell(field(o, "network"))),
+            ("IP", |o| cell(field(o, "ip"))),
+            ("COMMUNITY", |o| cell(field(o, "community"))),
+            ("UPLINKS", |o| cell(field(o, "uplinks"))),
+            ("COMMENT", |o| cell(field(o, "comment"))),
+        ],
+        Kind::Otherdev => vec![
+            ("NAME", |o| cell(field(o, "name"))),
+            ("NETWORK", |o| cell(field(o, "network"))),
+            ("IP", |o| cell(field(o, "ip"))),
+            ("COMMENT", |o| cell(field(o, "comment"))),
+        ],
+    };
+    let headers: Vec<&str> = cols.iter().map(|c| c.0).collect();
+    let rows: Vec<Vec<String>> = items.iter().map(|o| cols.iter().map(|c| (c.1)(o)).collect()).collect();
+    table(&headers, &rows)
+}
+
+/// The order fields are shown in (the model's order, long texts last); others follow.
+fn key_order(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Cluster => &[
+            "name",
+            "frontend_address",
+            "http_port",
+            "domain",
+            "nodename_prefix",
+            "nodename_digits",
+            "dhcp_interfaces",
+            "dhcp_range",
+            "tracker_interval",
+            "tracker_max_peers",
+            "comment",
+            "rev",
+        ],
+        Kind::Network => &["name", "cidr", "cidr6", "gateway", "dns_server", "mtu", "reserved", "comment", "rev"],
+        Kind::Osimage => &[
+            "name",
+            "path",
+            "kernel_version",
+            "kernel_opts",
+            "current_revision",
+            "dracut_modules_add",
+            "dracut_modules_omit",
+            "dracut_drivers_add",
+            "dracut_drivers_omit",
+            "grab_exclude",
+            "revisions",
+            "comment",
+            "rev",
+        ],
+        Kind::Bmcsetup => {
+            &["name", "user", "password", "userid", "netchannel", "mgmtchannel", "protocol", "comment", "rev"]
+        }
+        Kind::Group => &[
+            "name",
+            "osimage",
+            "bmcsetup",
+            "interfaces",
+            "torrent_interface",
+            "domain",
+            "comment",
+            "rev",
+            "prescript",
+            "partscript",
+            "postscript",
+        ],
+        Kind::Node => &[
+            "name",
+            "group",
+            "mac",
+            "interfaces",
+            "switch",
+            "port",
+            "localboot",
+            "service",
+            "setupbmc",
+            "status",
+            "comment",
+            "rev",
+        ],
+        Kind::Switch => &["name", "network", "ip", "community", "oid", "uplinks", "comment", "rev"],
+        Kind::Otherdev => &["name", "network", "ip", "comment", "rev"],
+    }
+}
+
+/// `k=v k=v`, `name` first.
+fn pairs(o: &serde_json::Map<String, Value>) -> String {
+    let mut keys: Vec<&String> = o.keys().collect();
+    keys.sort_by_key(|k| (k.as_str() != "name", k.as_str()));
+    keys.iter().map(|k| format!("{k}={}", cell(o.get(k.as_str())))).collect::<Vec<_>>().join(" ")
+}
+
+/// One object as aligned `key: value` lines; lists of objects and multi-line texts go on
+/// indented lines below their key.
+pub fn show(kind: Kind, obj: &Value) -> String {
+    let Some(map) = obj.as_object() else { return format!("{obj}\n") };
+    let order = key_order(kind);
+    let mut keys: Vec<&str> = order.iter().copied().filter(|k| map.contains_key(*k)).collect();
+    let mut rest: Vec<&str> = map.keys().map(String::as_str).filter(|k| !order.contains(k)).collect();
+    rest.sort_unstable();
+    keys.extend(rest);
+    let width = keys.iter().map(|k| k.len()).max().unwrap_or(0) + 1;
+    let mut out = String::new();
+    for k in keys {
+        let v = &map[k];
+        let label = format!("{k}:");
+        let block: Option<Vec<String>> = match v {
+            Value::String(s) if s.contains('\n') => Some(s.lines().map(String::from).collect()),
+            Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_object) => {
+                Some(a.iter().filter_map(Value::as_object).map(pairs).collect())
+            }
+            _ => None,
+        };
+        match block {
+            Some(lines) => {
+                out.push_str(&label);
+                out.push('\n');
+                for l in lines {
+                    out.push_str(format!("    {l}").trim_end());
+                    out.push('\n');
+                }
+            }
+            None => {
+                let value = match v {
+                    Value::Object(o) => pairs(o),
+                    other => cell(Some(other)),
+                };
+                out.push_str(&format!("{label:width$} {value}\n"));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn tables_align_without_trailing_blanks() {
+        let t = table(
+            &["NAME", "IP", "X"],
+            &[vec!["node001".into(), "10.0.0.1".into(), "".into()], vec!["n2".into(), "-".into(), "z".into()]],
+        );
+        assert_eq!(t, "NAME     IP        X\nnode001  10.0.0.1\nn2       -         z\n");
+    }
+
+    #[test]
+    fn node_list_columns() {
+        let nodes = [
+            json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01",
+                   "interfaces": [{"name": "BMC", "network": "ipmi", "ip": "10.148.0.1"},
+                                  {"name": "BOOTIF", "network": "cluster", "ip": "10.141.0.1"}],
+                   "status": {"step": "download", "progress": 42, "time": 1}}),
+            json!({"name": "node002", "group": "compute", "mac": null, "interfaces": [], "status": null}),
+        ];
+        assert_eq!(
+            list(Kind::Node, &nodes),
+            "NAME     GROUP    MAC                BOOTIF-IP   STATUS\n\
+             node001  compute  52:54:00:00:00:01  10.141.0.1  download 42%\n\
+             node002  compute  -                  -           -\n"
+        );
+    }
+
+    #[test]
+    fn group_and_network_lists() {
+        let g = [json!({"name": "compute", "osimage": "rocky9", "bmcsetup": null,
+                        "interfaces": [{"name": "BOOTIF", "network": "cluster", "params": ""}], "comment": "first\nsecond"})];
+        assert_eq!(
+            list(Kind::Group, &g),
+            "NAME     OSIMAGE  BMCSETUP  INTERFACES      COMMENT\ncompute  rocky9   -         BOOTIF:cluster  first\n"
+        );
+        let n = [json!({"name": "cluster", "cidr": "10.141.0.0/16", "gateway": null, "dns_server": null, "mtu": 1500,
+                        "reserved": ["10.141.0.1-10.141.0.9", "10.141.0.20"], "comment": ""})];
+        assert_eq!(
+            list(Kind::Network, &n),
+            "NAME     CIDR           GATEWAY  DNS  MTU   RESERVED                           COMMENT\n\
+             cluster  10.141.0.0/16  -        -    1500  10.141.0.1-10.141.0.9,10.141.0.20  -\n"
+        );
+    }
+
+    #[test]
+    fn empty_list_is_just_the_header() {
+        assert_eq!(list(Kind::Otherdev, &[]), "NAME  NETWORK  IP  COMMENT\n");
+    }
+
+    #[test]
+    fn show_orders_keys_and_indents_blocks() {
+        let node = json!({"rev": 3, "name": "node001", "group": "compute", "mac": "52:54:00:00:00:01",
+            "interfaces": [{"name": "BOOTIF", "network": "cluster", "ip": "10.141.0.1"}],
+            "switch": null, "port": null, "status": {"step": "booted", "time": 5}, "comment": "", "extra": true});
+        assert_eq!(
+            show(Kind::Node, &node),
+            "name:       node001\n\
+             group:      compute\n\
+             mac:        52:54:00:00:00:01\n\
+             interfaces:\n    name=BOOTIF ip=10.141.0.1 network=cluster\n\
+             switch:     -\n\
+             port:       -\n\
+             status:     step=booted time=5\n\
+             comment:    -\n\
+             rev:        3\n\
+             extra:      true\n"
+        );
+        let group = json!({"name": "g", "postscript": "#!/bin/sh\necho hi\n", "prescript": ""});
+        assert_eq!(
+            show(Kind::Group, &group),
+            "name:       g\nprescript:  -\npostscript:\n    #!/bin/sh\n    echo hi\n"
+        );
+    }
+}
