@@ -1,3 +1,7 @@
 //! luna-server as a library: the binary in `main.rs` only parses flags and calls in here.
 
+pub mod api;
+pub mod config;
+pub mod server;
+pub mod service;
 pub mod store;
