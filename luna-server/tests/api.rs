@@ -218,7 +218,7 @@ async fn bad_input_names_the_input_and_changes_nothing() {
         assert!(s.is_client_error(), "{body}: {s} {v}");
         let msg = v["error"].as_str().unwrap();
         assert!(msg.contains(needle), "{body}: {msg}");
-        assert_eq!(msg, msg.to_lowercase().replace("bmc", "BMC").replace("bootif", "BOOTIF"), "lower-case: {msg}");
+        assert!(msg.starts_with(|c: char| c.is_ascii_lowercase()), "lower-case: {msg}");
     }
     let (_, nets) = call(&app, "GET", "/network", None).await;
     assert_eq!(nets.as_array().unwrap().len(), 2);
