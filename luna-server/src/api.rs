@@ -26,6 +26,7 @@ use crate::store::StoreError;
 pub struct AppState {
     pub service: Service,
     pub admin_token: String,
+    pub boot: crate::netboot::BootContext,
 }
 
 /// An error on its way to the client.
@@ -121,7 +122,7 @@ async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: N
     next.run(req).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() || b.is_empty() {
         return false;
     }

@@ -16,7 +16,11 @@ async fn app() -> Router {
     let store = luna_server::store::open("sqlite://:memory:").await.unwrap();
     let service = Service::new(store);
     service.ensure_cluster("test").await.unwrap();
-    router(Arc::new(AppState { service, admin_token: TOKEN.into() }))
+    let boot = luna_server::netboot::BootContext {
+        tokens: luna_server::netboot::BootTokens::new(TOKEN.as_bytes()),
+        data_dir: std::env::temp_dir(),
+    };
+    router(Arc::new(AppState { service, admin_token: TOKEN.into(), boot }))
 }
 
 async fn call(app: &Router, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
