@@ -13,13 +13,16 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
+use std::net::SocketAddr;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use hmac::{Hmac, Mac};
-use luna_core::api::ErrorCode;
+use luna_core::api::{ErrorCode, InstallPlan, PlanBmc, PlanImage, PlanInterface, StatusReport};
 use luna_core::model::{AnyObject, Kind, Node, Osimage, BOOTIF};
 use luna_core::MacAddr;
 use serde::Deserialize;
@@ -299,8 +302,162 @@ async fn record(service: &Service, node: &str, step: &str, message: &str) {
     }
 }
 
+#[derive(Debug, Deserialize)]
+pub struct NodeQuery {
+    node: Option<String>,
+    token: Option<String>,
+}
+
+/// Checks that a boot-path request comes from the node it names: a valid boot token, or the
+/// request arriving from the node's own BOOTIF address.
+async fn authenticate_node(st: &AppState, q: &NodeQuery, remote: SocketAddr) -> Result<Node, Response> {
+    let name = q.node.as_deref().unwrap_or("");
+    let denied = || error_response(StatusCode::FORBIDDEN, ErrorCode::Forbidden, format!("request is not from node '{name}'"));
+    let node = match st.service.node(name).await {
+        Ok(n) => n,
+        Err(ServiceError::NotFound { .. }) => return Err(denied()),
+        Err(e) => return Err(ApiError(e).into_response()),
+    };
+    let token_ok = q.token.as_deref().is_some_and(|t| st.boot.tokens.verify(name, t, unix_now()));
+    let ip_ok = match remote {
+        SocketAddr::V4(v4) => node.boot_ip() == Some(*v4.ip()),
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some_and(|ip| node.boot_ip() == Some(ip)),
+    };
+    if token_ok || ip_ok {
+        Ok(node)
+    } else {
+        Err(denied())
+    }
+}
+
+/// Everything the agent needs, from the store alone.
+pub async fn install_plan(service: &Service, node: &Node, base: &str) -> Result<InstallPlan, ServiceError> {
+    let cluster = service.cluster().await?;
+    let group = service.group(&node.group).await?;
+    let image = match service.get(Kind::Osimage, &group.osimage).await? {
+        AnyObject::Osimage(o) => o,
+        _ => unreachable!("kind checked by get"),
+    };
+    let mut interfaces = Vec::new();
+    let mut bmc_if = None;
+    for i in &node.interfaces {
+        let net = service.network(&i.network).await?;
+        let params = group.interface(&i.name).map(|g| g.params.clone()).unwrap_or_default();
+        let pi = PlanInterface {
+            name: i.name.clone(),
+            mac: if i.name == BOOTIF { node.mac.or(i.mac) } else { i.mac },
+            ip: i.ip,
+            prefix: net.cidr.prefix_len(),
+            gateway: net.gateway,
+            dns: net.dns_server,
+            mtu: net.mtu,
+            params,
+        };
+        if i.name == luna_core::model::BMC {
+            bmc_if = Some(pi);
+        } else {
+            interfaces.push(pi);
+        }
+    }
+    let bmc = match &group.bmcsetup {
+        Some(b) => match service.get(Kind::Bmcsetup, b).await? {
+            AnyObject::Bmcsetup(b) => Some(PlanBmc {
+                protocol: b.protocol,
+                userid: b.userid,
+                user: b.user,
+                password: b.password.0,
+                netchannel: b.netchannel,
+                mgmtchannel: b.mgmtchannel,
+                ip: bmc_if.as_ref().and_then(|i| i.ip),
+                prefix: bmc_if.as_ref().map_or(0, |i| i.prefix),
+                gateway: bmc_if.as_ref().and_then(|i| i.gateway),
+            }),
+            _ => None,
+        },
+        None => None,
+    };
+    let plan_image = image.current().map(|rev| {
+        let dir = format!("{base}/images/{}/{}", image.name, rev.id);
+        PlanImage {
+            osimage: image.name.clone(),
+            revision: rev.id,
+            torrent_url: format!("{dir}/{}", rev.torrent),
+            http_url: format!("{dir}/{}", rev.archive),
+            sha256: rev.sha256.clone(),
+            size: rev.archive_size,
+            info_hash: rev.info_hash.clone(),
+        }
+    });
+    Ok(InstallPlan {
+        node: node.name.clone(),
+        hostname: node.name.clone(),
+        domain: group.domain.clone().unwrap_or(cluster.domain),
+        interfaces,
+        image: plan_image,
+        prescript: group.prescript.clone(),
+        partscript: group.partscript.clone(),
+        postscript: group.postscript.clone(),
+        torrent_interface: group.torrent_interface.clone(),
+        service: node.service,
+        setupbmc: node.setupbmc,
+        bmc,
+        server_url: base.to_string(),
+    })
+}
+
+async fn plan(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<NodeQuery>,
+) -> Response {
+    let node = match authenticate_node(&st, &q, remote).await {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let cluster = match st.service.cluster().await {
+        Ok(c) => c,
+        Err(e) => return ApiError(e).into_response(),
+    };
+    let base = base_url(&headers, cluster.frontend_address, cluster.http_port);
+    match install_plan(&st.service, &node, &base).await {
+        Ok(p) => {
+            record(&st.service, &node.name, "plan", "install plan fetched").await;
+            axum::Json(p).into_response()
+        }
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
+async fn status(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    Query(q): Query<NodeQuery>,
+    body: Bytes,
+) -> Response {
+    let node = match authenticate_node(&st, &q, remote).await {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let report: StatusReport = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("invalid status report: {e}"))
+        }
+    };
+    if report.progress.is_some_and(|p| p > 100) || report.step.is_empty() || report.step.len() > 32 {
+        return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("invalid status step '{}'", report.step));
+    }
+    match st.service.set_node_status(&node.name, &report.step, report.progress, report.message).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/boot/plan", get(plan))
+        .route("/boot/status", post(status))
         .route("/boot/ipxe", get(ipxe_script))
         .route("/boot/ipxe/bind", get(bind))
         .route("/boot/node/{name}/{file}", get(node_file))
