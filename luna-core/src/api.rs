@@ -139,3 +139,77 @@ mod tests {
         assert_eq!(back, r#"{"mac":null}"#);
     }
 }
+
+/// `GET /boot/plan?node=NAME&token=TOKEN`: everything the agent needs to install a node.
+/// Only the node itself may fetch it (boot token from the iPXE command line, or its own BOOTIF IP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallPlan {
+    pub node: String,
+    pub hostname: String,
+    pub domain: String,
+    pub interfaces: Vec<PlanInterface>,
+    /// `None` until the node's osimage has been packed.
+    pub image: Option<PlanImage>,
+    pub prescript: String,
+    pub partscript: String,
+    pub postscript: String,
+    /// Interface whose address the BitTorrent client binds to.
+    pub torrent_interface: String,
+    pub service: bool,
+    pub setupbmc: bool,
+    pub bmc: Option<PlanBmc>,
+    /// Base URL of the server (`http://10.141.255.254:7050`).
+    pub server_url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanInterface {
+    pub name: String,
+    pub mac: Option<MacAddr>,
+    pub ip: Option<Ipv4Addr>,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub dns: Option<Ipv4Addr>,
+    pub mtu: u16,
+    /// Extra parameters from the group (e.g. `MTU=9000`), written into the interface config.
+    pub params: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanImage {
+    pub osimage: String,
+    pub revision: u32,
+    /// Where the `.torrent` can be fetched.
+    pub torrent_url: String,
+    /// The same archive over HTTP (Range supported): the fallback when the swarm stalls.
+    pub http_url: String,
+    pub sha256: String,
+    pub size: u64,
+    pub info_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanBmc {
+    pub protocol: crate::model::BmcProtocol,
+    pub userid: u8,
+    pub user: String,
+    pub password: String,
+    pub netchannel: u8,
+    pub mgmtchannel: u8,
+    pub ip: Option<Ipv4Addr>,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// `POST /boot/status?node=NAME&token=TOKEN`: the agent reports a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusReport {
+    /// `plan`, `prescript`, `partscript`, `download`, `http-fallback`, `verify`, `unpack`,
+    /// `personality`, `postscript`, `booted`, `service`, `error`.
+    pub step: String,
+    #[serde(default)]
+    pub progress: Option<u8>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
