@@ -19,45 +19,44 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local address").port()
 }
 
-/// Finds (and if needed builds) luna-server for the profile `luna` was built in.
+/// Builds `bin` of `package` into the target directory `bin_dir` belongs to (same profile) and
+/// returns its path. When the build fails but an older binary exists, that one is used with a
+/// warning, so a half-edited neighbour crate does not stop these tests.
+pub fn cargo_build(bin_dir: &Path, package: &str, bin: &str) -> PathBuf {
+    let path = bin_dir.join(bin);
+    let profile = bin_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_string();
+    let target_dir = bin_dir.parent().expect("profile directory has a parent");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace)
+        .env("CARGO_TARGET_DIR", target_dir)
+        .args(["build", "--quiet", "-p", package, "--bin", bin]);
+    if profile != "debug" {
+        // Directory names are profile names, except `debug`, which is the `dev` profile.
+        cmd.args(["--profile", &profile]);
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run cargo build -p {package}: {e}"));
+    if !out.status.success() {
+        if path.exists() {
+            eprintln!(
+                "warning: cargo build -p {package} failed, using the existing {}:\n{}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            panic!("cargo build -p {package} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    path
+}
+
+/// `$LUNA_SERVER_BIN`, or luna-server built next to `luna` (once per process).
 pub fn server_bin(luna: &Path) -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("LUNA_SERVER_BIN") {
-            return PathBuf::from(p);
-        }
-        let bin_dir = luna.parent().expect("luna lives in a directory");
-        let bin = bin_dir.join("luna-server");
-        let profile = bin_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_string();
-        let target_dir = bin_dir.parent().expect("profile directory has a parent");
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace).env("CARGO_TARGET_DIR", target_dir).args([
-            "build",
-            "--quiet",
-            "-p",
-            "luna-server",
-            "--bin",
-            "luna-server",
-        ]);
-        if profile != "debug" {
-            // Directory names are profile names, except `debug`, which is the `dev` profile.
-            cmd.args(["--profile", &profile]);
-        }
-        let out = cmd.output().expect("run cargo build -p luna-server");
-        if !out.status.success() {
-            if bin.exists() {
-                eprintln!(
-                    "warning: cargo build -p luna-server failed, using the existing {}:\n{}",
-                    bin.display(),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            } else {
-                panic!("cargo build -p luna-server failed:\n{}", String::from_utf8_lossy(&out.stderr));
-            }
-        }
-        bin
+    BIN.get_or_init(|| match std::env::var_os("LUNA_SERVER_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => cargo_build(luna.parent().expect("luna lives in a directory"), "luna-server", "luna-server"),
     })
     .clone()
 }
@@ -96,7 +95,11 @@ impl Server {
 
     /// `store`: a store URL, or `None` for a fresh sqlite file in the temp dir.
     pub fn start_with_store(luna: &Path, store: Option<&str>) -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Server::try_start(luna, store).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn try_start(luna: &Path, store: Option<&str>) -> Result<Server, String> {
+        let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let port = free_port();
         let token_file = dir.path().join("token");
         let store = match store {
@@ -112,19 +115,27 @@ impl Server {
                 dir.path().join("data").display()
             ),
         )
-        .expect("write config");
+        .map_err(|e| format!("write config: {e}"))?;
         let bin = server_bin(luna);
-        let init = Command::new(&bin).arg("--config").arg(&config).arg("init").output().expect("run luna-server init");
-        assert!(init.status.success(), "luna-server init failed: {}", String::from_utf8_lossy(&init.stderr));
-        let log = std::fs::File::create(dir.path().join("server.log")).expect("server log");
+        let init = Command::new(&bin)
+            .arg("--config")
+            .arg(&config)
+            .arg("init")
+            .output()
+            .map_err(|e| format!("cannot run {} init: {e}", bin.display()))?;
+        if !init.status.success() {
+            return Err(format!("luna-server init failed: {}", String::from_utf8_lossy(&init.stderr).trim()));
+        }
+        let log = std::fs::File::create(dir.path().join("server.log")).map_err(|e| format!("server log: {e}"))?;
+        let log2 = log.try_clone().map_err(|e| format!("server log: {e}"))?;
         let child = Command::new(&bin)
             .arg("--config")
             .arg(&config)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log handle"))
+            .stdout(log2)
             .stderr(log)
             .spawn()
-            .expect("spawn luna-server");
+            .map_err(|e| format!("cannot spawn {}: {e}", bin.display()))?;
         let mut server = Server {
             child: Some(child),
             dir,
@@ -132,18 +143,19 @@ impl Server {
             token_file,
             luna: luna.to_path_buf(),
         };
-        server.wait_ready();
-        server
+        server.wait_ready()?;
+        Ok(server)
     }
 
-    fn wait_ready(&mut self) {
-        let token = std::fs::read_to_string(&self.token_file).expect("token file written by init");
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let token =
+            std::fs::read_to_string(&self.token_file).map_err(|e| format!("token file written by init: {e}"))?;
         let url = format!("{}/api/v1/cluster", self.url);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("luna-server exited with {status}:\n{}", self.log());
+                    return Err(format!("luna-server exited with {status}:\n{}", self.log()));
                 }
             }
             let answer = ureq::get(&url)
@@ -151,10 +163,10 @@ impl Server {
                 .timeout(Duration::from_secs(2))
                 .call();
             if answer.is_ok() {
-                return;
+                return Ok(());
             }
             if Instant::now() > deadline {
-                panic!("luna-server did not answer {url} within 30 s:\n{}", self.log());
+                return Err(format!("luna-server did not answer {url} within 30 s:\n{}", self.log()));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
