@@ -644,9 +644,14 @@ impl<R: Read> Ctx<R> {
             Command::Node(c) => self.node(c),
             Command::Switch(c) => self.switch(c),
             Command::Otherdev(c) => self.otherdev(c),
-            Command::Completions(_) | Command::Manpages(_) => {
-                unreachable!("generated files are written without a server")
+            // Generated from the clap definition; no request is sent.
+            Command::Completions(a) => {
+                let script =
+                    String::from_utf8(crate::completions(a.shell)).context("completion script is not utf-8")?;
+                self.print(&script);
+                Ok(())
             }
+            Command::Manpages(a) => crate::manpages(&a.dir),
         }
     }
 }
