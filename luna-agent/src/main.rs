@@ -1,1 +1,201 @@
-fn main() {}
+//! `luna-agent`: see the library docs. Arguments are parsed by hand to keep the static binary
+//! small.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use luna_agent::os::RealOs;
+use luna_agent::{install, Config};
+
+const USAGE: &str = "usage:
+  luna-agent install [--no-swarm] [--sysroot DIR] [--cmdline FILE]
+      fill the root from the install plan (reads luna.* from the kernel command line)
+  luna-agent service [--cmdline FILE]
+      report service mode to the server
+  luna-agent status STEP [MESSAGE] [--cmdline FILE]
+      report a step (for shell hooks)
+  luna-agent fetch --url URL --sha256 HEX --size BYTES --dir DIR [--torrent FILE] [--peer ADDR] [--stall SECS]
+      stream an image into DIR without a plan (testing, measuring)
+  luna-agent bench-unpack ARCHIVE [SCRATCH]
+      streaming unpack against `zstd -dc | tar -x`
+environment: LUNA_LOG=error|warn|info|debug|trace (default info)";
+
+struct Args {
+    rest: Vec<String>,
+}
+
+impl Args {
+    fn flag(&mut self, name: &str) -> bool {
+        let before = self.rest.len();
+        self.rest.retain(|a| a != name);
+        before != self.rest.len()
+    }
+
+    fn opt(&mut self, name: &str) -> anyhow::Result<Option<String>> {
+        let Some(i) = self.rest.iter().position(|a| a == name) else { return Ok(None) };
+        if i + 1 >= self.rest.len() {
+            bail!("option {name} needs a value");
+        }
+        let v = self.rest.remove(i + 1);
+        self.rest.remove(i);
+        Ok(Some(v))
+    }
+
+    fn done(&self) -> anyhow::Result<()> {
+        if let Some(extra) = self.rest.first() {
+            bail!("unexpected argument '{extra}'\n{USAGE}");
+        }
+        Ok(())
+    }
+}
+
+fn init_logs() {
+    let level = match std::env::var("LUNA_LOG").as_deref() {
+        Ok("error") => tracing::Level::ERROR,
+        Ok("warn") => tracing::Level::WARN,
+        Ok("debug") => tracing::Level::DEBUG,
+        Ok("trace") => tracing::Level::TRACE,
+        _ => tracing::Level::INFO,
+    };
+    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_target(false).init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+fn main() -> ExitCode {
+    init_logs();
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("luna-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let mut all: Vec<String> = std::env::args().skip(1).collect();
+    if all.is_empty() || all.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    let cmd = all.remove(0);
+    let mut args = Args { rest: all };
+    let mut cfg = Config::default();
+    if let Some(c) = args.opt("--cmdline")? {
+        cfg.cmdline = c.into();
+    }
+    match cmd.as_str() {
+        "install" => {
+            if args.flag("--no-swarm") {
+                cfg.swarm = false;
+            }
+            if let Some(s) = args.opt("--sysroot")? {
+                cfg.sysroot = s.into();
+            }
+            args.done()?;
+            let outcome = runtime()?.block_on(install::install(&cfg, Arc::new(RealOs)))?;
+            tracing::info!(
+                "installed {} on {}: {} files, {} bytes from peers, {} over http",
+                outcome.plan.hostname,
+                cfg.sysroot.display(),
+                outcome.fetched.stats.files,
+                outcome.fetched.bytes_from_swarm,
+                outcome.fetched.bytes_from_http
+            );
+            Ok(())
+        }
+        "service" => {
+            args.done()?;
+            Ok(runtime()?.block_on(install::service(&cfg))?)
+        }
+        "status" => {
+            if args.rest.is_empty() {
+                bail!("status needs a STEP\n{USAGE}");
+            }
+            let step = args.rest.remove(0);
+            let message = (!args.rest.is_empty()).then(|| args.rest.join(" "));
+            Ok(runtime()?.block_on(install::status(&cfg, &step, message))?)
+        }
+        "fetch" => fetch(args),
+        "bench-unpack" => {
+            let archive = PathBuf::from(args.rest.first().context("bench-unpack needs an ARCHIVE")?);
+            let scratch =
+                args.rest.get(1).map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("luna-bench"));
+            luna_agent::bench::bench_unpack(&archive, &scratch, &RealOs)?;
+            Ok(())
+        }
+        other => bail!("unknown command '{other}'\n{USAGE}"),
+    }
+}
+
+fn fetch(mut args: Args) -> anyhow::Result<()> {
+    use luna_agent::download::{self, Job};
+    use luna_agent::http::Client;
+    use luna_agent::report::Reporter;
+    use luna_agent::torrent::{Swarm, SwarmOptions, DEFAULT_WINDOW};
+
+    let url = args.opt("--url")?.context("fetch needs --url")?;
+    let sha256 = args.opt("--sha256")?.context("fetch needs --sha256")?;
+    let size: u64 = args.opt("--size")?.context("fetch needs --size")?.parse().context("bad --size")?;
+    let dir = PathBuf::from(args.opt("--dir")?.context("fetch needs --dir")?);
+    let torrent = args.opt("--torrent")?.map(PathBuf::from);
+    let mut peers = Vec::new();
+    while let Some(p) = args.opt("--peer")? {
+        peers.push(p.parse().with_context(|| format!("bad --peer '{p}'"))?);
+    }
+    let stall = args.opt("--stall")?.map(|s| s.parse::<u64>()).transpose().context("bad --stall")?.unwrap_or(30);
+    args.done()?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+
+    runtime()?.block_on(async move {
+        // Reports go nowhere useful here: a closed local port, and they are best effort.
+        let client = Client::new(&url, "fetch", "")?;
+        let reporter = Reporter::new(Client::new("http://127.0.0.1:9", "fetch", "")?);
+        let image = luna_core::api::PlanImage {
+            osimage: "fetch".into(),
+            revision: 0,
+            torrent_url: String::new(),
+            http_url: url.clone(),
+            sha256,
+            size,
+            info_hash: String::new(),
+        };
+        let swarm = match torrent {
+            Some(t) => {
+                let bytes = std::fs::read(&t).with_context(|| format!("read {}", t.display()))?;
+                let scratch = std::env::temp_dir().join("luna-fetch");
+                let opts = SwarmOptions { initial_peers: peers, window: DEFAULT_WINDOW, ..Default::default() };
+                Some(Swarm::start(bytes.into(), &scratch, opts).await?)
+            }
+            None => None,
+        };
+        let job = Job {
+            image: &image,
+            root: &dir,
+            os: Arc::new(RealOs),
+            client: &client,
+            reporter: &reporter,
+            stall: std::time::Duration::from_secs(stall),
+        };
+        let fetched = download::fetch(&job, swarm.as_ref()).await;
+        let peak = swarm.as_ref().map(|s| s.window.peak_bytes());
+        if let Some(s) = swarm {
+            s.stop().await;
+        }
+        let f = fetched?;
+        println!(
+            "fetched: {} files, {} bytes unpacked; {} bytes from peers, {} over http; window peak {:?} bytes",
+            f.stats.files, f.stats.bytes, f.bytes_from_swarm, f.bytes_from_http, peak
+        );
+        Ok(())
+    })
+}

@@ -575,7 +575,7 @@ pub enum SwitchCmd {
     Rename(RenameArgs),
     /// Delete a switch no node is cabled to.
     Delete(DeleteArgs),
-    /// Copy a switch under a new name (give it a new --ip with change).
+    /// Copy a switch under a new name (it gets the next free address).
     Clone(RenameArgs),
 }
 
@@ -651,7 +651,7 @@ pub enum OtherdevCmd {
     Rename(RenameArgs),
     /// Delete a device.
     Delete(DeleteArgs),
-    /// Copy a device under a new name (give it a new --ip with change).
+    /// Copy a device under a new name (it gets the next free address).
     Clone(RenameArgs),
 }
 

@@ -104,13 +104,22 @@ impl Client {
         format!("{}{API_PREFIX}{path}", self.base)
     }
 
-    pub fn get(&self, path: &str, secrets: bool) -> Result<Value, ClientError> {
+    /// A read. The token goes along when there is one (the server may require it for reads);
+    /// when there is none and the server wants one, the error says why there is none.
+    pub fn get(&self, path: &str, query: &[(&str, &str)]) -> Result<Value, ClientError> {
         let url = self.api_url(path);
         let mut req = self.agent.get(&url);
-        if secrets {
-            req = req.query("secrets", "1").set("Authorization", &format!("Bearer {}", self.token()?));
+        for (k, v) in query {
+            req = req.query(k, v);
         }
-        self.json(&url, req.call())
+        let token = self.token();
+        if let Ok(t) = &token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        match (self.json(&url, req.call()), token) {
+            (Err(e), Err(token_err)) if e.code() == Some(luna_core::api::ErrorCode::Unauthorized) => Err(token_err),
+            (res, _) => res,
+        }
     }
 
     /// A write: POST, PATCH or DELETE with the admin token.
@@ -149,7 +158,13 @@ impl Client {
                 let _ = res.into_reader().take(1 << 20).read_to_string(&mut text);
                 match serde_json::from_str::<ErrorBody>(&text) {
                     Ok(body) => ClientError::Server { status, body },
-                    Err(_) => ClientError::Http { url: url.to_string(), status, text: text.trim().to_string() },
+                    Err(_) => {
+                        let text = match text.trim() {
+                            "" => "no message".to_string(),
+                            t => t.to_string(),
+                        };
+                        ClientError::Http { url: url.to_string(), status, text }
+                    }
                 }
             }
             ureq::Error::Transport(t) => {
@@ -204,7 +219,7 @@ mod tests {
     fn refused_connection_names_the_server() {
         // Port 1 on loopback: nothing listens there, so the connect is refused at once.
         let c = Client::new("http://127.0.0.1:1", None, Path::new("/nonexistent"));
-        let e = c.get("/network", false).unwrap_err().to_string();
+        let e = c.get("/network", &[]).unwrap_err().to_string();
         assert!(e.starts_with("cannot reach luna-server at http://127.0.0.1:1: "), "{e}");
     }
 }

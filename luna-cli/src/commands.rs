@@ -21,6 +21,14 @@ pub struct Ctx<R> {
     pub out: String,
 }
 
+fn secrets_query(secrets: bool) -> &'static [(&'static str, &'static str)] {
+    if secrets {
+        &[("secrets", "1")]
+    } else {
+        &[]
+    }
+}
+
 fn kind_path(kind: Kind) -> String {
     format!("/{kind}")
 }
@@ -50,11 +58,12 @@ fn names_of(objs: &[Value]) -> String {
     hostlist::compress(&names)
 }
 
+/// `node ` or `4 nodes: `, to precede the names.
 fn plural(kind: Kind, n: usize) -> String {
     if n == 1 {
-        kind.to_string()
+        format!("{kind} ")
     } else {
-        format!("{n} {kind}s")
+        format!("{n} {kind}s: ")
     }
 }
 
@@ -123,8 +132,14 @@ impl<R: Read> Ctx<R> {
 
     // ---- generic verbs --------------------------------------------------------------------
 
-    fn list(&mut self, kind: Kind, args: &ListArgs, secrets: bool, filter: impl Fn(&Value) -> bool) -> Result<()> {
-        let items = as_array(self.client.get(&kind_path(kind), secrets)?, &format!("{kind}s"))?;
+    fn list(
+        &mut self,
+        kind: Kind,
+        args: &ListArgs,
+        query: &[(&str, &str)],
+        filter: impl Fn(&Value) -> bool,
+    ) -> Result<()> {
+        let items = as_array(self.client.get(&kind_path(kind), query)?, &format!("{kind}s"))?;
         let items: Vec<Value> = items.into_iter().filter(|o| filter(o)).collect();
         if args.json {
             self.print_json(&Value::Array(items));
@@ -136,7 +151,7 @@ impl<R: Read> Ctx<R> {
 
     fn fetch(&self, kind: Kind, name: &str, secrets: bool) -> Result<Value> {
         check_name(kind, name)?;
-        Ok(self.client.get(&object_path(kind, name), secrets)?)
+        Ok(self.client.get(&object_path(kind, name), secrets_query(secrets))?)
     }
 
     fn show(&mut self, kind: Kind, args: &ShowArgs, secrets: bool) -> Result<()> {
@@ -151,7 +166,7 @@ impl<R: Read> Ctx<R> {
 
     fn create(&mut self, kind: Kind, body: Value) -> Result<()> {
         let created = as_array(self.client.write("POST", &kind_path(kind), Some(&body))?, &format!("{kind}s"))?;
-        let msg = format!("added {} {}", plural(kind, created.len()), names_of(&created));
+        let msg = format!("added {}{}", plural(kind, created.len()), names_of(&created));
         self.print(&msg);
         Ok(())
     }
@@ -171,7 +186,7 @@ impl<R: Read> Ctx<R> {
     fn send_patch(&mut self, kind: Kind, name: &str, patch: &Value) -> Result<()> {
         let changed =
             as_array(self.client.write("PATCH", &object_path(kind, name), Some(patch))?, &format!("{kind}s"))?;
-        let msg = format!("changed {} {}", plural(kind, changed.len()), names_of(&changed));
+        let msg = format!("changed {}{}", plural(kind, changed.len()), names_of(&changed));
         self.print(&msg);
         Ok(())
     }
@@ -199,7 +214,7 @@ impl<R: Read> Ctx<R> {
         }
         let answer = self.client.write("DELETE", &object_path(kind, &args.name), None)?;
         let deleted: Deleted = serde_json::from_value(answer).context("invalid answer from luna-server")?;
-        let msg = format!("deleted {} {}", plural(kind, deleted.deleted.len()), hostlist::compress(&deleted.deleted));
+        let msg = format!("deleted {}{}", plural(kind, deleted.deleted.len()), hostlist::compress(&deleted.deleted));
         self.print(&msg);
         Ok(())
     }
@@ -226,7 +241,7 @@ impl<R: Read> Ctx<R> {
     fn cluster(&mut self, cmd: &ClusterCmd) -> Result<()> {
         match cmd {
             ClusterCmd::Show(s) => {
-                let c = self.client.get("/cluster", false)?;
+                let c = self.client.get("/cluster", &[])?;
                 if s.json {
                     self.print_json(&c);
                 } else {
@@ -245,7 +260,7 @@ impl<R: Read> Ctx<R> {
                 // Creating the store and the token needs the server machine; over the API, init
                 // means "the cluster exists and has these settings", which is safe to repeat.
                 let patch = self.cluster_patch(c)?;
-                let current = match self.client.get("/cluster", false) {
+                let current = match self.client.get("/cluster", &[]) {
                     Err(e) if e.code() == Some(ErrorCode::NotFound) => bail!(
                         "luna-server at {} has no cluster yet: run 'luna-server --config FILE init' on the server first",
                         self.client.base()
@@ -267,7 +282,7 @@ impl<R: Read> Ctx<R> {
 
     fn cluster_apply(&mut self, patch: Map<String, Value>) -> Result<Value> {
         let patch = Value::Object(patch);
-        let mut current = self.client.get("/cluster", false)?;
+        let mut current = self.client.get("/cluster", &[])?;
         merge_patch(&mut current, &patch);
         AnyObject::from_value(Kind::Cluster, current)?.validate()?;
         let answer = self.client.write("PATCH", "/cluster", Some(&patch))?;
@@ -294,7 +309,7 @@ impl<R: Read> Ctx<R> {
     fn network(&mut self, cmd: &NetworkCmd) -> Result<()> {
         let k = Kind::Network;
         match cmd {
-            NetworkCmd::List(a) => self.list(k, a, false, |_| true),
+            NetworkCmd::List(a) => self.list(k, a, &[], |_| true),
             NetworkCmd::Show(a) => self.show(k, a, false),
             NetworkCmd::Add(a) => {
                 check_name(k, &a.name)?;
@@ -339,7 +354,7 @@ impl<R: Read> Ctx<R> {
     fn osimage(&mut self, cmd: &OsimageCmd) -> Result<()> {
         let k = Kind::Osimage;
         match cmd {
-            OsimageCmd::List(a) => self.list(k, a, false, |_| true),
+            OsimageCmd::List(a) => self.list(k, a, &[], |_| true),
             OsimageCmd::Show(a) => self.show(k, a, false),
             OsimageCmd::Add(a) => {
                 check_name(k, &a.name)?;
@@ -378,7 +393,7 @@ impl<R: Read> Ctx<R> {
     fn bmcsetup(&mut self, cmd: &BmcsetupCmd) -> Result<()> {
         let k = Kind::Bmcsetup;
         match cmd {
-            BmcsetupCmd::List(a) => self.list(k, &a.list, a.secrets.show_secrets, |_| true),
+            BmcsetupCmd::List(a) => self.list(k, &a.list, secrets_query(a.secrets.show_secrets), |_| true),
             BmcsetupCmd::Show(a) => self.show(k, &a.show, a.secrets.show_secrets),
             BmcsetupCmd::Add(a) => {
                 check_name(k, &a.name)?;
@@ -424,7 +439,7 @@ impl<R: Read> Ctx<R> {
     fn group(&mut self, cmd: &GroupCmd) -> Result<()> {
         let k = Kind::Group;
         match cmd {
-            GroupCmd::List(a) => self.list(k, a, false, |_| true),
+            GroupCmd::List(a) => self.list(k, a, &[], |_| true),
             GroupCmd::Show(a) => self.show(k, a, false),
             GroupCmd::Add(a) => {
                 check_name(k, &a.name)?;
@@ -468,7 +483,9 @@ impl<R: Read> Ctx<R> {
         match cmd {
             NodeCmd::List(a) => {
                 let group = a.group.clone();
-                self.list(k, &a.list, false, |n| {
+                let query: Vec<(&str, &str)> = group.iter().map(|g| ("group", g.as_str())).collect();
+                // The server filters too; filtering here as well keeps the answer right either way.
+                self.list(k, &a.list, &query, |n| {
                     group.as_deref().is_none_or(|g| n.get("group").and_then(Value::as_str) == Some(g))
                 })
             }
@@ -482,7 +499,10 @@ impl<R: Read> Ctx<R> {
                             a.show.name
                         );
                     };
-                    let script = self.client.get_text(&format!("/boot/ipxe?mac={}", encode_segment(mac)))?;
+                    let script = self
+                        .client
+                        .get_text(&format!("/boot/ipxe?mac={}", encode_segment(mac)))
+                        .with_context(|| format!("cannot get the boot script of node {} (mac {mac})", a.show.name))?;
                     self.print(&script);
                     Ok(())
                 }
@@ -573,7 +593,7 @@ impl<R: Read> Ctx<R> {
     fn switch(&mut self, cmd: &SwitchCmd) -> Result<()> {
         let k = Kind::Switch;
         match cmd {
-            SwitchCmd::List(a) => self.list(k, &a.list, a.secrets.show_secrets, |_| true),
+            SwitchCmd::List(a) => self.list(k, &a.list, secrets_query(a.secrets.show_secrets), |_| true),
             SwitchCmd::Show(a) => self.show(k, &a.show, a.secrets.show_secrets),
             SwitchCmd::Add(a) => {
                 check_name(k, &a.name)?;
@@ -595,7 +615,7 @@ impl<R: Read> Ctx<R> {
     fn otherdev(&mut self, cmd: &OtherdevCmd) -> Result<()> {
         let k = Kind::Otherdev;
         match cmd {
-            OtherdevCmd::List(a) => self.list(k, a, false, |_| true),
+            OtherdevCmd::List(a) => self.list(k, a, &[], |_| true),
             OtherdevCmd::Show(a) => self.show(k, a, false),
             OtherdevCmd::Add(a) => {
                 check_name(k, &a.name)?;
@@ -624,9 +644,14 @@ impl<R: Read> Ctx<R> {
             Command::Node(c) => self.node(c),
             Command::Switch(c) => self.switch(c),
             Command::Otherdev(c) => self.otherdev(c),
-            Command::Completions(_) | Command::Manpages(_) => {
-                unreachable!("generated files are written without a server")
+            // Generated from the clap definition; no request is sent.
+            Command::Completions(a) => {
+                let script =
+                    String::from_utf8(crate::completions(a.shell)).context("completion script is not utf-8")?;
+                self.print(&script);
+                Ok(())
             }
+            Command::Manpages(a) => crate::manpages(&a.dir),
         }
     }
 }

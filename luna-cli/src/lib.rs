@@ -17,23 +17,12 @@ pub use args::Cli;
 
 /// Runs one parsed command line, printing its output to stdout.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    let out = match &cli.command {
-        args::Command::Completions(a) => completions(a.shell),
-        args::Command::Manpages(a) => {
-            std::fs::create_dir_all(&a.dir)
-                .map_err(|e| anyhow::anyhow!("cannot create man page directory '{}': {e}", a.dir.display()))?;
-            clap_mangen::generate_to(Cli::command(), &a.dir)
-                .map_err(|e| anyhow::anyhow!("cannot write man pages into '{}': {e}", a.dir.display()))?;
-            Vec::new()
-        }
-        cmd => {
-            let token = std::env::var("LUNA_TOKEN").ok();
-            let client = client::Client::new(&cli.global.server, token, &cli.global.token_file);
-            let mut ctx = commands::Ctx::new(client, std::io::stdin());
-            ctx.dispatch(cmd)?;
-            ctx.out.into_bytes()
-        }
-    };
+    // No connection is made until a verb sends a request, so generated files need no server.
+    let token = std::env::var("LUNA_TOKEN").ok();
+    let client = client::Client::new(&cli.global.server, token, &cli.global.token_file);
+    let mut ctx = commands::Ctx::new(client, std::io::stdin());
+    ctx.dispatch(&cli.command)?;
+    let out = ctx.out.into_bytes();
     let mut stdout = std::io::stdout().lock();
     match stdout.write_all(&out).and_then(|()| stdout.flush()) {
         // `luna node list | head` is not an error.
@@ -52,6 +41,14 @@ pub fn completions(shell: args::CompletionShell) -> Vec<u8> {
     let mut buf = Vec::new();
     clap_complete::generate(shell, &mut Cli::command(), "luna", &mut buf);
     buf
+}
+
+/// Writes `luna.1` and a page per subcommand (`luna-node-add.1`...) into `dir`.
+pub fn manpages(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create man page directory '{}': {e}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .map_err(|e| anyhow::anyhow!("cannot write man pages into '{}': {e}", dir.display()))
 }
 
 /// What `main` does: parse, run, print `error: ...` and return the exit code (usage errors

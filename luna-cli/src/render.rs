@@ -211,10 +211,11 @@ fn key_order(kind: Kind) -> &'static [&'static str] {
     }
 }
 
-/// `k=v k=v`, `name` first.
+/// `k=v k=v`: `name`, `network`, `ip` first, empty values left out.
 fn pairs(o: &serde_json::Map<String, Value>) -> String {
-    let mut keys: Vec<&String> = o.keys().collect();
-    keys.sort_by_key(|k| (k.as_str() != "name", k.as_str()));
+    const FIRST: [&str; 3] = ["name", "network", "ip"];
+    let mut keys: Vec<&String> = o.keys().filter(|k| cell(o.get(k.as_str())) != "-").collect();
+    keys.sort_by_key(|k| (FIRST.iter().position(|f| f == k).unwrap_or(FIRST.len()), k.as_str()));
     keys.iter().map(|k| format!("{k}={}", cell(o.get(k.as_str())))).collect::<Vec<_>>().join(" ")
 }
 
@@ -323,7 +324,7 @@ mod tests {
             "name:       node001\n\
              group:      compute\n\
              mac:        52:54:00:00:00:01\n\
-             interfaces:\n    name=BOOTIF ip=10.141.0.1 network=cluster\n\
+             interfaces:\n    name=BOOTIF network=cluster ip=10.141.0.1\n\
              switch:     -\n\
              port:       -\n\
              status:     step=booted time=5\n\

@@ -4,4 +4,5 @@ pub mod api;
 pub mod config;
 pub mod server;
 pub mod service;
+pub mod dhcp;
 pub mod store;

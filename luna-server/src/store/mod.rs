@@ -11,6 +11,7 @@
 
 pub mod sqlite;
 pub mod mongo;
+pub mod conformance;
 
 use std::fmt;
 use std::sync::Arc;

@@ -1,0 +1,55 @@
+#!/bin/bash
+# dracut module 95luna: root=luna installs the node's OS image into $NEWROOT (/sysroot) with
+# luna-agent once the network is up, then dracut switches root as usual.
+
+# called by dracut
+check() {
+    # Only when asked for (--add luna / add_dracutmodules+=" luna ").
+    return 255
+}
+
+# called by dracut
+depends() {
+    # network-legacy brings up BOOTIF (ip= static or dhcp) and calls our netroot handler.
+    echo network-legacy
+    return 0
+}
+
+# called by dracut
+installkernel() {
+    instmods tmpfs overlay xfs ext4 || :
+    return 0
+}
+
+luna_agent_binary() {
+    local _bin
+    for _bin in "${LUNA_AGENT_BIN:-}" /usr/lib/luna/luna-agent; do
+        if [[ -n $_bin && -x $_bin ]]; then
+            echo "$_bin"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# called by dracut
+install() {
+    local _agent
+    if ! _agent=$(luna_agent_binary); then
+        dfatal "95luna: luna-agent not found (set LUNA_AGENT_BIN or install /usr/lib/luna/luna-agent)"
+        return 1
+    fi
+    # inst_binary: a static build needs nothing else, a dynamic one gets its libraries.
+    inst_binary "$_agent" /usr/bin/luna-agent
+
+    # What the agent and the group's scripts call. Optional ones only if the host has them.
+    inst_multiple sh mount umount chroot sleep ip
+    inst_multiple -o mkfs.ext4 mkfs.xfs mkfs.vfat sfdisk parted wipefs tar zstd mkdir cat setsid reboot
+
+    inst_hook cmdline 90 "$moddir/parse-luna.sh"
+    inst_hook mount 90 "$moddir/luna-mount.sh"
+    inst_script "$moddir/lunaroot.sh" /sbin/lunaroot
+    inst_simple "$moddir/luna-lib.sh" /lib/luna-lib.sh
+
+    dracut_need_initqueue
+}

@@ -1,0 +1,245 @@
+//! Download and unpack at once: archive bytes flow from the swarm (or HTTP) through a SHA-256
+//! and a small bounded channel into a blocking thread that decompresses and unpacks them into
+//! the target root. Neither the archive nor more than a few chunks of it are ever held.
+//!
+//! If the swarm makes no progress for the stall time, or fails, the same stream continues over
+//! HTTP with `Range: bytes=<consumed>-`. A hash mismatch empties the root and starts over
+//! (over HTTP), a bounded number of times.
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use luna_core::api::PlanImage;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use crate::backoff::Backoff;
+use crate::http::{Client, RangeBody};
+use crate::os::Os;
+use crate::report::Reporter;
+use crate::torrent::Swarm;
+use crate::unpack::{clear_dir, unpack_tar_zst, UnpackError, UnpackStats};
+
+/// Whole attempts (download + verify) before giving up.
+pub const ATTEMPTS: u32 = 3;
+/// Consecutive failed HTTP (re)connections before an attempt gives up.
+const HTTP_FAILURES: u32 = 8;
+const CHUNK: usize = 256 * 1024;
+/// Chunks in flight between the network and the unpacker (× up to 256 KiB).
+const CHANNEL: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("download of {url} failed: {reason}")]
+    Download { url: String, reason: String },
+    #[error("image {url} has sha256 {got}, the plan says {want}")]
+    Verify { url: String, got: String, want: String },
+    #[error("image {url} is longer than the plan's {want} bytes")]
+    TooLong { url: String, want: u64 },
+    #[error(transparent)]
+    Unpack(#[from] UnpackError),
+}
+
+/// Feeds the blocking unpacker from the channel.
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur.advance(n);
+        Ok(n)
+    }
+}
+
+pub struct Job<'a> {
+    pub image: &'a PlanImage,
+    pub root: &'a Path,
+    pub os: Arc<dyn Os>,
+    pub client: &'a Client,
+    pub reporter: &'a Arc<Reporter>,
+    pub stall: Duration,
+}
+
+/// What a finished fetch did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fetched {
+    pub stats: UnpackStats,
+    pub bytes_from_swarm: u64,
+    pub bytes_from_http: u64,
+    pub attempts: u32,
+}
+
+enum Source {
+    Swarm(Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+    Http(Option<RangeBody>),
+}
+
+/// Downloads, verifies and unpacks; retries a failed attempt from scratch over HTTP.
+pub async fn fetch(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched, FetchError> {
+    let mut last = None;
+    for attempt in 1..=ATTEMPTS {
+        if attempt > 1 {
+            clear_dir(job.root).map_err(|e| UnpackError::Io { path: job.root.display().to_string(), source: e })?;
+        }
+        let use_swarm = if attempt == 1 { swarm } else { None };
+        match fetch_once(job, use_swarm).await {
+            Ok(mut f) => {
+                f.attempts = attempt;
+                return Ok(f);
+            }
+            Err(e) => {
+                tracing::warn!("image attempt {attempt} of {ATTEMPTS} failed: {e}");
+                if attempt < ATTEMPTS {
+                    job.reporter.step("download", Some(format!("attempt {attempt} failed, retrying: {e}"))).await;
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| FetchError::Download { url: job.image.http_url.clone(), reason: "no attempt made".into() }))
+}
+
+/// One pass over the archive.
+pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched, FetchError> {
+    let url = job.image.http_url.clone();
+    let size = job.image.size;
+    let (tx, rx) = mpsc::channel::<Bytes>(CHANNEL);
+    let root: PathBuf = job.root.to_path_buf();
+    let os = job.os.clone();
+    let consumer =
+        tokio::task::spawn_blocking(move || unpack_tar_zst(ChannelReader { rx, cur: Bytes::new() }, &root, &*os));
+
+    let mut source = match swarm {
+        Some(s) => match s.stream().await {
+            Ok(stream) => Source::Swarm(stream),
+            Err(e) => {
+                job.reporter.step("http-fallback", Some(format!("swarm stream unavailable: {e:#}"))).await;
+                Source::Http(None)
+            }
+        },
+        None => Source::Http(None),
+    };
+    let mut hasher = Sha256::new();
+    let mut offset = 0u64;
+    let mut out = Fetched::default();
+    let mut buf = vec![0u8; CHUNK];
+    let mut backoff = Backoff::standard();
+    let mut failures = 0u32;
+    let mut consumer_gone = false;
+    let download_err = |reason: String| FetchError::Download { url: url.clone(), reason };
+
+    loop {
+        let chunk = match &mut source {
+            Source::Swarm(stream) => match tokio::time::timeout(job.stall, stream.read(&mut buf)).await {
+                Ok(Ok(0)) => None,
+                Ok(Ok(n)) => Some((Bytes::copy_from_slice(&buf[..n]), true)),
+                Ok(Err(e)) => {
+                    let why = format!("swarm failed at byte {offset}: {e}");
+                    tracing::warn!("{why}; continuing over http");
+                    job.reporter.step("http-fallback", Some(why)).await;
+                    source = Source::Http(None);
+                    continue;
+                }
+                Err(_) => {
+                    let why = format!("swarm stalled {}s at byte {offset}", job.stall.as_secs());
+                    tracing::warn!("{why}; continuing over http");
+                    job.reporter.step("http-fallback", Some(why)).await;
+                    source = Source::Http(None);
+                    continue;
+                }
+            },
+            Source::Http(body) => {
+                if offset >= size {
+                    None
+                } else {
+                    let got = match body {
+                        Some(b) => b.next().await,
+                        None => match job.client.range(&url, offset).await {
+                            Ok(b) => {
+                                *body = Some(b);
+                                continue;
+                            }
+                            Err(e) => Err(e),
+                        },
+                    };
+                    match got {
+                        Ok(Some(b)) => {
+                            failures = 0;
+                            backoff.reset();
+                            Some((b, false))
+                        }
+                        // Ended early or broke: resume from where we are.
+                        other => {
+                            failures += 1;
+                            let why = match other {
+                                Err(e) => e.to_string(),
+                                _ => format!("connection closed at byte {offset} of {size}"),
+                            };
+                            if failures >= HTTP_FAILURES {
+                                drop(tx);
+                                let _ = consumer.await;
+                                return Err(download_err(why));
+                            }
+                            tracing::warn!("{why}; resuming");
+                            *body = None;
+                            tokio::time::sleep(backoff.next_delay()).await;
+                            continue;
+                        }
+                    }
+                }
+            }
+        };
+        let Some((chunk, from_swarm)) = chunk else { break };
+        if offset + chunk.len() as u64 > size {
+            drop(tx);
+            let _ = consumer.await;
+            return Err(FetchError::TooLong { url, want: size });
+        }
+        hasher.update(&chunk);
+        offset += chunk.len() as u64;
+        if from_swarm {
+            out.bytes_from_swarm += chunk.len() as u64;
+        } else {
+            out.bytes_from_http += chunk.len() as u64;
+        }
+        if let Some(s) = swarm {
+            s.window.set_consumed(offset);
+        }
+        if tx.send(chunk).await.is_err() {
+            // The unpacker stopped: its error says why.
+            consumer_gone = true;
+            break;
+        }
+        let pct = if size == 0 { 100 } else { (offset * 100 / size) as u8 };
+        job.reporter.progress("download", pct);
+    }
+    drop(tx);
+    let unpacked = consumer.await.map_err(|e| download_err(format!("unpack thread died: {e}")))?;
+    if consumer_gone || offset < size {
+        // A broken stream shows up as a hash mismatch when complete; when not, the unpacker's
+        // complaint is the best explanation there is.
+        unpacked?;
+        return Err(download_err(format!("stream ended at byte {offset} of {size}")));
+    }
+    let got = hex::encode(hasher.finalize());
+    if !got.eq_ignore_ascii_case(&job.image.sha256) {
+        return Err(FetchError::Verify { url, got, want: job.image.sha256.clone() });
+    }
+    out.stats = unpacked?;
+    Ok(out)
+}

@@ -1,0 +1,17 @@
+//! luna-agent: the node side of luna. Runs in the initramfs (dracut module `95luna`), fetches the
+//! install plan, runs the group's scripts, streams the OS image from the swarm (HTTP as the
+//! fallback) straight into `/sysroot`, writes the node's personality and reports every step.
+
+pub mod backoff;
+pub mod bench;
+pub mod cmdline;
+pub mod download;
+pub mod http;
+pub mod install;
+pub mod os;
+pub mod personality;
+pub mod report;
+pub mod torrent;
+pub mod unpack;
+
+pub use install::{AgentError, Config};

@@ -1,0 +1,80 @@
+//! Status reports to the server: best effort (an unreachable server must not stop an install),
+//! steps retried a few times with backoff, download progress at most once a second.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use luna_core::api::StatusReport;
+use parking_lot::Mutex;
+
+use crate::backoff::Backoff;
+use crate::http::{retry, Client};
+
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct Reporter {
+    client: Client,
+    last_progress: Mutex<Option<(Instant, u8)>>,
+}
+
+impl Reporter {
+    pub fn new(client: Client) -> Arc<Self> {
+        Arc::new(Self { client, last_progress: Mutex::new(None) })
+    }
+
+    /// Reports a step, retrying up to four times; failures are logged, not returned.
+    pub async fn step(&self, step: &str, message: Option<String>) {
+        let report = StatusReport { step: step.to_string(), progress: None, message };
+        let mut backoff = Backoff::standard();
+        if let Err(e) = retry(4, &mut backoff, || self.client.status_once(&report)).await {
+            tracing::warn!("report of step {step} lost: {e}");
+        }
+    }
+
+    /// Whether a progress report for `pct` is due now (first one, ≥ 1 s since the last one, or
+    /// the 100 % one); records it as sent when it is.
+    pub fn progress_due(&self, pct: u8, now: Instant) -> bool {
+        let mut last = self.last_progress.lock();
+        let due = match *last {
+            None => true,
+            Some((_, prev)) if prev == pct => false,
+            Some((_, _)) if pct == 100 => true,
+            Some((at, _)) => now.duration_since(at) >= PROGRESS_INTERVAL,
+        };
+        if due {
+            *last = Some((now, pct));
+        }
+        due
+    }
+
+    /// Sends a progress report in the background if one is due; never waits for the server.
+    pub fn progress(self: &Arc<Self>, step: &str, pct: u8) {
+        if !self.progress_due(pct, Instant::now()) {
+            return;
+        }
+        let me = self.clone();
+        let report = StatusReport { step: step.to_string(), progress: Some(pct), message: None };
+        tokio::spawn(async move {
+            if let Err(e) = me.client.status_once(&report).await {
+                tracing::debug!("progress report lost: {e}");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_is_rate_limited() {
+        let r = Reporter::new(Client::new("http://127.0.0.1:9", "n", "t").unwrap());
+        let t0 = Instant::now();
+        assert!(r.progress_due(1, t0));
+        assert!(!r.progress_due(2, t0 + Duration::from_millis(300)));
+        assert!(!r.progress_due(2, t0 + Duration::from_millis(900)));
+        assert!(r.progress_due(3, t0 + Duration::from_millis(1000)));
+        assert!(!r.progress_due(3, t0 + Duration::from_secs(5)), "same value twice is not news");
+        assert!(r.progress_due(100, t0 + Duration::from_millis(1001)), "completion always goes out");
+    }
+}

@@ -1,0 +1,615 @@
+//! The whole install flow without root: a local HTTP server (std TcpListener) serves the plan,
+//! a real tar.zst image made here and its torrent, and records status reports; the OS is the
+//! recording fake; a librqbit seeder on 127.0.0.1 stands for the swarm.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use luna_agent::install::{self, AgentError, Config};
+use luna_agent::os::{OsCall, RecordingOs};
+use luna_core::api::{InstallPlan, PlanImage, PlanInterface, StatusReport};
+use sha2::{Digest, Sha256};
+
+const TOKEN: &str = "s3cret/+";
+const MAC: &str = "52:54:00:12:34:56";
+
+#[derive(Default)]
+struct Behaviour {
+    /// Plan requests answered 503 before the real answer.
+    plan_failures: usize,
+    /// Image responses (from offset 0) cut off after this many bytes, this many times.
+    cut_after: Option<(u64, usize)>,
+    /// Serve a corrupted archive this many times.
+    corrupt: usize,
+}
+
+struct Server {
+    addr: SocketAddr,
+    reports: Arc<Mutex<Vec<StatusReport>>>,
+    image_requests: Arc<Mutex<Vec<Option<u64>>>>,
+    plan_requests: Arc<AtomicUsize>,
+}
+
+struct Content {
+    plan: Vec<u8>,
+    archive: Vec<u8>,
+    torrent: Vec<u8>,
+}
+
+fn respond(s: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) {
+    let mut head = format!("HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let _ = s.write_all(head.as_bytes());
+    let _ = s.write_all(body);
+}
+
+fn query(path: &str) -> HashMap<String, String> {
+    let q = path.split_once('?').map(|(_, q)| q).unwrap_or("");
+    q.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| {
+            let mut out = Vec::new();
+            let b = v.as_bytes();
+            let mut i = 0;
+            while i < b.len() {
+                if b[i] == b'%' && i + 2 < b.len() + 1 {
+                    out.push(u8::from_str_radix(&v[i + 1..i + 3], 16).unwrap());
+                    i += 3;
+                } else {
+                    out.push(b[i]);
+                    i += 1;
+                }
+            }
+            (k.to_string(), String::from_utf8(out).unwrap())
+        })
+        .collect()
+}
+
+impl Server {
+    fn start(content: Arc<Mutex<Content>>, behaviour: Behaviour) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reports = Arc::new(Mutex::new(Vec::new()));
+        let image_requests = Arc::new(Mutex::new(Vec::new()));
+        let plan_requests = Arc::new(AtomicUsize::new(0));
+        let behaviour = Arc::new(Mutex::new(behaviour));
+        let (r, ir, pr) = (reports.clone(), image_requests.clone(), plan_requests.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (content, behaviour, r, ir, pr) =
+                    (content.clone(), behaviour.clone(), r.clone(), ir.clone(), pr.clone());
+                std::thread::spawn(move || {
+                    let _ = handle(conn, &content, &behaviour, &r, &ir, &pr);
+                });
+            }
+        });
+        Server { addr, reports, image_requests, plan_requests }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn steps(&self) -> Vec<String> {
+        self.reports.lock().unwrap().iter().filter(|r| r.progress.is_none()).map(|r| r.step.clone()).collect()
+    }
+}
+
+fn handle(
+    mut conn: TcpStream,
+    content: &Mutex<Content>,
+    behaviour: &Mutex<Behaviour>,
+    reports: &Mutex<Vec<StatusReport>>,
+    image_requests: &Mutex<Vec<Option<u64>>>,
+    plan_requests: &AtomicUsize,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
+    let mut headers = HashMap::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let len: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body)?;
+    let q = query(&path);
+    let route = path.split('?').next().unwrap_or("");
+    let authorised =
+        q.get("node").map(String::as_str) == Some("node001") && q.get("token").map(String::as_str) == Some(TOKEN);
+    match (method.as_str(), route) {
+        ("GET", "/boot/plan") => {
+            if !authorised {
+                return Ok(respond(&mut conn, "401 Unauthorized", &[], b"{\"error\":\"bad token\"}"));
+            }
+            let n = plan_requests.fetch_add(1, Ordering::SeqCst);
+            if n < behaviour.lock().unwrap().plan_failures {
+                return Ok(respond(&mut conn, "503 Service Unavailable", &[], b"busy"));
+            }
+            let plan = content.lock().unwrap().plan.clone();
+            respond(&mut conn, "200 OK", &[("content-type", "application/json".into())], &plan);
+        }
+        ("POST", "/boot/status") => {
+            assert!(authorised, "status report without the token");
+            let report: StatusReport = serde_json::from_slice(&body).expect("status body is a StatusReport");
+            reports.lock().unwrap().push(report);
+            respond(&mut conn, "204 No Content", &[], b"");
+        }
+        ("GET", "/image.torrent") => {
+            let t = content.lock().unwrap().torrent.clone();
+            respond(&mut conn, "200 OK", &[], &t);
+        }
+        ("GET", "/image.tar.zst") => {
+            let mut archive = content.lock().unwrap().archive.clone();
+            let start: Option<u64> = headers
+                .get("range")
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.trim_end_matches('-').parse().ok());
+            image_requests.lock().unwrap().push(start);
+            let mut b = behaviour.lock().unwrap();
+            if b.corrupt > 0 {
+                b.corrupt -= 1;
+                let at = archive.len() / 3;
+                archive[at] ^= 0x55;
+            }
+            let total = archive.len() as u64;
+            let from = start.unwrap_or(0);
+            let slice = &archive[from as usize..];
+            if let Some((cut, times)) = b.cut_after {
+                if times > 0 && start.is_none() {
+                    b.cut_after = Some((cut, times - 1));
+                    drop(b);
+                    // Promise the whole body, deliver part of it, hang up.
+                    let head =
+                        format!("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n", slice.len());
+                    conn.write_all(head.as_bytes())?;
+                    conn.write_all(&slice[..cut as usize])?;
+                    return Ok(());
+                }
+            }
+            drop(b);
+            if let Some(from) = start {
+                let range = format!("bytes {from}-{}/{total}", total - 1);
+                respond(&mut conn, "206 Partial Content", &[("content-range", range)], slice);
+            } else {
+                respond(&mut conn, "200 OK", &[], slice);
+            }
+        }
+        _ => respond(&mut conn, "404 Not Found", &[], b"no such route"),
+    }
+    Ok(())
+}
+
+/// A small OS tree with a large-ish incompressible file so the torrent has many pieces.
+fn hdr(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    h
+}
+
+fn make_archive() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for d in [
+        "./",
+        "./etc",
+        "./etc/systemd",
+        "./etc/systemd/network",
+        "./usr",
+        "./usr/lib",
+        "./usr/lib/systemd",
+        "./usr/bin",
+        "./dev",
+    ] {
+        b.append_data(&mut hdr(tar::EntryType::Directory, 0o755, 0), d, std::io::empty()).unwrap();
+    }
+    let mut file = |p: &str, data: &[u8], mode: u32| {
+        b.append_data(&mut hdr(tar::EntryType::Regular, mode, data.len() as u64), p, data).unwrap();
+    };
+    file("./usr/lib/systemd/systemd-networkd", b"#!/bin/sh\n", 0o755);
+    file("./etc/hosts", b"127.0.0.1 localhost\n", 0o644);
+    file("./etc/hostname", b"image\n", 0o644);
+    // xorshift noise: does not compress, so the archive is ~1.5 MiB.
+    let mut x = 0x1234_5678_9abc_def0u64;
+    let noise: Vec<u8> = (0..1_500_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    file("./usr/bin/big", &noise, 0o4755);
+    let mut h = hdr(tar::EntryType::Char, 0o666, 0);
+    h.set_device_major(1).unwrap();
+    h.set_device_minor(3).unwrap();
+    b.append_data(&mut h, "./dev/null", std::io::empty()).unwrap();
+    zstd::encode_all(&b.into_inner().unwrap()[..], 3).unwrap()
+}
+
+fn iface(name: &str, ip: &str) -> PlanInterface {
+    PlanInterface {
+        name: name.into(),
+        mac: None,
+        ip: Some(ip.parse().unwrap()),
+        prefix: 16,
+        gateway: None,
+        dns: None,
+        mtu: 1500,
+        params: String::new(),
+    }
+}
+
+fn plan(base: &str, archive: &[u8]) -> InstallPlan {
+    InstallPlan {
+        node: "node001".into(),
+        hostname: "node001".into(),
+        domain: "cluster".into(),
+        interfaces: vec![iface("BOOTIF", "10.141.0.1")],
+        image: Some(PlanImage {
+            osimage: "compute".into(),
+            revision: 3,
+            torrent_url: format!("{base}/image.torrent"),
+            http_url: format!("{base}/image.tar.zst"),
+            sha256: hex::encode(Sha256::digest(archive)),
+            size: archive.len() as u64,
+            info_hash: String::new(),
+        }),
+        prescript: "echo \"$LUNA_NODE $LUNA_IMAGE_SIZE $LUNA_TMPFS_SIZE $LUNA_BOOTIF $LUNA_IP\" > \"$(dirname \"$LUNA_SYSROOT\")/pre.out\"".into(),
+        partscript: "mkdir -p \"$LUNA_SYSROOT\" && echo part > \"$LUNA_SYSROOT/../part.out\"".into(),
+        // The fake runs it in the root directory instead of chrooting there.
+        postscript: "test -x usr/bin/big && echo \"$LUNA_HOSTNAME\" > post.out".into(),
+        torrent_interface: "BOOTIF".into(),
+        service: false,
+        setupbmc: false,
+        bmc: None,
+        server_url: base.into(),
+    }
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    cfg: Config,
+    content: Arc<Mutex<Content>>,
+    archive: Vec<u8>,
+    sysroot: PathBuf,
+    base: PathBuf,
+}
+
+fn setup(extra_cmdline: &str) -> (Env, impl FnOnce(&str, Behaviour) -> Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().to_path_buf();
+    let net = base.join("net/ens3");
+    std::fs::create_dir_all(&net).unwrap();
+    std::fs::write(net.join("address"), format!("{MAC}\n")).unwrap();
+    std::fs::write(base.join("meminfo"), "MemTotal:  1048576 kB\n").unwrap();
+    let archive = make_archive();
+    let content = Arc::new(Mutex::new(Content { plan: Vec::new(), archive: archive.clone(), torrent: Vec::new() }));
+    let sysroot = base.join("sysroot");
+    let cfg = Config {
+        cmdline: base.join("cmdline"),
+        sys_class_net: base.join("net"),
+        meminfo: base.join("meminfo"),
+        sysroot: sysroot.clone(),
+        scratch: base.join("scratch"),
+        swarm: false,
+        initial_peers: Vec::new(),
+        window: 4 << 20,
+    };
+    let c2 = content.clone();
+    let cmdline_path = cfg.cmdline.clone();
+    let extra = extra_cmdline.to_string();
+    let a2 = archive.clone();
+    let start = move |_: &str, behaviour: Behaviour| {
+        let server = Server::start(c2.clone(), behaviour);
+        c2.lock().unwrap().plan = serde_json::to_vec(&plan(&server.url(), &a2)).unwrap();
+        std::fs::write(
+            &cmdline_path,
+            format!(
+                "root=luna luna.url={}/ luna.node=node001 luna.token={TOKEN} BOOTIF=01-{} ip=dhcp {extra}\n",
+                server.url(),
+                MAC.replace(':', "-")
+            ),
+        )
+        .unwrap();
+        server
+    };
+    (Env { _dir: dir, cfg, content, archive, sysroot, base }, start)
+}
+
+fn fake() -> Arc<RecordingOs> {
+    Arc::new(RecordingOs::new(true, Some(("127.0.0.1".parse().unwrap(), 8))))
+}
+
+fn set_plan(env: &Env, server: &Server, f: impl FnOnce(&mut InstallPlan)) {
+    let mut p = plan(&server.url(), &env.archive);
+    f(&mut p);
+    env.content.lock().unwrap().plan = serde_json::to_vec(&p).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installs_over_http_and_reports_every_step() {
+    let (env, start) = setup("");
+    let server = start("", Behaviour { plan_failures: 2, ..Default::default() });
+    let os = fake();
+    let outcome = install::install(&env.cfg, os.clone()).await.expect("install");
+    assert_eq!(outcome.nic, "ens3");
+    assert_eq!(server.plan_requests.load(Ordering::SeqCst), 3, "plan retried through two 503s");
+    assert_eq!(outcome.fetched.bytes_from_http, env.archive.len() as u64);
+
+    // Image unpacked, setuid kept, device node through the Os.
+    let big = std::fs::metadata(env.sysroot.join("usr/bin/big")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(big.mode() & 0o7777, 0o4755);
+    assert_eq!(big.len(), 1_500_000);
+    let root = env.sysroot.canonicalize().unwrap();
+    assert!(os
+        .calls()
+        .iter()
+        .any(|c| matches!(c, OsCall::Mknod { path, major: 1, minor: 3, .. } if *path == root.join("dev/null"))));
+
+    // Scripts saw their environment; the postscript ran "in" the root.
+    let pre = std::fs::read_to_string(env.base.join("pre.out")).unwrap();
+    assert_eq!(pre.trim(), format!("node001 {} 819m ens3 127.0.0.1", env.archive.len()));
+    assert!(env.base.join("part.out").exists());
+    assert_eq!(std::fs::read_to_string(env.sysroot.join("post.out")).unwrap(), "node001\n");
+
+    // Personality: hostname replaced, networkd unit matched by MAC, hosts line.
+    assert_eq!(std::fs::read_to_string(env.sysroot.join("etc/hostname")).unwrap(), "node001\n");
+    let unit = std::fs::read_to_string(env.sysroot.join("etc/systemd/network/10-luna-ens3.network")).unwrap();
+    assert!(unit.contains(&format!("MACAddress={MAC}")) && unit.contains("Address=10.141.0.1/16"), "{unit}");
+    assert!(std::fs::read_to_string(env.sysroot.join("etc/hosts"))
+        .unwrap()
+        .contains("10.141.0.1\tnode001.cluster node001"));
+
+    // Postscript with /proc, /sys, /dev bound and unbound in reverse order.
+    let calls = os.calls();
+    let mounts: Vec<_> = calls
+        .iter()
+        .filter_map(|c| match c {
+            OsCall::Mount { source, bind: true, .. } => Some(source.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(mounts, ["/proc", "/sys", "/dev"]);
+    let umounts: Vec<_> = calls
+        .iter()
+        .filter_map(|c| match c {
+            OsCall::Umount(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(umounts, [env.sysroot.join("dev"), env.sysroot.join("sys"), env.sysroot.join("proc")]);
+    let scripts: Vec<_> = calls
+        .iter()
+        .filter_map(|c| match c {
+            OsCall::Script { name, chroot, .. } => Some((name.clone(), chroot.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        scripts,
+        [("prescript".into(), None), ("partscript".into(), None), ("postscript".into(), Some(env.sysroot.clone()))]
+    );
+
+    let steps = server.steps();
+    assert_eq!(
+        steps,
+        ["plan", "prescript", "partscript", "download", "verify", "unpack", "personality", "postscript", "booted"]
+    );
+    let progress: Vec<u8> = server.reports.lock().unwrap().iter().filter_map(|r| r.progress).collect();
+    assert!(!progress.is_empty() && progress.len() <= 3, "progress at most ~1/s: {progress:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_partscript_mounts_a_sized_tmpfs() {
+    let (env, start) = setup("");
+    let server = start("", Behaviour::default());
+    set_plan(&env, &server, |p| {
+        p.partscript = String::new();
+        p.prescript = String::new();
+        p.postscript = String::new();
+    });
+    std::fs::create_dir_all(&env.sysroot).unwrap();
+    let os = fake();
+    install::install(&env.cfg, os.clone()).await.expect("install");
+    assert_eq!(
+        os.calls()[0],
+        OsCall::Mount {
+            source: "tmpfs".into(),
+            target: env.sysroot.clone(),
+            fstype: Some("tmpfs".into()),
+            bind: false,
+            data: Some("size=819m,mode=0755".into()),
+        }
+    );
+    assert!(!server.steps().contains(&"postscript".to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_postscript_reports_error_and_still_unmounts() {
+    let (env, start) = setup("");
+    let server = start("", Behaviour::default());
+    set_plan(&env, &server, |p| p.postscript = "exit 7".into());
+    let os = fake();
+    let err = install::install(&env.cfg, os.clone()).await.unwrap_err();
+    assert!(matches!(err, AgentError::Postscript(_)), "{err}");
+    assert_eq!(err.to_string(), "postscript failed: postscript exited with status 7");
+    let umounts = os.calls().iter().filter(|c| matches!(c, OsCall::Umount(_))).count();
+    assert_eq!(umounts, 3);
+    let reports = server.reports.lock().unwrap();
+    let last = reports.last().unwrap();
+    assert_eq!(last.step, "error");
+    assert_eq!(last.message.as_deref(), Some("postscript: postscript failed: postscript exited with status 7"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_prescript_stops_before_partitioning() {
+    let (env, start) = setup("");
+    let server = start("", Behaviour::default());
+    set_plan(&env, &server, |p| p.prescript = "echo nope >&2; exit 3".into());
+    let os = fake();
+    let err = install::install(&env.cfg, os.clone()).await.unwrap_err();
+    assert_eq!(err.step(), "prescript");
+    assert_eq!(server.steps(), ["plan", "prescript", "error"]);
+    assert_eq!(os.calls().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_a_cut_download_with_range() {
+    let (env, start) = setup("");
+    let server = start("", Behaviour { cut_after: Some((300_000, 1)), ..Default::default() });
+    let os = fake();
+    let outcome = install::install(&env.cfg, os).await.expect("install");
+    assert_eq!(outcome.fetched.attempts, 1);
+    let requests = server.image_requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert_eq!(requests[0], None);
+    let resumed = requests[1].expect("second request has a range");
+    assert!(resumed > 0 && resumed <= 300_000, "resumed at {resumed}");
+    assert_eq!(std::fs::metadata(env.sysroot.join("usr/bin/big")).unwrap().len(), 1_500_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_mismatch_clears_and_retries_then_gives_up() {
+    let (env, start) = setup("");
+    let server = start("", Behaviour { corrupt: 1, ..Default::default() });
+    let outcome = install::install(&env.cfg, fake()).await.expect("second attempt succeeds");
+    assert_eq!(outcome.fetched.attempts, 2);
+    assert!(server.steps().iter().filter(|s| *s == "download").count() == 2);
+
+    let (env, start) = setup("");
+    let server = start("", Behaviour { corrupt: 99, ..Default::default() });
+    let err = install::install(&env.cfg, fake()).await.unwrap_err();
+    assert!(err.step() == "verify" || err.step() == "unpack", "{err}");
+    assert_eq!(server.image_requests.lock().unwrap().len(), 3, "bounded retries");
+    assert_eq!(server.steps().last().map(String::as_str), Some("error"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_token_is_not_retried_forever() {
+    let (env, start) = setup("");
+    let server = start("", Behaviour::default());
+    let text = std::fs::read_to_string(&env.cfg.cmdline).unwrap().replace(TOKEN, "wrong");
+    std::fs::write(&env.cfg.cmdline, text).unwrap();
+    let err = install::install(&env.cfg, fake()).await.unwrap_err();
+    assert!(matches!(err, AgentError::Plan(_)), "{err}");
+    assert!(err.to_string().contains("401"), "{err}");
+    assert_eq!(server.plan_requests.load(Ordering::SeqCst), 0, "the server refused before counting");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_mac_is_a_nic_error() {
+    let (mut env, start) = setup("");
+    let _server = start("", Behaviour::default());
+    env.cfg.sys_class_net = env.base.join("nothing");
+    let err = install::install(&env.cfg, fake()).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("no network interface has mac {MAC} (looked in {})", env.base.join("nothing").display())
+    );
+}
+
+// ---- the swarm ----
+
+async fn make_torrent(archive_path: &Path) -> Vec<u8> {
+    let spawner = librqbit::spawn_utils::BlockingSpawner::new(1);
+    let opts = librqbit::CreateTorrentOptions { name: None, trackers: vec![], piece_length: Some(64 * 1024) };
+    let t = librqbit::create_torrent(archive_path, opts, &spawner).await.unwrap();
+    t.as_bytes().unwrap().to_vec()
+}
+
+async fn seeder(dir: &Path, torrent: &[u8]) -> (Arc<librqbit::Session>, SocketAddr) {
+    let session = librqbit::Session::new_with_opts(
+        dir.to_path_buf(),
+        librqbit::SessionOptions {
+            dht: None,
+            disable_local_service_discovery: true,
+            listen: Some(librqbit::ListenerOptions {
+                listen_addr: "127.0.0.1:0".parse().unwrap(),
+                ipv4_only: true,
+                ..Default::default()
+            }),
+            ipv4_only: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let handle = session
+        .add_torrent(
+            librqbit::AddTorrent::from_bytes(torrent.to_vec()),
+            Some(librqbit::AddTorrentOptions {
+                output_folder: Some(dir.display().to_string()),
+                overwrite: true,
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap()
+        .into_handle()
+        .unwrap();
+    handle.wait_until_initialized().await.unwrap();
+    assert!(handle.stats().finished, "seeder has the whole archive");
+    let addr = session.listen_addr().expect("seeder listens");
+    (session, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_from_a_librqbit_seeder() {
+    let (mut env, start) = setup("");
+    let seed_dir = env.base.join("seed");
+    std::fs::create_dir_all(&seed_dir).unwrap();
+    let archive_path = seed_dir.join("image.tar.zst");
+    std::fs::write(&archive_path, &env.archive).unwrap();
+    let torrent = make_torrent(&archive_path).await;
+    env.content.lock().unwrap().torrent = torrent.clone();
+    let (seed, addr) = seeder(&seed_dir, &torrent).await;
+    let server = start("", Behaviour::default());
+    env.cfg.swarm = true;
+    env.cfg.initial_peers = vec![addr];
+    let outcome = install::install(&env.cfg, fake()).await.expect("install");
+    assert_eq!(outcome.fetched.bytes_from_swarm, env.archive.len() as u64, "all from the peer");
+    assert_eq!(outcome.fetched.bytes_from_http, 0);
+    assert!(server.image_requests.lock().unwrap().is_empty());
+    assert_eq!(std::fs::metadata(env.sysroot.join("usr/bin/big")).unwrap().len(), 1_500_000);
+    assert!(!server.steps().contains(&"http-fallback".to_string()));
+    seed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_swarm_falls_back_to_http() {
+    let (mut env, start) = setup("luna.stall=1");
+    let archive_path = env.base.join("image.tar.zst");
+    std::fs::write(&archive_path, &env.archive).unwrap();
+    env.content.lock().unwrap().torrent = make_torrent(&archive_path).await;
+    let server = start("", Behaviour::default());
+    env.cfg.swarm = true; // no peers at all: nothing ever arrives
+    let outcome = install::install(&env.cfg, fake()).await.expect("install");
+    assert_eq!(outcome.fetched.bytes_from_http, env.archive.len() as u64);
+    assert!(server.steps().contains(&"http-fallback".to_string()), "{:?}", server.steps());
+    assert_eq!(*server.image_requests.lock().unwrap(), vec![None]);
+}

@@ -1,0 +1,611 @@
+//! The socket side: one UDP socket per configured interface (SO_BINDTODEVICE, so a packet is
+//! only ever seen by the socket of the interface it arrived on), store reads per request, the
+//! engine's decision applied.
+//!
+//! Nothing read from the store is cached: every request reads the cluster, the MAC's claim and
+//! what hangs off it. Two things are kept in memory, neither store data: the interfaces'
+//! addresses (re-read every [`ADDR_TTL`]) and where dynamic allocation left off (a hint).
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::future::join_all;
+use ipnet::Ipv4Net;
+use luna_core::model::{Claim, Cluster, Group, Kind, Network, Node};
+use luna_core::MacAddr;
+use serde::de::DeserializeOwned;
+use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{self, node_interface, Candidate, Client, Decision, Known, RequestContext, Unknown, View};
+use super::lease::{Lease, Versioned};
+use super::packet::{encode_reply, Destination, Reply, Request};
+use super::{DhcpConfig, DhcpError, DhcpEvent, DhcpStatusSink};
+use crate::store::{Collection, Record, Store, StoreError};
+
+/// How long an interface's address list is trusted.
+pub const ADDR_TTL: Duration = Duration::from_secs(2);
+/// Decisions redone after a compare-and-swap conflict before the request is dropped.
+const MAX_ATTEMPTS: usize = 4;
+/// Largest datagram read; DHCP messages are far smaller.
+const MAX_DATAGRAM: usize = 4096;
+
+/// What one request came to: the reply to send and the event to report after sending.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Outcome {
+    pub reply: Option<Reply>,
+    pub event: Option<DhcpEvent>,
+}
+
+/// Everything but the sockets: decode, read the store, decide, commit. Public so tests and
+/// load generators can drive the whole path without a network.
+pub struct Handler {
+    cfg: DhcpConfig,
+    store: Arc<dyn Store>,
+    hint: Mutex<Option<Ipv4Addr>>,
+}
+
+impl Handler {
+    pub fn new(cfg: DhcpConfig, store: Arc<dyn Store>) -> Self {
+        Handler { cfg, store, hint: Mutex::new(None) }
+    }
+
+    pub fn config(&self) -> &DhcpConfig {
+        &self.cfg
+    }
+
+    /// Handles one datagram that arrived on `interface`, whose addresses are `local_addrs`.
+    pub async fn process(
+        &self,
+        interface: &str,
+        local_addrs: &[Ipv4Addr],
+        bytes: &[u8],
+        now: u64,
+    ) -> Result<Outcome, DhcpError> {
+        let req = Request::decode(bytes)?;
+        let Some(mac) = req.mac() else {
+            tracing::debug!(interface, hlen = req.message.hlen(), "dhcp: ignoring a non-ethernet request");
+            return Ok(Outcome::default());
+        };
+        let ctx = RequestContext {
+            interface: interface.to_string(),
+            local_addrs: local_addrs.to_vec(),
+            now,
+            alloc_hint: *self.hint.lock().unwrap_or_else(|e| e.into_inner()),
+        };
+        for attempt in 1..=MAX_ATTEMPTS {
+            let mut view = load_view(self.store.as_ref(), &mac).await?;
+            let decision = loop {
+                match engine::handle(&self.cfg, &req, &ctx, &view) {
+                    Decision::Probe { network, ips } => {
+                        if let Some(last) = ips.last() {
+                            // Concurrent allocations start after what this one looked at.
+                            *self.hint.lock().unwrap_or_else(|e| e.into_inner()) = Some(*last);
+                        }
+                        let found = load_candidates(self.store.as_ref(), &network, &ips).await?;
+                        if let Client::Unknown(u) = &mut view.client {
+                            u.candidates.extend(found);
+                        }
+                    }
+                    d => break d,
+                }
+            };
+            let action = match decision {
+                Decision::Ignore(why) => {
+                    tracing::debug!(interface, %mac, reason = %why, "dhcp: no answer");
+                    return Ok(Outcome::default());
+                }
+                Decision::Act(a) => a,
+                Decision::Probe { .. } => unreachable!("probes are answered above"),
+            };
+            if !action.writes.is_empty() {
+                match self.store.commit(action.writes).await {
+                    Ok(()) => {}
+                    Err(StoreError::Conflict { collection, key, .. }) => {
+                        tracing::debug!(%mac, attempt, %collection, %key, "dhcp: lease changed concurrently; deciding again");
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if let Some(ip) = action.allocated {
+                *self.hint.lock().unwrap_or_else(|e| e.into_inner()) = Some(ip);
+            }
+            if let Some(r) = &action.reply {
+                tracing::debug!(interface, %mac, kind = ?r.msg_type(), yiaddr = %r.message.yiaddr(), dest = ?r.destination, "dhcp: reply");
+            }
+            return Ok(Outcome { reply: action.reply, event: action.event });
+        }
+        tracing::warn!(%mac, "dhcp: lease records kept changing under this request; dropped it (the client retries)");
+        Ok(Outcome::default())
+    }
+}
+
+fn parse<T: DeserializeOwned>(rec: Record) -> Result<T, StoreError> {
+    serde_json::from_value(rec.doc).map_err(|e| StoreError::Corrupt {
+        collection: rec.collection,
+        key: rec.key,
+        reason: e.to_string(),
+    })
+}
+
+/// Reads what the engine needs about `mac`: three rounds of point reads for a known node
+/// (cluster and claim, node, group and network), up to three for an unknown one when
+/// discovery is on, two when it is off.
+pub async fn load_view(store: &dyn Store, mac: &MacAddr) -> Result<View, StoreError> {
+    let claim_key = Claim::Mac(*mac).key();
+    let (cluster, claim) = tokio::join!(
+        store.get(Collection::Object(Kind::Cluster), Cluster::KEY),
+        store.get(Collection::Claim, &claim_key)
+    );
+    let cluster: Cluster = cluster?.map(parse).transpose()?.unwrap_or_default();
+    let owner = claim?.and_then(|c| {
+        match (c.doc.get("kind").and_then(|k| k.as_str()), c.doc.get("owner").and_then(|o| o.as_str())) {
+            (Some("node"), Some(owner)) => Some(owner.to_string()),
+            _ => None,
+        }
+    });
+    if let Some(owner) = owner {
+        if let Some(node) = store.get(Collection::Object(Kind::Node), &owner).await?.map(parse::<Node>).transpose()? {
+            let net_name = node_interface(&node, mac).map(|i| i.network.clone());
+            let (group, network) = tokio::join!(store.get(Collection::Object(Kind::Group), &node.group), async {
+                match &net_name {
+                    Some(n) => store.get(Collection::Object(Kind::Network), n).await,
+                    None => Ok(None),
+                }
+            });
+            let group: Option<Group> = group?.map(parse).transpose()?;
+            let network: Option<Network> = network?.map(parse).transpose()?;
+            return Ok(View { cluster, client: Client::Known(Box::new(Known { node, group, network })) });
+        }
+        // The claim outlived its node (a delete in flight): a stranger for now.
+    }
+    let mut unknown = Unknown::default();
+    if cluster.dhcp_range.is_some() {
+        let lease_key = Lease::mac_key(mac);
+        let (networks, lease) =
+            tokio::join!(store.list(Collection::Object(Kind::Network), ""), store.get(Collection::Lease, &lease_key));
+        unknown.networks = networks?.into_iter().map(parse).collect::<Result<_, _>>()?;
+        unknown.lease = lease?.map(Versioned::from_record).transpose()?;
+        if let Some(l) = &unknown.lease {
+            let claim = Claim::Ip { network: l.value.network.clone(), ip: l.value.ip }.key();
+            let ip_key = Lease::ip_key(l.value.ip);
+            let (held, claimed) =
+                tokio::join!(store.get(Collection::Lease, &ip_key), store.get(Collection::Claim, &claim));
+            unknown.held = held?.map(Versioned::from_record).transpose()?;
+            unknown.held_claimed = claimed?.is_some();
+        }
+    }
+    Ok(View { cluster, client: Client::Unknown(unknown) })
+}
+
+/// Reads the lease record and the claim of each address.
+pub async fn load_candidates(
+    store: &dyn Store,
+    network: &str,
+    ips: &[Ipv4Addr],
+) -> Result<Vec<(Ipv4Addr, Candidate)>, StoreError> {
+    let reads = ips.iter().map(|ip| async move {
+        let claim = Claim::Ip { network: network.to_string(), ip: *ip }.key();
+        let ip_key = Lease::ip_key(*ip);
+        let (lease, claimed) =
+            tokio::join!(store.get(Collection::Lease, &ip_key), store.get(Collection::Claim, &claim));
+        Ok::<_, StoreError>((
+            *ip,
+            Candidate { lease: lease?.map(Versioned::from_record).transpose()?, claimed: claimed?.is_some() },
+        ))
+    });
+    join_all(reads).await.into_iter().collect()
+}
+
+/// Answers DHCP on `cfg.interfaces` until `shutdown` is cancelled. With no interfaces DHCP is
+/// off and this just waits. Fails at start when an interface cannot be bound (missing device,
+/// port taken); per-request errors are logged, not fatal.
+pub async fn serve(
+    cfg: DhcpConfig,
+    store: Arc<dyn Store>,
+    status: Arc<dyn DhcpStatusSink>,
+    shutdown: CancellationToken,
+) -> Result<(), DhcpError> {
+    cfg.validate()?;
+    if cfg.interfaces.is_empty() {
+        tracing::info!("dhcp: off (no interfaces configured)");
+        shutdown.cancelled().await;
+        return Ok(());
+    }
+    let mut sockets = Vec::new();
+    for iface in &cfg.interfaces {
+        let sock = bind(iface, cfg.port).map_err(|source| DhcpError::Interface { interface: iface.clone(), source })?;
+        tracing::info!(interface = %iface, port = cfg.port, "dhcp: listening");
+        sockets.push((iface.clone(), Arc::new(sock)));
+    }
+    let shared = Arc::new(Shared {
+        handler: Handler::new(cfg.clone(), store),
+        status,
+        addrs: Mutex::new(HashMap::new()),
+        permits: Arc::new(Semaphore::new(cfg.max_in_flight)),
+    });
+    let mut loops = JoinSet::new();
+    for (iface, sock) in sockets {
+        loops.spawn(receive_loop(shared.clone(), iface, sock, shutdown.clone()));
+    }
+    while let Some(r) = loops.join_next().await {
+        if let Err(e) = r {
+            tracing::error!(error = %e, "dhcp: receive loop failed");
+        }
+    }
+    Ok(())
+}
+
+struct Shared {
+    handler: Handler,
+    status: Arc<dyn DhcpStatusSink>,
+    addrs: Mutex<HashMap<String, (Instant, Vec<Ipv4Net>)>>,
+    permits: Arc<Semaphore>,
+}
+
+impl Shared {
+    fn local_nets(&self, iface: &str) -> Vec<Ipv4Net> {
+        let mut cache = self.addrs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, nets)) = cache.get(iface) {
+            if at.elapsed() < ADDR_TTL {
+                return nets.clone();
+            }
+        }
+        let nets = interface_addrs(iface).unwrap_or_else(|e| {
+            tracing::warn!(interface = iface, error = %e, "dhcp: cannot read interface addresses");
+            Vec::new()
+        });
+        cache.insert(iface.to_string(), (Instant::now(), nets.clone()));
+        nets
+    }
+}
+
+fn bind(iface: &str, port: u16) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    // Several sockets share port 67, one per device; SO_REUSEADDR lets them (and a relay
+    // simulator on a specific address) coexist.
+    s.set_reuse_address(true)?;
+    s.set_broadcast(true)?;
+    s.bind_device(Some(iface.as_bytes()))?;
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
+    UdpSocket::from_std(s.into())
+}
+
+async fn receive_loop(shared: Arc<Shared>, iface: String, sock: Arc<UdpSocket>, shutdown: CancellationToken) {
+    let mut tasks = JoinSet::new();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let received = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = sock.recv_from(&mut buf) => r,
+        };
+        let (len, from) = match received {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(interface = %iface, error = %e, "dhcp: receive failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = shared.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let bytes = buf[..len].to_vec();
+        let (shared, iface, sock) = (shared.clone(), iface.clone(), sock.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            if let Err(e) = answer(&shared, &iface, &sock, &bytes).await {
+                tracing::warn!(interface = %iface, %from, error = %e, "dhcp: request failed");
+            }
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    tasks.shutdown().await;
+}
+
+async fn answer(shared: &Shared, iface: &str, sock: &UdpSocket, bytes: &[u8]) -> Result<(), DhcpError> {
+    let nets = shared.local_nets(iface);
+    let addrs: Vec<Ipv4Addr> = nets.iter().map(Ipv4Net::addr).collect();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let outcome = shared.handler.process(iface, &addrs, bytes, now).await?;
+    if let Some(reply) = &outcome.reply {
+        send(sock, iface, &nets, reply)
+            .await
+            .map_err(|source| DhcpError::Interface { interface: iface.to_string(), source })?;
+    }
+    if let Some(ev) = outcome.event {
+        shared.status.dhcp_event(ev);
+    }
+    Ok(())
+}
+
+async fn send(sock: &UdpSocket, iface: &str, nets: &[Ipv4Net], reply: &Reply) -> io::Result<()> {
+    let bytes = encode_reply(reply).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    let to = match reply.destination {
+        Destination::Relay(a) | Destination::Unicast(a) => a,
+        Destination::Broadcast(port) => SocketAddrV4::new(Ipv4Addr::BROADCAST, port),
+        Destination::Hardware { ip, mac, port } => {
+            // The client has no address yet, so it cannot answer ARP: tell the kernel where it
+            // is. If that is impossible (not on a local subnet, no CAP_NET_ADMIN), broadcast.
+            let local = nets.iter().any(|n| n.contains(&ip));
+            match local.then(|| set_arp(sock, iface, ip, &mac)) {
+                Some(Ok(())) => SocketAddrV4::new(ip, port),
+                Some(Err(e)) => {
+                    tracing::debug!(interface = iface, %ip, error = %e, "dhcp: cannot add an arp entry; broadcasting");
+                    SocketAddrV4::new(Ipv4Addr::BROADCAST, port)
+                }
+                None => SocketAddrV4::new(Ipv4Addr::BROADCAST, port),
+            }
+        }
+    };
+    sock.send_to(&bytes, to).await?;
+    Ok(())
+}
+
+/// `ATF_COM` from <net/if_arp.h>: the entry is complete (has a hardware address).
+const ATF_COM: libc::c_int = 0x02;
+
+fn set_arp(sock: &UdpSocket, iface: &str, ip: Ipv4Addr, mac: &MacAddr) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: arpreq is plain old data; all-zero is a valid value.
+    let mut req: libc::arpreq = unsafe { std::mem::zeroed() };
+    let pa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16 bytes; this is how the ioctl expects it.
+    req.arp_pa = unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(pa) };
+    req.arp_ha.sa_family = libc::ARPHRD_ETHER;
+    for (d, s) in req.arp_ha.sa_data.iter_mut().zip(mac.0) {
+        *d = s as libc::c_char;
+    }
+    req.arp_flags = ATF_COM;
+    let name = iface.as_bytes();
+    if name.len() >= req.arp_dev.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("interface name '{iface}' is too long")));
+    }
+    for (d, s) in req.arp_dev.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: a valid socket and a fully initialised arpreq that outlives the call.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSARP as _, &req as *const libc::arpreq) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The IPv4 addresses (with prefix) of interface `name`, in the kernel's order (primary first).
+pub fn interface_addrs(name: &str) -> io::Result<Vec<Ipv4Net>> {
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills ifap with a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut p = ifap;
+    while !p.is_null() {
+        // SAFETY: p walks the list getifaddrs returned; every pointer in it is valid or null.
+        let ifa = unsafe { &*p };
+        p = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: checked non-null above; the kernel gives NUL-terminated names.
+        let (family, ifname) = unsafe { ((*ifa.ifa_addr).sa_family, CStr::from_ptr(ifa.ifa_name)) };
+        if i32::from(family) != libc::AF_INET || ifname.to_bytes() != name.as_bytes() {
+            continue;
+        }
+        // SAFETY: AF_INET entries carry sockaddr_in addresses and netmasks.
+        let (addr, prefix) = unsafe {
+            let a = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+            let prefix = if ifa.ifa_netmask.is_null() {
+                32
+            } else {
+                u32::from_be((*(ifa.ifa_netmask as *const libc::sockaddr_in)).sin_addr.s_addr).count_ones() as u8
+            };
+            (Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)), prefix)
+        };
+        if let Ok(net) = Ipv4Net::new(addr, prefix) {
+            out.push(net);
+        }
+    }
+    // SAFETY: ifap came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(ifap) };
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::packet::client;
+    use super::super::LeaseState;
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{Expect, Write};
+    use dhcproto::v4::MessageType;
+    use luna_core::model::{NodeInterface, BOOTIF};
+    use serde_json::json;
+
+    const IFACE: &str = "prov0";
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+    fn mac(n: u16) -> MacAddr {
+        MacAddr([0x52, 0x54, 0, 0, (n >> 8) as u8, n as u8])
+    }
+    fn put(c: Collection, key: &str, doc: serde_json::Value) -> Write {
+        Write::Put { collection: c, key: key.into(), expect: Expect::Absent, doc }
+    }
+
+    async fn store(range: Option<&str>) -> Arc<dyn Store> {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(":memory:").unwrap());
+        let cluster = Cluster { dhcp_range: range.map(|r| r.parse().unwrap()), ..Cluster::default() };
+        let mut net = Network::new("cluster", "10.141.0.0/16".parse().unwrap());
+        net.gateway = Some(ip("10.141.255.1"));
+        let mut node = Node::new("node001", "compute");
+        node.mac = Some(mac(1));
+        node.interfaces.push(NodeInterface {
+            name: BOOTIF.into(),
+            network: "cluster".into(),
+            ip: Some(ip("10.141.0.1")),
+            mac: None,
+        });
+        let group = Group::new("compute", "rocky9");
+        let obj = |k| Collection::Object(k);
+        s.commit(vec![
+            put(obj(Kind::Cluster), Cluster::KEY, serde_json::to_value(&cluster).unwrap()),
+            put(obj(Kind::Network), "cluster", serde_json::to_value(&net).unwrap()),
+            put(obj(Kind::Group), "compute", serde_json::to_value(&group).unwrap()),
+            put(obj(Kind::Node), "node001", serde_json::to_value(&node).unwrap()),
+            put(Collection::Claim, &Claim::Mac(mac(1)).key(), json!({"kind": "node", "owner": "node001"})),
+            put(
+                Collection::Claim,
+                &Claim::Ip { network: "cluster".into(), ip: ip("10.141.0.1") }.key(),
+                json!({"kind": "node", "owner": "node001"}),
+            ),
+            // A switch holds the first range address.
+            put(
+                Collection::Claim,
+                &Claim::Ip { network: "cluster".into(), ip: ip("10.141.200.1") }.key(),
+                json!({"kind": "switch", "owner": "sw1"}),
+            ),
+        ])
+        .await
+        .unwrap();
+        s
+    }
+
+    fn handler(store: Arc<dyn Store>) -> Handler {
+        Handler::new(DhcpConfig { interfaces: vec![IFACE.into()], ..DhcpConfig::default() }, store)
+    }
+
+    async fn send(h: &Handler, m: dhcproto::v4::Message, now: u64) -> Outcome {
+        h.process(IFACE, &[ip("10.141.255.254")], &client::encode(&m, None), now).await.unwrap()
+    }
+
+    async fn dora(h: &Handler, m: MacAddr, now: u64) -> Ipv4Addr {
+        let offer = send(h, client::discover(m, 1), now).await.reply.expect("an offer");
+        let yiaddr = offer.message.yiaddr();
+        let ack =
+            send(h, client::request_selecting(m, 1, yiaddr, ip("10.141.255.254")), now).await.reply.expect("an ack");
+        assert_eq!(ack.msg_type(), Some(MessageType::Ack));
+        yiaddr
+    }
+
+    #[tokio::test]
+    async fn known_node_through_the_store() {
+        let h = handler(store(None).await);
+        let o = send(&h, client::discover(mac(1), 1), 10).await;
+        assert_eq!(o.reply.unwrap().message.yiaddr(), ip("10.141.0.1"));
+        assert_eq!(o.event.unwrap().node, "node001");
+        // Nothing was written for a known node.
+        assert!(h.store.list(Collection::Lease, "").await.unwrap().is_empty());
+        // Strangers: nothing, and nothing read beyond cluster and claim.
+        assert_eq!(send(&h, client::discover(mac(2), 1), 10).await, Outcome::default());
+    }
+
+    #[tokio::test]
+    async fn discovery_through_the_store() {
+        let h = handler(store(Some("10.141.200.1-10.141.200.5")).await);
+        // .1 is claimed by the switch: the first machine gets .2, again and again.
+        let a = dora(&h, mac(2), 100).await;
+        assert_eq!(a, ip("10.141.200.2"));
+        assert_eq!(dora(&h, mac(2), 110).await, a, "same lease on the next boot stage");
+        let rec = h.store.get(Collection::Lease, "ip/10.141.200.2").await.unwrap().unwrap();
+        let l = Versioned::from_record(rec).unwrap().value;
+        assert_eq!((l.mac, l.state, l.expires), (mac(2), LeaseState::Bound, 110 + 3600));
+        assert!(h.store.get(Collection::Lease, "mac/52:54:00:00:00:02").await.unwrap().is_some());
+
+        // Release, then the same machine comes back to the same address.
+        assert_eq!(send(&h, client::release(mac(2), 1, a, ip("10.141.255.254")), 120).await, Outcome::default());
+        let l = Versioned::from_record(h.store.get(Collection::Lease, "ip/10.141.200.2").await.unwrap().unwrap())
+            .unwrap()
+            .value;
+        assert_eq!((l.state, l.expires), (LeaseState::Released, 120));
+        assert_eq!(dora(&h, mac(2), 130).await, a);
+
+        // Fill the range: .3 .4 .5 go to three others, the fifth stranger gets nothing.
+        let mut got = Vec::new();
+        for n in 3..=5 {
+            got.push(dora(&h, mac(n), 140).await);
+        }
+        got.sort();
+        assert_eq!(got, ["10.141.200.3", "10.141.200.4", "10.141.200.5"].map(ip));
+        assert_eq!(send(&h, client::discover(mac(6), 1), 150).await.reply, None);
+        // Once the first lease expires, its address goes to the newcomer.
+        let o = send(&h, client::discover(mac(6), 1), 130 + 3600).await;
+        assert_eq!(o.reply.unwrap().message.yiaddr(), a);
+        // …and the old owner is NAKed when it asks for it back.
+        let o = send(&h, client::request_init_reboot(mac(2), 1, a), 130 + 3601).await;
+        assert_eq!(o.reply.unwrap().msg_type(), Some(MessageType::Nak));
+    }
+
+    #[tokio::test]
+    async fn concurrent_allocations_never_share_an_address() {
+        let store = store(Some("10.141.200.1-10.141.200.100")).await;
+        let h = Arc::new(handler(store));
+        let tasks: Vec<_> = (10..60)
+            .map(|n| {
+                let h = h.clone();
+                tokio::spawn(async move {
+                    send(&h, client::discover(mac(n), 1), 100).await.reply.map(|r| r.message.yiaddr())
+                })
+            })
+            .collect();
+        let mut ips: Vec<Ipv4Addr> = Vec::new();
+        for t in tasks {
+            ips.push(t.await.unwrap().expect("every machine gets an offer"));
+        }
+        let n = ips.len();
+        ips.sort();
+        ips.dedup();
+        assert_eq!(ips.len(), n, "two machines were offered one address");
+        assert!(!ips.contains(&ip("10.141.200.1")));
+        // The store agrees: one ip record per machine.
+        assert_eq!(h.store.list(Collection::Lease, "ip/").await.unwrap().len(), n);
+    }
+
+    #[test]
+    fn loopback_addresses_are_read() {
+        let nets = interface_addrs("lo").unwrap();
+        assert!(nets.contains(&"127.0.0.1/8".parse().unwrap()), "{nets:?}");
+        assert!(interface_addrs("no-such-if0").unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn serve_with_no_interfaces_waits_for_shutdown() {
+        let token = CancellationToken::new();
+        let t = tokio::spawn(serve(
+            DhcpConfig::default(),
+            store(None).await,
+            Arc::new(super::super::NoStatus),
+            token.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!t.is_finished());
+        token.cancel();
+        t.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn serve_names_a_missing_interface() {
+        let cfg = DhcpConfig { interfaces: vec!["no-such-if0".into()], port: 16767, ..DhcpConfig::default() };
+        let e = serve(cfg, store(None).await, Arc::new(super::super::NoStatus), CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("no-such-if0"), "{e}");
+    }
+}
