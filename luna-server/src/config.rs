@@ -19,6 +19,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Cluster name given to the cluster object by `init`.
     pub cluster_name: String,
+    pub dhcp: crate::dhcp::DhcpConfig,
 }
 
 impl Default for Config {
@@ -29,6 +30,7 @@ impl Default for Config {
             token_file: "/etc/luna/token".into(),
             data_dir: "/var/lib/luna".into(),
             cluster_name: "luna".into(),
+            dhcp: crate::dhcp::DhcpConfig::default(),
         }
     }
 }
@@ -73,12 +75,17 @@ data_dir = "{data}"
 
 # Name given to the cluster object by `luna-server init`.
 cluster_name = "{cluster}"
-"#,
+
+# The built-in DHCP server. It answers only on the interfaces listed here (none: off), and
+# only machines luna knows unless the cluster object has a dhcp_range (discovery).
+[dhcp]
+{dhcp}"#,
         store = d.store,
         listen = d.listen,
         token = d.token_file.display(),
         data = d.data_dir.display(),
         cluster = d.cluster_name,
+        dhcp = toml::to_string(&d.dhcp).expect("dhcp config serialises"),
     )
 }
 

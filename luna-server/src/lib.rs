@@ -1,8 +1,10 @@
 //! luna-server as a library: the binary in `main.rs` only parses flags and calls in here.
 
 pub mod api;
+pub mod boot;
 pub mod config;
+pub mod dhcp;
+pub mod netboot;
 pub mod server;
 pub mod service;
-pub mod dhcp;
 pub mod store;

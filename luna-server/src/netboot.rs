@@ -85,6 +85,7 @@ pub struct BootContext {
 pub enum BootPlan {
     Node(Box<NodeBoot>),
     Menu(MenuInput),
+    /// Something the admin must fix; the node shows it and asks again.
     Error(String),
 }
 
@@ -113,7 +114,11 @@ pub async fn boot_plan(service: &Service, tokens: &BootTokens, mac: MacAddr, bas
             })
             .collect();
         unbound.truncate(500);
-        return Ok(BootPlan::Menu(MenuInput { base_url: base.to_string(), mac, unbound_nodes: unbound }));
+        return Ok(BootPlan::Menu(MenuInput {
+            base_url: base.to_string(),
+            unbound_nodes: unbound,
+            timeout_secs: ipxe::MENU_TIMEOUT_SECS,
+        }));
     };
     node_plan(service, tokens, &node, mac, base).await
 }
@@ -144,10 +149,9 @@ async fn node_plan(service: &Service, tokens: &BootTokens, node: &Node, mac: Mac
         ip,
         netmask: network.cidr.netmask(),
         gateway: network.gateway,
-        dns: network.dns_server,
+        dns: network.dns_server.map(std::net::IpAddr::V4).into_iter().collect(),
         hostname: node.name.clone(),
-        domain: group.domain.clone().unwrap_or(cluster.domain.clone()),
-        mtu: network.mtu,
+        domain: Some(group.domain.clone().unwrap_or(cluster.domain.clone())),
         base_url: base.to_string(),
         kernel_url: format!("{base}/boot/node/{}/kernel", node.name),
         initrd_url: format!("{base}/boot/node/{}/initrd", node.name),
@@ -158,11 +162,11 @@ async fn node_plan(service: &Service, tokens: &BootTokens, node: &Node, mac: Mac
     })))
 }
 
-pub fn render(plan: &BootPlan) -> String {
+pub fn render(plan: &BootPlan, base: &str) -> String {
     match plan {
         BootPlan::Node(n) => ipxe::render_node_script(n),
         BootPlan::Menu(m) => ipxe::render_menu(m),
-        BootPlan::Error(e) => ipxe::render_error(e),
+        BootPlan::Error(e) => ipxe::render_error(base, e),
     }
 }
 
@@ -202,19 +206,19 @@ fn is_admin(st: &AppState, headers: &HeaderMap) -> bool {
 
 async fn ipxe_script(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<IpxeQuery>) -> Response {
     let preview = matches!(q.preview.as_deref(), Some("1" | "true" | "yes"));
+    let cluster = match st.service.cluster().await {
+        Ok(c) => c,
+        Err(e) => return ApiError(e).into_response(),
+    };
+    let base = base_url(&headers, cluster.frontend_address, cluster.http_port);
     if preview && !is_admin(&st, &headers) {
         return error_response(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "preview needs the admin token".into());
     }
     let mac = match parse_mac(q.mac.as_deref()) {
         Ok(m) => m,
         Err(e) if preview => return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e),
-        Err(e) => return script(ipxe::render_error(&e)),
+        Err(e) => return script(ipxe::render_error(&base, &e)),
     };
-    let cluster = match st.service.cluster().await {
-        Ok(c) => c,
-        Err(e) => return ApiError(e).into_response(),
-    };
-    let base = base_url(&headers, cluster.frontend_address, cluster.http_port);
     let plan = match boot_plan(&st.service, &st.boot.tokens, mac, &base).await {
         Ok(p) => p,
         Err(e) => return ApiError(e).into_response(),
@@ -226,21 +230,21 @@ async fn ipxe_script(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(
             BootPlan::Error(e) => tracing::warn!(%mac, error = %e, "boot refused"),
         }
     }
-    script(render(&plan))
+    script(render(&plan, &base))
 }
 
 async fn bind(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<BindQuery>) -> Response {
-    let mac = match parse_mac(q.mac.as_deref()) {
-        Ok(m) => m,
-        Err(e) => return script(ipxe::render_error(&e)),
-    };
-    let name = q.node.unwrap_or_default();
     let cluster = match st.service.cluster().await {
         Ok(c) => c,
         Err(e) => return ApiError(e).into_response(),
     };
     let base = base_url(&headers, cluster.frontend_address, cluster.http_port);
-    let retry = |msg: String| script(ipxe::render_error(&format!("{msg}; back to the menu")));
+    let mac = match parse_mac(q.mac.as_deref()) {
+        Ok(m) => m,
+        Err(e) => return script(ipxe::render_error(&base, &e)),
+    };
+    let name = q.node.unwrap_or_default();
+    let retry = |msg: String| script(ipxe::render_error(&base, &format!("{msg}; back to the menu")));
     let node = match st.service.bind_mac(&name, mac).await {
         Ok(n) => n,
         Err(e) => return retry(e.to_string()),
@@ -251,7 +255,7 @@ async fn bind(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(q): Que
             if let BootPlan::Node(n) = &plan {
                 record(&st.service, &n.name, "ipxe", "bound from the boot menu").await;
             }
-            script(render(&plan))
+            script(render(&plan, &base))
         }
         Err(e) => retry(e.to_string()),
     }

@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
+use crate::dhcp::{self, DhcpError, DhcpEvent, DhcpStatusSink};
+use crate::netboot::{self, BootContext, BootTokens};
 use crate::config::Config;
 use crate::service::{Service, ServiceError};
 use crate::store::{self, StoreError};
@@ -27,6 +30,8 @@ pub enum ServerError {
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("http server failed: {0}")]
     Http(std::io::Error),
+    #[error(transparent)]
+    Dhcp(#[from] DhcpError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir { path: PathBuf, source: std::io::Error },
 }
@@ -96,29 +101,66 @@ pub async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
+/// Routes DHCP events into node status without blocking the packet path.
+struct StatusToService(Service);
+
+impl DhcpStatusSink for StatusToService {
+    fn dhcp_event(&self, event: DhcpEvent) {
+        let service = self.0.clone();
+        tokio::spawn(async move {
+            let msg = format!("{} {}", event.kind.message(), event.ip);
+            if let Err(e) = service.set_node_status(&event.node, dhcp::DhcpEventKind::STEP, None, Some(msg)).await {
+                tracing::warn!(node = %event.node, error = %e, "cannot record dhcp status");
+            }
+        });
+    }
+}
+
 /// Runs every service of the server until `shutdown` turns true.
 pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
     let store = store::open(&config.store).await?;
     tracing::info!(backend = store.backend(), "store opened");
-    let service = Service::new(store);
+    let service = Service::new(store.clone());
     service.ensure_cluster(&config.cluster_name).await?;
     let admin_token = read_token(&config.token_file)?;
-    let state = Arc::new(AppState { service, admin_token });
-    let app = api::router(state);
+    let boot = BootContext { tokens: BootTokens::new(admin_token.as_bytes()), data_dir: config.data_dir.clone() };
+    let state = Arc::new(AppState { service: service.clone(), admin_token, boot });
+    let app = api::router(state.clone()).merge(netboot::router(state));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     tracing::info!(addr = %config.listen, "http listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    break;
-                }
+
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                break;
             }
-        })
-        .await
-        .map_err(ServerError::Http)?;
+        }
+        stop.cancel();
+    });
+
+    let dhcp_task = tokio::spawn(dhcp::serve(
+        config.dhcp.clone(),
+        store,
+        Arc::new(StatusToService(service)),
+        cancel.clone(),
+    ));
+    let http_stop = cancel.clone();
+    let http = axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(async move { http_stop.cancelled().await });
+    // A listener that fails takes the whole server down: half a boot service is worse than none.
+    let result = tokio::select! {
+        r = http => r.map_err(ServerError::Http),
+        r = dhcp_task => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(ServerError::Http(std::io::Error::other(e.to_string()))),
+        },
+    };
+    cancel.cancel();
     tracing::info!("stopped");
-    Ok(())
+    result
 }

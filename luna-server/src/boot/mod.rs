@@ -1,0 +1,3 @@
+//! Network boot: what luna tells a node's iPXE to do.
+
+pub mod ipxe;

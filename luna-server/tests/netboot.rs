@@ -1,0 +1,187 @@
+//! The HTTP boot path in-process: iPXE scripts, the discovery menu, binding, kernel ranges,
+//! install plans and status reports.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use luna_server::api::{router, AppState};
+use luna_server::netboot::{self, BootContext, BootTokens};
+use luna_server::service::Service;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const TOKEN: &str = "admin-token";
+
+struct Env {
+    app: Router,
+    service: Service,
+    _dir: tempfile::TempDir,
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let store = luna_server::store::open("sqlite://:memory:").await.unwrap();
+    let service = Service::new(store);
+    service.ensure_cluster("test").await.unwrap();
+    let boot = BootContext { tokens: BootTokens::new(TOKEN.as_bytes()), data_dir: dir.path().to_path_buf() };
+    let state = Arc::new(AppState { service: service.clone(), admin_token: TOKEN.into(), boot });
+    let app = router(state.clone()).merge(netboot::router(state));
+    let e = Env { app, service, _dir: dir };
+    for (path, body) in [
+        ("/network", json!({"name": "cluster", "cidr": "10.141.0.0/16", "gateway": "10.141.255.254", "dns_server": "10.141.255.254"})),
+        ("/osimage", json!({"name": "compute", "path": "/images/compute", "kernel_opts": "console=ttyS0"})),
+        ("/group", json!({"name": "compute", "osimage": "compute", "interfaces": [{"name": "BOOTIF", "network": "cluster"}]})),
+    ] {
+        let (s, v) = e.call("POST", &format!("/api/v1{path}"), Some(body), true, None).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    // A published revision, as `luna osimage pack` leaves it.
+    let rev_dir = e._dir.path().join("images/compute/1");
+    std::fs::create_dir_all(&rev_dir).unwrap();
+    std::fs::write(rev_dir.join("vmlinuz"), (0..=255u8).cycle().take(10_000).collect::<Vec<u8>>()).unwrap();
+    std::fs::write(rev_dir.join("initrd.img"), b"initrd").unwrap();
+    let patch = json!({"revisions": [{"id": 1, "created": 1, "kernel_version": "6.1.0-1-amd64", "archive": "compute.tar.zst",
+        "archive_size": 10, "sha256": "ab", "kernel": "vmlinuz", "initrd": "initrd.img", "torrent": "compute.torrent",
+        "info_hash": "cd"}], "current_revision": 1});
+    let (s, v) = e.call("PATCH", "/api/v1/osimage/compute", Some(patch), true, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    e
+}
+
+impl Env {
+    async fn call(&self, method: &str, path: &str, body: Option<Value>, admin: bool, from: Option<&str>) -> (StatusCode, Value) {
+        let (s, text) = self.raw(method, path, body, admin, from, None).await;
+        (s, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        admin: bool,
+        from: Option<&str>,
+        range: Option<&str>,
+    ) -> (StatusCode, String) {
+        let mut req = Request::builder().method(method).uri(path).header("host", "10.141.255.254:7050");
+        if admin {
+            req = req.header("authorization", format!("Bearer {TOKEN}"));
+        }
+        if let Some(r) = range {
+            req = req.header("range", r);
+        }
+        let mut req = match body {
+            Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_string())).unwrap(),
+            None => req.body(Body::empty()).unwrap(),
+        };
+        let from: SocketAddr = format!("{}:5000", from.unwrap_or("10.141.200.1")).parse().unwrap();
+        req.extensions_mut().insert(ConnectInfo(from));
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn known_node_gets_its_kernel_command_line() {
+    let e = env().await;
+    e.call("POST", "/api/v1/node", Some(json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01"})), true, None).await;
+    let (s, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(script.starts_with("#!ipxe\n"), "{script}");
+    assert!(script.contains("kernel http://10.141.255.254:7050/boot/node/node001/kernel "), "{script}");
+    for needle in ["root=luna", "luna.url=http://10.141.255.254:7050", "luna.node=node001", "luna.mac=52:54:00:00:00:01",
+        "ip=10.141.0.1::10.141.255.254:255.255.0.0:node001", "console=ttyS0", "luna.token="] {
+        assert!(script.contains(needle), "{needle} missing in {script}");
+    }
+    let n = e.service.node("node001").await.unwrap();
+    assert_eq!(n.status.unwrap().step, "ipxe");
+
+    // The admin preview is the same script without touching the status.
+    e.service.set_node_status("node001", "booted", None, None).await.unwrap();
+    let (s, preview) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01&preview=1", None, true, None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let strip = |t: &str| t.lines().map(|l| l.split(" luna.token=").next().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(strip(&preview), strip(&script));
+    assert_eq!(e.service.node("node001").await.unwrap().status.unwrap().step, "booted");
+    let (s, _) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01&preview=1", None, false, None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    e.call("PATCH", "/api/v1/node/node001", Some(json!({"localboot": true})), true, None).await;
+    let (_, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, None, None).await;
+    assert!(script.contains("exit") && !script.contains("kernel http"), "{script}");
+    e.call("PATCH", "/api/v1/node/node001", Some(json!({"localboot": false, "service": true})), true, None).await;
+    let (_, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, None, None).await;
+    assert!(script.contains("luna.service=1"), "{script}");
+}
+
+#[tokio::test]
+async fn unknown_mac_gets_the_menu_and_can_bind() {
+    let e = env().await;
+    e.call("POST", "/api/v1/node", Some(json!({"name": "node[001-002]", "group": "compute"})), true, None).await;
+    e.call("POST", "/api/v1/node", Some(json!({"name": "node003", "group": "compute", "mac": "52:54:00:00:00:03"})), true, None).await;
+    let (s, menu) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:99", None, false, None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(menu.contains("menu ") && menu.contains("node001") && menu.contains("node002"), "{menu}");
+    assert!(!menu.contains("node003"), "nodes with a MAC are not offered: {menu}");
+
+    let (_, script) = e.raw("GET", "/boot/ipxe/bind?mac=52:54:00:00:00:99&node=node002", None, false, None, None).await;
+    assert!(script.contains("luna.node=node002"), "{script}");
+    assert_eq!(e.service.node("node002").await.unwrap().mac.unwrap().to_string(), "52:54:00:00:00:99");
+    // Binding a node that already has a MAC is refused, and changes nothing.
+    let (_, script) = e.raw("GET", "/boot/ipxe/bind?mac=52:54:00:00:00:98&node=node003", None, false, None, None).await;
+    assert!(script.contains("already has mac 52:54:00:00:00:03"), "{script}");
+    assert_eq!(e.service.node("node003").await.unwrap().mac.unwrap().to_string(), "52:54:00:00:00:03");
+}
+
+#[tokio::test]
+async fn kernel_is_served_with_ranges() {
+    let e = env().await;
+    e.call("POST", "/api/v1/node", Some(json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01"})), true, None).await;
+    let (s, body) = e.raw("GET", "/boot/node/node001/kernel", None, false, None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body.len(), String::from_utf8_lossy(&(0..=255u8).cycle().take(10_000).collect::<Vec<u8>>()).len());
+    assert_eq!(e.service.node("node001").await.unwrap().status.unwrap().step, "kernel");
+    let (s, body) = e.raw("GET", "/boot/node/node001/initrd", None, false, None, Some("bytes=2-4")).await;
+    assert_eq!(s, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(body, "itr");
+    let (s, _) = e.raw("GET", "/boot/node/node001/passwd", None, false, None, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn only_the_node_itself_gets_its_plan() {
+    let e = env().await;
+    e.call("POST", "/api/v1/node", Some(json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01"})), true, None).await;
+    let (s, v) = e.call("GET", "/boot/plan?node=node001", None, false, Some("10.141.0.1")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["hostname"], "node001");
+    assert_eq!(v["interfaces"][0]["ip"], "10.141.0.1");
+    assert_eq!(v["interfaces"][0]["prefix"], 16);
+    assert_eq!(v["image"]["http_url"], "http://10.141.255.254:7050/images/compute/1/compute.tar.zst");
+    let (s, _) = e.call("GET", "/boot/plan?node=node001", None, false, Some("10.141.0.2")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = e.call("GET", "/boot/plan?node=node001&token=1.abc", None, false, Some("10.141.0.2")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // The token from the iPXE command line works from any address.
+    let (_, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, None, None).await;
+    let token = script.split("luna.token=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let (s, _) = e.call("GET", &format!("/boot/plan?node=node001&token={token}"), None, false, Some("10.141.0.9")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = e.call("GET", &format!("/boot/plan?node=node002&token={token}"), None, false, Some("10.141.0.9")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    let report = json!({"step": "download", "progress": 42, "message": "swarm"});
+    let (s, v) = e.call("POST", &format!("/boot/status?node=node001&token={token}"), Some(report), false, Some("10.141.0.9")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let st = e.service.node("node001").await.unwrap().status.unwrap();
+    assert_eq!((st.step.as_str(), st.progress), ("download", Some(42)));
+    let (s, _) = e.call("POST", "/boot/status?node=node001", Some(json!({"step": "x", "progress": 101})), false, Some("10.141.0.1")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
