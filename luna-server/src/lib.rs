@@ -5,4 +5,5 @@ pub mod config;
 pub mod server;
 pub mod service;
 pub mod dhcp;
+pub mod image;
 pub mod store;
