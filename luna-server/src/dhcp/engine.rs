@@ -46,10 +46,12 @@ pub struct View {
     pub client: Client,
 }
 
+// One per request, moved once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Client {
     /// A node claims the MAC.
-    Known(Box<Known>),
+    Known(Known),
     /// Nobody claims the MAC. Only loaded when discovery is on (the cluster has a range).
     Unknown(Unknown),
 }
@@ -94,6 +96,7 @@ impl Candidate {
     }
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// Say nothing; the reason is for debug logs.
@@ -133,7 +136,7 @@ fn ignore(why: impl Into<String>) -> Decision {
 
 /// Decides what to do with `req`. Pure: no I/O, no clock, no randomness.
 pub fn handle(cfg: &DhcpConfig, req: &Request, ctx: &RequestContext, view: &View) -> Decision {
-    if !cfg.interfaces.iter().any(|i| *i == ctx.interface) {
+    if !cfg.interfaces.contains(&ctx.interface) {
         return ignore(format!("interface {} is not a dhcp interface", ctx.interface));
     }
     let cluster = &view.cluster;
@@ -737,7 +740,7 @@ mod tests {
     fn known_view() -> View {
         View {
             cluster: cluster(),
-            client: Client::Known(Box::new(Known { node: node(), group: Some(group()), network: Some(network()) })),
+            client: Client::Known(Known { node: node(), group: Some(group()), network: Some(network()) }),
         }
     }
     fn unknown_view(range: Option<&str>) -> View {

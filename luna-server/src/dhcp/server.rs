@@ -195,7 +195,7 @@ pub async fn load_view(store: &dyn Store, mac: &MacAddr) -> Result<View, StoreEr
             });
             let group: Option<Group> = group?.map(parse).transpose()?;
             let network: Option<Network> = network?.map(parse).transpose()?;
-            return Ok(View { cluster, client: Client::Known(Box::new(Known { node, group, network })) });
+            return Ok(View { cluster, client: Client::Known(Known { node, group, network }) });
         }
         // The claim outlived its node (a delete in flight): a stranger for now.
     }
