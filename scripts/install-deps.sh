@@ -43,7 +43,7 @@ PACKAGES=(
     # static musl build of luna-agent
     musl-tools
     # networking in namespaces
-    iproute2 procps psmisc
+    iproute2 iputils-ping procps psmisc
     # python test doubles (Redfish, SNMP, MongoDB wire protocol)
     python3 python3-venv python3-pip python3-gdbm
     # misc used by scripts and tests

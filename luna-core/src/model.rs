@@ -476,6 +476,13 @@ pub struct ImageRevision {
     pub initrd: String,
     pub torrent: String,
     pub info_hash: String,
+    /// Torrent piece size in bytes (0 in revisions packed before it was recorded).
+    #[serde(default)]
+    pub piece_length: u64,
+    /// Bytes of file data read from the chroot for the archive; with `archive_size` it gives the
+    /// compression ratio the next pack uses to pick its piece size. 0 when unknown.
+    #[serde(default)]
+    pub tree_bytes: u64,
 }
 
 impl Osimage {

@@ -92,8 +92,10 @@ mod tests {
 
     #[test]
     fn parses_script_output() {
-        let a = TestAssets::parse("KVER=6.1.0-1-amd64\nKROOT=/a/k\nKERNEL=/a/k/boot/vmlinuz\nINITRD=/a/i.img\nROOTFS=/a/r\n")
-            .unwrap();
+        let a = TestAssets::parse(
+            "KVER=6.1.0-1-amd64\nKROOT=/a/k\nKERNEL=/a/k/boot/vmlinuz\nINITRD=/a/i.img\nROOTFS=/a/r\n",
+        )
+        .unwrap();
         assert_eq!(a.kver, "6.1.0-1-amd64");
         assert_eq!(a.modules_dir(), PathBuf::from("/a/k/lib/modules/6.1.0-1-amd64"));
         assert_eq!(a.rootfs, PathBuf::from("/a/r"));

@@ -23,6 +23,7 @@ mod error;
 mod net;
 mod netns;
 mod process;
+mod ra;
 mod vm;
 
 use std::path::PathBuf;
@@ -33,6 +34,7 @@ pub use error::{HarnessError, Result};
 pub use net::{free_port, free_udp_port, next_mac};
 pub use netns::{Netns, NetnsThread};
 pub use process::{strip_control, wait_for_line, ChildGuard, Lines};
+pub use ra::RouterAdverts;
 pub use vm::{Firmware, NicModel, Vm, VmBuilder};
 
 /// The environment variable that enables tests needing root, namespaces and qemu.

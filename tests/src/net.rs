@@ -7,8 +7,8 @@ use crate::{HarnessError, Result};
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (the kernel picked it).
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .map_err(|e| HarnessError::io("bind 127.0.0.1:0 (tcp)", e))?;
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(|e| HarnessError::io("bind 127.0.0.1:0 (tcp)", e))?;
     let addr = listener.local_addr().map_err(|e| HarnessError::io("local address of tcp listener", e))?;
     Ok(addr.port())
 }

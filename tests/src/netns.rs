@@ -131,7 +131,9 @@ impl Netns {
 
     /// Creates a veth pair: `name` here and `peer_name` in `peer`; both up.
     pub fn add_veth(&self, name: &str, peer: &Netns, peer_name: &str) -> Result<()> {
-        ip(&["link", "add", name, "netns", &self.name, "type", "veth", "peer", "name", peer_name, "netns", &peer.name])?;
+        ip(&[
+            "link", "add", name, "netns", &self.name, "type", "veth", "peer", "name", peer_name, "netns", &peer.name,
+        ])?;
         self.link_up(name)?;
         peer.link_up(peer_name)
     }

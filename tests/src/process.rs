@@ -27,6 +27,7 @@ struct Shared {
     name: String,
     log_path: PathBuf,
     log: Mutex<File>,
+    started: Instant,
     verbose: bool,
     state: Mutex<State>,
     cond: Condvar,
@@ -34,7 +35,7 @@ struct Shared {
 
 /// The line-by-line transcript of one or more output streams (a process's stdout and stderr, a
 /// VM's serial console). Every line is kept in memory for searching and appended to a log file
-/// under `tests/work/logs/`. Control characters and terminal escape sequences are removed.
+/// under `tests/work/logs/`, prefixed with the seconds since the transcript began. Control characters and terminal escape sequences are removed.
 /// Cloning gives another handle on the same transcript.
 #[derive(Clone)]
 pub struct Lines {
@@ -61,6 +62,7 @@ impl Lines {
                 name: name.to_string(),
                 log_path,
                 log: Mutex::new(log),
+                started: Instant::now(),
                 verbose: std::env::var("LUNA_TEST_VERBOSE").as_deref() == Ok("1"),
                 state: Mutex::new(State { lines: Vec::new(), attached: 0, open: 0 }),
                 cond: Condvar::new(),
@@ -106,9 +108,14 @@ impl Lines {
 
     fn push_line(&self, line: String, stream: &str) {
         {
+            let t = self.shared.started.elapsed().as_secs_f64();
             let mut log = lock(&self.shared.log);
             // the log is a debugging aid; a full disk must not fail the test by itself
-            let _ = if stream.is_empty() { writeln!(log, "{line}") } else { writeln!(log, "[{stream}] {line}") };
+            let _ = if stream.is_empty() {
+                writeln!(log, "[{t:8.3}] {line}")
+            } else {
+                writeln!(log, "[{t:8.3}] [{stream}] {line}")
+            };
         }
         if self.shared.verbose {
             eprintln!("[{}] {line}", self.shared.name);
@@ -411,8 +418,7 @@ impl ChildGuard {
             Ok(status) => Ok(status),
             Err(_) => {
                 self.kill();
-                self.try_wait()?
-                    .ok_or_else(|| HarnessError::Setup(format!("{} survived SIGKILL", self.output.name())))
+                self.try_wait()?.ok_or_else(|| HarnessError::Setup(format!("{} survived SIGKILL", self.output.name())))
             }
         }
     }

@@ -290,7 +290,8 @@ mod tests {
             println!("skipped: qemu-system-x86_64 not installed");
             return;
         }
-        let b = Vm::builder("t").nic("tap0", "52:54:00:00:00:01").nic_model("tap1", "52:54:00:00:00:02", NicModel::E1000);
+        let b =
+            Vm::builder("t").nic("tap0", "52:54:00:00:00:01").nic_model("tap1", "52:54:00:00:00:02", NicModel::E1000);
         let a = args(&b.command(None).unwrap()).join(" ");
         assert!(a.contains("-accel tcg"), "{a}");
         assert!(a.contains("-m 512"), "{a}");

@@ -46,10 +46,12 @@ pub struct View {
     pub client: Client,
 }
 
+// One per request, moved once: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Client {
     /// A node claims the MAC.
-    Known(Box<Known>),
+    Known(Known),
     /// Nobody claims the MAC. Only loaded when discovery is on (the cluster has a range).
     Unknown(Unknown),
 }
@@ -83,14 +85,18 @@ pub struct Candidate {
     pub lease: Option<Versioned<Lease>>,
     /// Whether an object claims it (`ip/<network>/<ip>` in the claim collection).
     pub claimed: bool,
+    /// Whether a concurrent request of this server is giving it to another machine right now
+    /// (saves a doomed commit; the store's compare-and-swap is what guarantees uniqueness).
+    pub busy: bool,
 }
 
 impl Candidate {
     fn free_for(&self, mac: &MacAddr, now: u64) -> bool {
-        !self.claimed && self.lease.as_ref().is_none_or(|l| l.value.usable_by(mac, now))
+        !self.claimed && !self.busy && self.lease.as_ref().is_none_or(|l| l.value.usable_by(mac, now))
     }
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// Say nothing; the reason is for debug logs.
@@ -130,7 +136,7 @@ fn ignore(why: impl Into<String>) -> Decision {
 
 /// Decides what to do with `req`. Pure: no I/O, no clock, no randomness.
 pub fn handle(cfg: &DhcpConfig, req: &Request, ctx: &RequestContext, view: &View) -> Decision {
-    if !cfg.interfaces.iter().any(|i| *i == ctx.interface) {
+    if !cfg.interfaces.contains(&ctx.interface) {
         return ignore(format!("interface {} is not a dhcp interface", ctx.interface));
     }
     let cluster = &view.cluster;
@@ -734,7 +740,7 @@ mod tests {
     fn known_view() -> View {
         View {
             cluster: cluster(),
-            client: Client::Known(Box::new(Known { node: node(), group: Some(group()), network: Some(network()) })),
+            client: Client::Known(Known { node: node(), group: Some(group()), network: Some(network()) }),
         }
     }
     fn unknown_view(range: Option<&str>) -> View {
@@ -794,7 +800,8 @@ mod tests {
                 Decision::Probe { ips, network } => {
                     assert_eq!(network, "cluster");
                     for i in ips {
-                        let c = Candidate { lease: records.get(&i).cloned(), claimed: claimed.contains(&i) };
+                        let c =
+                            Candidate { lease: records.get(&i).cloned(), claimed: claimed.contains(&i), busy: false };
                         assert!(unknown_mut(view).candidates.insert(i, c).is_none(), "{i} probed twice");
                     }
                 }
@@ -1208,7 +1215,9 @@ mod tests {
         let req = client::request_renew(mac(9), 1, ip("10.141.200.7"));
         let Decision::Probe { ips, .. } = run(req.clone(), &view) else { panic!() };
         assert_eq!(ips, [ip("10.141.200.7")]);
-        unknown_mut(&mut view).candidates.insert(ip("10.141.200.7"), Candidate { lease: None, claimed: true });
+        unknown_mut(&mut view)
+            .candidates
+            .insert(ip("10.141.200.7"), Candidate { lease: None, claimed: true, busy: false });
         assert_eq!(reply(run(req, &view)).msg_type(), Some(MessageType::Nak));
         // Discovering: a new address, and the old record goes.
         let mut view = holding(LeaseState::Bound, 4000);
@@ -1270,7 +1279,9 @@ mod tests {
         assert!(matches!(&a.writes[0], Write::Put { expect: Expect::Absent, doc, .. } if doc["state"] == "bound"));
         // …but NAK when another machine holds it.
         let other = v(2, lease(mac(7), "10.141.200.11", LeaseState::Bound, 5000));
-        unknown_mut(&mut view).candidates.insert(ip("10.141.200.11"), Candidate { lease: Some(other), claimed: false });
+        unknown_mut(&mut view)
+            .candidates
+            .insert(ip("10.141.200.11"), Candidate { lease: Some(other), claimed: false, busy: false });
         assert_eq!(reply(run(req, &view)).msg_type(), Some(MessageType::Nak));
     }
 

@@ -6,7 +6,7 @@
 //! what hangs off it. Two things are kept in memory, neither store data: the interfaces'
 //! addresses (re-read every [`ADDR_TTL`]) and where dynamic allocation left off (a hint).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -32,7 +32,7 @@ use crate::store::{Collection, Record, Store, StoreError};
 /// How long an interface's address list is trusted.
 pub const ADDR_TTL: Duration = Duration::from_secs(2);
 /// Decisions redone after a compare-and-swap conflict before the request is dropped.
-const MAX_ATTEMPTS: usize = 4;
+const MAX_ATTEMPTS: usize = 8;
 /// Largest datagram read; DHCP messages are far smaller.
 const MAX_DATAGRAM: usize = 4096;
 
@@ -49,11 +49,32 @@ pub struct Handler {
     cfg: DhcpConfig,
     store: Arc<dyn Store>,
     hint: Mutex<Option<Ipv4Addr>>,
+    /// Dynamic addresses being committed by requests in flight here.
+    inflight: Arc<Mutex<HashSet<Ipv4Addr>>>,
+}
+
+/// An address marked in flight until dropped.
+struct Reservation {
+    set: Arc<Mutex<HashSet<Ipv4Addr>>>,
+    ip: Ipv4Addr,
+}
+
+impl Reservation {
+    fn take(set: &Arc<Mutex<HashSet<Ipv4Addr>>>, ip: Ipv4Addr) -> Option<Reservation> {
+        let fresh = set.lock().unwrap_or_else(|e| e.into_inner()).insert(ip);
+        fresh.then(|| Reservation { set: set.clone(), ip })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.ip);
+    }
 }
 
 impl Handler {
     pub fn new(cfg: DhcpConfig, store: Arc<dyn Store>) -> Self {
-        Handler { cfg, store, hint: Mutex::new(None) }
+        Handler { cfg, store, hint: Mutex::new(None), inflight: Arc::new(Mutex::new(HashSet::new())) }
     }
 
     pub fn config(&self) -> &DhcpConfig {
@@ -73,16 +94,18 @@ impl Handler {
             tracing::debug!(interface, hlen = req.message.hlen(), "dhcp: ignoring a non-ethernet request");
             return Ok(Outcome::default());
         };
-        let ctx = RequestContext {
+        let mut ctx = RequestContext {
             interface: interface.to_string(),
             local_addrs: local_addrs.to_vec(),
             now,
-            alloc_hint: *self.hint.lock().unwrap_or_else(|e| e.into_inner()),
+            alloc_hint: None,
         };
-        for attempt in 1..=MAX_ATTEMPTS {
+        'attempts: for attempt in 1..=MAX_ATTEMPTS {
+            // Re-read per attempt: after a conflict, start where the others have got to.
+            ctx.alloc_hint = *self.hint.lock().unwrap_or_else(|e| e.into_inner());
             let mut view = load_view(self.store.as_ref(), &mac).await?;
-            let decision = loop {
-                match engine::handle(&self.cfg, &req, &ctx, &view) {
+            loop {
+                let action = match engine::handle(&self.cfg, &req, &ctx, &view) {
                     Decision::Probe { network, ips } => {
                         if let Some(last) = ips.last() {
                             // Concurrent allocations start after what this one looked at.
@@ -92,35 +115,45 @@ impl Handler {
                         if let Client::Unknown(u) = &mut view.client {
                             u.candidates.extend(found);
                         }
-                    }
-                    d => break d,
-                }
-            };
-            let action = match decision {
-                Decision::Ignore(why) => {
-                    tracing::debug!(interface, %mac, reason = %why, "dhcp: no answer");
-                    return Ok(Outcome::default());
-                }
-                Decision::Act(a) => a,
-                Decision::Probe { .. } => unreachable!("probes are answered above"),
-            };
-            if !action.writes.is_empty() {
-                match self.store.commit(action.writes).await {
-                    Ok(()) => {}
-                    Err(StoreError::Conflict { collection, key, .. }) => {
-                        tracing::debug!(%mac, attempt, %collection, %key, "dhcp: lease changed concurrently; deciding again");
                         continue;
                     }
-                    Err(e) => return Err(e.into()),
+                    Decision::Ignore(why) => {
+                        tracing::debug!(interface, %mac, reason = %why, "dhcp: no answer");
+                        return Ok(Outcome::default());
+                    }
+                    Decision::Act(a) => a,
+                };
+                let _reserved = match action.allocated {
+                    None => None,
+                    Some(ip) => match Reservation::take(&self.inflight, ip) {
+                        Some(r) => Some(r),
+                        None => {
+                            // Another request here is giving it away right now: pick again.
+                            if let Client::Unknown(u) = &mut view.client {
+                                u.candidates.entry(ip).or_default().busy = true;
+                            }
+                            continue;
+                        }
+                    },
+                };
+                if !action.writes.is_empty() {
+                    match self.store.commit(action.writes).await {
+                        Ok(()) => {}
+                        Err(StoreError::Conflict { collection, key, .. }) => {
+                            tracing::debug!(%mac, attempt, %collection, %key, "dhcp: lease changed concurrently; deciding again");
+                            continue 'attempts;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
+                if let Some(ip) = action.allocated {
+                    *self.hint.lock().unwrap_or_else(|e| e.into_inner()) = Some(ip);
+                }
+                if let Some(r) = &action.reply {
+                    tracing::debug!(interface, %mac, kind = ?r.msg_type(), yiaddr = %r.message.yiaddr(), dest = ?r.destination, "dhcp: reply");
+                }
+                return Ok(Outcome { reply: action.reply, event: action.event });
             }
-            if let Some(ip) = action.allocated {
-                *self.hint.lock().unwrap_or_else(|e| e.into_inner()) = Some(ip);
-            }
-            if let Some(r) = &action.reply {
-                tracing::debug!(interface, %mac, kind = ?r.msg_type(), yiaddr = %r.message.yiaddr(), dest = ?r.destination, "dhcp: reply");
-            }
-            return Ok(Outcome { reply: action.reply, event: action.event });
         }
         tracing::warn!(%mac, "dhcp: lease records kept changing under this request; dropped it (the client retries)");
         Ok(Outcome::default())
@@ -162,7 +195,7 @@ pub async fn load_view(store: &dyn Store, mac: &MacAddr) -> Result<View, StoreEr
             });
             let group: Option<Group> = group?.map(parse).transpose()?;
             let network: Option<Network> = network?.map(parse).transpose()?;
-            return Ok(View { cluster, client: Client::Known(Box::new(Known { node, group, network })) });
+            return Ok(View { cluster, client: Client::Known(Known { node, group, network }) });
         }
         // The claim outlived its node (a delete in flight): a stranger for now.
     }
@@ -198,7 +231,11 @@ pub async fn load_candidates(
             tokio::join!(store.get(Collection::Lease, &ip_key), store.get(Collection::Claim, &claim));
         Ok::<_, StoreError>((
             *ip,
-            Candidate { lease: lease?.map(Versioned::from_record).transpose()?, claimed: claimed?.is_some() },
+            Candidate {
+                lease: lease?.map(Versioned::from_record).transpose()?,
+                claimed: claimed?.is_some(),
+                busy: false,
+            },
         ))
     });
     join_all(reads).await.into_iter().collect()
@@ -553,13 +590,14 @@ mod tests {
         assert_eq!(o.reply.unwrap().msg_type(), Some(MessageType::Nak));
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_allocations_never_share_an_address() {
         let store = store(Some("10.141.200.1-10.141.200.100")).await;
-        let h = Arc::new(handler(store));
+        // Two servers on one store (HA): only the store's compare-and-swap keeps them apart.
+        let servers = [Arc::new(handler(store.clone())), Arc::new(handler(store.clone()))];
         let tasks: Vec<_> = (10..60)
             .map(|n| {
-                let h = h.clone();
+                let h = servers[usize::from(n % 2)].clone();
                 tokio::spawn(async move {
                     send(&h, client::discover(mac(n), 1), 100).await.reply.map(|r| r.message.yiaddr())
                 })
@@ -575,7 +613,7 @@ mod tests {
         assert_eq!(ips.len(), n, "two machines were offered one address");
         assert!(!ips.contains(&ip("10.141.200.1")));
         // The store agrees: one ip record per machine.
-        assert_eq!(h.store.list(Collection::Lease, "ip/").await.unwrap().len(), n);
+        assert_eq!(store.list(Collection::Lease, "ip/").await.unwrap().len(), n);
     }
 
     #[test]

@@ -502,6 +502,8 @@ impl Inner {
     /// Frees the lock (clearing an applied journal). Losing it meanwhile is fine: whoever took it
     /// replays what we committed, which is idempotent.
     async fn release(&self, held: Held) -> Result<()> {
+        // A renewal landing after the release would report a takeover that never happened.
+        held.heartbeat.abort();
         let r = self
             .lock_coll()
             .update_one(
@@ -520,6 +522,7 @@ impl Inner {
 
     /// Releases a lock that holds no journal, after a failure before the commit point.
     async fn release_after_error(&self, held: Held, err: StoreError) -> StoreError {
+        held.heartbeat.abort();
         let filter = doc! { "_id": LOCK_ID, "token": &held.token, "journal": Bson::Null };
         let clear = doc! { "$set": { "owner": Bson::Null, "token": Bson::Null, "beat": 0_i64 } };
         if self.lock_coll().update_one(filter, clear).await.is_err() {
@@ -898,7 +901,7 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_key_errors_are_recognised_and_others_are_not() {
+    fn io_errors_are_not_duplicate_keys() {
         let io = mongodb::error::Error::from(std::io::Error::other("reset"));
         assert!(!is_duplicate_key(&io));
     }
@@ -949,6 +952,13 @@ mod tests {
         let Some(bin) = mongo_gate() else { return };
         let server = NxServer::start(&bin).await.expect("nx-27017 starts");
         let client = Client::with_uri_str(server.url("admin")).await.expect("client");
+        let dups = client.database("dups").collection::<Document>("luna_x");
+        dups.insert_one(doc! { "_id": "a" }).await.expect("first insert");
+        let one = dups.insert_one(doc! { "_id": "a" }).await.expect_err("duplicate insert_one");
+        assert!(is_duplicate_key(&one), "{one}");
+        let many =
+            dups.insert_many(vec![doc! { "_id": "b" }, doc! { "_id": "a" }]).await.expect_err("duplicate insert_many");
+        assert!(is_duplicate_key(&many), "{many}");
         let batch = to_bson_entries(&crash_batch()).expect("encode");
 
         // 1. Free lock with an inline journal (crash between release steps): replayed on open.

@@ -1,0 +1,475 @@
+//! Images as torrents: packing an osimage's chroot into a published revision (a `tar.zst`, its
+//! `.torrent`, the kernel and an initramfs), rolling back, the HTTP downloads, and the seeder.
+//!
+//! Layout under `data_dir` (see [`publish::Layout`]):
+//! `images/<osimage>/<rev>/{<osimage>.tar.zst, <osimage>.torrent, vmlinuz-<kver>,
+//! initramfs-<kver>.img, .verified}`; files are served at `/images/<osimage>/<rev>/<file>`.
+//! The `ImageRevision` fields `archive`, `torrent`, `kernel`, `initrd` hold those file names.
+
+pub mod archive;
+pub mod http;
+pub mod jobs;
+pub mod kernel;
+pub mod metainfo;
+pub mod pack;
+pub mod piece;
+pub mod publish;
+pub mod seeder;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use luna_core::model::{AnyObject, ImageRevision, Kind, Osimage};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::service::{Service, ServiceError};
+pub use jobs::{JobId, JobState, JobStatus, Jobs};
+pub use pack::{PackMode, PackStep};
+use publish::Layout;
+
+/// `[image]` in luna.toml.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImageConfig {
+    /// The dracut command that builds initramfs files (on the server, see `kernel`).
+    pub dracut: String,
+    /// Revisions kept per osimage (at least 1); older ones are deleted after a pack.
+    pub keep_revisions: u32,
+    /// zstd level of the archive.
+    pub zstd_level: i32,
+    /// zstd worker threads; 0 = one per core.
+    pub zstd_threads: u32,
+    /// Whether the server seeds its images over BitTorrent.
+    pub seed: bool,
+    /// Address the seeder listens on for peers (the provisioning interface's address; with
+    /// 0.0.0.0 the cluster's frontend_address is what the tracker hands out).
+    pub seed_listen: SocketAddr,
+    /// Seeder upload limit in bytes per second; 0 = unlimited.
+    pub upload_limit_bytes_per_s: u64,
+}
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        ImageConfig {
+            dracut: "dracut".into(),
+            keep_revisions: 3,
+            zstd_level: 3,
+            zstd_threads: 0,
+            seed: true,
+            seed_listen: "0.0.0.0:6881".parse().expect("valid literal"),
+            upload_limit_bytes_per_s: 0,
+        }
+    }
+}
+
+/// The `[image]` section for `--print-config`.
+pub fn documented_defaults() -> String {
+    let d = ImageConfig::default();
+    format!(
+        r#"[image]
+# dracut command that builds each image's initramfs on this server.
+dracut = "{dracut}"
+# Revisions kept per osimage; older ones are deleted after a pack.
+keep_revisions = {keep}
+# zstd level and worker threads (0 = one per core) of image archives.
+zstd_level = {level}
+zstd_threads = {threads}
+# Seed images over BitTorrent from this server.
+seed = {seed}
+# Address the seeder listens on (the provisioning address; 0.0.0.0 = all, announced
+# as the cluster's frontend_address).
+seed_listen = "{listen}"
+# Seeder upload limit in bytes per second; 0 = unlimited.
+upload_limit_bytes_per_s = {limit}
+"#,
+        dracut = d.dracut,
+        keep = d.keep_revisions,
+        level = d.zstd_level,
+        threads = d.zstd_threads,
+        seed = d.seed,
+        listen = d.seed_listen,
+        limit = d.upload_limit_bytes_per_s,
+    )
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error("osimage '{image}' is open in lchroot (pid {pid}); close it or use --force")]
+    InLchroot { image: String, pid: i32 },
+    #[error("osimage '{image}' is already being packed{}", job.map(|j| format!(" (job {j})")).unwrap_or_default())]
+    AlreadyPacking { image: String, job: Option<JobId> },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("job {0} does not exist")]
+    NoJob(JobId),
+    #[error("the cluster has no frontend_address; set it (luna cluster change --frontend-address IP) so nodes can reach the tracker and downloads")]
+    NoFrontend,
+    #[error(transparent)]
+    Pack(#[from] pack::PackError),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+/// Counters the tracker keeps per torrent (implemented by the tracker).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TorrentCounters {
+    pub seeders: u32,
+    pub leechers: u32,
+    pub completed: u32,
+}
+
+/// Where revision listings get swarm counters from; the tracker implements it.
+pub trait TorrentStatsSource: Send + Sync {
+    /// Counters for a torrent by its hex info hash, if the tracker knows it.
+    fn torrent_stats(&self, info_hash: &str) -> Option<TorrentCounters>;
+}
+
+/// How the seeder is doing with one torrent (filled in by [`seeder::Seeder`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SeedStatus {
+    /// initializing | live | paused | error
+    pub state: String,
+    /// All pieces verified present: the revision is served in full.
+    pub healthy: bool,
+    pub have_bytes: u64,
+    pub total_bytes: u64,
+    pub uploaded_bytes: u64,
+    pub peers: u32,
+    pub error: Option<String>,
+}
+
+/// What the image routes and jobs share.
+pub struct ImageState {
+    pub service: Service,
+    pub layout: Layout,
+    pub config: ImageConfig,
+    pub jobs: Jobs,
+    pub stats: Option<Arc<dyn TorrentStatsSource>>,
+    /// Seeder status per hex info hash.
+    pub seeding: RwLock<HashMap<String, SeedStatus>>,
+    /// Bumped whenever revisions change, so the seeder reconciles at once.
+    pub changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl ImageState {
+    pub fn new(service: Service, data_dir: impl Into<PathBuf>, config: ImageConfig) -> Self {
+        ImageState {
+            service,
+            layout: Layout::new(data_dir),
+            config,
+            jobs: Jobs::default(),
+            stats: None,
+            seeding: RwLock::new(HashMap::new()),
+            changed: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    pub fn with_stats(mut self, stats: Arc<dyn TorrentStatsSource>) -> Self {
+        self.stats = Some(stats);
+        self
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+}
+
+/// `POST /api/v1/osimage/{name}/pack` body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PackRequest {
+    pub boot_only: bool,
+    pub image_only: bool,
+    pub force: bool,
+}
+
+impl PackRequest {
+    pub fn mode(&self) -> Result<PackMode, ImageError> {
+        match (self.boot_only, self.image_only) {
+            (true, true) => Err(ImageError::BadRequest("boot_only and image_only exclude each other".into())),
+            (true, false) => Ok(PackMode::BootOnly),
+            (false, true) => Ok(PackMode::ImageOnly),
+            (false, false) => Ok(PackMode::Full),
+        }
+    }
+}
+
+/// `POST /api/v1/osimage/{name}/rollback` body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RollbackRequest {
+    pub revision: Option<u32>,
+}
+
+/// One line of `GET /api/v1/osimage/{name}/revisions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevisionInfo {
+    #[serde(flatten)]
+    pub revision: ImageRevision,
+    pub current: bool,
+    /// Download paths of the revision's files (relative to the server's HTTP root).
+    pub urls: RevisionUrls,
+    pub tracker: Option<TorrentCounters>,
+    pub seeder: Option<SeedStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionUrls {
+    pub archive: String,
+    pub torrent: String,
+    pub kernel: String,
+    pub initrd: String,
+}
+
+/// The HTTP path of a revision's file.
+pub fn file_path(image: &str, rev: u32, file: &str) -> String {
+    format!("/images/{image}/{rev}/{file}")
+}
+
+pub async fn osimage(service: &Service, name: &str) -> Result<Osimage, ImageError> {
+    match service.get(Kind::Osimage, name).await? {
+        AnyObject::Osimage(o) => Ok(o),
+        _ => unreachable!("kind checked by get"),
+    }
+}
+
+/// The tracker URL and the base of download URLs, from the cluster object.
+async fn urls(service: &Service) -> Result<(String, String), ImageError> {
+    let c = service.cluster().await?;
+    let fe = c.frontend_address.ok_or(ImageError::NoFrontend)?;
+    let base = format!("http://{fe}:{}", c.http_port);
+    Ok((format!("{base}/announce"), base))
+}
+
+/// Starts packing `name` in the background; fails at once (no job) when the image cannot be
+/// packed now: unknown, open in lchroot (without `force`), or already being packed.
+pub async fn start_pack(state: &Arc<ImageState>, name: &str, req: PackRequest) -> Result<JobId, ImageError> {
+    let prepared = prepare(state, name, req).await?;
+    let job = state.jobs.create(name, prepared.warning.clone());
+    let st = state.clone();
+    tokio::spawn(async move {
+        let result = run(&st, prepared, job).await;
+        match result {
+            Ok(rev) => st.jobs.finish(job, Ok(rev.id)),
+            Err(e) => {
+                tracing::warn!(job, error = %e, "pack failed");
+                st.jobs.finish(job, Err(e.to_string()))
+            }
+        }
+    });
+    Ok(job)
+}
+
+/// Packs and publishes `name` now, returning the new revision (what a job does; for tests and
+/// callers that want to wait).
+pub async fn pack_now(state: &Arc<ImageState>, name: &str, req: PackRequest) -> Result<ImageRevision, ImageError> {
+    let prepared = prepare(state, name, req).await?;
+    let job = state.jobs.create(name, prepared.warning.clone());
+    let r = run(state, prepared, job).await;
+    state.jobs.finish(job, r.as_ref().map(|r| r.id).map_err(|e| e.to_string()));
+    r
+}
+
+struct Prepared {
+    image: Osimage,
+    lock: publish::PackLock,
+    opts: pack::PackOptions,
+    warning: Option<String>,
+}
+
+async fn prepare(state: &Arc<ImageState>, name: &str, req: PackRequest) -> Result<Prepared, ImageError> {
+    let mode = req.mode()?;
+    let image = osimage(&state.service, name).await?;
+    let (announce, base) = urls(&state.service).await?;
+    let layout = &state.layout;
+    let lock = publish::try_pack_lock(layout, name)
+        .map_err(|source| ImageError::Io { what: "cannot lock", path: layout.pack_lock(name), source })?
+        .ok_or_else(|| ImageError::AlreadyPacking { image: name.into(), job: state.jobs.running_for(name) })?;
+    let mut warning = None;
+    if let Some(pid) = publish::lchroot_holder(layout, name) {
+        if !req.force {
+            return Err(ImageError::InLchroot { image: name.into(), pid });
+        }
+        let w = format!("osimage '{name}' is open in lchroot (pid {pid}); packing anyway (--force): files changing now may be inconsistent");
+        tracing::warn!("{w}");
+        warning = Some(w);
+    }
+    publish::remove_stale_tmp(layout, name);
+    let revision = publish::next_revision(layout, &image);
+    let previous = image.current().or(image.revisions.last()).map(|r| pack::Previous {
+        dir: layout.revision_dir(name, r.id),
+        revision: r.clone(),
+    });
+    let archive = pack::archive_name(name);
+    let opts = pack::PackOptions {
+        mode,
+        out_dir: layout.tmp_dir(name, revision),
+        revision,
+        previous,
+        announce,
+        web_seed: Some(format!("{base}{}", file_path(name, revision, &archive))),
+        dracut: state.config.dracut.clone(),
+        archive: archive::ArchiveOptions {
+            zstd_level: state.config.zstd_level,
+            zstd_threads: state.config.zstd_threads,
+            piece_candidates: Vec::new(),
+        },
+        now: crate::service::unix_now(),
+    };
+    Ok(Prepared { image, lock, opts, warning })
+}
+
+async fn run(state: &Arc<ImageState>, p: Prepared, job: JobId) -> Result<ImageRevision, ImageError> {
+    let Prepared { image, lock, opts, .. } = p;
+    let tmp = opts.out_dir.clone();
+    std::fs::create_dir_all(&tmp).map_err(|source| ImageError::Io { what: "cannot create", path: tmp.clone(), source })?;
+    let st = state.clone();
+    let img = image.clone();
+    let o = opts.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        pack::pack(&img, &o, &mut |p| {
+            st.jobs.progress(job, p);
+            true
+        })
+    })
+    .await
+    .map_err(|e| ImageError::BadRequest(format!("pack task died: {e}")));
+    let revision = match built {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            discard(&tmp);
+            return Err(e.into());
+        }
+        Err(e) => {
+            discard(&tmp);
+            return Err(e);
+        }
+    };
+    state.jobs.step(job, PackStep::Publishing);
+    let dst = state.layout.revision_dir(&image.name, revision.id);
+    if let Err(source) = publish::install(&tmp, &dst) {
+        discard(&tmp);
+        return Err(ImageError::Io { what: "cannot publish", path: dst, source });
+    }
+    match commit(state, &image.name, revision.clone()).await {
+        Ok(kept) => {
+            publish::remove_unlisted(&state.layout, &image.name, &kept);
+            drop(lock);
+            state.bump();
+            tracing::info!(image = %image.name, rev = revision.id, size = revision.archive_size, "revision published");
+            Ok(revision)
+        }
+        Err(e) => {
+            discard(&dst);
+            Err(e)
+        }
+    }
+}
+
+fn discard(dir: &std::path::Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %dir.display(), error = %e, "cannot remove failed revision");
+        }
+    }
+}
+
+/// Compare-and-swap on the osimage object, re-reading it when someone changed it meanwhile.
+async fn cas_osimage<F>(service: &Service, name: &str, mut change: F) -> Result<Osimage, ImageError>
+where
+    F: FnMut(&Osimage) -> Result<serde_json::Value, ImageError>,
+{
+    for _ in 0..32 {
+        let image = osimage(service, name).await?;
+        let mut patch = change(&image)?;
+        patch["rev"] = json!(image.rev);
+        match service.update(Kind::Osimage, name, patch).await {
+            Ok(AnyObject::Osimage(o)) => return Ok(o),
+            Ok(_) => unreachable!("kind checked by update"),
+            Err(ServiceError::Stale { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ServiceError::Busy(32).into())
+}
+
+/// Adds `rev` to the object as current, dropping the oldest beyond keep-N; returns the ids kept.
+async fn commit(state: &ImageState, name: &str, rev: ImageRevision) -> Result<Vec<u32>, ImageError> {
+    let keep = state.config.keep_revisions;
+    let id = rev.id;
+    let o = cas_osimage(&state.service, name, |image| {
+        let (kept, _dropped) = publish::with_revision(&image.revisions, rev.clone(), keep);
+        Ok(json!({ "revisions": kept, "current_revision": id }))
+    })
+    .await?;
+    Ok(o.revisions.iter().map(|r| r.id).collect())
+}
+
+/// Switches `name` to revision `rev`, or to the one before the current.
+pub async fn rollback(state: &ImageState, name: &str, rev: Option<u32>) -> Result<Osimage, ImageError> {
+    let o = cas_osimage(&state.service, name, |image| {
+        let target = publish::rollback_target(image, rev).map_err(ImageError::BadRequest)?;
+        Ok(json!({ "current_revision": target }))
+    })
+    .await?;
+    tracing::info!(image = name, rev = ?o.current_revision, "rolled back");
+    state.bump();
+    Ok(o)
+}
+
+/// The kept revisions of `name`, newest last, with swarm and seeder counters.
+pub async fn revisions(state: &ImageState, name: &str) -> Result<Vec<RevisionInfo>, ImageError> {
+    let image = osimage(&state.service, name).await?;
+    let seeding = state.seeding.read().map(|m| m.clone()).unwrap_or_default();
+    Ok(image
+        .revisions
+        .iter()
+        .map(|r| RevisionInfo {
+            current: image.current_revision == Some(r.id),
+            urls: RevisionUrls {
+                archive: file_path(name, r.id, &r.archive),
+                torrent: file_path(name, r.id, &r.torrent),
+                kernel: file_path(name, r.id, &r.kernel),
+                initrd: file_path(name, r.id, &r.initrd),
+            },
+            tracker: state.stats.as_ref().and_then(|s| s.torrent_stats(&r.info_hash)),
+            seeder: seeding.get(&r.info_hash).cloned(),
+            revision: r.clone(),
+        })
+        .collect())
+}
+
+/// The status of a pack job.
+pub fn job(state: &ImageState, id: JobId) -> Result<JobStatus, ImageError> {
+    state.jobs.get(id).ok_or(ImageError::NoJob(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_defaults_parse_back() {
+        #[derive(Deserialize)]
+        struct Wrap {
+            image: ImageConfig,
+        }
+        let w: Wrap = toml::from_str(&documented_defaults()).unwrap();
+        assert_eq!(w.image, ImageConfig::default());
+        let e = toml::from_str::<Wrap>("[image]\nkeep = 3\n").err().unwrap().to_string();
+        assert!(e.contains("keep"), "{e}");
+    }
+
+    #[test]
+    fn pack_request_modes() {
+        assert_eq!(PackRequest::default().mode().unwrap(), PackMode::Full);
+        assert_eq!(PackRequest { boot_only: true, ..Default::default() }.mode().unwrap(), PackMode::BootOnly);
+        assert!(PackRequest { boot_only: true, image_only: true, force: false }.mode().is_err());
+        assert!(serde_json::from_str::<PackRequest>(r#"{"bootonly":true}"#).is_err());
+    }
+}

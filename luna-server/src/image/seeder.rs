@@ -1,0 +1,391 @@
+//! The server's seeder: every kept revision of every osimage, seeded from the archive in its
+//! revision directory (librqbit's output folder is that directory, so the file is complete and
+//! nothing is downloaded), on a configured address, with DHT, LSD and UPnP off; the tracker is the
+//! one in the torrent (ours).
+//!
+//! Restarts do not re-hash gigabytes: librqbit 9.1's fast-resume (`SessionOptions::fastresume`
+//! with its JSON persistence) keeps one bitfield file per torrent and, on add, only spot-checks
+//! pieces (one per file plus a random sample). For a freshly packed revision there is no bitfield
+//! yet, but packing computed every piece hash from the bytes it wrote, so we write the "all
+//! pieces present" bitfield ourselves when the revision's `.verified` marker (size, mtime, inode
+//! of the archive when it was hashed) still matches the file. When it does not match (the archive
+//! was modified or replaced), the bitfield is deleted, librqbit re-checks every piece, and a
+//! revision with bad pieces is reported unhealthy: librqbit never serves a piece it does not have.
+//! A damage that leaves size and mtime alone (bit rot) is found by the spot-check or by nodes,
+//! which verify each piece and fetch it elsewhere.
+//!
+//! Which torrents are seeded comes from the store, not from librqbit's session file, which is
+//! removed at start (the bitfields stay).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use librqbit::{
+    AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, Session, SessionOptions, SessionPersistenceConfig,
+    TorrentStatsState,
+};
+use librqbit::api::TorrentIdOrHash;
+use librqbit::dht::Id20;
+use librqbit::limits::LimitsConfig;
+use luna_core::model::{AnyObject, Kind};
+use tokio::sync::watch;
+
+use super::metainfo;
+use super::pack::{Verified, VERIFIED_MARKER};
+use super::{ImageState, SeedStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeederError {
+    #[error("cannot start the seeder on {addr}: {reason}")]
+    Start { addr: SocketAddr, reason: String },
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Service(#[from] crate::service::ServiceError),
+}
+
+/// Tells the tracker about the seeder: `(info_hash, address peers should connect to)`.
+pub type PeerRegistrar = Arc<dyn Fn([u8; 20], SocketAddrV4) + Send + Sync>;
+
+#[derive(Debug, Clone)]
+struct Seeded {
+    image: String,
+    rev: u32,
+    dir: PathBuf,
+    archive: String,
+    /// The archive did not match its marker: librqbit re-checked every piece.
+    rechecked: bool,
+    registered: bool,
+}
+
+pub struct Seeder {
+    session: Arc<Session>,
+    state: Arc<ImageState>,
+    state_dir: PathBuf,
+    listen: SocketAddr,
+    register: Option<PeerRegistrar>,
+    seeded: Mutex<HashMap<[u8; 20], Seeded>>,
+}
+
+/// A revision that should be seeded.
+#[derive(Debug, Clone)]
+struct Wanted {
+    image: String,
+    rev: u32,
+    dir: PathBuf,
+    torrent: Vec<u8>,
+    summary: metainfo::TorrentSummary,
+}
+
+/// librqbit's fast-resume bitfield: one bit per piece, most significant bit first.
+pub fn full_bitfield(pieces: usize) -> Vec<u8> {
+    let mut v = vec![0xffu8; pieces.div_ceil(8)];
+    if pieces % 8 != 0 {
+        if let Some(last) = v.last_mut() {
+            *last = 0xffu8 << (8 - pieces % 8);
+        }
+    }
+    v
+}
+
+fn bitv_path(state_dir: &Path, info_hash: &[u8; 20]) -> PathBuf {
+    state_dir.join(format!("{}.bitv", hex::encode(info_hash)))
+}
+
+impl Seeder {
+    /// Starts the BitTorrent session and seeds what the store lists. `register` is called once per
+    /// torrent when it is fully verified, with the address the tracker should hand out.
+    pub async fn start(state: Arc<ImageState>, register: Option<PeerRegistrar>) -> Result<Arc<Seeder>, SeederError> {
+        let listen = state.config.seed_listen;
+        let state_dir = state.layout.seeder_dir();
+        let io = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SeederError::Io { what, path, source }
+        };
+        std::fs::create_dir_all(&state_dir).map_err(io("cannot create", &state_dir))?;
+        for f in ["session.json", "session.json.tmp"] {
+            let p = state_dir.join(f);
+            if p.exists() {
+                std::fs::remove_file(&p).map_err(io("cannot remove", &p))?;
+            }
+        }
+        let limit = state.config.upload_limit_bytes_per_s.min(u64::from(u32::MAX)) as u32;
+        let opts = SessionOptions {
+            dht: None,
+            fastresume: true,
+            persistence: Some(SessionPersistenceConfig::Json { folder: Some(state_dir.clone()) }),
+            listen: Some(ListenerOptions {
+                mode: ListenerMode::TcpOnly,
+                listen_addr: listen,
+                enable_upnp_port_forwarding: false,
+                ipv4_only: listen.is_ipv4(),
+                ..Default::default()
+            }),
+            disable_local_service_discovery: true,
+            ipv4_only: listen.is_ipv4(),
+            ratelimits: LimitsConfig { upload_bps: NonZeroU32::new(limit), download_bps: None },
+            ..Default::default()
+        };
+        let session = Session::new_with_opts(state_dir.join("downloads"), opts)
+            .await
+            .map_err(|e| SeederError::Start { addr: listen, reason: format!("{e:#}") })?;
+        let listen = session.listen_addr().unwrap_or(listen);
+        tracing::info!(%listen, "seeder listening");
+        let s = Arc::new(Seeder { session, state, state_dir, listen, register, seeded: Mutex::new(HashMap::new()) });
+        s.reconcile().await?;
+        Ok(s)
+    }
+
+    /// The address peers connect to (the port is the real one when 0 was configured).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The address the tracker hands out for us: the listen address, or the cluster's frontend
+    /// address with our port when listening on all addresses.
+    async fn public_addr(&self) -> Option<SocketAddrV4> {
+        match self.listen.ip() {
+            IpAddr::V4(ip) if !ip.is_unspecified() => Some(SocketAddrV4::new(ip, self.listen.port())),
+            _ => {
+                let fe = self.state.service.cluster().await.ok()?.frontend_address?;
+                Some(SocketAddrV4::new(fe, self.listen.port()))
+            }
+        }
+    }
+
+    async fn wanted(&self) -> Result<HashMap<[u8; 20], Wanted>, SeederError> {
+        let mut out: HashMap<[u8; 20], Wanted> = HashMap::new();
+        for o in self.state.service.list(Kind::Osimage).await? {
+            let AnyObject::Osimage(img) = o else { continue };
+            for r in &img.revisions {
+                let dir = self.state.layout.revision_dir(&img.name, r.id);
+                let torrent = match std::fs::read(dir.join(&r.torrent)) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(image = %img.name, rev = r.id, error = %e, "cannot read torrent; not seeding");
+                        continue;
+                    }
+                };
+                let summary = match metainfo::parse(&torrent) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(image = %img.name, rev = r.id, error = %e, "bad torrent; not seeding");
+                        continue;
+                    }
+                };
+                // Revisions sharing an archive (boot-only packs) share the torrent: seed the newest.
+                let newer = out.get(&summary.info_hash).is_none_or(|w| w.rev < r.id);
+                if newer {
+                    out.insert(summary.info_hash, Wanted { image: img.name.clone(), rev: r.id, dir, torrent, summary });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Brings the session in line with the store: adds kept revisions, drops the others.
+    pub async fn reconcile(&self) -> Result<(), SeederError> {
+        let wanted = self.wanted().await?;
+        let current: Vec<([u8; 20], Seeded)> =
+            self.seeded.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, v.clone())).collect();
+        for (hash, s) in current {
+            let keep = wanted.get(&hash).is_some_and(|w| w.dir == s.dir);
+            if !keep {
+                tracing::info!(image = %s.image, rev = s.rev, "no longer seeding");
+                if let Err(e) = self.session.delete(TorrentIdOrHash::Hash(Id20::new(hash)), false).await {
+                    tracing::warn!(image = %s.image, rev = s.rev, error = %format!("{e:#}"), "cannot remove torrent");
+                }
+                self.seeded.lock().unwrap_or_else(|p| p.into_inner()).remove(&hash);
+                if let Ok(mut m) = self.state.seeding.write() {
+                    m.remove(&hex::encode(hash));
+                }
+            }
+        }
+        for (hash, w) in wanted {
+            let known = self.seeded.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&hash);
+            if !known {
+                self.add(hash, w).await;
+            }
+        }
+        self.refresh().await;
+        Ok(())
+    }
+
+    async fn add(&self, hash: [u8; 20], w: Wanted) {
+        let archive = w.dir.join(&w.summary.name);
+        let marker_ok = Verified::read(&w.dir)
+            .is_some_and(|v| v.info_hash == hex::encode(hash) && v.matches(&archive));
+        let bitv = bitv_path(&self.state_dir, &hash);
+        if marker_ok {
+            if !bitv.exists() {
+                if let Err(e) = std::fs::write(&bitv, full_bitfield(w.summary.pieces)) {
+                    tracing::warn!(path = %bitv.display(), error = %e, "cannot write fast-resume bitfield; librqbit will hash the archive");
+                }
+            }
+        } else {
+            tracing::warn!(
+                image = %w.image, rev = w.rev,
+                "archive differs from what was packed (size, mtime or inode changed); checking every piece"
+            );
+            if let Err(e) = std::fs::remove_file(&bitv) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %bitv.display(), error = %e, "cannot remove fast-resume bitfield");
+                }
+            }
+        }
+        let opts = AddTorrentOptions {
+            output_folder: Some(w.dir.to_string_lossy().into_owned()),
+            overwrite: true,
+            paused: false,
+            ..Default::default()
+        };
+        match self.session.add_torrent(AddTorrent::from_bytes(w.torrent.clone()), Some(opts)).await {
+            Ok(_) => {
+                tracing::info!(image = %w.image, rev = w.rev, info_hash = %hex::encode(hash), "seeding");
+                self.seeded.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                    hash,
+                    Seeded {
+                        image: w.image,
+                        rev: w.rev,
+                        dir: w.dir,
+                        archive: w.summary.name,
+                        rechecked: !marker_ok,
+                        registered: false,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::warn!(image = %w.image, rev = w.rev, error = %format!("{e:#}"), "cannot seed");
+                if let Ok(mut m) = self.state.seeding.write() {
+                    m.insert(
+                        hex::encode(hash),
+                        SeedStatus { state: "error".into(), error: Some(format!("{e:#}")), ..Default::default() },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Updates the status of every seeded torrent; registers newly verified ones with the tracker
+    /// and renews the marker of archives that passed a full re-check.
+    pub async fn refresh(&self) {
+        let entries: Vec<([u8; 20], Seeded)> =
+            self.seeded.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, v.clone())).collect();
+        let public = self.public_addr().await;
+        for (hash, s) in entries {
+            let Some(h) = self.session.get(TorrentIdOrHash::Hash(Id20::new(hash))) else { continue };
+            let st = h.stats();
+            let state = st.state.to_string();
+            let live = matches!(st.state, TorrentStatsState::Live);
+            let healthy = live && st.total_bytes > 0 && st.progress_bytes == st.total_bytes;
+            let status = SeedStatus {
+                state,
+                healthy,
+                have_bytes: st.progress_bytes,
+                total_bytes: st.total_bytes,
+                uploaded_bytes: st.uploaded_bytes,
+                peers: st.live.as_ref().map(|l| l.snapshot.peer_stats.live).unwrap_or(0),
+                error: st.error.clone().or_else(|| {
+                    (live && !healthy).then(|| {
+                        format!(
+                            "archive is damaged: {} of {} bytes verified; bad pieces are not served",
+                            st.progress_bytes, st.total_bytes
+                        )
+                    })
+                }),
+            };
+            if live && !healthy {
+                tracing::warn!(image = %s.image, rev = s.rev, have = st.progress_bytes, total = st.total_bytes, "revision unhealthy");
+            }
+            if healthy && s.rechecked {
+                // Every piece matched the torrent, so the archive is the packed one: trust it again.
+                let archive = s.dir.join(&s.archive);
+                if let Some(old) = Verified::read(&s.dir) {
+                    match Verified::of(&archive, &old.sha256, &old.info_hash).and_then(|v| v.write(&s.dir)) {
+                        Ok(()) => tracing::info!(image = %s.image, rev = s.rev, "archive re-verified"),
+                        Err(e) => tracing::warn!(image = %s.image, rev = s.rev, error = %e, "cannot renew {VERIFIED_MARKER}"),
+                    }
+                }
+            }
+            let mut register_now = false;
+            if let Some(e) = self.seeded.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&hash) {
+                if healthy {
+                    e.rechecked = false;
+                    if !e.registered && public.is_some() && self.register.is_some() {
+                        e.registered = true;
+                        register_now = true;
+                    }
+                }
+            }
+            if register_now {
+                if let (Some(reg), Some(addr)) = (&self.register, public) {
+                    reg(hash, addr);
+                }
+            }
+            if let Ok(mut m) = self.state.seeding.write() {
+                m.insert(hex::encode(hash), status);
+            }
+        }
+    }
+
+    /// Seeder status by hex info hash.
+    pub fn status(&self) -> HashMap<String, SeedStatus> {
+        self.state.seeding.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Reconciles when revisions change (and every minute, for changes made by other servers),
+    /// refreshes status every few seconds, and stops the session when `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut changed = self.state.changed.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let mut since_reconcile = 0u32;
+        loop {
+            tokio::select! {
+                r = changed.changed() => {
+                    if r.is_err() { break; }
+                    if let Err(e) = self.reconcile().await {
+                        tracing::warn!(error = %e, "seeder reconcile failed");
+                    }
+                    since_reconcile = 0;
+                }
+                _ = tick.tick() => {
+                    since_reconcile += 1;
+                    if since_reconcile >= 30 {
+                        since_reconcile = 0;
+                        if let Err(e) = self.reconcile().await {
+                            tracing::warn!(error = %e, "seeder reconcile failed");
+                        }
+                    } else {
+                        self.refresh().await;
+                    }
+                }
+                r = shutdown.changed() => {
+                    if r.is_err() || *shutdown.borrow() { break; }
+                }
+            }
+        }
+        self.stop().await;
+    }
+
+    /// Stops seeding (flushing fast-resume state).
+    pub async fn stop(&self) {
+        self.session.stop().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitfield_sets_one_bit_per_piece_msb_first() {
+        assert_eq!(full_bitfield(0), Vec::<u8>::new());
+        assert_eq!(full_bitfield(1), vec![0x80]);
+        assert_eq!(full_bitfield(8), vec![0xff]);
+        assert_eq!(full_bitfield(11), vec![0xff, 0xe0]);
+    }
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (as root): installs the dependencies, builds the
+# workspace, builds the VM boot assets, then runs every test including the privileged ones
+# (network namespaces, qemu) and the MongoDB-backend ones. Exits non-zero on any failure.
+#
+#   sudo bash scripts/test.sh              # everything
+#   sudo bash scripts/test.sh -p luna-core # extra arguments go to `cargo test`
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n=== %s (%ss)\n' "$*" "$SECONDS" >&2; }
+
+if [ -x "$HOME/.cargo/bin/cargo" ] && ! command -v cargo >/dev/null; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+step "install dependencies"
+bash scripts/install-deps.sh
+
+# test doubles installed by install-deps (nx-27017, sushy-emulator, snmpsim-*); appended so
+# the venv's python does not shadow the system one
+export PATH="$PATH:${LUNA_VENV:-/opt/luna-venv}/bin"
+export LUNA_TEST_PRIVILEGED=1
+export LUNA_TEST_MONGO=1
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step "cargo build --workspace"
+cargo build --workspace
+
+step "boot assets for the VM tests"
+bash tests/assets/build-test-image.sh >/dev/null
+
+step "cargo test --workspace"
+cargo test --workspace "$@"
+
+step "done"
