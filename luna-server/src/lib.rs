@@ -7,3 +7,4 @@ pub mod service;
 pub mod dhcp;
 pub mod image;
 pub mod store;
+pub mod tracker;
