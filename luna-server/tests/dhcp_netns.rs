@@ -499,3 +499,109 @@ fn real_clients_against_the_server_in_a_namespace() {
     set_mac(&cli, "dc0", NODE_MAC);
     assert_eq!(clients.udhcpc(&cli, "dc0", &[]).expect("known node after discovery")["ip"], "10.77.0.11");
 }
+
+/// Waits for one HTTP request on `addr` inside namespace `ns` and returns its request line.
+fn http_request_line(ns: &Netns, addr: &'static str) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let path = format!("/run/netns/{}", ns.0);
+    std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader, Write as _};
+        let f = File::open(&path).expect("namespace file");
+        // SAFETY: setns on this thread only; the fd is valid for the call.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let listener = std::net::TcpListener::bind(addr).expect("bind the http listener");
+        let _ = ready_tx.send(());
+        if let Ok((mut conn, _)) = listener.accept() {
+            let mut line = String::new();
+            let _ = BufReader::new(&conn).read_line(&mut line);
+            let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = tx.send(line.trim_end().to_string());
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).expect("http listener never started");
+    rx
+}
+
+#[test]
+fn an_ipxe_rom_in_a_vm_gets_its_address_and_fetches_the_boot_url() {
+    if !privileged() {
+        return;
+    }
+    if !have("qemu-system-x86_64") || !Path::new("/usr/lib/ipxe/qemu").exists() {
+        run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "qemu-system-x86", "ipxe-qemu"]));
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let ns = Netns::new(format!("ldhcp-q{}", std::process::id() % 100_000));
+    ns.ip(&["tuntap", "add", "dev", "tp0", "mode", "tap"]);
+    ns.ip(&["addr", "add", "10.79.0.1/24", "dev", "tp0"]);
+    ns.ip(&["link", "set", "tp0", "up"]);
+
+    let vm_mac = "52:54:00:bb:00:01";
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store =
+        rt.block_on(luna_server::store::open(&format!("sqlite://{}", dir.path().join("luna.db").display()))).unwrap();
+    rt.block_on(async {
+        let mac: MacAddr = vm_mac.parse().unwrap();
+        let mut node = Node::new("vm001", "compute");
+        node.mac = Some(mac);
+        node.interfaces.push(NodeInterface {
+            name: BOOTIF.into(),
+            network: "pxe".into(),
+            ip: Some("10.79.0.21".parse().unwrap()),
+            mac: None,
+        });
+        let owner = json!({"kind": "node", "owner": "vm001"});
+        store
+            .commit(vec![
+                put(Collection::Object(Kind::Cluster), Cluster::KEY, serde_json::to_value(Cluster::default()).unwrap()),
+                put(
+                    Collection::Object(Kind::Network),
+                    "pxe",
+                    serde_json::to_value(Network::new("pxe", "10.79.0.0/24".parse().unwrap())).unwrap(),
+                ),
+                put(
+                    Collection::Object(Kind::Group),
+                    "compute",
+                    serde_json::to_value(Group::new("compute", "rocky9")).unwrap(),
+                ),
+                put(Collection::Object(Kind::Node), "vm001", serde_json::to_value(&node).unwrap()),
+                put(Collection::Claim, &Claim::Mac(mac).key(), owner),
+            ])
+            .await
+            .unwrap();
+    });
+    let sink = Arc::new(Events::default());
+    let cfg = DhcpConfig { interfaces: vec!["tp0".into()], ..DhcpConfig::default() };
+    let _server = Server::start(&ns, cfg, store, sink.clone());
+    let http = http_request_line(&ns, "10.79.0.1:7050");
+
+    let serial = dir.path().join("serial.log");
+    let vm = ns
+        .exec("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-m", "256", "-display", "none", "-no-reboot", "-boot", "n"])
+        .args(["-netdev", "tap,id=n0,ifname=tp0,script=no,downscript=no"])
+        .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={vm_mac}")])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run qemu");
+    let _vm = ChildGuard(vm);
+
+    let line = http
+        .recv_timeout(Duration::from_secs(120))
+        .unwrap_or_else(|_| panic!("the VM never fetched the boot URL; events: {:?}", sink.0.lock().unwrap()));
+    // iPXE percent-encodes the colons; the HTTP side decodes query strings anyway.
+    assert_eq!(line.replace("%3A", ":"), format!("GET /boot/ipxe?mac={vm_mac} HTTP/1.1"));
+    let events = wait_for_events(&sink, &[DhcpEventKind::Acked]);
+    assert!(
+        events.iter().any(|e| e.node == "vm001" && e.kind == DhcpEventKind::Acked && e.ip.to_string() == "10.79.0.21"),
+        "{events:?}"
+    );
+}
