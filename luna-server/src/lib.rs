@@ -7,4 +7,5 @@ pub mod service;
 pub mod dhcp;
 pub mod image;
 pub mod store;
+pub mod tftp;
 pub mod tracker;
