@@ -9,3 +9,5 @@ pub mod netboot;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tftp;
+pub mod tracker;

@@ -31,7 +31,13 @@ async fn pack_publishes_a_whole_revision() {
     let dir = env.rev_dir(1);
     assert_eq!(
         files(&dir),
-        [".verified", "compute.tar.zst", "compute.torrent", &format!("initramfs-{KVER}.img"), &format!("vmlinuz-{KVER}")]
+        [
+            ".verified",
+            "compute.tar.zst",
+            "compute.torrent",
+            &format!("initramfs-{KVER}.img"),
+            &format!("vmlinuz-{KVER}")
+        ]
     );
     assert_eq!(files(&env.data_dir.join("images/compute")), [".pack.lock", "1"], "no tmp left");
     assert_eq!(sha256_file(&dir.join(&rev.archive)), rev.sha256);
@@ -50,7 +56,8 @@ async fn pack_publishes_a_whole_revision() {
     assert!(t.private);
     assert_eq!((t.name.as_str(), t.length, t.piece_length), ("compute.tar.zst", rev.archive_size, rev.piece_length));
     // excluded paths are not in the archive
-    let listing = std::process::Command::new("tar").args(["--zstd", "-tf"]).arg(dir.join(&rev.archive)).output().unwrap();
+    let listing =
+        std::process::Command::new("tar").args(["--zstd", "-tf"]).arg(dir.join(&rev.archive)).output().unwrap();
     let listing = String::from_utf8_lossy(&listing.stdout);
     assert!(listing.contains("./etc/hostname") || listing.contains("etc/hostname"), "{listing}");
     assert!(!listing.contains("should-not-be-packed") && !listing.contains("pkgcache"), "{listing}");
@@ -58,7 +65,9 @@ async fn pack_publishes_a_whole_revision() {
 
 #[tokio::test]
 async fn a_failed_pack_leaves_no_trace() {
-    let env = Env::new(|dir, c| c.dracut = fake_dracut(dir, "echo dracut broke >&2; exit 3", true).display().to_string()).await;
+    let env =
+        Env::new(|dir, c| c.dracut = fake_dracut(dir, "echo dracut broke >&2; exit 3", true).display().to_string())
+            .await;
     let e = image::pack_now(&env.state, "compute", PackRequest::default()).await.unwrap_err().to_string();
     assert!(e.contains("dracut broke"), "{e}");
     assert_eq!(files(&env.data_dir.join("images/compute")), [".pack.lock"]);
@@ -133,7 +142,8 @@ async fn rollback_and_partial_packs() {
     assert_ne!(r1.info_hash, r2.info_hash);
 
     // boot-only: same archive (hard link) and info hash, new kernel/initramfs, new web seed URL
-    let r3 = image::pack_now(&env.state, "compute", PackRequest { boot_only: true, ..Default::default() }).await.unwrap();
+    let r3 =
+        image::pack_now(&env.state, "compute", PackRequest { boot_only: true, ..Default::default() }).await.unwrap();
     use std::os::unix::fs::MetadataExt;
     let ino = |rev: u32, f: &str| std::fs::metadata(env.rev_dir(rev).join(f)).unwrap().ino();
     assert_eq!(ino(3, &r3.archive), ino(2, &r2.archive));
@@ -144,7 +154,8 @@ async fn rollback_and_partial_packs() {
 
     // image-only: new archive, kernel and initramfs linked from the current revision
     std::fs::write(env.chroot.join("etc/motd"), b"hi\n").unwrap();
-    let r4 = image::pack_now(&env.state, "compute", PackRequest { image_only: true, ..Default::default() }).await.unwrap();
+    let r4 =
+        image::pack_now(&env.state, "compute", PackRequest { image_only: true, ..Default::default() }).await.unwrap();
     assert_eq!(ino(4, &r4.initrd), ino(3, &r3.initrd));
     assert_ne!(r4.sha256, r3.sha256);
 
@@ -165,7 +176,9 @@ async fn rollback_and_partial_packs() {
 
     // a partial pack needs a revision to reuse
     let fresh = Env::new(|_, _| {}).await;
-    let e = image::pack_now(&fresh.state, "compute", PackRequest { boot_only: true, ..Default::default() }).await.unwrap_err();
+    let e = image::pack_now(&fresh.state, "compute", PackRequest { boot_only: true, ..Default::default() })
+        .await
+        .unwrap_err();
     assert!(matches!(e, ImageError::Pack(pack::PackError::NothingToReuse { .. })), "{e}");
 }
 
@@ -176,11 +189,16 @@ async fn lchroot_lock_and_concurrent_packs_are_refused() {
     std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
     std::fs::write(&lock, format!("{}\n", std::process::id())).unwrap();
     let e = image::start_pack(&env.state, "compute", PackRequest::default()).await.unwrap_err().to_string();
-    assert_eq!(e, format!("osimage 'compute' is open in lchroot (pid {}); close it or use --force", std::process::id()));
-    let job = image::start_pack(&env.state, "compute", PackRequest { force: true, ..Default::default() }).await.unwrap();
+    assert_eq!(
+        e,
+        format!("osimage 'compute' is open in lchroot (pid {}); close it or use --force", std::process::id())
+    );
+    let job =
+        image::start_pack(&env.state, "compute", PackRequest { force: true, ..Default::default() }).await.unwrap();
     assert!(image::job(&env.state, job).unwrap().warning.unwrap().contains("--force"));
     // a second pack while the first runs
-    let e = image::start_pack(&env.state, "compute", PackRequest { force: true, ..Default::default() }).await.unwrap_err();
+    let e =
+        image::start_pack(&env.state, "compute", PackRequest { force: true, ..Default::default() }).await.unwrap_err();
     assert!(matches!(e, ImageError::AlreadyPacking { job: Some(j), .. } if j == job), "{e}");
     let done = wait_job(&env, job).await;
     assert_eq!(done.revision, Some(1));
@@ -218,7 +236,9 @@ async fn api_and_downloads() {
     let post = |uri: &str, body: &str| {
         Request::post(uri).header(header::CONTENT_TYPE, "application/json").body(Body::from(body.to_string())).unwrap()
     };
-    let (s, _, b) = call(&api, post("/api/v1/osimage/compute/pack", r#"{"boot_only":false,"image_only":false,"force":false}"#)).await;
+    let (s, _, b) =
+        call(&api, post("/api/v1/osimage/compute/pack", r#"{"boot_only":false,"image_only":false,"force":false}"#))
+            .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{}", String::from_utf8_lossy(&b));
     let job = serde_json::from_slice::<serde_json::Value>(&b).unwrap()["job"].as_u64().unwrap();
     let j = loop {
@@ -262,7 +282,10 @@ async fn api_and_downloads() {
     assert_eq!(h[header::CONTENT_LENGTH], archive.len().to_string().as_str());
     let (s, h, b) = call(
         &files,
-        Request::get("/images/compute/1/compute.tar.zst").header(header::RANGE, "bytes=100-199").body(Body::empty()).unwrap(),
+        Request::get("/images/compute/1/compute.tar.zst")
+            .header(header::RANGE, "bytes=100-199")
+            .body(Body::empty())
+            .unwrap(),
     )
     .await;
     assert_eq!(s, StatusCode::PARTIAL_CONTENT);

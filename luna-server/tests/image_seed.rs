@@ -39,7 +39,8 @@ async fn wait_status(seeder: &Seeder, info_hash: &str, want: impl Fn(&SeedStatus
 async fn a_client_downloads_the_image_from_the_seeder_alone() {
     let env = seeding_env(3).await;
     let rev = image::pack_now(&env.state, "compute", PackRequest::default()).await.unwrap();
-    let calls: Arc<Mutex<Vec<([u8; 20], SocketAddrV4)>>> = Arc::default();
+    type Calls = Vec<([u8; 20], SocketAddrV4)>;
+    let calls: Arc<Mutex<Calls>> = Arc::default();
     let c = calls.clone();
     let reg: PeerRegistrar = Arc::new(move |h, a| c.lock().unwrap().push((h, a)));
     let seeder = Seeder::start(env.state.clone(), Some(reg)).await.unwrap();
@@ -74,7 +75,10 @@ async fn a_client_downloads_the_image_from_the_seeder_alone() {
         .unwrap()
         .into_handle()
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(120), h.wait_until_completed()).await.expect("download timed out").unwrap();
+    tokio::time::timeout(Duration::from_secs(120), h.wait_until_completed())
+        .await
+        .expect("download timed out")
+        .unwrap();
     assert_eq!(sha256_file(&out.path().join(&rev.archive)), rev.sha256);
     let up = wait_status(&seeder, &rev.info_hash, |s| s.uploaded_bytes >= rev.archive_size).await;
     assert!(up.healthy);
@@ -90,6 +94,11 @@ async fn a_damaged_archive_is_found_at_restart() {
     wait_status(&seeder, &rev.info_hash, |s| s.healthy).await;
     seeder.stop().await;
     drop(seeder);
+    // packing knew every piece: the fast-resume bitfield says "all present", so librqbit only
+    // spot-checks instead of hashing the whole archive
+    let pieces = rev.archive_size.div_ceil(rev.piece_length) as usize;
+    let bitv = std::fs::read(env.data_dir.join("seeder").join(format!("{}.bitv", rev.info_hash))).unwrap();
+    assert_eq!(bitv, luna_server::image::seeder::full_bitfield(pieces));
 
     // restart untouched: still healthy (fast-resume, no full re-hash needed)
     env.state.seeding.write().unwrap().clear();

@@ -19,10 +19,12 @@ use super::packet::{Destination, Reply, Request};
 use super::{DhcpConfig, DhcpEvent, DhcpEventKind};
 use crate::store::{Collection, Expect, Write};
 
-/// Addresses looked up per probe round.
+/// Addresses looked up in the first probe round; each later round looks up as many as all
+/// before it (4, 4, 8, 16, …), up to [`MAX_PROBE_BATCH`].
 pub const PROBE_BATCH: usize = 4;
+pub const MAX_PROBE_BATCH: usize = 64;
 /// Addresses looked at per request before giving up (the client retries; the hint moves on).
-pub const MAX_PROBES: usize = 64;
+pub const MAX_PROBES: usize = 256;
 
 /// Where and when a request arrived.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -563,9 +565,10 @@ impl Dhcp<'_> {
     fn choose(&self, pool: &Pool, u: &Unknown) -> Choice {
         let requested = self.req.requested_ip().filter(|ip| pool.allows(*ip));
         let mut unfetched: Vec<Ipv4Addr> = Vec::new();
+        let batch = u.candidates.len().clamp(PROBE_BATCH, MAX_PROBE_BATCH);
         let mut seen = 0;
         for ip in requested.into_iter().chain(pool.sequence(self.ctx.alloc_hint)) {
-            if seen >= MAX_PROBES || unfetched.len() == PROBE_BATCH {
+            if seen >= MAX_PROBES || unfetched.len() == batch {
                 break;
             }
             match u.candidates.get(&ip) {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
 use ipnet::Ipv4Net;
-use luna_core::model::{Claim, Cluster, Group, Kind, Network, Node};
+use luna_core::model::{Claim, Cluster, Group, IpRange, Kind, Network, Node};
 use luna_core::MacAddr;
 use serde::de::DeserializeOwned;
 use tokio::net::UdpSocket;
@@ -48,33 +48,76 @@ pub struct Outcome {
 pub struct Handler {
     cfg: DhcpConfig,
     store: Arc<dyn Store>,
-    hint: Mutex<Option<Ipv4Addr>>,
-    /// Dynamic addresses being committed by requests in flight here.
-    inflight: Arc<Mutex<HashSet<Ipv4Addr>>>,
+    alloc: Arc<Mutex<AllocState>>,
 }
 
-/// An address marked in flight until dropped.
-struct Reservation {
-    set: Arc<Mutex<HashSet<Ipv4Addr>>>,
-    ip: Ipv4Addr,
+/// Where dynamic allocation stands in this process. Only ever a hint: the store's
+/// compare-and-swap decides who gets an address; this just keeps concurrent requests from
+/// looking at the same addresses (and from committing into certain conflicts).
+#[derive(Debug, Default)]
+struct AllocState {
+    /// The last address handed out; a request alone starts right after it, so addresses go out
+    /// in order.
+    cursor: Option<Ipv4Addr>,
+    /// The end of the last probe window handed out; while several requests probe, each next
+    /// window starts after it.
+    frontier: Option<Ipv4Addr>,
+    /// Requests currently probing.
+    probing: usize,
+    /// Addresses being committed right now.
+    inflight: HashSet<Ipv4Addr>,
 }
 
-impl Reservation {
-    fn take(set: &Arc<Mutex<HashSet<Ipv4Addr>>>, ip: Ipv4Addr) -> Option<Reservation> {
-        let fresh = set.lock().unwrap_or_else(|e| e.into_inner()).insert(ip);
-        fresh.then(|| Reservation { set: set.clone(), ip })
+/// `to` is ahead of `from` going round `range` (by less than half of it).
+fn ahead(range: IpRange, from: Ipv4Addr, to: Ipv4Addr) -> bool {
+    if !range.contains(from) || !range.contains(to) {
+        return range.contains(to);
+    }
+    let len = range.len();
+    let off = |ip: Ipv4Addr| u64::from(u32::from(ip) - u32::from(range.start));
+    let d = (off(to) + len - off(from)) % len;
+    d > 0 && d < len.div_ceil(2)
+}
+
+fn advance(slot: &mut Option<Ipv4Addr>, range: Option<IpRange>, to: Ipv4Addr) {
+    match (*slot, range) {
+        (Some(from), Some(r)) if !ahead(r, from, to) => {}
+        _ => *slot = Some(to),
     }
 }
 
-impl Drop for Reservation {
+/// Marks a request as probing, and the address it commits as in flight, until dropped.
+struct AllocGuard {
+    state: Arc<Mutex<AllocState>>,
+    probing: bool,
+    reserved: Option<Ipv4Addr>,
+}
+
+impl AllocGuard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, AllocState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn release_reservation(&mut self) {
+        if let Some(ip) = self.reserved.take() {
+            self.lock().inflight.remove(&ip);
+        }
+    }
+}
+
+impl Drop for AllocGuard {
     fn drop(&mut self) {
-        self.set.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.ip);
+        self.release_reservation();
+        if self.probing {
+            let mut st = self.lock();
+            st.probing = st.probing.saturating_sub(1);
+        }
     }
 }
 
 impl Handler {
     pub fn new(cfg: DhcpConfig, store: Arc<dyn Store>) -> Self {
-        Handler { cfg, store, hint: Mutex::new(None), inflight: Arc::new(Mutex::new(HashSet::new())) }
+        Handler { cfg, store, alloc: Arc::new(Mutex::new(AllocState::default())) }
     }
 
     pub fn config(&self) -> &DhcpConfig {
@@ -100,17 +143,61 @@ impl Handler {
             now,
             alloc_hint: None,
         };
+        let mut guard = AllocGuard { state: self.alloc.clone(), probing: false, reserved: None };
+        // The last address this request looked up: where the next one goes on if this one
+        // finds nothing (else a run of taken addresses would stop every request alike).
+        let mut last_probed: Option<Ipv4Addr> = None;
         'attempts: for attempt in 1..=MAX_ATTEMPTS {
-            // Re-read per attempt: after a conflict, start where the others have got to.
-            ctx.alloc_hint = *self.hint.lock().unwrap_or_else(|e| e.into_inner());
             let mut view = load_view(self.store.as_ref(), &mac).await?;
+            let range = view.cluster.dhcp_range;
+            let mut first_round = true;
             loop {
-                let action = match engine::handle(&self.cfg, &req, &ctx, &view) {
-                    Decision::Probe { network, ips } => {
-                        if let Some(last) = ips.last() {
-                            // Concurrent allocations start after what this one looked at.
-                            *self.hint.lock().unwrap_or_else(|e| e.into_inner()) = Some(*last);
+                let decision = {
+                    let mut st = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+                    let others = st.probing - usize::from(guard.probing);
+                    if first_round {
+                        // Alone: go on from the last address given (so they go out in order).
+                        // With company: start past every window handed out, so nobody looks
+                        // at the same addresses. Later rounds keep the start: the engine
+                        // walks on from it, over what it already looked up.
+                        ctx.alloc_hint = if others == 0 { st.cursor } else { st.frontier.or(st.cursor) };
+                        first_round = false;
+                    }
+                    let d = engine::handle(&self.cfg, &req, &ctx, &view);
+                    if let Decision::Probe { ips, .. } = &d {
+                        if !guard.probing {
+                            guard.probing = true;
+                            st.probing += 1;
                         }
+                        if let Some(last) = ips.last() {
+                            if others == 0 {
+                                st.frontier = Some(*last);
+                            } else {
+                                advance(&mut st.frontier, range, *last);
+                            }
+                        }
+                    }
+                    d
+                };
+                let action = match decision {
+                    Decision::Probe { network, ips } => {
+                        let (probed, leased, claimed, busy) = match &view.client {
+                            Client::Unknown(u) => (
+                                u.candidates.len(),
+                                u.candidates.values().filter(|c| c.lease.is_some()).count(),
+                                u.candidates.values().filter(|c| c.claimed).count(),
+                                u.candidates.values().filter(|c| c.busy).count(),
+                            ),
+                            Client::Known(_) => (0, 0, 0, 0),
+                        };
+                        if probed >= engine::MAX_PROBES {
+                            tracing::debug!(interface, %mac, probed, leased, claimed, busy, hint = ?ctx.alloc_hint, "dhcp: no free address found; the client will retry");
+                            if let Some(last) = last_probed {
+                                advance(&mut guard.lock().cursor, range, last);
+                            }
+                            return Ok(Outcome::default());
+                        }
+                        last_probed = ips.last().copied().or(last_probed);
                         let found = load_candidates(self.store.as_ref(), &network, &ips).await?;
                         if let Client::Unknown(u) = &mut view.client {
                             u.candidates.extend(found);
@@ -119,25 +206,27 @@ impl Handler {
                     }
                     Decision::Ignore(why) => {
                         tracing::debug!(interface, %mac, reason = %why, "dhcp: no answer");
+                        if let Some(last) = last_probed {
+                            advance(&mut guard.lock().cursor, range, last);
+                        }
                         return Ok(Outcome::default());
                     }
                     Decision::Act(a) => a,
                 };
-                let _reserved = match action.allocated {
-                    None => None,
-                    Some(ip) => match Reservation::take(&self.inflight, ip) {
-                        Some(r) => Some(r),
-                        None => {
-                            // Another request here is giving it away right now: pick again.
-                            if let Client::Unknown(u) = &mut view.client {
-                                u.candidates.entry(ip).or_default().busy = true;
-                            }
-                            continue;
+                if let Some(ip) = action.allocated {
+                    if !guard.lock().inflight.insert(ip) {
+                        // Another request here is giving it away right now: pick again.
+                        if let Client::Unknown(u) = &mut view.client {
+                            u.candidates.entry(ip).or_default().busy = true;
                         }
-                    },
-                };
+                        continue;
+                    }
+                    guard.reserved = Some(ip);
+                }
                 if !action.writes.is_empty() {
-                    match self.store.commit(action.writes).await {
+                    let committed = self.store.commit(action.writes).await;
+                    guard.release_reservation();
+                    match committed {
                         Ok(()) => {}
                         Err(StoreError::Conflict { collection, key, .. }) => {
                             tracing::debug!(%mac, attempt, %collection, %key, "dhcp: lease changed concurrently; deciding again");
@@ -147,7 +236,8 @@ impl Handler {
                     }
                 }
                 if let Some(ip) = action.allocated {
-                    *self.hint.lock().unwrap_or_else(|e| e.into_inner()) = Some(ip);
+                    let mut st = guard.lock();
+                    advance(&mut st.cursor, range, ip);
                 }
                 if let Some(r) = &action.reply {
                     tracing::debug!(interface, %mac, kind = ?r.msg_type(), yiaddr = %r.message.yiaddr(), dest = ?r.destination, "dhcp: reply");
@@ -614,6 +704,53 @@ mod tests {
         assert!(!ips.contains(&ip("10.141.200.1")));
         // The store agrees: one ip record per machine.
         assert_eq!(store.list(Collection::Lease, "ip/").await.unwrap().len(), n);
+    }
+
+    #[tokio::test]
+    async fn addresses_go_out_in_order_and_a_long_taken_run_is_crossed_by_retries() {
+        let store = store(Some("10.141.200.1-10.141.203.254")).await;
+        let h = handler(store.clone());
+        // One at a time: in order (.1 is the switch's).
+        for (n, want) in [(2, "10.141.200.2"), (3, "10.141.200.3"), (4, "10.141.200.4")] {
+            assert_eq!(dora(&h, mac(n), 100).await, ip(want));
+        }
+        // 600 claimed addresses after those: more than one request looks at.
+        let claims: Vec<Write> = (5..605u32)
+            .map(|i| {
+                let a = Ipv4Addr::from(u32::from(ip("10.141.200.0")) + i);
+                put(
+                    Collection::Claim,
+                    &Claim::Ip { network: "cluster".into(), ip: a }.key(),
+                    json!({"kind": "otherdev", "owner": format!("d{i}")}),
+                )
+            })
+            .collect();
+        store.commit(claims).await.unwrap();
+        let mut tries = 0;
+        let got = loop {
+            tries += 1;
+            assert!(tries <= 4, "no offer after {tries} tries");
+            if let Some(r) = send(&h, client::discover(mac(9), 1), 100).await.reply {
+                break r.message.yiaddr();
+            }
+        };
+        assert_eq!(got, Ipv4Addr::from(u32::from(ip("10.141.200.0")) + 605));
+        assert!(tries > 1, "one request looked at more than {} addresses", engine::MAX_PROBES);
+    }
+
+    #[test]
+    fn ahead_goes_round_the_range() {
+        let r: IpRange = "10.0.0.1-10.0.0.10".parse().unwrap();
+        assert!(ahead(r, ip("10.0.0.2"), ip("10.0.0.5")));
+        assert!(!ahead(r, ip("10.0.0.5"), ip("10.0.0.2")));
+        assert!(!ahead(r, ip("10.0.0.5"), ip("10.0.0.5")));
+        assert!(ahead(r, ip("10.0.0.9"), ip("10.0.0.1")), "wraps");
+        assert!(ahead(r, ip("10.0.9.9"), ip("10.0.0.1")), "anything in range beats a stale hint");
+        let mut slot = Some(ip("10.0.0.5"));
+        advance(&mut slot, Some(r), ip("10.0.0.3"));
+        assert_eq!(slot, Some(ip("10.0.0.5")));
+        advance(&mut slot, Some(r), ip("10.0.0.7"));
+        assert_eq!(slot, Some(ip("10.0.0.7")));
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! directory is left out with everything below it.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::fs::{File, Metadata};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -80,7 +80,10 @@ impl Excludes {
             }
         }
         let build = |b: GlobSetBuilder| {
-            b.build().map_err(|e| ArchiveError::Pattern { pattern: patterns.iter().map(|p| p.as_ref()).collect::<Vec<_>>().join(","), reason: e.to_string() })
+            b.build().map_err(|e| ArchiveError::Pattern {
+                pattern: patterns.iter().map(|p| p.as_ref()).collect::<Vec<_>>().join(","),
+                reason: e.to_string(),
+            })
         };
         Ok(Excludes { anchored: build(anchored)?, basename: build(basename)? })
     }
@@ -601,11 +604,6 @@ pub fn write_archive<W: Write>(
     Ok((out, ArchiveSummary { size, sha256, pieces, entries, data_bytes }))
 }
 
-/// `OsStr` of a path relative to the chroot, for messages.
-pub fn display_rel(rel: &OsStr) -> String {
-    format!("/{}", rel.to_string_lossy())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -654,12 +652,14 @@ mod tests {
     fn pax_record_length_counts_itself() {
         assert_eq!(pax_record(b"a", b"b"), b"6 a=b\n");
         let r = pax_record(b"SCHILY.xattr.user.x", &[0u8; 80]);
-        let text_len: usize = std::str::from_utf8(&r[..r.iter().position(|&c| c == b' ').unwrap()]).unwrap().parse().unwrap();
+        let text_len: usize =
+            std::str::from_utf8(&r[..r.iter().position(|&c| c == b' ').unwrap()]).unwrap().parse().unwrap();
         assert_eq!(text_len, r.len());
         // crossing a digit boundary: body 95 + "2" = 97 < 100, body 98 + 2 = 100 needs 3 digits
         for vlen in 0..200 {
             let r = pax_record(b"k", &vec![b'v'; vlen]);
-            let n: usize = std::str::from_utf8(&r[..r.iter().position(|&c| c == b' ').unwrap()]).unwrap().parse().unwrap();
+            let n: usize =
+                std::str::from_utf8(&r[..r.iter().position(|&c| c == b' ').unwrap()]).unwrap().parse().unwrap();
             assert_eq!(n, r.len(), "value length {vlen}");
         }
     }
@@ -721,7 +721,10 @@ mod tests {
         let mut ar = tar::Archive::new(&dec[..]);
         let names: Vec<String> =
             ar.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned()).collect();
-        assert_eq!(names, ["./", "data", "etc/", "etc/hostname", "var/", "var/cache/", "var/cache/apt/", "var/cache/apt/big"]);
+        assert_eq!(
+            names,
+            ["./", "data", "etc/", "etc/hostname", "var/", "var/cache/", "var/cache/apt/", "var/cache/apt/big"]
+        );
     }
 
     #[test]

@@ -24,7 +24,9 @@ impl ImageError {
     pub fn status(&self) -> (StatusCode, ErrorCode) {
         match self {
             ImageError::Service(e) => status_of(e),
-            ImageError::InLchroot { .. } | ImageError::AlreadyPacking { .. } => (StatusCode::CONFLICT, ErrorCode::Conflict),
+            ImageError::InLchroot { .. } | ImageError::AlreadyPacking { .. } => {
+                (StatusCode::CONFLICT, ErrorCode::Conflict)
+            }
             ImageError::BadRequest(_) | ImageError::NoFrontend => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
             ImageError::NoJob(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
             ImageError::Pack(_) | ImageError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
@@ -72,7 +74,11 @@ async fn pack(State(st): State<Arc<ImageState>>, Path(name): Path<String>, b: By
     Ok((StatusCode::ACCEPTED, Json(json!({ "job": id }))).into_response())
 }
 
-async fn rollback(State(st): State<Arc<ImageState>>, Path(name): Path<String>, b: Bytes) -> Result<Json<Value>, ImageError> {
+async fn rollback(
+    State(st): State<Arc<ImageState>>,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> Result<Json<Value>, ImageError> {
     let req: RollbackRequest = body("rollback", &b)?;
     let o = super::rollback(&st, &name, req.revision).await?;
     Ok(Json(serde_json::to_value(o).unwrap_or(Value::Null)))
@@ -99,7 +105,8 @@ async fn download(
     req: Request,
 ) -> Response {
     // Only names that can be published: no traversal, no hidden files (markers, tmp dirs).
-    let rev_ok = !rev.is_empty() && rev.len() <= 10 && rev.bytes().all(|c| c.is_ascii_digit()) && rev.parse::<u32>().is_ok();
+    let rev_ok =
+        !rev.is_empty() && rev.len() <= 10 && rev.bytes().all(|c| c.is_ascii_digit()) && rev.parse::<u32>().is_ok();
     let file_ok = !file.is_empty() && !file.starts_with('.') && !file.contains('/') && !file.contains('\\');
     if validate_name(Kind::Osimage, &image).is_err() || !rev_ok || !file_ok {
         return not_found(format!("no file /images/{image}/{rev}/{file}"));
@@ -110,6 +117,10 @@ async fn download(
     }
     match ServeFile::new(&path).oneshot(req).await {
         Ok(resp) => resp.map(Body::new),
-        Err(e) => error_response(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, format!("cannot serve {}: {e}", path.display())),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            format!("cannot serve {}: {e}", path.display()),
+        ),
     }
 }

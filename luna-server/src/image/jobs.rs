@@ -81,8 +81,7 @@ impl Jobs {
                     finished: None,
                 },
             );
-            let finished: Vec<JobId> =
-                i.jobs.values().filter(|j| j.state != JobState::Running).map(|j| j.id).collect();
+            let finished: Vec<JobId> = i.jobs.values().filter(|j| j.state != JobState::Running).map(|j| j.id).collect();
             for old in finished.iter().take(finished.len().saturating_sub(KEEP_FINISHED)) {
                 i.jobs.remove(old);
             }

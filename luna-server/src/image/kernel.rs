@@ -36,12 +36,15 @@ type Result<T, E = KernelError> = std::result::Result<T, E>;
 /// Resolves `rel` inside `root` as if `root` were `/`: symlinks (absolute or relative) are
 /// followed without ever leaving `root`. Returns the host path; it need not exist.
 pub fn resolve_in_root(root: &Path, rel: &Path) -> PathBuf {
-    let mut todo: Vec<std::ffi::OsString> =
-        rel.components().rev().filter_map(|c| match c {
+    let mut todo: Vec<std::ffi::OsString> = rel
+        .components()
+        .rev()
+        .filter_map(|c| match c {
             Component::Normal(n) => Some(n.to_os_string()),
             Component::ParentDir => Some("..".into()),
             _ => None,
-        }).collect();
+        })
+        .collect();
     let mut cur: Vec<std::ffi::OsString> = Vec::new();
     let mut hops = 0;
     while let Some(part) = todo.pop() {
@@ -108,7 +111,10 @@ pub fn detect(image: &Osimage) -> Result<KernelFiles> {
         let f = files(v);
         let missing = |detail: String| KernelError::Missing { image: image.name.clone(), kver: v.clone(), detail };
         if !f.vmlinuz.is_file() {
-            return Err(missing(format!("{} does not exist in the image", Path::new("/boot").join(format!("vmlinuz-{v}")).display())));
+            return Err(missing(format!(
+                "{} does not exist in the image",
+                Path::new("/boot").join(format!("vmlinuz-{v}")).display()
+            )));
         }
         if !f.modules.is_dir() {
             return Err(missing(format!("/lib/modules/{v} does not exist in the image")));
@@ -196,7 +202,11 @@ pub fn build(dracut: &str, image: &Osimage, k: &KernelFiles, dir: &Path) -> Resu
     let kernel = format!("vmlinuz-{}", k.version);
     let initrd = format!("initramfs-{}.img", k.version);
     let dst = dir.join(&kernel);
-    std::fs::copy(&k.vmlinuz, &dst).map_err(|source| KernelError::Io { what: "cannot copy kernel to", path: dst, source })?;
+    std::fs::copy(&k.vmlinuz, &dst).map_err(|source| KernelError::Io {
+        what: "cannot copy kernel to",
+        path: dst,
+        source,
+    })?;
     if !k.modules.join("modules.dep").is_file() {
         return Err(KernelError::Missing {
             image: image.name.clone(),
@@ -283,13 +293,25 @@ mod tests {
         let mut img = image(Path::new("/srv/img"));
         img.dracut_modules_add = vec!["nfs".into(), "lvm".into()];
         img.dracut_drivers_omit = vec!["nouveau".into()];
-        let k = KernelFiles { version: "6.1".into(), vmlinuz: "/x".into(), modules: "/srv/img/usr/lib/modules/6.1".into() };
+        let k =
+            KernelFiles { version: "6.1".into(), vmlinuz: "/x".into(), modules: "/srv/img/usr/lib/modules/6.1".into() };
         let a = dracut_args(&img, &k, Path::new("/tmp/out.img"));
         assert_eq!(
             a,
             [
-                "--force", "--no-hostonly", "--kver", "6.1", "--kmoddir", "/srv/img/usr/lib/modules/6.1", "--add",
-                "luna network-legacy base", "--add", "nfs lvm", "--omit-drivers", "nouveau", "/tmp/out.img"
+                "--force",
+                "--no-hostonly",
+                "--kver",
+                "6.1",
+                "--kmoddir",
+                "/srv/img/usr/lib/modules/6.1",
+                "--add",
+                "luna network-legacy base",
+                "--add",
+                "nfs lvm",
+                "--omit-drivers",
+                "nouveau",
+                "/tmp/out.img"
             ]
         );
     }

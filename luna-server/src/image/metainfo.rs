@@ -109,7 +109,8 @@ pub fn parse(bytes: &[u8]) -> Result<TorrentSummary, MetainfoError> {
     let text = |v: Option<&BencodeRef>| v.and_then(|v| v.bytes()).map(|b| String::from_utf8_lossy(b).into_owned());
     let int = |k: &[u8]| i.lookup(k).and_then(|v| v.int());
     let name = text(i.lookup(b"name")).ok_or(MetainfoError::Field("info has no name"))?;
-    let length = int(b"length").and_then(|l| u64::try_from(l).ok()).ok_or(MetainfoError::Field("not a single-file torrent"))?;
+    let length =
+        int(b"length").and_then(|l| u64::try_from(l).ok()).ok_or(MetainfoError::Field("not a single-file torrent"))?;
     let piece_length =
         int(b"piece length").and_then(|l| u64::try_from(l).ok()).ok_or(MetainfoError::Field("no piece length"))?;
     let pieces = i.lookup(b"pieces").and_then(|v| v.bytes()).ok_or(MetainfoError::Field("no pieces"))?;

@@ -301,10 +301,10 @@ async fn prepare(state: &Arc<ImageState>, name: &str, req: PackRequest) -> Resul
     }
     publish::remove_stale_tmp(layout, name);
     let revision = publish::next_revision(layout, &image);
-    let previous = image.current().or(image.revisions.last()).map(|r| pack::Previous {
-        dir: layout.revision_dir(name, r.id),
-        revision: r.clone(),
-    });
+    let previous = image
+        .current()
+        .or(image.revisions.last())
+        .map(|r| pack::Previous { dir: layout.revision_dir(name, r.id), revision: r.clone() });
     let archive = pack::archive_name(name);
     let opts = pack::PackOptions {
         mode,
@@ -327,7 +327,11 @@ async fn prepare(state: &Arc<ImageState>, name: &str, req: PackRequest) -> Resul
 async fn run(state: &Arc<ImageState>, p: Prepared, job: JobId) -> Result<ImageRevision, ImageError> {
     let Prepared { image, lock, opts, .. } = p;
     let tmp = opts.out_dir.clone();
-    std::fs::create_dir_all(&tmp).map_err(|source| ImageError::Io { what: "cannot create", path: tmp.clone(), source })?;
+    std::fs::create_dir_all(&tmp).map_err(|source| ImageError::Io {
+        what: "cannot create",
+        path: tmp.clone(),
+        source,
+    })?;
     let st = state.clone();
     let img = image.clone();
     let o = opts.clone();

@@ -186,7 +186,11 @@ pub fn size_estimate(data_bytes: u64, previous: Option<&ImageRevision>) -> (u64,
 
 /// Packs `image` into `opts.out_dir` and describes the revision. `progress` returning `false`
 /// cancels.
-pub fn pack(image: &Osimage, opts: &PackOptions, progress: &mut dyn FnMut(&PackProgress) -> bool) -> Result<ImageRevision> {
+pub fn pack(
+    image: &Osimage,
+    opts: &PackOptions,
+    progress: &mut dyn FnMut(&PackProgress) -> bool,
+) -> Result<ImageRevision> {
     let dir = &opts.out_dir;
     let previous = match (opts.mode, &opts.previous) {
         (PackMode::Full, _) => None,
@@ -198,7 +202,8 @@ pub fn pack(image: &Osimage, opts: &PackOptions, progress: &mut dyn FnMut(&PackP
             })
         }
     };
-    let mut report = |step: PackStep, bytes: u64, total: u64, rate: f64| progress(&PackProgress { step, bytes, total, rate });
+    let mut report =
+        |step: PackStep, bytes: u64, total: u64, rate: f64| progress(&PackProgress { step, bytes, total, rate });
     let archive_file = archive_name(&image.name);
     let archive_path = dir.join(&archive_file);
 

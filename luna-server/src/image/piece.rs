@@ -16,8 +16,12 @@ pub const MAX_PIECES: u64 = 2000;
 /// The piece size for an archive of `size` bytes: the smallest power of two from 256 KiB to
 /// 16 MiB that keeps the torrent at or under 2000 pieces (so 1000–2000 pieces unless clamped).
 pub fn piece_length_for(size: u64) -> u64 {
+    piece_length_within(size, MAX_PIECES)
+}
+
+fn piece_length_within(size: u64, max_pieces: u64) -> u64 {
     let mut p = MIN_PIECE;
-    while p < MAX_PIECE && size.div_ceil(p) > MAX_PIECES {
+    while p < MAX_PIECE && size.div_ceil(p) > max_pieces {
         p *= 2;
     }
     p
@@ -79,27 +83,34 @@ pub struct Pieces {
 pub struct PieceHasher {
     streams: Vec<Stream>,
     written: u64,
+    max_pieces: u64,
 }
 
 impl PieceHasher {
     /// `candidates` are powers of two (see [`candidates`]); an empty list means "the minimum".
     pub fn new(candidates: &[u64]) -> Self {
+        Self::with_max_pieces(candidates, MAX_PIECES)
+    }
+
+    fn with_max_pieces(candidates: &[u64], max_pieces: u64) -> Self {
         let mut sizes: Vec<u64> = candidates.iter().map(|&c| c.clamp(MIN_PIECE, MAX_PIECE)).collect();
         if sizes.is_empty() {
             sizes.push(MIN_PIECE);
         }
         sizes.sort_unstable();
         sizes.dedup();
-        let streams =
-            sizes.into_iter().map(|p| Stream { piece_length: p, hasher: Sha1::new(), filled: 0, pieces: Vec::new() }).collect();
-        PieceHasher { streams, written: 0 }
+        let streams = sizes
+            .into_iter()
+            .map(|p| Stream { piece_length: p, hasher: Sha1::new(), filled: 0, pieces: Vec::new() })
+            .collect();
+        PieceHasher { streams, written: 0, max_pieces }
     }
 
     pub fn update(&mut self, data: &[u8]) {
         self.written += data.len() as u64;
         // A candidate that already has too many pieces can never be chosen: stop paying for it,
         // but always keep the largest one.
-        while self.streams.len() > 1 && self.written.div_ceil(self.streams[0].piece_length) > MAX_PIECES {
+        while self.streams.len() > 1 && self.written.div_ceil(self.streams[0].piece_length) > self.max_pieces {
             self.streams.remove(0);
         }
         for s in &mut self.streams {
@@ -113,7 +124,7 @@ impl PieceHasher {
     }
 
     pub fn finish(self) -> Pieces {
-        let want = piece_length_for(self.written);
+        let want = piece_length_within(self.written, self.max_pieces);
         let total = self.written;
         // The wanted size if it was a candidate, else the nearest candidate.
         let idx = self
@@ -183,11 +194,11 @@ mod tests {
 
     #[test]
     fn the_candidate_fitting_the_real_size_wins_and_small_ones_are_dropped() {
-        // Pretend pieces of 1 KiB .. by scaling: use real sizes but a small stream would be slow,
-        // so check the choice logic on an archive of exactly 2000 minimum pieces + 1 byte.
-        let size = (MAX_PIECES * MIN_PIECE + 1) as usize;
-        let mut h = PieceHasher::new(&[MIN_PIECE, 2 * MIN_PIECE, 4 * MIN_PIECE]);
-        let chunk = vec![7u8; 1 << 20];
+        // The same logic with a limit of 4 pieces instead of 2000 keeps the data small:
+        // 4 minimum pieces + 1 byte no longer fit 256 KiB pieces.
+        let size = (4 * MIN_PIECE + 1) as usize;
+        let mut h = PieceHasher::with_max_pieces(&[MIN_PIECE, 2 * MIN_PIECE, 4 * MIN_PIECE], 4);
+        let chunk = vec![7u8; 100_000];
         let mut left = size;
         while left > 0 {
             let n = left.min(chunk.len());

@@ -121,7 +121,11 @@ pub fn next_revision(layout: &Layout, image: &Osimage) -> u32 {
 
 /// The object's revisions after adding `new` and keeping the newest `keep` (at least 1).
 /// Returns (kept, dropped).
-pub fn with_revision(revisions: &[ImageRevision], new: ImageRevision, keep: u32) -> (Vec<ImageRevision>, Vec<ImageRevision>) {
+pub fn with_revision(
+    revisions: &[ImageRevision],
+    new: ImageRevision,
+    keep: u32,
+) -> (Vec<ImageRevision>, Vec<ImageRevision>) {
     let mut all: Vec<ImageRevision> = revisions.iter().filter(|r| r.id != new.id).cloned().collect();
     all.push(new);
     all.sort_by_key(|r| r.id);
@@ -142,9 +146,11 @@ pub fn rollback_target(image: &Osimage, wanted: Option<u32>) -> Result<u32, Stri
             let cur = image
                 .current_revision
                 .ok_or_else(|| format!("osimage '{}' has no current revision to roll back from", image.name))?;
-            ids.iter().copied().filter(|&i| i < cur).max().ok_or_else(|| {
-                format!("osimage '{}' has no revision older than {cur} (kept: {})", image.name, list())
-            })
+            ids.iter()
+                .copied()
+                .filter(|&i| i < cur)
+                .max()
+                .ok_or_else(|| format!("osimage '{}' has no revision older than {cur} (kept: {})", image.name, list()))
         }
     }
 }

@@ -24,13 +24,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use librqbit::api::TorrentIdOrHash;
+use librqbit::dht::Id20;
+use librqbit::limits::LimitsConfig;
 use librqbit::{
     AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, Session, SessionOptions, SessionPersistenceConfig,
     TorrentStatsState,
 };
-use librqbit::api::TorrentIdOrHash;
-use librqbit::dht::Id20;
-use librqbit::limits::LimitsConfig;
 use luna_core::model::{AnyObject, Kind};
 use tokio::sync::watch;
 
@@ -84,7 +84,7 @@ struct Wanted {
 /// librqbit's fast-resume bitfield: one bit per piece, most significant bit first.
 pub fn full_bitfield(pieces: usize) -> Vec<u8> {
     let mut v = vec![0xffu8; pieces.div_ceil(8)];
-    if pieces % 8 != 0 {
+    if !pieces.is_multiple_of(8) {
         if let Some(last) = v.last_mut() {
             *last = 0xffu8 << (8 - pieces % 8);
         }
@@ -217,8 +217,7 @@ impl Seeder {
 
     async fn add(&self, hash: [u8; 20], w: Wanted) {
         let archive = w.dir.join(&w.summary.name);
-        let marker_ok = Verified::read(&w.dir)
-            .is_some_and(|v| v.info_hash == hex::encode(hash) && v.matches(&archive));
+        let marker_ok = Verified::read(&w.dir).is_some_and(|v| v.info_hash == hex::encode(hash) && v.matches(&archive));
         let bitv = bitv_path(&self.state_dir, &hash);
         if marker_ok {
             if !bitv.exists() {
@@ -307,7 +306,9 @@ impl Seeder {
                 if let Some(old) = Verified::read(&s.dir) {
                     match Verified::of(&archive, &old.sha256, &old.info_hash).and_then(|v| v.write(&s.dir)) {
                         Ok(()) => tracing::info!(image = %s.image, rev = s.rev, "archive re-verified"),
-                        Err(e) => tracing::warn!(image = %s.image, rev = s.rev, error = %e, "cannot renew {VERIFIED_MARKER}"),
+                        Err(e) => {
+                            tracing::warn!(image = %s.image, rev = s.rev, error = %e, "cannot renew {VERIFIED_MARKER}")
+                        }
                     }
                 }
             }

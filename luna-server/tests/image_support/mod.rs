@@ -82,10 +82,14 @@ impl Env {
         let url = format!("sqlite://{}", dir.path().join("luna.db").display());
         let service = Service::new(store::open(&url).await.unwrap());
         service.ensure_cluster("test").await.unwrap();
-        service.update(Kind::Cluster, "cluster", json!({"frontend_address": "127.0.0.1", "http_port": 7050})).await.unwrap();
+        service
+            .update(Kind::Cluster, "cluster", json!({"frontend_address": "127.0.0.1", "http_port": 7050}))
+            .await
+            .unwrap();
         let img = Osimage::new("compute", chroot.to_str().unwrap());
         service.create(Kind::Osimage, serde_json::to_value(img).unwrap()).await.unwrap();
-        let mut cfg = ImageConfig { dracut: fake_dracut(dir.path(), "", true).display().to_string(), ..Default::default() };
+        let mut cfg =
+            ImageConfig { dracut: fake_dracut(dir.path(), "", true).display().to_string(), ..Default::default() };
         config(dir.path(), &mut cfg);
         let state = Arc::new(ImageState::new(service.clone(), &data_dir, cfg));
         Env { dir, chroot, data_dir, service, state }
