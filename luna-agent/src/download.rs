@@ -149,6 +149,9 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched,
                 Ok(Ok(0)) => None,
                 Ok(Ok(n)) => Some((Bytes::copy_from_slice(&buf[..n]), true)),
                 Ok(Err(e)) => {
+                    if let Some(s) = swarm {
+                        s.window.park();
+                    }
                     let why = format!("swarm failed at byte {offset}: {e}");
                     tracing::warn!("{why}; continuing over http");
                     job.reporter.step("http-fallback", Some(why)).await;
@@ -156,6 +159,9 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched,
                     continue;
                 }
                 Err(_) => {
+                    if let Some(s) = swarm {
+                        s.window.park();
+                    }
                     let why = format!("swarm stalled {}s at byte {offset}", job.stall.as_secs());
                     tracing::warn!("{why}; continuing over http");
                     job.reporter.step("http-fallback", Some(why)).await;

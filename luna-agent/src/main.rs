@@ -18,6 +18,8 @@ const USAGE: &str = "usage:
       report a step (for shell hooks)
   luna-agent fetch --url URL --sha256 HEX --size BYTES --dir DIR [--torrent FILE] [--peer ADDR] [--stall SECS]
       stream an image into DIR without a plan (testing, measuring)
+  luna-agent seed ARCHIVE --torrent OUT [--listen ADDR] [--tracker URL]
+      write a .torrent for ARCHIVE and seed it until killed (testing, measuring)
   luna-agent bench-unpack ARCHIVE [SCRATCH]
       streaming unpack against `zstd -dc | tar -x`
 environment: LUNA_LOG=error|warn|info|debug|trace (default info)";
@@ -126,6 +128,7 @@ fn real_main() -> anyhow::Result<()> {
             Ok(runtime()?.block_on(install::status(&cfg, &step, message))?)
         }
         "fetch" => fetch(args),
+        "seed" => seed(args),
         "bench-unpack" => {
             let archive = PathBuf::from(args.rest.first().context("bench-unpack needs an ARCHIVE")?);
             let scratch =
@@ -196,6 +199,51 @@ fn fetch(mut args: Args) -> anyhow::Result<()> {
             "fetched: {} files, {} bytes unpacked; {} bytes from peers, {} over http; window peak {:?} bytes",
             f.stats.files, f.stats.bytes, f.bytes_from_swarm, f.bytes_from_http, peak
         );
+        Ok(())
+    })
+}
+
+fn seed(mut args: Args) -> anyhow::Result<()> {
+    let out = PathBuf::from(args.opt("--torrent")?.context("seed needs --torrent OUT")?);
+    let listen: std::net::SocketAddr =
+        args.opt("--listen")?.unwrap_or_else(|| "127.0.0.1:0".into()).parse().context("bad --listen")?;
+    let trackers: Vec<String> = args.opt("--tracker")?.into_iter().collect();
+    let archive = PathBuf::from(args.rest.first().context("seed needs an ARCHIVE")?);
+    args.rest.remove(0);
+    args.done()?;
+    let dir = archive.parent().context("archive has no directory")?.to_path_buf();
+    runtime()?.block_on(async move {
+        let spawner = librqbit::spawn_utils::BlockingSpawner::new(2);
+        let opts = librqbit::CreateTorrentOptions { name: None, trackers, piece_length: None };
+        let torrent = librqbit::create_torrent(&archive, opts, &spawner).await?.as_bytes()?;
+        std::fs::write(&out, &torrent).with_context(|| format!("write {}", out.display()))?;
+        let session = librqbit::Session::new_with_opts(
+            dir.clone(),
+            librqbit::SessionOptions {
+                dht: None,
+                disable_local_service_discovery: true,
+                listen: Some(librqbit::ListenerOptions { listen_addr: listen, ipv4_only: true, ..Default::default() }),
+                ipv4_only: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+        session
+            .add_torrent(
+                librqbit::AddTorrent::from_bytes(torrent),
+                Some(librqbit::AddTorrentOptions {
+                    output_folder: Some(dir.display().to_string()),
+                    overwrite: true,
+                    ..Default::default()
+                }),
+            )
+            .await?
+            .into_handle()
+            .context("torrent not added")?
+            .wait_until_initialized()
+            .await?;
+        println!("seeding {} on {:?}; torrent {}", archive.display(), session.listen_addr(), out.display());
+        std::future::pending::<()>().await;
         Ok(())
     })
 }

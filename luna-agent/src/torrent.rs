@@ -18,9 +18,13 @@
 //!   or the server's seeder (which has everything);
 //! - librqbit still announces evicted pieces as present (it has no "lost a piece" notion);
 //! - if an unread piece had to be evicted, reading it fails and the agent continues over HTTP
-//!   from that byte. To make that rare, when more than half the window is read-ahead the
-//!   session's download rate is throttled until the unpacker catches up (only while the piece
-//!   at the read position is already here, so a slow piece is never starved).
+//!   from that byte. To make that rare, as soon as more than half the window lies at or after
+//!   the read position the session's download rate is throttled (checked on every new piece and
+//!   every read, so a fast local seeder cannot outrun it), and each peer keeps at most 64 chunk
+//!   requests (1 MiB) in flight, which bounds what still arrives after the throttle. The throttle
+//!   slows rather than stops, so the piece at the read position still arrives;
+//! - after a fallback to HTTP the download rate stays at the minimum (one chunk a second): the
+//!   node keeps seeding what it holds without fetching the image twice.
 //!
 //! Writes are never refused: librqbit treats a failed write as fatal for the torrent.
 
@@ -31,22 +35,27 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
 use librqbit::storage::{StorageFactory, StorageFactoryExt, TorrentStorage};
 use librqbit::{
-    AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, ManagedTorrent, ManagedTorrentShared, Session,
-    SessionOptions, TorrentMetadata,
+    AddTorrent, AddTorrentOptions, ListenerMode, ListenerOptions, ManagedTorrent, ManagedTorrentShared,
+    PeerConnectionOptions, Session, SessionOptions, TorrentMetadata,
 };
 use librqbit_core::lengths::ValidPieceIndex;
 use parking_lot::Mutex;
 
 /// Default window: the 64 MiB RSS budget minus the agent, TLS-less HTTP client and zstd.
 pub const DEFAULT_WINDOW: u64 = 32 << 20;
-/// Throttle while read-ahead exceeds this fraction of the window (in halves).
-const THROTTLED_BPS: u32 = 256 << 10;
+/// Download rate while the unpacker is behind.
+const THROTTLED_BPS: u32 = 512 << 10;
+/// Download rate after the fallback to HTTP: one chunk a second, the smallest librqbit accepts.
+const PARKED_BPS: u32 = 16 << 10;
+/// Chunk requests in flight per peer (16 KiB each).
+const PEER_REQUEST_WINDOW: usize = 64;
+
+type SetRate = Box<dyn Fn(Option<NonZeroU32>) + Send + Sync>;
 
 #[derive(Default)]
 struct Piece {
@@ -69,6 +78,11 @@ pub struct Window {
     /// Highest byte count ever held, for tests and the report.
     peak: AtomicU64,
     evicted_unread: AtomicBool,
+    /// The session's download limit, once there is a session.
+    set_rate: std::sync::OnceLock<SetRate>,
+    /// 0: unlimited, else the rate in force.
+    rate: AtomicU64,
+    parked: AtomicBool,
 }
 
 impl Window {
@@ -80,11 +94,47 @@ impl Window {
             state: Mutex::new(WindowState { pieces: BTreeMap::new(), bytes: 0 }),
             peak: AtomicU64::new(0),
             evicted_unread: AtomicBool::new(false),
+            set_rate: std::sync::OnceLock::new(),
+            rate: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
         })
     }
 
     pub fn set_consumed(&self, bytes: u64) {
         self.consumed.store(bytes, Ordering::Relaxed);
+        let st = self.state.lock();
+        self.update_rate(&st);
+    }
+
+    /// After the fallback to HTTP: download next to nothing, keep seeding.
+    pub fn park(&self) {
+        self.parked.store(true, Ordering::Relaxed);
+        let st = self.state.lock();
+        self.update_rate(&st);
+    }
+
+    /// The download limit now in force (`None`: unlimited).
+    pub fn rate_limit(&self) -> Option<u64> {
+        Some(self.rate.load(Ordering::Relaxed)).filter(|r| *r > 0)
+    }
+
+    /// Throttles while more than half the window lies at or after the read position.
+    fn update_rate(&self, st: &WindowState) {
+        let read = self.read_piece();
+        let ahead: u64 = st.pieces.range(read..).map(|(_, p)| p.data.len() as u64).sum();
+        let want = if self.parked.load(Ordering::Relaxed) {
+            u64::from(PARKED_BPS)
+        } else if ahead > self.cap / 2 {
+            u64::from(THROTTLED_BPS)
+        } else {
+            0
+        };
+        if self.rate.swap(want, Ordering::Relaxed) != want {
+            tracing::debug!(ahead, want, "download rate limit changed");
+            if let Some(set) = self.set_rate.get() {
+                set(NonZeroU32::new(want as u32));
+            }
+        }
     }
 
     pub fn peak_bytes(&self) -> u64 {
@@ -106,16 +156,6 @@ impl Window {
 
     fn read_piece(&self) -> u32 {
         (self.consumed.load(Ordering::Relaxed) / self.piece_len()) as u32
-    }
-
-    /// Bytes of verified pieces at or after the read position, and whether the piece at the read
-    /// position is among them.
-    fn ahead(&self) -> (u64, bool) {
-        let read = self.read_piece();
-        let st = self.state.lock();
-        let here = st.pieces.get(&read).is_some_and(|p| p.verified);
-        let bytes = st.pieces.range(read..).filter(|(_, p)| p.verified).map(|(_, p)| p.data.len() as u64).sum();
-        (bytes, here)
     }
 
     fn evict(&self, st: &mut WindowState, keep: u32) {
@@ -152,6 +192,7 @@ impl Window {
                 st.bytes += size as u64;
                 self.evict(&mut st, index);
                 self.peak.fetch_max(st.bytes, Ordering::Relaxed);
+                self.update_rate(&st);
             }
             let piece = st.pieces.get_mut(&index).context("piece vanished while writing")?;
             let n = buf.len().min(piece.data.len().saturating_sub(within));
@@ -290,7 +331,6 @@ pub struct Swarm {
     session: Arc<Session>,
     handle: Arc<ManagedTorrent>,
     pub window: Arc<Window>,
-    throttle: tokio::task::JoinHandle<()>,
 }
 
 impl Swarm {
@@ -324,6 +364,10 @@ impl Swarm {
                 AddTorrent::from_bytes(torrent),
                 Some(AddTorrentOptions {
                     overwrite: true,
+                    peer_opts: Some(PeerConnectionOptions {
+                        max_request_window: Some(PEER_REQUEST_WINDOW),
+                        ..Default::default()
+                    }),
                     initial_peers: (!opts.initial_peers.is_empty()).then(|| opts.initial_peers.clone()),
                     ..Default::default()
                 }),
@@ -332,8 +376,13 @@ impl Swarm {
             .context("add the image torrent")?;
         let handle = added.into_handle().context("the torrent was only listed, not added")?;
         handle.wait_until_initialized().await.context("initialise the image torrent")?;
-        let throttle = tokio::spawn(throttle_loop(session.clone(), window.clone()));
-        Ok(Swarm { session, handle, window, throttle })
+        let limits = Arc::downgrade(&session);
+        let _ = window.set_rate.set(Box::new(move |bps| {
+            if let Some(s) = limits.upgrade() {
+                s.ratelimits.set_download_bps(bps);
+            }
+        }));
+        Ok(Swarm { session, handle, window })
     }
 
     /// The archive in order (librqbit's `FileStream`, which is not nameable from outside).
@@ -347,22 +396,7 @@ impl Swarm {
     }
 
     pub async fn stop(self) {
-        self.throttle.abort();
         self.session.stop().await;
-    }
-}
-
-async fn throttle_loop(session: Arc<Session>, window: Arc<Window>) {
-    let mut throttled = false;
-    loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (ahead, here) = window.ahead();
-        let want = here && ahead > window.cap / 2;
-        if want != throttled {
-            throttled = want;
-            tracing::debug!(ahead, "download throttle {}", if want { "on" } else { "off" });
-            session.ratelimits.set_download_bps(if want { NonZeroU32::new(THROTTLED_BPS) } else { None });
-        }
     }
 }
 
@@ -421,7 +455,26 @@ mod tests {
         w.read(0, &mut b).unwrap();
         assert_eq!(&b, b"aacc");
         assert_eq!(w.held_bytes(), 8, "over the cap rather than lose a piece being filled");
-        let (ahead, here) = w.ahead();
-        assert_eq!((ahead, here), (0, false));
+    }
+
+    #[test]
+    fn throttles_when_half_the_window_is_ahead_and_parks_after_fallback() {
+        let w = window(16, 4);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let _ = w.set_rate.set(Box::new(move |bps| s2.lock().push(bps.map(|b| b.get()))));
+        let sizes = |_| 4;
+        w.write(0, b"aaaa", &sizes).unwrap();
+        w.write(4, b"bbbb", &sizes).unwrap();
+        assert_eq!(w.rate_limit(), None, "8 bytes of 16 is not more than half");
+        w.write(8, b"cc", &sizes).unwrap();
+        assert_eq!(w.rate_limit(), Some(u64::from(THROTTLED_BPS)), "throttled at once, on the write");
+        w.set_consumed(8);
+        assert_eq!(w.rate_limit(), None, "the reader caught up");
+        w.park();
+        assert_eq!(w.rate_limit(), Some(u64::from(PARKED_BPS)));
+        w.set_consumed(12);
+        assert_eq!(w.rate_limit(), Some(u64::from(PARKED_BPS)), "parked for good");
+        assert_eq!(*seen.lock(), vec![Some(THROTTLED_BPS), None, Some(PARKED_BPS)]);
     }
 }
