@@ -20,6 +20,7 @@ pub struct Config {
     /// Cluster name given to the cluster object by `init`.
     pub cluster_name: String,
     pub dhcp: crate::dhcp::DhcpConfig,
+    pub tftp: crate::tftp::TftpConfig,
 }
 
 impl Default for Config {
@@ -31,6 +32,7 @@ impl Default for Config {
             data_dir: "/var/lib/luna".into(),
             cluster_name: "luna".into(),
             dhcp: crate::dhcp::DhcpConfig::default(),
+            tftp: crate::tftp::TftpConfig::default(),
         }
     }
 }
@@ -79,13 +81,15 @@ cluster_name = "{cluster}"
 # The built-in DHCP server. It answers only on the interfaces listed here (none: off), and
 # only machines luna knows unless the cluster object has a dhcp_range (discovery).
 [dhcp]
-{dhcp}"#,
+{dhcp}
+{tftp}"#,
         store = d.store,
         listen = d.listen,
         token = d.token_file.display(),
         data = d.data_dir.display(),
         cluster = d.cluster_name,
         dhcp = toml::to_string(&d.dhcp).expect("dhcp config serialises"),
+        tftp = crate::tftp::TftpConfig::documented_defaults(),
     )
 }
 

@@ -32,6 +32,8 @@ pub enum ServerError {
     Http(std::io::Error),
     #[error(transparent)]
     Dhcp(#[from] DhcpError),
+    #[error(transparent)]
+    Tftp(#[from] crate::tftp::TftpError),
     #[error("cannot create data directory {path}: {source}")]
     DataDir { path: PathBuf, source: std::io::Error },
 }
@@ -148,6 +150,13 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         Arc::new(StatusToService(service)),
         cancel.clone(),
     ));
+    let (tftp_tx, tftp_rx) = watch::channel(false);
+    let tftp_stop = cancel.clone();
+    tokio::spawn(async move {
+        tftp_stop.cancelled().await;
+        let _ = tftp_tx.send(true);
+    });
+    let tftp_task = tokio::spawn(crate::tftp::serve(config.tftp.clone(), tftp_rx));
     let http_stop = cancel.clone();
     let http = axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(async move { http_stop.cancelled().await });
@@ -155,6 +164,11 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     let result = tokio::select! {
         r = http => r.map_err(ServerError::Http),
         r = dhcp_task => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(ServerError::Http(std::io::Error::other(e.to_string()))),
+        },
+        r = tftp_task => match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
             Err(e) => Err(ServerError::Http(std::io::Error::other(e.to_string()))),
