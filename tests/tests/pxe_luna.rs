@@ -126,7 +126,8 @@ fn known_node_pxe_boots_from_luna_server_alone() {
     assert!(status.success(), "qemu: {status}");
 
     let node = luna.node("node001");
-    assert_eq!(node["status"]["step"], "kernel", "{node}");
+    // The last thing the node did: the initramfs' DHCP, acked with its one address.
+    assert_eq!(node["status"]["message"], "dhcp acked 10.77.0.2", "{node}");
     let log = luna.server.output();
     assert!(log.contains("http listening"));
     drop(luna);
