@@ -55,6 +55,14 @@ async fn pack_publishes_a_whole_revision() {
     assert_eq!(t.url_list, ["http://127.0.0.1:7050/images/compute/1/compute.tar.zst"]);
     assert!(t.private);
     assert_eq!((t.name.as_str(), t.length, t.piece_length), ("compute.tar.zst", rev.archive_size, rev.piece_length));
+    // other BitTorrent tools read the same info hash, size and privacy from our .torrent
+    let show = std::process::Command::new("transmission-show").arg(dir.join(&rev.torrent)).output().unwrap();
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(show.contains(&format!("Hash: {}", rev.info_hash)) && show.contains("Private torrent"), "{show}");
+    let aria = std::process::Command::new("aria2c").arg("--show-files").arg(dir.join(&rev.torrent)).output().unwrap();
+    let aria = String::from_utf8_lossy(&aria.stdout).replace(',', "");
+    assert!(aria.contains(&format!("Info Hash: {}", rev.info_hash)), "{aria}");
+    assert!(aria.contains(&format!("({})", rev.archive_size)), "{aria}");
     // excluded paths are not in the archive
     let listing =
         std::process::Command::new("tar").args(["--zstd", "-tf"]).arg(dir.join(&rev.archive)).output().unwrap();

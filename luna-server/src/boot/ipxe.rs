@@ -23,7 +23,9 @@
 //!   whatever name the kernel gave that NIC (`ifup.sh`/`net-genrules.sh` match
 //!   `??-??-??-??-??-??` by address), so the static address lands on the NIC that PXE-booted
 //!   even when its name (eth1, ens3f1, …) is unknown; a colon MAC cannot be used there since
-//!   `:` separates the fields;
+//!   `:` separates the fields (dracut logs a harmless "Network interface '52-54-…' does not
+//!   exist" while parsing it; checked with dracut 059 in qemu: two NICs, the address went to
+//!   the second one, whose MAC was given, with the gateway route, host name and DNS servers);
 //! - `BOOTIF=` (pxelinux's form) makes that NIC dracut's boot device: the initqueue waits for
 //!   exactly it, and luna's agent reads its MAC from there as well;
 //! - no `ifname=` renaming: a renamed NIC keeps its name after switch-root and would break
@@ -39,7 +41,8 @@ use luna_core::mac::MacAddr;
 
 /// Seconds a failing script waits before it tries again.
 pub const RETRY_SECS: u32 = 10;
-/// How long the unknown-machine menu waits before asking the server again.
+/// Suggested [`MenuInput::timeout_secs`]: how long the unknown-machine menu waits before it
+/// asks the server again.
 pub const MENU_TIMEOUT_SECS: u32 = 60;
 /// The name iPXE gives the initrd image; the kernel's EFI stub loads it by this name.
 pub const INITRD_NAME: &str = "initrd.img";
@@ -149,8 +152,7 @@ fn kernel_opts(s: &str) -> String {
 /// Text for `echo`, `menu` and `item`: printable, no expansion, no syntax tokens, no line
 /// continuation. Never empty (iPXE's `item` needs its text for a visible entry).
 fn display(s: &str) -> String {
-    let cleaned: String =
-        s.chars().filter(|&c| c != '$').map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let cleaned: String = s.chars().filter(|&c| c != '$').map(|c| if c.is_control() { ' ' } else { c }).collect();
     let tokens: Vec<&str> = cleaned
         .split_whitespace()
         .map(|t| t.trim_start_matches('#'))
@@ -171,7 +173,8 @@ fn dashed(mac: &MacAddr) -> String {
 
 /// A host name for dracut's `ip=`: letters, digits, `-` and `.` only; else the node name.
 fn host_field(hostname: &str, fallback: &str) -> String {
-    let pick = |s: &str| -> String { s.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.')).collect() };
+    let pick =
+        |s: &str| -> String { s.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.')).collect() };
     let h = pick(hostname);
     if h.is_empty() {
         pick(fallback)
@@ -471,7 +474,9 @@ goto menu
         assert!(!s.contains("without a MAC"));
         assert!(!s.contains(":node0"));
         assert!(s.contains("\nchoose --default again target || goto menu\n"));
-        assert!(s.contains("\n:again\nchain --replace --autofree http://s:7050/boot/ipxe?mac=${netX/mac} || goto failed\n"));
+        assert!(
+            s.contains("\n:again\nchain --replace --autofree http://s:7050/boot/ipxe?mac=${netX/mac} || goto failed\n")
+        );
     }
 
     #[test]

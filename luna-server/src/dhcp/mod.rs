@@ -27,10 +27,10 @@ use std::net::Ipv4Addr;
 use luna_core::MacAddr;
 use serde::{Deserialize, Serialize};
 
-pub use self::engine::{handle, Candidate, Client, Decision, Known, RequestContext, Unknown, View};
+pub use self::engine::{handle, Action, Candidate, Client, Decision, Known, RequestContext, Unknown, View};
 pub use self::lease::{Lease, LeaseState, Versioned};
 pub use self::packet::{encode_reply, Destination, Reply, Request};
-pub use self::server::serve;
+pub use self::server::{serve, Handler, Outcome};
 
 /// The `[dhcp]` section of luna-server's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
