@@ -136,7 +136,12 @@ impl Client {
     /// A plain-text GET outside the API (boot scripts), `path` with its query.
     pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
         let url = format!("{}{path}", self.base);
-        let res = self.agent.get(&url).call().map_err(|e| self.error(&url, e))?;
+        // Boot-script previews are admin-only: send the token when there is one.
+        let mut req = self.agent.get(&url);
+        if let Ok(t) = self.token() {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let res = req.call().map_err(|e| self.error(&url, e))?;
         let mut text = String::new();
         res.into_reader()
             .read_to_string(&mut text)

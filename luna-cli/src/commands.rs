@@ -501,7 +501,7 @@ impl<R: Read> Ctx<R> {
                     };
                     let script = self
                         .client
-                        .get_text(&format!("/boot/ipxe?mac={}", encode_segment(mac)))
+                        .get_text(&format!("/boot/ipxe?mac={}&preview=1", encode_segment(mac)))
                         .with_context(|| format!("cannot get the boot script of node {} (mac {mac})", a.show.name))?;
                     self.print(&script);
                     Ok(())

@@ -480,7 +480,7 @@ fn boot_script_is_fetched_by_mac() {
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.stdout, "#!ipxe\nkernel http://x/k\nboot\n");
     let seen = fake.join().unwrap();
-    assert_eq!(seen, ["/api/v1/node/node001", "/boot/ipxe?mac=52%3A54%3A00%3A00%3A00%3A01"]);
+    assert_eq!(seen, ["/api/v1/node/node001", "/boot/ipxe?mac=52%3A54%3A00%3A00%3A00%3A01&preview=1"]);
 }
 
 #[test]

@@ -166,6 +166,18 @@ pub fn compress<S: AsRef<str>>(names: &[S]) -> String {
         let width = if num.len() > 1 && num.starts_with('0') { num.len() } else { 0 };
         groups.entry((prefix.to_string(), width)).or_default().push(num.parse().expect("digits"));
     }
+    // `node1000` has no leading zero but belongs with `node0999` (width 4), not alone.
+    let padded: Vec<(String, usize)> = groups.keys().filter(|(_, w)| *w > 0).cloned().collect();
+    for (prefix, width) in padded {
+        if let Some(plain) = groups.get_mut(&(prefix.clone(), 0)) {
+            let (fit, rest): (Vec<u64>, Vec<u64>) = plain.iter().partition(|n| n.to_string().len() == width);
+            *plain = rest;
+            if plain.is_empty() {
+                groups.remove(&(prefix.clone(), 0));
+            }
+            groups.entry((prefix, width)).or_default().extend(fit);
+        }
+    }
     let mut parts = literals;
     for ((prefix, width), mut nums) in groups {
         nums.sort_unstable();
@@ -235,6 +247,8 @@ mod tests {
     fn compress_examples() {
         assert_eq!(compress(&["node001", "node002", "node003", "node010", "gpu1"]), "gpu1,node[001-003,010]");
         assert_eq!(compress(&["login"]), "login");
+        let names: Vec<String> = (998..=1001).map(|n| format!("b{n:04}")).collect();
+        assert_eq!(compress(&names), "b[0998-1001]");
     }
 
     proptest! {

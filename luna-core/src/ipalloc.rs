@@ -24,9 +24,21 @@ pub fn lowest_free(
     also_reserved: &[IpRange],
     count: usize,
 ) -> Result<Vec<Ipv4Addr>, AllocError> {
+    lowest_free_from(network, used, also_reserved, count, network.host_range().start)
+}
+
+/// [`lowest_free`] starting the scan at `from`: bulk allocators pass the address after their
+/// last pick (everything below it is taken), which keeps allocating N nodes linear, not quadratic.
+pub fn lowest_free_from(
+    network: &Network,
+    used: &BTreeSet<Ipv4Addr>,
+    also_reserved: &[IpRange],
+    count: usize,
+    from: Ipv4Addr,
+) -> Result<Vec<Ipv4Addr>, AllocError> {
     let range = network.host_range();
     let mut out = Vec::with_capacity(count);
-    let mut cur = u32::from(range.start);
+    let mut cur = u32::from(range.start).max(u32::from(from));
     let end = u32::from(range.end);
     while out.len() < count && cur <= end {
         let ip = Ipv4Addr::from(cur);

@@ -105,7 +105,7 @@ impl ListQuery {
     }
 }
 
-async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+pub async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)

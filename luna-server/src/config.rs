@@ -21,6 +21,7 @@ pub struct Config {
     pub cluster_name: String,
     pub dhcp: crate::dhcp::DhcpConfig,
     pub tftp: crate::tftp::TftpConfig,
+    pub image: crate::image::ImageConfig,
 }
 
 impl Default for Config {
@@ -33,6 +34,7 @@ impl Default for Config {
             cluster_name: "luna".into(),
             dhcp: crate::dhcp::DhcpConfig::default(),
             tftp: crate::tftp::TftpConfig::default(),
+            image: crate::image::ImageConfig::default(),
         }
     }
 }
@@ -82,7 +84,8 @@ cluster_name = "{cluster}"
 # only machines luna knows unless the cluster object has a dhcp_range (discovery).
 [dhcp]
 {dhcp}
-{tftp}"#,
+{tftp}
+{image}"#,
         store = d.store,
         listen = d.listen,
         token = d.token_file.display(),
@@ -90,6 +93,7 @@ cluster_name = "{cluster}"
         cluster = d.cluster_name,
         dhcp = toml::to_string(&d.dhcp).expect("dhcp config serialises"),
         tftp = crate::tftp::TftpConfig::documented_defaults(),
+        image = crate::image::documented_defaults(),
     )
 }
 

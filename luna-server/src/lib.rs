@@ -11,3 +11,4 @@ pub mod service;
 pub mod store;
 pub mod tftp;
 pub mod tracker;
+pub mod wiring;

@@ -34,6 +34,8 @@ pub enum ServerError {
     Dhcp(#[from] DhcpError),
     #[error(transparent)]
     Tftp(#[from] crate::tftp::TftpError),
+    #[error("cannot start the seeder: {0}")]
+    Seeder(String),
     #[error("cannot create data directory {path}: {source}")]
     DataDir { path: PathBuf, source: std::io::Error },
 }
@@ -127,7 +129,23 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     let admin_token = read_token(&config.token_file)?;
     let boot = BootContext { tokens: BootTokens::new(admin_token.as_bytes()), data_dir: config.data_dir.clone() };
     let state = Arc::new(AppState { service: service.clone(), admin_token, boot });
-    let app = api::router(state.clone()).merge(netboot::router(state));
+
+    let topology = Arc::new(crate::wiring::StoreTopology::default());
+    let cluster = service.cluster().await?;
+    // interval and max_peers follow the cluster object (see wiring::follow_store).
+    let tracker_config = crate::tracker::TrackerConfig::from_cluster(&cluster);
+    let tracker = Arc::new(crate::tracker::TrackerHandle::new(tracker_config, topology.clone()));
+    let images = Arc::new(
+        crate::image::ImageState::new(service.clone(), &config.data_dir, config.image.clone())
+            .with_stats(Arc::new(crate::wiring::TrackerStats(tracker.clone()))),
+    );
+    let image_api = crate::image::http::router(images.clone())
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), api::require_token));
+    let app = api::router(state.clone())
+        .merge(image_api)
+        .merge(crate::image::http::files_router(images.clone()))
+        .merge(crate::tracker::router(tracker.clone()))
+        .merge(netboot::router(state));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
@@ -144,6 +162,19 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         stop.cancel();
     });
 
+    tokio::spawn(crate::wiring::follow_store(service.clone(), tracker.clone(), topology, cancel.clone()));
+    if config.image.seed {
+        let seeder = crate::image::seeder::Seeder::start(images, Some(crate::wiring::registrar(tracker)))
+            .await
+            .map_err(|e| ServerError::Seeder(e.to_string()))?;
+        let (seed_tx, seed_rx) = watch::channel(false);
+        let seed_stop = cancel.clone();
+        tokio::spawn(async move {
+            seed_stop.cancelled().await;
+            let _ = seed_tx.send(true);
+        });
+        tokio::spawn(seeder.run(seed_rx));
+    }
     let dhcp_task = tokio::spawn(dhcp::serve(
         config.dhcp.clone(),
         store,

@@ -156,6 +156,12 @@ impl Batch {
                 continue;
             }
             let held_by_old = old_claims.contains(&key);
+            if old.is_none() && self.auto.contains(&key) {
+                // We picked it as free moments ago; if someone took it since, the commit's
+                // `Absent` check fails and the operation is re-run with fresh data.
+                self.writes.push(Write::Put { collection: Collection::Claim, key, expect: Expect::Absent, doc: claim_doc(new) });
+                continue;
+            }
             let existing = self.load_claim(store, &key).await?;
             match existing {
                 Some((rev, kind, owner)) if held_by_old && !renamed && kind == new.kind().as_str() => {
@@ -221,6 +227,8 @@ fn claim_owner(rec: &Record) -> (u64, String, String) {
 struct NetworkUse {
     network: Network,
     used: BTreeSet<Ipv4Addr>,
+    /// Every host address below this one is used: allocation scans from here.
+    cursor: Ipv4Addr,
 }
 
 #[derive(Clone)]
@@ -349,7 +357,8 @@ impl Service {
             .iter()
             .filter_map(|r| r.key.rsplit('/').next().and_then(|ip| ip.parse().ok()))
             .collect();
-        Ok(NetworkUse { network, used })
+        let cursor = network.host_range().start;
+        Ok(NetworkUse { network, used, cursor })
     }
 
     /// Ranges no static allocation may use: the server's own address and the discovery range.
@@ -790,6 +799,7 @@ impl Service {
                             nu.used.insert(ip);
                         } else {
                             nu.used.remove(&ip);
+                            nu.cursor = nu.cursor.min(ip);
                         }
                     }
                 }
@@ -903,7 +913,8 @@ fn reconcile_interfaces(
         } else if let Some(ip) = kept.and_then(|k| k.ip) {
             ip
         } else {
-            let ip = ipalloc::lowest_free(&nu.network, &nu.used, reserved, 1)?[0];
+            let ip = ipalloc::lowest_free_from(&nu.network, &nu.used, reserved, 1, nu.cursor)?[0];
+            nu.cursor = Ipv4Addr::from(u32::from(ip).saturating_add(1));
             auto.insert(Claim::Ip { network: gi.network.clone(), ip }.key());
             ip
         };

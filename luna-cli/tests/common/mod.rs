@@ -110,7 +110,9 @@ impl Server {
         std::fs::write(
             &config,
             format!(
-                "store = \"{store}\"\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\ndata_dir = \"{}\"\n",
+                // Only the API: many servers run side by side, so no TFTP port or seeder to share.
+                "store = \"{store}\"\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\ndata_dir = \"{}\"\n\
+                 [tftp]\nenabled = false\n[image]\nseed = false\n",
                 token_file.display(),
                 dir.path().join("data").display()
             ),
