@@ -46,6 +46,11 @@ install() {
     inst_multiple sh mount umount chroot sleep ip
     inst_multiple -o mkfs.ext4 mkfs.xfs mkfs.vfat sfdisk parted wipefs tar zstd mkdir cat setsid reboot
 
+    # The TLS stack of the agent's HTTP clients (its own and librqbit's tracker client) refuses
+    # to start without CA certificates, even for plain http: ship the host's bundle.
+    inst_multiple -o /etc/ssl/certs/ca-certificates.crt /etc/pki/tls/certs/ca-bundle.crt \
+        /etc/ssl/ca-bundle.pem /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem
+
     inst_hook cmdline 90 "$moddir/parse-luna.sh"
     inst_hook mount 90 "$moddir/luna-mount.sh"
     inst_script "$moddir/lunaroot.sh" /sbin/lunaroot

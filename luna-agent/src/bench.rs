@@ -10,31 +10,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::os::Os;
-use crate::unpack::{unpack_tar_zst, UnpackStats};
-
-struct ChunkReader {
-    rx: mpsc::Receiver<Vec<u8>>,
-    cur: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for ChunkReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos == self.cur.len() {
-            match self.rx.recv() {
-                Ok(c) => {
-                    self.cur = c;
-                    self.pos = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.cur.len() - self.pos);
-        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
+use crate::unpack::{unpack_tar_zst, BlockReader, UnpackStats};
 
 /// The agent's pipeline on a local file: a reader thread hashes and hands 256 KiB chunks over a
 /// bounded channel to the unpacker. Returns the stats and the archive's SHA-256.
@@ -58,7 +34,7 @@ pub fn agent_unpack(archive: &Path, root: &Path, os: &dyn Os) -> anyhow::Result<
         }
         Ok(hex::encode(h.finalize()))
     });
-    let stats = unpack_tar_zst(ChunkReader { rx, cur: Vec::new(), pos: 0 }, root, os)?;
+    let stats = unpack_tar_zst(BlockReader::new(rx), root, os)?;
     let sha = reader.join().map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
     Ok((stats, sha))
 }

@@ -58,13 +58,22 @@ fn transport(url: &str, e: impl std::fmt::Display) -> HttpError {
 
 impl Client {
     pub fn new(base: &str, node: &str, token: &str) -> Result<Self, HttpError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            // A stalled transfer is noticed per read, so long downloads are not cut off.
-            .read_timeout(Duration::from_secs(30))
-            .no_proxy()
-            .build()
-            .map_err(|e| transport(base, e))?;
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                // A stalled transfer is noticed per read, so long downloads are not cut off.
+                .read_timeout(Duration::from_secs(30))
+                .no_proxy()
+        };
+        // The TLS verifier wants the system's CA certificates; an initramfs without them can
+        // still speak plain http (what luna.url normally is), so build without any then.
+        let http = match builder().build() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("no system CA certificates ({e}); https to {base} will fail, http works");
+                builder().tls_certs_only([]).build().map_err(|e| transport(base, e))?
+            }
+        };
         Ok(Self {
             http,
             base: base.trim_end_matches('/').to_string(),

@@ -13,6 +13,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use filetime::FileTime;
 use tar::EntryType;
@@ -296,17 +297,95 @@ fn copy(from: &mut impl Read, to: &mut File, buf: &mut [u8]) -> io::Result<u64> 
     }
 }
 
-/// Unpacks a zstd-compressed tar stream, then reads `reader` to its end (so a hash over the
-/// compressed bytes sees all of them, trailing padding included).
-pub fn unpack_tar_zst<R: Read>(reader: R, root: &Path, os: &dyn Os) -> Result<UnpackStats, UnpackError> {
-    let unpacker = Unpacker::new(root, os)?;
-    let mut decoder = zstd::stream::read::Decoder::new(reader).map_err(UnpackError::Archive)?;
-    let stats = unpacker.unpack(&mut decoder)?;
-    // Whatever tar did not need (zero blocks, zstd frame end) still has to pass through.
-    io::copy(&mut decoder, &mut io::sink()).map_err(UnpackError::Archive)?;
+/// Reads the blocks a [`std::sync::mpsc`] channel delivers, in order.
+pub struct BlockReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl BlockReader {
+    pub fn new(rx: std::sync::mpsc::Receiver<Vec<u8>>) -> Self {
+        Self { rx, cur: Vec::new(), pos: 0 }
+    }
+}
+
+impl Read for BlockReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(block) => {
+                    self.cur = block;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Decompressed bytes per block handed from the zstd thread to the tar thread, and blocks in
+/// flight: about 5 MiB between the two.
+const BLOCK: usize = 1 << 20;
+const BLOCKS: usize = 4;
+
+/// Decompresses `reader` into blocks until its end, then reads what follows the zstd frames to
+/// the end too (so a hash over the compressed bytes sees all of them). Stops early when `abort`
+/// is set (the unpacker failed).
+fn decompress(reader: impl Read, tx: std::sync::mpsc::SyncSender<Vec<u8>>, abort: &AtomicBool) -> io::Result<()> {
+    let mut decoder = zstd::stream::read::Decoder::new(reader)?;
+    let mut receiver_gone = false;
+    loop {
+        if abort.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut block = vec![0u8; BLOCK];
+        let mut filled = 0;
+        while filled < BLOCK {
+            match decoder.read(&mut block[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        block.truncate(filled);
+        // Once tar has seen its end marker it stops listening: the rest is only drained.
+        if !receiver_gone && tx.send(block).is_err() {
+            receiver_gone = true;
+        }
+    }
+    drop(tx);
     let mut rest = decoder.finish();
-    io::copy(&mut rest, &mut io::sink()).map_err(UnpackError::Archive)?;
-    Ok(stats)
+    io::copy(&mut rest, &mut io::sink())?;
+    Ok(())
+}
+
+/// Unpacks a zstd-compressed tar stream: one thread decompresses, this one writes the tree (as
+/// `zstd -dc | tar -x` does with two processes).
+pub fn unpack_tar_zst<R: Read + Send>(reader: R, root: &Path, os: &dyn Os) -> Result<UnpackStats, UnpackError> {
+    let unpacker = Unpacker::new(root, os)?;
+    let abort = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(BLOCKS);
+        let abort = &abort;
+        let decoder = scope.spawn(move || decompress(reader, tx, abort));
+        let unpacked = unpacker.unpack(BlockReader::new(rx));
+        if unpacked.is_err() {
+            abort.store(true, Ordering::Relaxed);
+        }
+        let decoded = decoder.join().unwrap_or_else(|_| Err(io::Error::other("zstd thread panicked")));
+        let stats = unpacked?;
+        decoded.map_err(UnpackError::Archive)?;
+        Ok(stats)
+    })
 }
 
 /// Empties `root` (a mount point: the directory itself stays).

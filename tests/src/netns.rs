@@ -260,8 +260,10 @@ impl<T> NetnsThread<T> {
 fn destroy(name: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
+        let own = std::process::id() as i32;
+        // never the test process itself (its main thread could have joined the namespace)
         let pids: Vec<i32> = match ip(&["netns", "pids", name]) {
-            Ok(out) => out.split_whitespace().filter_map(|p| p.parse().ok()).collect(),
+            Ok(out) => out.split_whitespace().filter_map(|p| p.parse().ok()).filter(|&p| p != own).collect(),
             Err(_) => Vec::new(),
         };
         if pids.is_empty() || Instant::now() >= deadline {

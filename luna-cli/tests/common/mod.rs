@@ -20,8 +20,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Builds `bin` of `package` into the target directory `bin_dir` belongs to (same profile) and
-/// returns its path. When the build fails but an older binary exists, that one is used with a
-/// warning, so a half-edited neighbour crate does not stop these tests.
+/// returns its path. A failed build is fatal: an older binary could test code that is gone.
 pub fn cargo_build(bin_dir: &Path, package: &str, bin: &str) -> PathBuf {
     let path = bin_dir.join(bin);
     let profile = bin_dir.file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_string();
@@ -29,25 +28,17 @@ pub fn cargo_build(bin_dir: &Path, package: &str, bin: &str) -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace)
-        .env("CARGO_TARGET_DIR", target_dir)
-        .args(["build", "--quiet", "-p", package, "--bin", bin]);
+    cmd.current_dir(workspace).env("CARGO_TARGET_DIR", target_dir).args(["build", "--quiet", "-p", package, "--bin", bin]);
     if profile != "debug" {
         // Directory names are profile names, except `debug`, which is the `dev` profile.
         cmd.args(["--profile", &profile]);
     }
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run cargo build -p {package}: {e}"));
-    if !out.status.success() {
-        if path.exists() {
-            eprintln!(
-                "warning: cargo build -p {package} failed, using the existing {}:\n{}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        } else {
-            panic!("cargo build -p {package} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-    }
+    assert!(
+        out.status.success(),
+        "cargo build -p {package} failed (set LUNA_SERVER_BIN to test another luna-server):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     path
 }
 
