@@ -34,7 +34,7 @@ luna_agent_binary() {
 
 # called by dracut
 install() {
-    local _agent
+    local _agent _tool
     if ! _agent=$(luna_agent_binary); then
         dfatal "95luna: luna-agent not found (set LUNA_AGENT_BIN or install /usr/lib/luna/luna-agent)"
         return 1
@@ -44,12 +44,17 @@ install() {
 
     # What the agent and the group's scripts call. Optional ones only if the host has them.
     inst_multiple sh mount umount chroot sleep ip
-    inst_multiple -o mkfs.ext4 mkfs.xfs mkfs.vfat sfdisk parted wipefs tar zstd mkdir cat setsid reboot
+    for _tool in mkfs.ext4 mkfs.xfs mkfs.vfat sfdisk parted wipefs tar zstd mkdir cat setsid reboot; do
+        inst_multiple -o "$_tool"
+    done
 
     # The TLS stack of the agent's HTTP clients (its own and librqbit's tracker client) refuses
     # to start without CA certificates, even for plain http: ship the host's bundle.
-    inst_multiple -o /etc/ssl/certs/ca-certificates.crt /etc/pki/tls/certs/ca-bundle.crt \
-        /etc/ssl/ca-bundle.pem /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem
+    local _ca
+    for _ca in /etc/ssl/certs/ca-certificates.crt /etc/pki/tls/certs/ca-bundle.crt \
+        /etc/ssl/ca-bundle.pem /etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem; do
+        [[ -e $_ca ]] && inst_simple "$_ca"
+    done
 
     inst_hook cmdline 90 "$moddir/parse-luna.sh"
     inst_hook mount 90 "$moddir/luna-mount.sh"

@@ -7,26 +7,29 @@ use std::process::Command;
 
 use luna_tests::{cargo_bin, privileged, test_assets, work_dir, workspace_root};
 
-/// Makes `/usr/lib/dracut/modules.d/95luna` point at the module in this tree.
-fn link_module() -> PathBuf {
-    let src = workspace_root().join("dracut-module/95luna");
-    let dst = Path::new("/usr/lib/dracut/modules.d/95luna");
-    if std::fs::read_link(dst).ok().as_deref() != Some(src.as_path()) {
-        let _ = std::fs::remove_file(dst);
-        let _ = std::fs::remove_dir_all(dst);
-        std::os::unix::fs::symlink(&src, dst).expect("link the 95luna module into dracut's modules.d");
-    }
-    src
+/// A private copy of dracut's base directory whose `modules.d/95luna` is the module in this
+/// tree: the system's `/usr/lib/dracut` stays untouched (other tests may use it at the same time).
+fn dracut_base(dir: &Path) -> PathBuf {
+    let base = dir.join("dracutbase");
+    let _ = std::fs::remove_dir_all(&base);
+    let copied = Command::new("cp").arg("-a").arg("/usr/lib/dracut").arg(&base).status().expect("run cp");
+    assert!(copied.success(), "copy /usr/lib/dracut (apt-get install dracut-core dracut-network)");
+    let module = base.join("modules.d/95luna");
+    let _ = std::fs::remove_file(&module);
+    let _ = std::fs::remove_dir_all(&module);
+    std::os::unix::fs::symlink(workspace_root().join("dracut-module/95luna"), &module).expect("link 95luna");
+    base
 }
 
 /// Builds an initramfs with 95luna for the test kernel; returns its path.
 pub fn build_initramfs(agent: &Path, out: &Path) {
     let assets = test_assets().expect("boot assets (tests/assets/build-test-image.sh)");
-    link_module();
+    let base = dracut_base(out.parent().expect("initramfs path has a directory"));
     let modules = assets.modules_dir();
     let status = Command::new("depmod").arg("-b").arg(&assets.kroot).arg(&assets.kver).status().expect("run depmod");
     assert!(status.success(), "depmod -b {} {}", assets.kroot.display(), assets.kver);
     let output = Command::new("dracut")
+        .env("dracutbasedir", &base)
         .env("LUNA_AGENT_BIN", agent)
         .args(["--force", "--no-hostonly", "--kver", &assets.kver, "--kmoddir"])
         .arg(&modules)
@@ -69,6 +72,7 @@ fn dracut_initramfs_has_the_agent_and_hooks() {
         "sbin/ifup",
         "sbin/dhclient",
         "chroot",
+        "etc/ssl/certs/ca-certificates.crt",
     ] {
         assert!(listing.lines().any(|l| l.contains(path)), "{path} missing from the initramfs:\n{listing}");
     }
