@@ -1,11 +1,19 @@
-//! The node side in an initramfs: dracut builds one with the 95luna module for the test kernel,
-//! and `lsinitrd` shows the agent, the hooks and the network pieces they rely on.
-//! Needs root and dracut (`LUNA_TEST_PRIVILEGED=1`).
+//! The node side in an initramfs: dracut builds one with the 95luna module for the test kernel;
+//! `lsinitrd` shows the agent, the hooks and the network pieces they rely on; and a VM boots it
+//! against a plan server in a network namespace, installs the test image and switches root
+//! into it. Needs root, dracut and qemu (`LUNA_TEST_PRIVILEGED=1`).
 
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use luna_tests::{cargo_bin, privileged, test_assets, work_dir, workspace_root};
+use luna_core::api::{InstallPlan, PlanImage, PlanInterface, StatusReport};
+use luna_tests::{cargo_bin, privileged, test_assets, work_dir, workspace_root, Netns, Vm, BOOTED_MARKER};
 
 /// A private copy of dracut's base directory whose `modules.d/95luna` is the module in this
 /// tree: the system's `/usr/lib/dracut` stays untouched (other tests may use it at the same time).
