@@ -94,6 +94,10 @@ pub async fn fetch(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched, Fetc
     for attempt in 1..=ATTEMPTS {
         if attempt > 1 {
             clear_dir(job.root).map_err(|e| UnpackError::Io { path: job.root.display().to_string(), source: e })?;
+            // Later attempts go over HTTP: the swarm only seeds from now on.
+            if let Some(s) = swarm {
+                s.window.park();
+            }
         }
         let use_swarm = if attempt == 1 { swarm } else { None };
         match fetch_once(job, use_swarm).await {

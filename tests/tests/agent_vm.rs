@@ -1,6 +1,7 @@
-//! The node side in an initramfs: dracut builds one with the 95luna module for the test kernel,
-//! and `lsinitrd` shows the agent, the hooks and the network pieces they rely on.
-//! Needs root and dracut (`LUNA_TEST_PRIVILEGED=1`).
+//! The node side in an initramfs: dracut builds one with the 95luna module for the test kernel;
+//! `lsinitrd` shows the agent, the hooks and the network pieces they rely on; and a VM boots it
+//! against a plan server in a network namespace, installs the test image and switches root
+//! into it. Needs root, dracut and qemu (`LUNA_TEST_PRIVILEGED=1`).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -229,7 +229,24 @@ impl Torrent {
     }
 
     fn leechers(&self) -> u32 {
-        u32::try_from(self.peers.len()).unwrap_or(u32::MAX) - self.seeders
+        debug_assert!(self.seeders as usize <= self.peers.len());
+        u32::try_from(self.peers.len()).unwrap_or(u32::MAX).saturating_sub(self.seeders)
+    }
+
+    /// The bookkeeping agrees with the peers themselves.
+    #[cfg(test)]
+    fn check(&self) {
+        let seeders = self.peers.values().filter(|p| p.left == 0).count();
+        assert_eq!(self.seeders as usize, seeders, "seeder count");
+        assert_eq!(self.by_addr.len(), self.peers.len(), "one address per peer");
+        for (id, p) in &self.peers {
+            assert_eq!(self.by_addr.get(&p.addr), Some(id), "address index");
+        }
+        if let Some(oldest) = self.oldest {
+            assert!(self.peers.values().all(|p| p.last_seen >= oldest), "oldest is a lower bound");
+        } else {
+            assert!(self.peers.is_empty());
+        }
     }
 
     /// Nothing worth keeping: no peers, not the server's, no permanent peers.
@@ -920,6 +937,39 @@ mod tests {
         t.announce(&a, Instant::now()).unwrap();
         let r = t.announce(&req(hash(1), 2, 10), Instant::now()).unwrap();
         assert_eq!(addrs(&r), vec![SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 9), 6881)]);
+    }
+
+    proptest::proptest! {
+        /// Random announces (peer ids and addresses colliding on purpose, all events, time
+        /// moving on) keep the counters consistent with the peers and never hand out the
+        /// requester or more than asked.
+        #[test]
+        fn bookkeeping_survives_random_announces(
+            steps in proptest::collection::vec(
+                (0u32..6, 0u32..4, 0u64..3, 0u8..4, 0u64..40, proptest::option::of(0u32..6), 0u8..3),
+                1..80,
+            )
+        ) {
+            let mut t = tracker();
+            t.set_config(TrackerConfig { max_peers: 4, interval: 10, ..config() });
+            t.register_permanent_peer(hash(1), addr(5));
+            let mut now = Instant::now();
+            for (id, host, left, event, wait, numwant, torrent) in steps {
+                now += Duration::from_secs(wait);
+                let mut r = req(hash(torrent), id, left);
+                r.ip = Some(ip(host).into());
+                r.event = [Event::None, Event::Started, Event::Stopped, Event::Completed][usize::from(event)];
+                r.numwant = numwant;
+                let resp = t.announce(&r, now).unwrap();
+                proptest::prop_assert!(resp.peers.len() <= numwant.unwrap_or(50).min(4) as usize);
+                proptest::prop_assert!(resp.peers.iter().all(|p| p.addr != addr(host) && p.peer_id != Some(pid(id))));
+                let unique: HashSet<_> = resp.peers.iter().map(|p| p.addr).collect();
+                proptest::prop_assert_eq!(unique.len(), resp.peers.len());
+                for torrent in t.torrents.values() {
+                    torrent.check();
+                }
+            }
+        }
     }
 
     #[test]
