@@ -164,7 +164,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
 
     tokio::spawn(crate::wiring::follow_store(service.clone(), tracker.clone(), topology, cancel.clone()));
     if config.image.seed {
-        let seeder = crate::image::seeder::Seeder::start(images, Some(tracker.peer_registrar()))
+        let seeder = crate::image::seeder::Seeder::start(images, Some(crate::wiring::registrar(tracker)))
             .await
             .map_err(|e| ServerError::Seeder(e.to_string()))?;
         let (seed_tx, seed_rx) = watch::channel(false);

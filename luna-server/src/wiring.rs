@@ -3,7 +3,7 @@
 //! image listings read the tracker's counters.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -81,6 +81,11 @@ impl TorrentStatsSource for TrackerStats {
         let s = self.0.torrent_stats(&hash)?;
         Some(TorrentCounters { seeders: s.seeders, leechers: s.leechers, completed: s.completed.min(u32::MAX as u64) as u32 })
     }
+}
+
+/// What the seeder calls for each torrent it serves: the tracker lists it as a permanent peer.
+pub fn registrar(tracker: Arc<TrackerHandle>) -> crate::image::seeder::PeerRegistrar {
+    Arc::new(move |hash: [u8; 20], addr: SocketAddrV4| tracker.register_permanent_peer(hash, addr))
 }
 
 #[cfg(test)]

@@ -156,7 +156,7 @@ fn aria2c_and_transmission_download_from_our_tracker_and_seeder() {
             tokio::spawn(async move {
                 let _ = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await;
             });
-            let seeder = match Seeder::start(state, Some(tracker.peer_registrar())).await {
+            let seeder = match Seeder::start(state, Some(luna_server::wiring::registrar(tracker.clone()))).await {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e.to_string()));
