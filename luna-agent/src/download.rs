@@ -235,7 +235,7 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched,
             consumer_gone = true;
             break;
         }
-        let pct = if size == 0 { 100 } else { (offset * 100 / size) as u8 };
+        let pct = (offset * 100).checked_div(size).unwrap_or(100) as u8;
         job.reporter.progress("download", pct);
     }
     drop(tx);

@@ -70,7 +70,7 @@ impl Iface<'_> {
             .lines()
             .filter_map(|l| l.trim().strip_prefix("MTU="))
             .filter_map(|v| v.trim().trim_matches('"').parse().ok())
-            .last();
+            .next_back();
         from_params.or((self.plan.mtu > 0).then_some(u32::from(self.plan.mtu)))
     }
 

@@ -186,9 +186,9 @@ impl Window {
             let index = (offset / plen) as u32;
             let within = (offset % plen) as usize;
             let mut st = self.state.lock();
-            if !st.pieces.contains_key(&index) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = st.pieces.entry(index) {
                 let size = piece_sizes(index) as usize;
-                st.pieces.insert(index, Piece { data: vec![0; size].into_boxed_slice(), verified: false });
+                slot.insert(Piece { data: vec![0; size].into_boxed_slice(), verified: false });
                 st.bytes += size as u64;
                 self.evict(&mut st, index);
                 self.peak.fetch_max(st.bytes, Ordering::Relaxed);

@@ -139,11 +139,13 @@ fn handle(
     match (method.as_str(), route) {
         ("GET", "/boot/plan") => {
             if !authorised {
-                return Ok(respond(&mut conn, "401 Unauthorized", &[], b"{\"error\":\"bad token\"}"));
+                respond(&mut conn, "401 Unauthorized", &[], b"{\"error\":\"bad token\"}");
+                return Ok(());
             }
             let n = plan_requests.fetch_add(1, Ordering::SeqCst);
             if n < behaviour.lock().unwrap().plan_failures {
-                return Ok(respond(&mut conn, "503 Service Unavailable", &[], b"busy"));
+                respond(&mut conn, "503 Service Unavailable", &[], b"busy");
+                return Ok(());
             }
             let plan = content.lock().unwrap().plan.clone();
             respond(&mut conn, "200 OK", &[("content-type", "application/json".into())], &plan);

@@ -44,7 +44,8 @@ pub fn build_initramfs(agent: &Path, out: &Path) {
         // Without the generic module sets the image builds in a fraction of the time.
         .args(["--omit", "systemd systemd-initrd systemd-networkd dracut-systemd plymouth i18n kernel-modules kernel-modules-extra qemu qemu-net"])
         .args(["--add", "luna network-legacy base", "--add-drivers", "virtio_net virtio_pci e1000 af_packet"])
-        .args(["--compress", "gzip -1"])
+        // Unstripped, so the agent in the image is byte for byte the one built.
+        .args(["--compress", "gzip -1", "--nostrip"])
         .arg(out)
         .output()
         .expect("run dracut (apt-get install dracut-core dracut-network isc-dhcp-client)");
