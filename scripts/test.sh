@@ -24,6 +24,9 @@ export PATH="$PATH:${LUNA_VENV:-/opt/luna-venv}/bin"
 export LUNA_TEST_PRIVILEGED=1
 export LUNA_TEST_MONGO=1
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# full debug info makes every test binary hundreds of MB and linking slow; line tables keep
+# file:line in backtraces
+export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}"
 
 step "cargo build --workspace"
 cargo build --workspace

@@ -12,16 +12,17 @@ use sha2::{Digest, Sha256};
 use crate::os::Os;
 use crate::unpack::{unpack_tar_zst, BlockReader, UnpackStats};
 
-/// The agent's pipeline on a local file: a reader thread hashes and hands 256 KiB chunks over a
+/// The agent's pipeline on a local file: a reader thread hashes and hands 64 KiB chunks over a
 /// bounded channel to the unpacker. Returns the stats and the archive's SHA-256.
 pub fn agent_unpack(archive: &Path, root: &Path, os: &dyn Os) -> anyhow::Result<(UnpackStats, String)> {
-    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(8);
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(32);
     let path = archive.to_path_buf();
     let reader = std::thread::spawn(move || -> std::io::Result<String> {
         let mut f = std::fs::File::open(&path)?;
         let mut h = Sha256::new();
         loop {
-            let mut buf = vec![0u8; 256 * 1024];
+            // The swarm path's chunk size (download.rs).
+            let mut buf = vec![0u8; 64 * 1024];
             let n = f.read(&mut buf)?;
             if n == 0 {
                 break;

@@ -28,9 +28,11 @@ use crate::unpack::{clear_dir, unpack_tar_zst, UnpackError, UnpackStats};
 pub const ATTEMPTS: u32 = 3;
 /// Consecutive failed HTTP (re)connections before an attempt gives up.
 const HTTP_FAILURES: u32 = 8;
-const CHUNK: usize = 256 * 1024;
-/// Chunks in flight between the network and the unpacker (× up to 256 KiB).
-const CHANNEL: usize = 8;
+/// Read size from the swarm: under musl's mmap threshold (128 KiB), so the per-chunk buffers
+/// come from the heap rather than from mmap/munmap.
+const CHUNK: usize = 64 * 1024;
+/// Chunks in flight between the network and the unpacker.
+const CHANNEL: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {

@@ -300,13 +300,20 @@ fn copy(from: &mut impl Read, to: &mut File, buf: &mut [u8]) -> io::Result<u64> 
 /// Reads the blocks a [`std::sync::mpsc`] channel delivers, in order.
 pub struct BlockReader {
     rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// Where finished blocks go back for reuse (see [`decompress`]), if anywhere.
+    recycle: Option<std::sync::mpsc::Sender<Vec<u8>>>,
     cur: Vec<u8>,
     pos: usize,
 }
 
 impl BlockReader {
     pub fn new(rx: std::sync::mpsc::Receiver<Vec<u8>>) -> Self {
-        Self { rx, cur: Vec::new(), pos: 0 }
+        Self { rx, recycle: None, cur: Vec::new(), pos: 0 }
+    }
+
+    /// Hands every block it has read back through `recycle`.
+    pub fn recycling(rx: std::sync::mpsc::Receiver<Vec<u8>>, recycle: std::sync::mpsc::Sender<Vec<u8>>) -> Self {
+        Self { rx, recycle: Some(recycle), cur: Vec::new(), pos: 0 }
     }
 }
 
@@ -315,7 +322,11 @@ impl Read for BlockReader {
         while self.pos == self.cur.len() {
             match self.rx.recv() {
                 Ok(block) => {
-                    self.cur = block;
+                    let done = std::mem::replace(&mut self.cur, block);
+                    if let Some(r) = &self.recycle {
+                        // The producer may be gone (end of stream): then the block is just freed.
+                        let _ = r.send(done);
+                    }
                     self.pos = 0;
                 }
                 Err(_) => return Ok(0),
@@ -336,14 +347,22 @@ const BLOCKS: usize = 4;
 /// Decompresses `reader` into blocks until its end, then reads what follows the zstd frames to
 /// the end too (so a hash over the compressed bytes sees all of them). Stops early when `abort`
 /// is set (the unpacker failed).
-fn decompress(reader: impl Read, tx: std::sync::mpsc::SyncSender<Vec<u8>>, abort: &AtomicBool) -> io::Result<()> {
+/// Blocks come back through `recycle` once read: a fresh 1 MiB allocation per block would be an
+/// mmap/munmap pair and 256 page faults each with musl's allocator.
+fn decompress(
+    reader: impl Read,
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    recycle: std::sync::mpsc::Receiver<Vec<u8>>,
+    abort: &AtomicBool,
+) -> io::Result<()> {
     let mut decoder = zstd::stream::read::Decoder::new(reader)?;
     let mut receiver_gone = false;
     loop {
         if abort.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let mut block = vec![0u8; BLOCK];
+        let mut block = recycle.try_recv().unwrap_or_default();
+        block.resize(BLOCK, 0);
         let mut filled = 0;
         while filled < BLOCK {
             match decoder.read(&mut block[filled..]) {
@@ -375,9 +394,10 @@ pub fn unpack_tar_zst<R: Read + Send>(reader: R, root: &Path, os: &dyn Os) -> Re
     let abort = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel(BLOCKS);
+        let (recycle_tx, recycle_rx) = std::sync::mpsc::channel();
         let abort = &abort;
-        let decoder = scope.spawn(move || decompress(reader, tx, abort));
-        let unpacked = unpacker.unpack(BlockReader::new(rx));
+        let decoder = scope.spawn(move || decompress(reader, tx, recycle_rx, abort));
+        let unpacked = unpacker.unpack(BlockReader::recycling(rx, recycle_tx));
         if unpacked.is_err() {
             abort.store(true, Ordering::Relaxed);
         }

@@ -23,6 +23,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -182,35 +183,138 @@ pub fn scan(root: &Path, ex: &Excludes) -> Result<TreeStats> {
 }
 
 /// The sink at the bottom of the stack: the compressed bytes go to the file and through both
-/// hashes on their way.
-pub struct HashingWriter<W: Write> {
-    inner: W,
-    sha256: Sha256,
-    pieces: PieceHasher,
+/// hashes on their way. Hashing and writing run on two threads of their own (file + SHA-256,
+/// torrent pieces), fed in order through bounded channels, so the thread that reads the tree and
+/// feeds zstd never waits for them; the hashes still see exactly the bytes written, in order.
+pub struct HashingWriter<W: Write + Send + 'static> {
+    /// Bytes waiting to be sent, gathered up to `CHUNK` so channel traffic stays small.
+    pending: Vec<u8>,
+    file_tx: Option<std::sync::mpsc::SyncSender<Arc<Vec<u8>>>>,
+    piece_tx: Option<std::sync::mpsc::SyncSender<PieceMsg>>,
+    file_thread: Option<std::thread::JoinHandle<io::Result<(W, [u8; 32])>>>,
+    piece_thread: Option<std::thread::JoinHandle<Pieces>>,
     written: u64,
 }
 
-impl<W: Write> HashingWriter<W> {
-    pub fn new(inner: W, pieces: PieceHasher) -> Self {
-        HashingWriter { inner, sha256: Sha256::new(), pieces, written: 0 }
+enum PieceMsg {
+    Data(Arc<Vec<u8>>),
+    /// See [`PieceHasher::narrow`].
+    Narrow(u64),
+}
+
+const CHUNK: usize = 1 << 20;
+/// Chunks in flight per thread: bounds memory to a few MiB.
+const IN_FLIGHT: usize = 8;
+
+impl<W: Write + Send + 'static> HashingWriter<W> {
+    pub fn new(mut inner: W, mut pieces: PieceHasher) -> io::Result<Self> {
+        let (file_tx, file_rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(IN_FLIGHT);
+        let (piece_tx, piece_rx) = std::sync::mpsc::sync_channel::<PieceMsg>(IN_FLIGHT);
+        let file_thread = std::thread::Builder::new().name("pack-write".into()).spawn(move || {
+            let mut sha = Sha256::new();
+            for chunk in file_rx {
+                inner.write_all(&chunk)?;
+                sha.update(&chunk[..]);
+            }
+            inner.flush()?;
+            Ok((inner, sha.finalize().into()))
+        })?;
+        let piece_thread = std::thread::Builder::new().name("pack-pieces".into()).spawn(move || {
+            for msg in piece_rx {
+                match msg {
+                    PieceMsg::Data(chunk) => pieces.update(&chunk),
+                    PieceMsg::Narrow(predicted) => pieces.narrow(predicted),
+                }
+            }
+            pieces.finish()
+        })?;
+        Ok(HashingWriter {
+            pending: Vec::with_capacity(CHUNK),
+            file_tx: Some(file_tx),
+            piece_tx: Some(piece_tx),
+            file_thread: Some(file_thread),
+            piece_thread: Some(piece_thread),
+            written: 0,
+        })
     }
 
-    pub fn finish(self) -> (W, [u8; 32], Pieces, u64) {
-        (self.inner, self.sha256.finalize().into(), self.pieces.finish(), self.written)
+    fn send(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let chunk = Arc::new(std::mem::replace(&mut self.pending, Vec::with_capacity(CHUNK)));
+        let dead = || io::Error::other("archive writer stopped");
+        let file_ok = self.file_tx.as_ref().is_some_and(|tx| tx.send(chunk.clone()).is_ok());
+        let piece_ok = self.piece_tx.as_ref().is_some_and(|tx| tx.send(PieceMsg::Data(chunk)).is_ok());
+        if file_ok && piece_ok {
+            Ok(())
+        } else {
+            // The writer thread ended early: its error says why.
+            Err(self.join_file().err().unwrap_or_else(dead))
+        }
+    }
+
+    /// Bytes handed to this writer so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Tells the piece hasher the archive's predicted final size (see [`PieceHasher::narrow`]).
+    pub fn narrow_pieces(&mut self, predicted: u64) -> io::Result<()> {
+        self.send()?;
+        match &self.piece_tx {
+            Some(tx) if tx.send(PieceMsg::Narrow(predicted)).is_ok() => Ok(()),
+            _ => Err(io::Error::other("piece hashing stopped")),
+        }
+    }
+
+    fn join_file(&mut self) -> io::Result<(W, [u8; 32])> {
+        self.file_tx = None;
+        match self.file_thread.take() {
+            Some(h) => h.join().unwrap_or_else(|_| Err(io::Error::other("archive writer thread panicked"))),
+            None => Err(io::Error::other("archive writer already finished")),
+        }
+    }
+
+    /// Flushes everything and returns the writer, the SHA-256, the pieces and the size.
+    pub fn finish(mut self) -> io::Result<(W, [u8; 32], Pieces, u64)> {
+        self.send()?;
+        self.piece_tx = None;
+        let (w, sha) = self.join_file()?;
+        let pieces = match self.piece_thread.take() {
+            Some(h) => h.join().map_err(|_| io::Error::other("piece hashing thread panicked"))?,
+            None => return Err(io::Error::other("piece hashing already finished")),
+        };
+        Ok((w, sha, pieces, self.written))
     }
 }
 
-impl<W: Write> Write for HashingWriter<W> {
+impl<W: Write + Send + 'static> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.sha256.update(&buf[..n]);
-        self.pieces.update(&buf[..n]);
-        self.written += n as u64;
-        Ok(n)
+        self.pending.extend_from_slice(buf);
+        self.written += buf.len() as u64;
+        if self.pending.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        self.send()
+    }
+}
+
+impl<W: Write + Send + 'static> Drop for HashingWriter<W> {
+    fn drop(&mut self) {
+        // Closing the channels ends both threads; their results are not wanted any more.
+        self.file_tx = None;
+        self.piece_tx = None;
+        if let Some(h) = self.file_thread.take() {
+            let _ = h.join();
+        }
+        if let Some(h) = self.piece_thread.take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -242,8 +346,12 @@ pub struct ArchiveSummary {
 
 const COPY_BUF: usize = 1 << 20;
 
-struct Writer<'a, W: Write> {
-    builder: tar::Builder<W>,
+type Stack<O> = io::BufWriter<zstd::Encoder<'static, HashingWriter<O>>>;
+
+struct Writer<'a, O: Write + Send + 'static> {
+    builder: tar::Builder<Stack<O>>,
+    /// The piece hasher was told the predicted archive size.
+    narrowed: bool,
     links: HashMap<(u64, u64), PathBuf>,
     buf: Vec<u8>,
     bytes: u64,
@@ -254,7 +362,19 @@ struct Writer<'a, W: Write> {
     entries: u64,
 }
 
-impl<W: Write> Writer<'_, W> {
+impl<O: Write + Send + 'static> Writer<'_, O> {
+    /// Once an eighth of the tree (at least 64 MiB) went through, the compression ratio so far
+    /// predicts the archive size well enough to keep a single piece size.
+    fn maybe_narrow(&mut self) -> Result<()> {
+        if self.narrowed || self.total == 0 || self.bytes < (self.total / 8).max(64 << 20) {
+            return Ok(());
+        }
+        self.narrowed = true;
+        let sink = self.builder.get_mut().get_mut().get_mut();
+        let predicted = (sink.written() as f64 * self.total as f64 / self.bytes as f64) as u64;
+        sink.narrow_pieces(predicted).map_err(ArchiveError::Write)
+    }
+
     fn report(&mut self, force: bool) -> Result<()> {
         let now = Instant::now();
         if !force && now.duration_since(self.last_report).as_millis() < 200 {
@@ -425,6 +545,7 @@ impl<W: Write> Writer<'_, W> {
                 left -= n as u64;
                 self.bytes += n as u64;
                 self.report(false)?;
+                self.maybe_narrow()?;
             }
         }
         Ok(())
@@ -561,7 +682,7 @@ fn xattr_call(path: &Path, call: impl Fn(*mut u8, usize) -> isize) -> Result<Vec
 
 /// Writes the archive of `root` into `out`: one pass, hashed on the way. `total` is the
 /// [`scan`] estimate for progress; `progress` returning `false` cancels.
-pub fn write_archive<W: Write>(
+pub fn write_archive<W: Write + Send + 'static>(
     root: &Path,
     ex: &Excludes,
     out: W,
@@ -574,7 +695,7 @@ pub fn write_archive<W: Write>(
     } else {
         opts.zstd_threads
     };
-    let sink = HashingWriter::new(out, PieceHasher::new(&opts.piece_candidates));
+    let sink = HashingWriter::new(out, PieceHasher::new(&opts.piece_candidates)).map_err(ArchiveError::Write)?;
     let mut enc = zstd::Encoder::new(sink, opts.zstd_level).map_err(ArchiveError::Write)?;
     enc.multithread(threads).map_err(ArchiveError::Write)?;
     // zstd records the content checksum so a damaged archive fails to decompress.
@@ -583,6 +704,7 @@ pub fn write_archive<W: Write>(
     let now = Instant::now();
     let mut w = Writer {
         builder: tar::Builder::new(buffered),
+        narrowed: false,
         links: HashMap::new(),
         buf: vec![0u8; COPY_BUF],
         bytes: 0,
@@ -599,8 +721,7 @@ pub fn write_archive<W: Write>(
     let buffered = w.builder.into_inner().map_err(ArchiveError::Write)?;
     let enc = buffered.into_inner().map_err(|e| ArchiveError::Write(e.into_error()))?;
     let sink = enc.finish().map_err(ArchiveError::Write)?;
-    let (mut out, sha256, pieces, size) = sink.finish();
-    out.flush().map_err(ArchiveError::Write)?;
+    let (out, sha256, pieces, size) = sink.finish().map_err(ArchiveError::Write)?;
     Ok((out, ArchiveSummary { size, sha256, pieces, entries, data_bytes }))
 }
 

@@ -118,6 +118,26 @@ impl PieceHasher {
         }
     }
 
+    /// Keeps only the candidate that suits an archive of `predicted` bytes (or the nearest one),
+    /// so one SHA-1 stream is paid for instead of several. Called once the compression ratio
+    /// seen so far makes a good prediction; if the prediction misses, the torrent just has fewer
+    /// or more pieces than ideal.
+    pub fn narrow(&mut self, predicted: u64) {
+        let want = piece_length_within(predicted.max(self.written), self.max_pieces);
+        if let Some(keep) = self.nearest(want) {
+            let s = self.streams.swap_remove(keep);
+            self.streams = vec![s];
+        }
+    }
+
+    fn nearest(&self, want: u64) -> Option<usize> {
+        self.streams
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, s)| (s.piece_length.max(want) / s.piece_length.min(want), s.piece_length < want))
+            .map(|(i, _)| i)
+    }
+
     /// Piece sizes still being hashed.
     pub fn active(&self) -> Vec<u64> {
         self.streams.iter().map(|s| s.piece_length).collect()
@@ -127,13 +147,7 @@ impl PieceHasher {
         let want = piece_length_within(self.written, self.max_pieces);
         let total = self.written;
         // The wanted size if it was a candidate, else the nearest candidate.
-        let idx = self
-            .streams
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, s)| (s.piece_length.max(want) / s.piece_length.min(want), s.piece_length < want))
-            .map(|(i, _)| i)
-            .unwrap_or(0);
+        let idx = self.nearest(want).unwrap_or(0);
         let s = self.streams.into_iter().nth(idx).expect("at least one stream");
         let piece_length = s.piece_length;
         Pieces { piece_length, hashes: s.finish(), total }
@@ -209,6 +223,26 @@ mod tests {
         let p = h.finish();
         assert_eq!(p.piece_length, 2 * MIN_PIECE);
         assert_eq!(p.hashes.len() as u64, (size as u64).div_ceil(2 * MIN_PIECE));
+    }
+
+    #[test]
+    fn narrowing_keeps_one_stream_and_its_hashes_stay_right() {
+        let data: Vec<u8> = (0..(3 * MIN_PIECE + 5)).map(|i| (i % 253) as u8).collect();
+        let mut h = PieceHasher::with_max_pieces(&[MIN_PIECE, 2 * MIN_PIECE, 4 * MIN_PIECE], 4);
+        h.update(&data[..1000]);
+        // predicted 5 minimum pieces: 512 KiB pieces fit the limit of 4
+        h.narrow(5 * MIN_PIECE);
+        assert_eq!(h.active(), vec![2 * MIN_PIECE]);
+        h.update(&data[1000..]);
+        let p = h.finish();
+        assert_eq!(p.piece_length, 2 * MIN_PIECE);
+        let want: Vec<[u8; 20]> = data.chunks(2 * MIN_PIECE as usize).map(sha1).collect();
+        assert_eq!(p.hashes, want);
+        // a prediction below what was already written counts what was written
+        let mut h = PieceHasher::with_max_pieces(&[MIN_PIECE, 2 * MIN_PIECE], 4);
+        h.update(&data);
+        h.narrow(10);
+        assert_eq!(h.active(), vec![MIN_PIECE]);
     }
 
     #[test]
