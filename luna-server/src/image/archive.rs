@@ -203,8 +203,8 @@ enum PieceMsg {
 }
 
 const CHUNK: usize = 1 << 20;
-/// Chunks in flight per thread: bounds memory to a few MiB.
-const IN_FLIGHT: usize = 8;
+/// Chunks in flight per thread (32 MiB at most, shared by both): rides out scheduling hiccups.
+const IN_FLIGHT: usize = 32;
 
 impl<W: Write + Send + 'static> HashingWriter<W> {
     pub fn new(mut inner: W, mut pieces: PieceHasher) -> io::Result<Self> {
