@@ -191,10 +191,13 @@ pub struct HashingWriter<W: Write + Send + 'static> {
     pending: Vec<u8>,
     file_tx: Option<std::sync::mpsc::SyncSender<Arc<Vec<u8>>>>,
     piece_tx: Option<std::sync::mpsc::SyncSender<PieceMsg>>,
-    file_thread: Option<std::thread::JoinHandle<io::Result<(W, [u8; 32])>>>,
+    file_thread: Option<std::thread::JoinHandle<FileResult<W>>>,
     piece_thread: Option<std::thread::JoinHandle<Pieces>>,
     written: u64,
 }
+
+/// What the writer thread hands back: the writer and the SHA-256 of what went through it.
+type FileResult<W> = io::Result<(W, [u8; 32])>;
 
 enum PieceMsg {
     Data(Arc<Vec<u8>>),

@@ -72,7 +72,7 @@ fn text(rng: &mut Rng, len: usize) -> Vec<u8> {
     while out.len() < len {
         let w = WORDS[(rng.next() % WORDS.len() as u64) as usize];
         out.extend_from_slice(w.as_bytes());
-        out.push(if rng.next() % 9 == 0 { b'\n' } else { b' ' });
+        out.push(if rng.next().is_multiple_of(9) { b'\n' } else { b' ' });
     }
     out.truncate(len);
     out
