@@ -31,6 +31,13 @@ export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}"
 step "cargo build --workspace"
 cargo build --workspace
 
+step "install the agent and the dracut module as a luna server would have them"
+# pack builds initramfs files with `dracut --add luna`: the module and the agent it ships must be
+# where a real installation puts them.
+install -D -m 0755 "${CARGO_TARGET_DIR:-target}/debug/luna-agent" /usr/lib/luna/luna-agent
+mkdir -p /usr/lib/dracut/modules.d
+ln -sfn "$PWD/dracut-module/95luna" /usr/lib/dracut/modules.d/95luna
+
 step "boot assets for the VM tests"
 bash tests/assets/build-test-image.sh >/dev/null
 
