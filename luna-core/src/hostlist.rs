@@ -90,7 +90,8 @@ fn expand_term(expr: &str, term: &str) -> Result<Vec<String>, HostlistError> {
             Some(open) => {
                 let literal = &rest[..open];
                 check_literal(expr, literal)?;
-                let close = rest[open..].find(']').map(|c| c + open).ok_or_else(|| malformed(expr, "'[' without ']'"))?;
+                let close =
+                    rest[open..].find(']').map(|c| c + open).ok_or_else(|| malformed(expr, "'[' without ']'"))?;
                 let numbers = expand_ranges(expr, &rest[open + 1..close])?;
                 let total = partials.len().saturating_mul(numbers.len());
                 if total > MAX_EXPANSION {
@@ -215,10 +216,7 @@ mod tests {
     #[test]
     fn keeps_padding_and_order() {
         assert_eq!(expand("node[001-003]").unwrap(), ["node001", "node002", "node003"]);
-        assert_eq!(
-            expand("node[001-002,010],gpu[1-2]").unwrap(),
-            ["node001", "node002", "node010", "gpu1", "gpu2"]
-        );
+        assert_eq!(expand("node[001-002,010],gpu[1-2]").unwrap(), ["node001", "node002", "node010", "gpu1", "gpu2"]);
         assert_eq!(expand("n[8-10]").unwrap(), ["n8", "n9", "n10"]);
         assert_eq!(expand("plain").unwrap(), ["plain"]);
     }

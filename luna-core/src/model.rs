@@ -76,10 +76,13 @@ impl fmt::Display for Kind {
 impl FromStr for Kind {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Kind::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| ModelError::invalid("object kind", s, "expected one of cluster, network, osimage, bmcsetup, group, node, switch, otherdev"))
+        Kind::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
+            ModelError::invalid(
+                "object kind",
+                s,
+                "expected one of cluster, network, osimage, bmcsetup, group, node, switch, otherdev",
+            )
+        })
     }
 }
 
@@ -144,7 +147,8 @@ impl FromStr for IpRange {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |why: &str| ModelError::invalid("address range", s, why);
         let (a, b) = s.split_once('-').unwrap_or((s, s));
-        let start: Ipv4Addr = a.trim().parse().map_err(|_| bad("not an IPv4 address or range like 10.0.0.1-10.0.0.9"))?;
+        let start: Ipv4Addr =
+            a.trim().parse().map_err(|_| bad("not an IPv4 address or range like 10.0.0.1-10.0.0.9"))?;
         let end: Ipv4Addr = b.trim().parse().map_err(|_| bad("not an IPv4 address or range like 10.0.0.1-10.0.0.9"))?;
         if start > end {
             return Err(bad("the range runs backwards"));
@@ -273,7 +277,11 @@ fn validate_domain(domain: &str) -> Result<(), ModelError> {
     }
     for label in domain.split('.') {
         if label.is_empty() || label.len() > 63 || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return Err(ModelError::invalid("domain", domain, "must be dot-separated labels of letters, digits and '-'"));
+            return Err(ModelError::invalid(
+                "domain",
+                domain,
+                "must be dot-separated labels of letters, digits and '-'",
+            ));
         }
     }
     Ok(())
@@ -281,7 +289,11 @@ fn validate_domain(domain: &str) -> Result<(), ModelError> {
 
 fn validate_ifname(field: &str, name: &str) -> Result<(), ModelError> {
     if name.is_empty() || name.len() > 15 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-:".contains(c)) {
-        return Err(ModelError::invalid(field, name, "must be 1 to 15 characters of letters, digits, '_', '.', '-', ':'"));
+        return Err(ModelError::invalid(
+            field,
+            name,
+            "must be 1 to 15 characters of letters, digits, '_', '.', '-', ':'",
+        ));
     }
     Ok(())
 }
@@ -681,8 +693,15 @@ impl Group {
                 return Err(ModelError::invalid("interface name", &i.name, "is listed twice"));
             }
         }
-        if !self.interfaces.is_empty() && self.torrent_interface != BMC && self.interface(&self.torrent_interface).is_none() {
-            return Err(ModelError::invalid("torrent interface", &self.torrent_interface, "is not one of the group's interfaces"));
+        if !self.interfaces.is_empty()
+            && self.torrent_interface != BMC
+            && self.interface(&self.torrent_interface).is_none()
+        {
+            return Err(ModelError::invalid(
+                "torrent interface",
+                &self.torrent_interface,
+                "is not one of the group's interfaces",
+            ));
         }
         if let Some(d) = &self.domain {
             validate_domain(d)?;
@@ -846,7 +865,8 @@ impl Switch {
 }
 
 fn validate_oid(oid: &str) -> Result<(), ModelError> {
-    let ok = !oid.is_empty() && oid.trim_start_matches('.').split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let ok = !oid.is_empty()
+        && oid.trim_start_matches('.').split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     if !ok {
         return Err(ModelError::invalid("oid", oid, "must be numeric like 1.3.6.1.2.1.17.7.1.2.2.1.2"));
     }
@@ -1087,7 +1107,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_rejected() {
-        let e = AnyObject::from_value(Kind::Network, json!({"name": "n", "cidr": "10.0.0.0/16", "gatway": "10.0.0.1"})).unwrap_err();
+        let e = AnyObject::from_value(Kind::Network, json!({"name": "n", "cidr": "10.0.0.0/16", "gatway": "10.0.0.1"}))
+            .unwrap_err();
         assert!(e.to_string().contains("gatway"), "{e}");
     }
 
@@ -1117,7 +1138,12 @@ mod tests {
     fn claims_and_references_of_a_node() {
         let mut n = Node::new("node001", "compute");
         n.mac = Some("52:54:00:00:00:01".parse().unwrap());
-        n.interfaces.push(NodeInterface { name: BOOTIF.into(), network: "cluster".into(), ip: Some("10.141.0.1".parse().unwrap()), mac: None });
+        n.interfaces.push(NodeInterface {
+            name: BOOTIF.into(),
+            network: "cluster".into(),
+            ip: Some("10.141.0.1".parse().unwrap()),
+            mac: None,
+        });
         n.switch = Some("sw1".into());
         n.port = Some(7);
         let o = AnyObject::Node(n);
@@ -1125,7 +1151,11 @@ mod tests {
         assert_eq!(keys, ["mac/52:54:00:00:00:01", "ip/cluster/10.141.0.1", "port/sw1/7"]);
         assert_eq!(
             o.references(),
-            [(Kind::Network, "cluster".to_string()), (Kind::Group, "compute".to_string()), (Kind::Switch, "sw1".to_string())]
+            [
+                (Kind::Network, "cluster".to_string()),
+                (Kind::Group, "compute".to_string()),
+                (Kind::Switch, "sw1".to_string())
+            ]
         );
     }
 
@@ -1164,7 +1194,10 @@ mod tests {
         assert_eq!(n.reserved.iter().map(|r| r.to_string()).collect::<Vec<_>>(), ["10.0.0.10-10.0.0.30", "10.0.0.100"]);
         n.release("10.0.0.15-10.0.0.16".parse().unwrap());
         n.release("10.0.0.100".parse().unwrap());
-        assert_eq!(n.reserved.iter().map(|r| r.to_string()).collect::<Vec<_>>(), ["10.0.0.10-10.0.0.14", "10.0.0.17-10.0.0.30"]);
+        assert_eq!(
+            n.reserved.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+            ["10.0.0.10-10.0.0.14", "10.0.0.17-10.0.0.30"]
+        );
     }
 
     #[test]

@@ -193,7 +193,9 @@ async fn create(
 async fn patch_kind(State(st): State<Arc<AppState>>, Path(kind): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
     let kind = parse_kind(&kind)?;
     if kind != Kind::Cluster {
-        return Err(ApiError(ServiceError::BadRequest(format!("name the {kind} to change: PATCH {API_PREFIX}/{kind}/NAME"))));
+        return Err(ApiError(ServiceError::BadRequest(format!(
+            "name the {kind} to change: PATCH {API_PREFIX}/{kind}/NAME"
+        ))));
     }
     let patch: Value = parse_body("cluster change", &body)?;
     let c = st.service.update(Kind::Cluster, "cluster", patch).await?;
@@ -216,7 +218,10 @@ async fn change(
     Ok(Json(Value::Array(changed.into_iter().map(|o| render(o, false)).collect())))
 }
 
-async fn delete(State(st): State<Arc<AppState>>, Path((kind, name)): Path<(String, String)>) -> ApiResult<Json<Deleted>> {
+async fn delete(
+    State(st): State<Arc<AppState>>,
+    Path((kind, name)): Path<(String, String)>,
+) -> ApiResult<Json<Deleted>> {
     let kind = parse_kind(&kind)?;
     let deleted = st.service.delete(kind, &name).await?;
     Ok(Json(Deleted { deleted }))

@@ -102,7 +102,12 @@ pub fn base_url(headers: &HeaderMap, frontend: Option<Ipv4Addr>, http_port: u16)
 }
 
 /// Decides what `mac` is served: its node's script, the discovery menu, or an explanation.
-pub async fn boot_plan(service: &Service, tokens: &BootTokens, mac: MacAddr, base: &str) -> Result<BootPlan, ServiceError> {
+pub async fn boot_plan(
+    service: &Service,
+    tokens: &BootTokens,
+    mac: MacAddr,
+    base: &str,
+) -> Result<BootPlan, ServiceError> {
     let Some(node) = service.node_by_mac(mac).await? else {
         let mut unbound: Vec<String> = service
             .list(Kind::Node)
@@ -123,7 +128,13 @@ pub async fn boot_plan(service: &Service, tokens: &BootTokens, mac: MacAddr, bas
     node_plan(service, tokens, &node, mac, base).await
 }
 
-async fn node_plan(service: &Service, tokens: &BootTokens, node: &Node, mac: MacAddr, base: &str) -> Result<BootPlan, ServiceError> {
+async fn node_plan(
+    service: &Service,
+    tokens: &BootTokens,
+    node: &Node,
+    mac: MacAddr,
+    base: &str,
+) -> Result<BootPlan, ServiceError> {
     let cluster = service.cluster().await?;
     let group = service.group(&node.group).await?;
     let image = match service.get(Kind::Osimage, &group.osimage).await? {
@@ -137,7 +148,10 @@ async fn node_plan(service: &Service, tokens: &BootTokens, node: &Node, mac: Mac
         )));
     }
     let Some(bootif) = node.interface(BOOTIF) else {
-        return Ok(BootPlan::Error(format!("node {} has no BOOTIF interface: give group {} one", node.name, group.name)));
+        return Ok(BootPlan::Error(format!(
+            "node {} has no BOOTIF interface: give group {} one",
+            node.name, group.name
+        )));
     };
     let Some(ip) = bootif.ip else {
         return Ok(BootPlan::Error(format!("node {} has no address on its BOOTIF interface", node.name)));
@@ -212,7 +226,11 @@ async fn ipxe_script(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(
     };
     let base = base_url(&headers, cluster.frontend_address, cluster.http_port);
     if preview && !is_admin(&st, &headers) {
-        return error_response(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "preview needs the admin token".into());
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "preview needs the admin token".into(),
+        );
     }
     let mac = match parse_mac(q.mac.as_deref()) {
         Ok(m) => m,
@@ -262,7 +280,11 @@ async fn bind(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(q): Que
 }
 
 /// Serves the node's kernel or initrd (the current revision of its osimage), Range included.
-async fn node_file(State(st): State<Arc<AppState>>, Path((name, file)): Path<(String, String)>, req: Request) -> Response {
+async fn node_file(
+    State(st): State<Arc<AppState>>,
+    Path((name, file)): Path<(String, String)>,
+    req: Request,
+) -> Response {
     let path = match node_file_path(&st, &name, &file).await {
         Ok(p) => p,
         Err(e) => return ApiError(e).into_response(),
@@ -285,12 +307,17 @@ async fn node_file_path(st: &AppState, name: &str, file: &str) -> Result<PathBuf
         _ => unreachable!("kind checked by get"),
     };
     let rev = image.current().ok_or_else(|| {
-        ServiceError::BadRequest(format!("osimage {} has no packed revision: run luna osimage pack {}", image.name, image.name))
+        ServiceError::BadRequest(format!(
+            "osimage {} has no packed revision: run luna osimage pack {}",
+            image.name, image.name
+        ))
     })?;
     let fname = match file {
         "kernel" => &rev.kernel,
         "initrd" => &rev.initrd,
-        other => return Err(ServiceError::BadRequest(format!("unknown boot file '{other}': expected kernel or initrd"))),
+        other => {
+            return Err(ServiceError::BadRequest(format!("unknown boot file '{other}': expected kernel or initrd")))
+        }
     };
     Ok(image_dir(&st.boot.data_dir, &image.name, rev.id).join(fname))
 }
@@ -316,7 +343,8 @@ pub struct NodeQuery {
 /// request arriving from the node's own BOOTIF address.
 async fn authenticate_node(st: &AppState, q: &NodeQuery, remote: SocketAddr) -> Result<Node, Response> {
     let name = q.node.as_deref().unwrap_or("");
-    let denied = || error_response(StatusCode::FORBIDDEN, ErrorCode::Forbidden, format!("request is not from node '{name}'"));
+    let denied =
+        || error_response(StatusCode::FORBIDDEN, ErrorCode::Forbidden, format!("request is not from node '{name}'"));
     let node = match st.service.node(name).await {
         Ok(n) => n,
         Err(ServiceError::NotFound { .. }) => return Err(denied()),
@@ -446,11 +474,19 @@ async fn status(
     let report: StatusReport = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
-            return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("invalid status report: {e}"))
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                format!("invalid status report: {e}"),
+            )
         }
     };
     if report.progress.is_some_and(|p| p > 100) || report.step.is_empty() || report.step.len() > 32 {
-        return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, format!("invalid status step '{}'", report.step));
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            format!("invalid status step '{}'", report.step),
+        );
     }
     match st.service.set_node_status(&node.name, &report.step, report.progress, report.message).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),

@@ -8,9 +8,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
+use crate::config::Config;
 use crate::dhcp::{self, DhcpError, DhcpEvent, DhcpStatusSink};
 use crate::netboot::{self, BootContext, BootTokens};
-use crate::config::Config;
 use crate::service::{Service, ServiceError};
 use crate::store::{self, StoreError};
 
@@ -42,7 +42,8 @@ pub enum ServerError {
 
 /// Creates the store and the cluster object, and the admin token file if there is none.
 pub async fn init(config: &Config) -> Result<InitReport, ServerError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
     let store = store::open(&config.store).await?;
     let service = Service::new(store);
     let cluster = service.ensure_cluster(&config.cluster_name).await?;
@@ -175,12 +176,8 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         });
         tokio::spawn(seeder.run(seed_rx));
     }
-    let dhcp_task = tokio::spawn(dhcp::serve(
-        config.dhcp.clone(),
-        store,
-        Arc::new(StatusToService(service)),
-        cancel.clone(),
-    ));
+    let dhcp_task =
+        tokio::spawn(dhcp::serve(config.dhcp.clone(), store, Arc::new(StatusToService(service)), cancel.clone()));
     let (tftp_tx, tftp_rx) = watch::channel(false);
     let tftp_stop = cancel.clone();
     tokio::spawn(async move {

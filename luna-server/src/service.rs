@@ -159,7 +159,12 @@ impl Batch {
             if old.is_none() && self.auto.contains(&key) {
                 // We picked it as free moments ago; if someone took it since, the commit's
                 // `Absent` check fails and the operation is re-run with fresh data.
-                self.writes.push(Write::Put { collection: Collection::Claim, key, expect: Expect::Absent, doc: claim_doc(new) });
+                self.writes.push(Write::Put {
+                    collection: Collection::Claim,
+                    key,
+                    expect: Expect::Absent,
+                    doc: claim_doc(new),
+                });
                 continue;
             }
             let existing = self.load_claim(store, &key).await?;
@@ -535,8 +540,12 @@ impl Service {
         let wanted: BTreeSet<&String> = names.iter().collect();
         for name in names {
             let obj = self.get(kind, name).await?;
-            let users: Vec<AnyObject> =
-                self.users_of(kind, name).await?.into_iter().filter(|u| !(u.kind() == kind && wanted.contains(&u.name().to_string()))).collect();
+            let users: Vec<AnyObject> = self
+                .users_of(kind, name)
+                .await?
+                .into_iter()
+                .filter(|u| !(u.kind() == kind && wanted.contains(&u.name().to_string())))
+                .collect();
             if !users.is_empty() {
                 return Err(ServiceError::InUse { kind, name: name.clone(), users: Self::describe_users(&users) });
             }
@@ -646,7 +655,12 @@ impl Service {
         let mut new = old.clone();
         if reserve {
             if !old.cidr.contains(&range.start) || !old.cidr.contains(&range.end) {
-                return Err(ModelError::invalid("range", range, format!("is not inside network {name} ({})", old.cidr)).into());
+                return Err(ModelError::invalid(
+                    "range",
+                    range,
+                    format!("is not inside network {name} ({})", old.cidr),
+                )
+                .into());
             }
             new.reserve(range);
         } else {
@@ -765,7 +779,12 @@ impl Service {
             let old = self.node(name).await?;
             if let Some(rev) = patch.rev {
                 if rev != old.rev {
-                    return Err(ServiceError::Stale { kind: Kind::Node, name: name.clone(), given: rev, current: old.rev });
+                    return Err(ServiceError::Stale {
+                        kind: Kind::Node,
+                        name: name.clone(),
+                        given: rev,
+                        current: old.rev,
+                    });
                 }
             }
             let mut new = old.clone();
@@ -821,7 +840,13 @@ impl Service {
     }
 
     /// Records what a node is doing (boot path, agent reports).
-    pub async fn set_node_status(&self, name: &str, step: &str, progress: Option<u8>, message: Option<String>) -> Result<Node> {
+    pub async fn set_node_status(
+        &self,
+        name: &str,
+        step: &str,
+        progress: Option<u8>,
+        message: Option<String>,
+    ) -> Result<Node> {
         let status = NodeStatus { step: step.to_string(), progress, time: unix_now(), message };
         let patch = NodePatch { status: Some(Some(status)), ..Default::default() };
         retrying!(self.change_nodes_once(&[name.to_string()], &patch).await).map(|mut v| v.remove(0))
@@ -904,7 +929,9 @@ fn reconcile_interfaces(
 ) -> Result<()> {
     let old: HashMap<String, NodeInterface> = node.interfaces.drain(..).map(|i| (i.name.clone(), i)).collect();
     for gi in &group.interfaces {
-        let nu = nets.get_mut(&gi.network).ok_or_else(|| ServiceError::NotFound { kind: Kind::Network, name: gi.network.clone() })?;
+        let nu = nets
+            .get_mut(&gi.network)
+            .ok_or_else(|| ServiceError::NotFound { kind: Kind::Network, name: gi.network.clone() })?;
         let kept = old.get(&gi.name).filter(|i| i.network == gi.network);
         let ip = if let Some(&ip) = explicit.get(&gi.name) {
             // Whether someone else holds it is the claim check's job: it can name the holder.

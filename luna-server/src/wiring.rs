@@ -79,7 +79,11 @@ impl TorrentStatsSource for TrackerStats {
         let bytes = hex::decode(info_hash).ok()?;
         let hash: [u8; 20] = bytes.try_into().ok()?;
         let s = self.0.torrent_stats(&hash)?;
-        Some(TorrentCounters { seeders: s.seeders, leechers: s.leechers, completed: s.completed.min(u32::MAX as u64) as u32 })
+        Some(TorrentCounters {
+            seeders: s.seeders,
+            leechers: s.leechers,
+            completed: s.completed.min(u32::MAX as u64) as u32,
+        })
     }
 }
 
@@ -100,7 +104,10 @@ mod tests {
         for (k, v) in [
             (Kind::Network, serde_json::json!({"name": "net", "cidr": "10.1.0.0/24"})),
             (Kind::Osimage, serde_json::json!({"name": "img", "path": "/img"})),
-            (Kind::Group, serde_json::json!({"name": "g", "osimage": "img", "interfaces": [{"name": "BOOTIF", "network": "net"}]})),
+            (
+                Kind::Group,
+                serde_json::json!({"name": "g", "osimage": "img", "interfaces": [{"name": "BOOTIF", "network": "net"}]}),
+            ),
             (Kind::Switch, serde_json::json!({"name": "rack1", "network": "net", "ip": "10.1.0.250"})),
         ] {
             service.create(k, v).await.unwrap();

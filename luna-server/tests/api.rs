@@ -27,7 +27,13 @@ async fn call(app: &Router, method: &str, path: &str, body: Option<Value>) -> (S
     call_with(app, method, path, body, Some(TOKEN)).await
 }
 
-async fn call_with(app: &Router, method: &str, path: &str, body: Option<Value>, token: Option<&str>) -> (StatusCode, Value) {
+async fn call_with(
+    app: &Router,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (StatusCode, Value) {
     let mut req = Request::builder().method(method).uri(format!("/api/v1{path}"));
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
@@ -61,11 +67,7 @@ async fn seed(app: &Router) {
 }
 
 fn ips(v: &Value) -> Vec<String> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["interfaces"][0]["ip"].as_str().unwrap().to_string())
-        .collect()
+    v.as_array().unwrap().iter().map(|n| n["interfaces"][0]["ip"].as_str().unwrap().to_string()).collect()
 }
 
 #[tokio::test]
@@ -108,7 +110,9 @@ async fn explicit_ip_is_checked() {
         ("10.141.255.254", "bad_request", "ip 10.141.255.254 is reserved"),
         ("10.141.0.1", "already_exists", "ip 10.141.0.1 on network cluster is already taken by node node001"),
     ] {
-        let (s, v) = call(&app, "POST", "/node", Some(json!({"name": "node002", "group": "compute", "ips": {"BOOTIF": ip}}))).await;
+        let (s, v) =
+            call(&app, "POST", "/node", Some(json!({"name": "node002", "group": "compute", "ips": {"BOOTIF": ip}})))
+                .await;
         assert!(s.is_client_error(), "{ip}: {v}");
         assert_eq!(v["code"], code, "{v}");
         assert!(v["error"].as_str().unwrap().contains(needle), "{v}");
@@ -127,17 +131,29 @@ async fn explicit_ip_is_checked() {
 async fn macs_are_unique_and_lookups_follow() {
     let app = app().await;
     seed(&app).await;
-    let (s, v) = call(&app, "POST", "/node", Some(json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01"}))).await;
+    let (s, v) =
+        call(&app, "POST", "/node", Some(json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01"})))
+            .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
-    let (s, v) = call(&app, "POST", "/node", Some(json!({"name": "node002", "group": "compute", "mac": "52-54-00-00-00-01"}))).await;
+    let (s, v) =
+        call(&app, "POST", "/node", Some(json!({"name": "node002", "group": "compute", "mac": "52-54-00-00-00-01"})))
+            .await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(v["error"], "mac 52:54:00:00:00:01 is already taken by node node001");
-    let (s, v) = call(&app, "POST", "/node", Some(json!({"name": "node[002-003]", "group": "compute", "mac": "52:54:00:00:00:02"}))).await;
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/node",
+        Some(json!({"name": "node[002-003]", "group": "compute", "mac": "52:54:00:00:00:02"})),
+    )
+    .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     // Move the MAC: the old one is released.
     let (s, _) = call(&app, "PATCH", "/node/node001", Some(json!({"mac": "52:54:00:00:00:09"}))).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, v) = call(&app, "POST", "/node", Some(json!({"name": "node002", "group": "compute", "mac": "52:54:00:00:00:01"}))).await;
+    let (s, v) =
+        call(&app, "POST", "/node", Some(json!({"name": "node002", "group": "compute", "mac": "52:54:00:00:00:01"})))
+            .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
 }
 
@@ -170,11 +186,18 @@ async fn renames_follow_through() {
     let (_, n) = call(&app, "GET", "/node/node001", None).await;
     assert_eq!(n["interfaces"][0], json!({"name": "BOOTIF", "network": "prov", "ip": "10.141.0.1"}));
     // The address stays held under the new network name.
-    let (s, v) = call(&app, "POST", "/node", Some(json!({"name": "node002", "group": "compute", "ips": {"BOOTIF": "10.141.0.1"}}))).await;
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/node",
+        Some(json!({"name": "node002", "group": "compute", "ips": {"BOOTIF": "10.141.0.1"}})),
+    )
+    .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     let (s, v) = call(&app, "POST", "/node/node001/rename", Some(json!({"new_name": "cn001"}))).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let (s, v) = call(&app, "POST", "/node", Some(json!({"name": "x1", "group": "compute", "mac": "52:54:00:00:00:01"}))).await;
+    let (s, v) =
+        call(&app, "POST", "/node", Some(json!({"name": "x1", "group": "compute", "mac": "52:54:00:00:00:01"}))).await;
     assert_eq!(s, StatusCode::CONFLICT);
     assert!(v["error"].as_str().unwrap().ends_with("taken by node cn001"), "{v}");
 }

@@ -32,9 +32,15 @@ async fn env() -> Env {
     let app = router(state.clone()).merge(netboot::router(state));
     let e = Env { app, service, _dir: dir };
     for (path, body) in [
-        ("/network", json!({"name": "cluster", "cidr": "10.141.0.0/16", "gateway": "10.141.255.254", "dns_server": "10.141.255.254"})),
+        (
+            "/network",
+            json!({"name": "cluster", "cidr": "10.141.0.0/16", "gateway": "10.141.255.254", "dns_server": "10.141.255.254"}),
+        ),
         ("/osimage", json!({"name": "compute", "path": "/images/compute", "kernel_opts": "console=ttyS0"})),
-        ("/group", json!({"name": "compute", "osimage": "compute", "interfaces": [{"name": "BOOTIF", "network": "cluster"}]})),
+        (
+            "/group",
+            json!({"name": "compute", "osimage": "compute", "interfaces": [{"name": "BOOTIF", "network": "cluster"}]}),
+        ),
     ] {
         let (s, v) = e.call("POST", &format!("/api/v1{path}"), Some(body), true, None).await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
@@ -53,7 +59,14 @@ async fn env() -> Env {
 }
 
 impl Env {
-    async fn call(&self, method: &str, path: &str, body: Option<Value>, admin: bool, from: Option<&str>) -> (StatusCode, Value) {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        admin: bool,
+        from: Option<&str>,
+    ) -> (StatusCode, Value) {
         let (s, text) = self.raw(method, path, body, admin, from, None).await;
         (s, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
@@ -90,13 +103,27 @@ impl Env {
 #[tokio::test]
 async fn known_node_gets_its_kernel_command_line() {
     let e = env().await;
-    e.call("POST", "/api/v1/node", Some(json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01"})), true, None).await;
+    e.call(
+        "POST",
+        "/api/v1/node",
+        Some(json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01"})),
+        true,
+        None,
+    )
+    .await;
     let (s, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(script.starts_with("#!ipxe\n"), "{script}");
     assert!(script.contains("kernel http://10.141.255.254:7050/boot/node/node001/kernel "), "{script}");
-    for needle in ["root=luna", "luna.url=http://10.141.255.254:7050", "luna.node=node001", "luna.mac=52:54:00:00:00:01",
-        "ip=10.141.0.1::10.141.255.254:255.255.0.0:node001", "console=ttyS0", "luna.token="] {
+    for needle in [
+        "root=luna",
+        "luna.url=http://10.141.255.254:7050",
+        "luna.node=node001",
+        "luna.mac=52:54:00:00:00:01",
+        "ip=10.141.0.1::10.141.255.254:255.255.0.0:node001",
+        "console=ttyS0",
+        "luna.token=",
+    ] {
         assert!(script.contains(needle), "{needle} missing in {script}");
     }
     let n = e.service.node("node001").await.unwrap();
@@ -124,7 +151,14 @@ async fn known_node_gets_its_kernel_command_line() {
 async fn unknown_mac_gets_the_menu_and_can_bind() {
     let e = env().await;
     e.call("POST", "/api/v1/node", Some(json!({"name": "node[001-002]", "group": "compute"})), true, None).await;
-    e.call("POST", "/api/v1/node", Some(json!({"name": "node003", "group": "compute", "mac": "52:54:00:00:00:03"})), true, None).await;
+    e.call(
+        "POST",
+        "/api/v1/node",
+        Some(json!({"name": "node003", "group": "compute", "mac": "52:54:00:00:00:03"})),
+        true,
+        None,
+    )
+    .await;
     let (s, menu) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:99", None, false, None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(menu.contains("menu ") && menu.contains("node001") && menu.contains("node002"), "{menu}");
@@ -142,7 +176,14 @@ async fn unknown_mac_gets_the_menu_and_can_bind() {
 #[tokio::test]
 async fn kernel_is_served_with_ranges() {
     let e = env().await;
-    e.call("POST", "/api/v1/node", Some(json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01"})), true, None).await;
+    e.call(
+        "POST",
+        "/api/v1/node",
+        Some(json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01"})),
+        true,
+        None,
+    )
+    .await;
     let (s, body) = e.raw("GET", "/boot/node/node001/kernel", None, false, None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(body.len(), String::from_utf8_lossy(&(0..=255u8).cycle().take(10_000).collect::<Vec<u8>>()).len());
@@ -157,7 +198,14 @@ async fn kernel_is_served_with_ranges() {
 #[tokio::test]
 async fn only_the_node_itself_gets_its_plan() {
     let e = env().await;
-    e.call("POST", "/api/v1/node", Some(json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01"})), true, None).await;
+    e.call(
+        "POST",
+        "/api/v1/node",
+        Some(json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01"})),
+        true,
+        None,
+    )
+    .await;
     let (s, v) = e.call("GET", "/boot/plan?node=node001", None, false, Some("10.141.0.1")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["hostname"], "node001");
@@ -172,16 +220,28 @@ async fn only_the_node_itself_gets_its_plan() {
     // The token from the iPXE command line works from any address.
     let (_, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, None, None).await;
     let token = script.split("luna.token=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
-    let (s, _) = e.call("GET", &format!("/boot/plan?node=node001&token={token}"), None, false, Some("10.141.0.9")).await;
+    let (s, _) =
+        e.call("GET", &format!("/boot/plan?node=node001&token={token}"), None, false, Some("10.141.0.9")).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, _) = e.call("GET", &format!("/boot/plan?node=node002&token={token}"), None, false, Some("10.141.0.9")).await;
+    let (s, _) =
+        e.call("GET", &format!("/boot/plan?node=node002&token={token}"), None, false, Some("10.141.0.9")).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 
     let report = json!({"step": "download", "progress": 42, "message": "swarm"});
-    let (s, v) = e.call("POST", &format!("/boot/status?node=node001&token={token}"), Some(report), false, Some("10.141.0.9")).await;
+    let (s, v) = e
+        .call("POST", &format!("/boot/status?node=node001&token={token}"), Some(report), false, Some("10.141.0.9"))
+        .await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     let st = e.service.node("node001").await.unwrap().status.unwrap();
     assert_eq!((st.step.as_str(), st.progress), ("download", Some(42)));
-    let (s, _) = e.call("POST", "/boot/status?node=node001", Some(json!({"step": "x", "progress": 101})), false, Some("10.141.0.1")).await;
+    let (s, _) = e
+        .call(
+            "POST",
+            "/boot/status?node=node001",
+            Some(json!({"step": "x", "progress": 101})),
+            false,
+            Some("10.141.0.1"),
+        )
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }

@@ -5,7 +5,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use luna_tests::{cargo_bin, next_mac, privileged, test_assets, ChildGuard, Netns, RouterAdverts, Vm, DHCP_MARKER, MARKER};
+use luna_tests::{
+    cargo_bin, next_mac, privileged, test_assets, ChildGuard, Netns, RouterAdverts, Vm, DHCP_MARKER, MARKER,
+};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const SERVER_IP: &str = "10.77.0.1";
@@ -35,7 +37,9 @@ impl Luna {
         let server_bin = cargo_bin("luna-server").unwrap();
         let status = Command::new(&server_bin).arg("--config").arg(d.join("luna.toml")).arg("init").status().unwrap();
         assert!(status.success(), "luna-server init");
-        let server = ns.spawn("luna-server", server_bin.to_str().unwrap(), &["--config", d.join("luna.toml").to_str().unwrap()]).unwrap();
+        let server = ns
+            .spawn("luna-server", server_bin.to_str().unwrap(), &["--config", d.join("luna.toml").to_str().unwrap()])
+            .unwrap();
         server.wait_for("http listening", Duration::from_secs(60)).unwrap();
         let luna = Luna { ns, server, dir };
         luna.cli(&["cluster", "change", "--frontend-address", SERVER_IP, "--dhcp-interfaces", "br0"]);
@@ -43,7 +47,15 @@ impl Luna {
             luna.cli(&["cluster", "change", "--dhcp-range", "10.77.0.200-10.77.0.220"]);
         }
         luna.cli(&["network", "add", "prov", "--cidr", "10.77.0.0/24", "--gateway", SERVER_IP]);
-        luna.cli(&["osimage", "add", "tiny", "--path", "/srv/tiny", "--kernel-opts", "console=ttyS0 panic=-1 luna.dhcp=1"]);
+        luna.cli(&[
+            "osimage",
+            "add",
+            "tiny",
+            "--path",
+            "/srv/tiny",
+            "--kernel-opts",
+            "console=ttyS0 panic=-1 luna.dhcp=1",
+        ]);
         luna.cli(&["group", "add", "compute", "--osimage", "tiny", "--network", "prov"]);
         luna.publish_test_revision();
         luna

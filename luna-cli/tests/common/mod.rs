@@ -28,7 +28,9 @@ pub fn cargo_build(bin_dir: &Path, package: &str, bin: &str) -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace).env("CARGO_TARGET_DIR", target_dir).args(["build", "--quiet", "-p", package, "--bin", bin]);
+    cmd.current_dir(workspace)
+        .env("CARGO_TARGET_DIR", target_dir)
+        .args(["build", "--quiet", "-p", package, "--bin", bin]);
     if profile != "debug" {
         // Directory names are profile names, except `debug`, which is the `dev` profile.
         cmd.args(["--profile", &profile]);

@@ -9,9 +9,9 @@
 //! - a batch names each record at most once (the service layer builds batches that way);
 //! - every boot-path lookup (node by name, by MAC, by switch port) is a primary-key `get`.
 
-pub mod sqlite;
-pub mod mongo;
 pub mod conformance;
+pub mod mongo;
+pub mod sqlite;
 
 use std::fmt;
 use std::sync::Arc;
@@ -107,7 +107,9 @@ impl Write {
 pub enum StoreError {
     #[error("{collection} '{key}' changed concurrently (expected {expected}, found {found})")]
     Conflict { collection: Collection, key: String, expected: String, found: String },
-    #[error("store schema version {found} is newer than this luna-server understands ({supported}); upgrade luna-server")]
+    #[error(
+        "store schema version {found} is newer than this luna-server understands ({supported}); upgrade luna-server"
+    )]
     SchemaTooNew { found: u64, supported: u64 },
     #[error("store schema record {0} has no version this luna-server can migrate from")]
     SchemaUnknown(String),
@@ -154,7 +156,15 @@ pub async fn ensure_schema(store: &dyn Store) -> Result<()> {
     match store.get(Collection::Meta, "schema").await? {
         None => {
             let doc = serde_json::json!({ "version": SCHEMA_VERSION });
-            match store.commit(vec![Write::Put { collection: Collection::Meta, key: "schema".into(), expect: Expect::Absent, doc }]).await {
+            match store
+                .commit(vec![Write::Put {
+                    collection: Collection::Meta,
+                    key: "schema".into(),
+                    expect: Expect::Absent,
+                    doc,
+                }])
+                .await
+            {
                 // Another server initialised it first: fine.
                 Ok(()) | Err(StoreError::Conflict { .. }) => Ok(()),
                 Err(e) => Err(e),

@@ -53,8 +53,11 @@ impl SqliteStore {
 }
 
 fn decode(collection: Collection, key: String, rev: i64, doc: String) -> Result<Record> {
-    let doc = serde_json::from_str(&doc)
-        .map_err(|e| StoreError::Corrupt { collection, key: key.clone(), reason: e.to_string() })?;
+    let doc = serde_json::from_str(&doc).map_err(|e| StoreError::Corrupt {
+        collection,
+        key: key.clone(),
+        reason: e.to_string(),
+    })?;
     Ok(Record { collection, key, rev: rev as u64, doc })
 }
 
