@@ -340,15 +340,15 @@ impl Read for BlockReader {
 }
 
 /// Decompressed bytes per block handed from the zstd thread to the tar thread, and blocks in
-/// flight: about 5 MiB between the two.
-const BLOCK: usize = 1 << 20;
-const BLOCKS: usize = 4;
+/// flight: about 2.5 MiB between the two, the recycled ones included.
+const BLOCK: usize = 256 << 10;
+const BLOCKS: usize = 8;
 
 /// Decompresses `reader` into blocks until its end, then reads what follows the zstd frames to
 /// the end too (so a hash over the compressed bytes sees all of them). Stops early when `abort`
 /// is set (the unpacker failed).
-/// Blocks come back through `recycle` once read: a fresh 1 MiB allocation per block would be an
-/// mmap/munmap pair and 256 page faults each with musl's allocator.
+/// Blocks come back through `recycle` once read: a fresh 256 KiB allocation per block would be an
+/// mmap/munmap pair and 64 page faults each with musl's allocator.
 fn decompress(
     reader: impl Read,
     tx: std::sync::mpsc::SyncSender<Vec<u8>>,
