@@ -1,7 +1,7 @@
 //! Pack throughput: luna's one-pass packer (tar + zstd + SHA-256 + torrent piece hashes) against
 //! `tar -C tree -cf - . | zstd -T0 -<level>` on the same generated tree, same zstd level.
 //!
-//! Usage: bench_pack [--size-mib N] [--level L] [--dir DIR [--reuse]] [--rounds R]
+//! Usage: bench_pack [--size-mib N] [--level L] [--dir DIR [--reuse]] [--rounds R] [--threads N]
 //! The tree (mixed sizes; compressible text, random bytes and small files) is generated once in
 //! DIR (default: a temporary directory) and kept in the page cache by generating it right before.
 //! Prints both rates and the ratio luna/tar (target: at least 0.9).
@@ -22,10 +22,12 @@ struct Args {
     rounds: u32,
     /// Keep an existing tree in DIR instead of generating a new one.
     reuse: bool,
+    /// zstd workers for luna (0 = one per core, as `zstd -T0`).
+    threads: u32,
 }
 
 fn args() -> Result<Args> {
-    let mut a = Args { size_mib: 1024, level: 3, dir: None, rounds: 2, reuse: false };
+    let mut a = Args { size_mib: 1024, level: 3, dir: None, rounds: 2, reuse: false, threads: 0 };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().with_context(|| format!("{k} needs a value"));
@@ -35,8 +37,9 @@ fn args() -> Result<Args> {
             "--dir" => a.dir = Some(v()?.into()),
             "--rounds" => a.rounds = v()?.parse().context("--rounds")?,
             "--reuse" => a.reuse = true,
+            "--threads" => a.threads = v()?.parse().context("--threads")?,
             "-h" | "--help" => {
-                println!("bench_pack [--size-mib N] [--level L] [--dir DIR [--reuse]] [--rounds R]");
+                println!("bench_pack [--size-mib N] [--level L] [--dir DIR [--reuse]] [--rounds R] [--threads N]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument '{other}'"),
@@ -119,13 +122,40 @@ fn generate(root: &Path, total: u64) -> Result<(u64, u64)> {
     Ok((bytes, files))
 }
 
-fn luna(tree: &Path, out: &Path, level: i32) -> Result<(f64, u64)> {
+/// Reads every file of the tree so both contenders start from a warm page cache (otherwise the
+/// first one pays for the disk and the second reads what the first cached).
+fn warm(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            warm(&e.path())?;
+        } else if ft.is_file() {
+            std::io::copy(&mut std::fs::File::open(e.path())?, &mut std::io::sink())?;
+        }
+    }
+    Ok(())
+}
+
+/// User + system CPU seconds of this process (`self_`) or of its waited-for children.
+fn cpu_seconds(self_: bool) -> f64 {
+    let who = if self_ { libc::RUSAGE_SELF } else { libc::RUSAGE_CHILDREN };
+    // SAFETY: getrusage fills the zeroed struct we pass.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(who, &mut u) } != 0 {
+        return 0.0;
+    }
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+fn luna(tree: &Path, out: &Path, level: i32, threads: u32) -> Result<(f64, u64)> {
     let ex = Excludes::new::<String>(&[])?;
     let t0 = Instant::now();
     let stats = archive::scan(tree, &ex)?;
     let f = std::fs::File::create(out)?;
     let (lo, hi) = (stats.data_bytes / 4, stats.data_bytes + stats.data_bytes / 50 + (1 << 20));
-    let opts = ArchiveOptions { zstd_level: level, zstd_threads: 0, piece_candidates: piece::candidates(lo, hi) };
+    let opts = ArchiveOptions { zstd_level: level, zstd_threads: threads, piece_candidates: piece::candidates(lo, hi) };
     let (f, sum) = archive::write_archive(tree, &ex, f, &opts, stats.data_bytes, &mut |_| true)?;
     f.sync_all()?;
     Ok((t0.elapsed().as_secs_f64(), sum.size))
@@ -174,16 +204,26 @@ fn main() -> Result<()> {
     let mib = bytes as f64 / (1 << 20) as f64;
     let (mut best_luna, mut best_tar) = (f64::MAX, f64::MAX);
     let (mut size_luna, mut size_tar) = (0, 0);
+    // CPU seconds summed over rounds: unlike wall time, not skewed by other load on the machine.
+    let mut cpu = (0.0f64, 0.0f64);
     for round in 1..=a.rounds {
-        let (t, s) = luna(&tree, &dir.join("luna.tar.zst"), a.level)?;
+        warm(&tree)?;
+        let c0 = cpu_seconds(true);
+        let (t, s) = luna(&tree, &dir.join("luna.tar.zst"), a.level, a.threads)?;
+        let cpu_luna = cpu_seconds(true) - c0;
         // disk space: one archive at a time
         std::fs::remove_file(dir.join("luna.tar.zst"))?;
-        println!("round {round}: luna      {:7.1} MiB/s  ({t:.2}s, {} MiB out)", mib / t, s >> 20);
+        println!("round {round}: luna      {:7.1} MiB/s  ({t:.2}s, {cpu_luna:.2}s cpu, {} MiB out)", mib / t, s >> 20);
+        cpu.0 += cpu_luna;
         best_luna = best_luna.min(t);
         size_luna = s;
+        warm(&tree)?;
+        let c0 = cpu_seconds(false);
         let (t, s) = tar_zstd(&tree, &dir.join("tar.tar.zst"), a.level)?;
+        let cpu_tar = cpu_seconds(false) - c0;
         std::fs::remove_file(dir.join("tar.tar.zst"))?;
-        println!("round {round}: tar|zstd  {:7.1} MiB/s  ({t:.2}s, {} MiB out)", mib / t, s >> 20);
+        println!("round {round}: tar|zstd  {:7.1} MiB/s  ({t:.2}s, {cpu_tar:.2}s cpu, {} MiB out)", mib / t, s >> 20);
+        cpu.1 += cpu_tar;
         best_tar = best_tar.min(t);
         size_tar = s;
     }
@@ -191,5 +231,6 @@ fn main() -> Result<()> {
     println!("luna (tar+zstd+sha256+pieces): {rl:.1} MiB/s, {} MiB", size_luna >> 20);
     println!("tar | zstd -T0 -{}:            {rt:.1} MiB/s, {} MiB", a.level, size_tar >> 20);
     println!("ratio luna/tar: {:.2} (target >= 0.90)", rl / rt);
+    println!("cpu per MiB luna/tar: {:.2} (what luna's hashing costs on a CPU-bound machine)", cpu.0 / cpu.1);
     Ok(())
 }
