@@ -42,6 +42,6 @@ step "boot assets for the VM tests"
 bash tests/assets/build-test-image.sh >/dev/null
 
 step "cargo test --workspace"
-cargo test --workspace "$@"
+cargo test --workspace --no-fail-fast "$@"
 
 step "done"
