@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The demo: a luna cluster on the embedded store, in a private network namespace, network-booting
-# three qemu VMs from luna-server alone (its DHCP, TFTP and HTTP/iPXE), then the node table with
-# each node's status and how long it took. Run as root on Debian; cleans up after itself.
+# The demo: a luna cluster on the embedded store, in a private network namespace. luna-server
+# packs a small OS image (a busybox tree with a Debian kernel) into a torrent, then three qemu
+# VMs network-boot from it alone (its DHCP, TFTP and HTTP/iPXE), download the image from the
+# swarm (the server's seeder and each other), switch root into it, and the booted image
+# reports back. Ends with the node table, each node's status and timings. Run as root on
+# Debian; cleans up after itself.
 #
-#   sudo bash scripts/demo.sh
+#   sudo bash scripts/demo.sh            # LUNA_DEMO_VMS=2 for two VMs
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -32,14 +35,29 @@ fi
 say "installing what the demo needs"
 bash scripts/install-deps.sh >"$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; exit 1; }
 
-say "building luna-server and luna"
-cargo build -p luna-server -p luna-cli
+say "building luna-server, luna and luna-agent"
+cargo build -p luna-server -p luna-cli -p luna-agent
 BIN=${CARGO_TARGET_DIR:-target}/debug
+BIN=$(cd "$BIN" && pwd)
 
-say "preparing the small test image (a Debian kernel and a busybox initramfs)"
+say "preparing the OS image tree (a Debian kernel and a busybox root)"
 bash tests/assets/build-test-image.sh >/dev/null
 # shellcheck disable=SC1091
 . tests/work/assets/env
+
+# luna-server builds each image's initramfs with dracut and luna's dracut module, which ships
+# luna-agent. A real server has them in /usr/lib/dracut/modules.d/95luna and
+# /usr/lib/luna/luna-agent; the demo leaves the system alone and points dracut at a private
+# copy holding this tree's module and agent ([image] dracut below).
+cp -a /usr/lib/dracut "$WORK/dracutbase"
+rm -rf "$WORK/dracutbase/modules.d/95luna"
+ln -s "$PWD/dracut-module/95luna" "$WORK/dracutbase/modules.d/95luna"
+cat >"$WORK/dracut" <<EOF
+#!/bin/sh
+export dracutbasedir="$WORK/dracutbase" LUNA_AGENT_BIN="$BIN/luna-agent"
+exec dracut --compress 'gzip -1' "\$@"
+EOF
+chmod 755 "$WORK/dracut"
 
 say "starting luna-server in network namespace $NS ($SERVER_IP)"
 ip netns add "$NS"
@@ -58,6 +76,7 @@ interfaces = ["br0"]
 root = "$WORK/tftpboot"
 bind = "$SERVER_IP:69"
 [image]
+dracut = "$WORK/dracut"
 seed_listen = "$SERVER_IP:6881"
 EOF
 "$BIN/luna-server" --config "$WORK/luna.toml" init
@@ -66,57 +85,91 @@ PIDS+=($!)
 for _ in $(seq 100); do grep -q "http listening" "$WORK/server.log" && break; sleep 0.2; done
 
 luna() { ip netns exec "$NS" env LUNA_SERVER="http://$SERVER_IP:7050" LUNA_TOKEN_FILE="$WORK/token" "$BIN/luna" "$@"; }
+api() {
+    local method=$1 path=$2
+    shift 2
+    ip netns exec "$NS" curl -sS --fail-with-body -X "$method" -H "Authorization: Bearer $(cat "$WORK/token")" \
+        -H "Content-Type: application/json" "http://$SERVER_IP:7050/api/v1$path" "$@"
+}
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 say "creating the cluster's objects with the luna CLI"
 luna cluster change --frontend-address "$SERVER_IP" --dhcp-interfaces br0 >/dev/null
 luna network add prov --cidr 10.88.0.0/24 --gateway "$SERVER_IP"
-luna osimage add tiny --path "$ROOTFS" --kernel-opts "console=ttyS0 panic=-1 luna.dhcp=1"
+luna osimage add tiny --path "$ROOTFS" --kernel-opts "console=ttyS0 panic=-1 rd.retry=300"
+# a VM needs the virtio drivers, not every module set
+api PATCH /osimage/tiny --data '{"dracut_drivers_add":["virtio_net","virtio_pci","af_packet"],
+    "dracut_modules_omit":["systemd","systemd-initrd","systemd-networkd","dracut-systemd","plymouth","i18n",
+    "kernel-modules","kernel-modules-extra","qemu","qemu-net"]}' >/dev/null
 luna group add compute --osimage tiny --network prov
 MACS=()
 for i in $(seq "$VMS"); do MACS+=("52:54:00:88:00:$(printf %02x "$i")"); done
 luna node add "node[001-$(printf %03d "$VMS")]" --group compute
 for i in $(seq "$VMS"); do luna node change "node$(printf %03d "$i")" --mac "${MACS[$((i - 1))]}"; done
 
-# Publish the test kernel and initramfs as the osimage's current revision (what
-# `luna osimage pack` produces from a real chroot).
-mkdir -p "$WORK/data/images/tiny/1"
-cp "$KERNEL" "$WORK/data/images/tiny/1/vmlinuz"
-cp "$INITRD" "$WORK/data/images/tiny/1/initrd.img"
-ip netns exec "$NS" curl -sf -X PATCH -H "Authorization: Bearer $(cat "$WORK/token")" \
-    -H "Content-Type: application/json" "http://$SERVER_IP:7050/api/v1/osimage/tiny" \
-    --data "{\"revisions\":[{\"id\":1,\"created\":$(date +%s),\"kernel_version\":\"$KVER\",\"archive\":\"tiny.tar.zst\",\"archive_size\":0,\"sha256\":\"\",\"kernel\":\"vmlinuz\",\"initrd\":\"initrd.img\",\"torrent\":\"tiny.torrent\",\"info_hash\":\"\"}],\"current_revision\":1}" >/dev/null
+say "packing osimage tiny: tar.zst + torrent, kernel, initramfs by dracut with luna's module"
+PACK_START=$(date +%s)
+JOB=$(api POST /osimage/tiny/pack --data '{}' | json 'd["job"]')
+while :; do
+    STATE=$(api GET "/jobs/$JOB")
+    case "$(echo "$STATE" | json 'd["state"]')" in
+        done) break ;;
+        failed) echo "pack failed: $STATE" >&2; exit 1 ;;
+    esac
+    sleep 1
+done
+echo "packed revision $(echo "$STATE" | json 'd["revision"]') in $(($(date +%s) - PACK_START)) s"
+api GET /osimage/tiny/revisions | json '"\n".join("revision %s: %s bytes, sha256 %s, info hash %s" % (r["id"], r["archive_size"], r["sha256"][:16], r["info_hash"]) for r in d)'
+for _ in $(seq 120); do
+    api GET /osimage/tiny/revisions | json 'd[-1]["seeder"] and d[-1]["seeder"]["healthy"]' | grep -q True && break
+    sleep 0.5
+done
 luna node list
 
-say "booting $VMS VMs (qemu, TCG) from the network"
+say "booting $VMS VMs (qemu, TCG) from the network into the image"
 START=$(date +%s)
 for i in $(seq "$VMS"); do
     tap="tap$i"
     ip -n "$NS" tuntap add dev "$tap" mode tap
     ip -n "$NS" link set "$tap" master br0
     ip -n "$NS" link set "$tap" up
-    ip netns exec "$NS" qemu-system-x86_64 -accel tcg -m 512 -nographic -no-reboot -boot n \
+    ip netns exec "$NS" qemu-system-x86_64 -accel tcg -m 1024 -nographic -no-reboot -boot n \
         -netdev "tap,id=n0,ifname=$tap,script=no,downscript=no" \
         -device "virtio-net-pci,netdev=n0,mac=${MACS[$((i - 1))]}" >"$WORK/vm$i.log" 2>&1 </dev/null &
     PIDS+=($!)
 done
 
 declare -A DONE
-for _ in $(seq 300); do
+MAX_LEECHERS=0
+for _ in $(seq 600); do
     for i in $(seq "$VMS"); do
-        if [ -z "${DONE[$i]:-}" ] && grep -q "LUNA-TEST-MARKER" "$WORK/vm$i.log" 2>/dev/null; then
+        if [ -z "${DONE[$i]:-}" ] && grep -q "LUNA-BOOTED" "$WORK/vm$i.log" 2>/dev/null; then
             DONE[$i]=$(($(date +%s) - START))
-            echo "node$(printf %03d "$i"): booted its kernel and initramfs after ${DONE[$i]} s"
+            echo "node$(printf %03d "$i"): $(grep -o 'LUNA-BOOTED.*' "$WORK/vm$i.log" | tr -d '\r') after ${DONE[$i]} s"
         fi
     done
+    L=$(api GET /osimage/tiny/revisions | json '(d[-1]["tracker"] or {}).get("leechers", 0)' 2>/dev/null || echo 0)
+    [ "$L" -gt "$MAX_LEECHERS" ] && MAX_LEECHERS=$L
     [ "${#DONE[@]}" -eq "$VMS" ] && break
     sleep 1
 done
 
 say "the node table"
 luna node list
+echo
+luna node list --json | python3 -c '
+import json, sys, time
+start = int(sys.argv[1])
+for n in json.load(sys.stdin):
+    s = n.get("status") or {}
+    print("%-8s %-8s %4s s after power-on  %s" % (n["name"], s.get("step", "-"), s.get("time", start) - start, s.get("message", "")))
+' "$START"
+echo
+echo "the tracker saw up to $MAX_LEECHERS nodes downloading at once; where each node's bytes came from:"
+grep -h "step=unpack" "$WORK/server.log" | sed -E 's/.*node=([^ ]+).*detail="?([^"]*)"?.*/\1: \2/'
 if [ "${#DONE[@]}" -ne "$VMS" ]; then
     echo "only ${#DONE[@]} of $VMS VMs booted; the last lines of each console:" >&2
-    for i in $(seq "$VMS"); do echo "--- vm$i"; tail -5 "$WORK/vm$i.log"; done >&2
+    for i in $(seq "$VMS"); do echo "--- vm$i"; tail -15 "$WORK/vm$i.log"; done >&2
     exit 1
 fi
-echo "all $VMS nodes network-booted from luna-server in at most $(printf '%s\n' "${DONE[@]}" | sort -n | tail -1) s"
+echo "all $VMS nodes network-booted into the packed image through the swarm in at most $(printf '%s\n' "${DONE[@]}" | sort -n | tail -1) s"

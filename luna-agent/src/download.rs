@@ -116,6 +116,11 @@ pub async fn fetch(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched, Fetc
             }
         }
     }
+    // The last attempt may have unpacked a whole tree that failed verification: empty the root,
+    // so nothing unverified is left for dracut to switch into (say, after the emergency shell).
+    if let Err(e) = clear_dir(job.root) {
+        tracing::warn!("cannot empty {} after the failed download: {e}", job.root.display());
+    }
     Err(last
         .unwrap_or_else(|| FetchError::Download { url: job.image.http_url.clone(), reason: "no attempt made".into() }))
 }

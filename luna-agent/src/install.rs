@@ -309,7 +309,11 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
         s.stop().await;
     }
     rest?;
-    ctx.reporter.step("booted", Some("installed, switching root".into())).await;
+    // "booted" is the booted OS's to say (the image's boot-time hook); until then the node is
+    // installed and switching root.
+    ctx.reporter
+        .step("installed", Some(format!("{} revision {} installed, switching root", image.osimage, image.revision)))
+        .await;
     Ok(Outcome { plan, nic, fetched })
 }
 

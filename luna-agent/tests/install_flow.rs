@@ -420,7 +420,7 @@ async fn installs_over_http_and_reports_every_step() {
     let steps = server.steps();
     assert_eq!(
         steps,
-        ["plan", "prescript", "partscript", "download", "verify", "unpack", "personality", "postscript", "booted"]
+        ["plan", "prescript", "partscript", "download", "verify", "unpack", "personality", "postscript", "installed"]
     );
     let progress: Vec<u8> = server.reports.lock().unwrap().iter().filter_map(|r| r.progress).collect();
     assert!(!progress.is_empty() && progress.len() <= 3, "progress at most ~1/s: {progress:?}");

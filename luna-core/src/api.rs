@@ -206,7 +206,8 @@ pub struct PlanBmc {
 #[serde(deny_unknown_fields)]
 pub struct StatusReport {
     /// `plan`, `prescript`, `partscript`, `download`, `http-fallback`, `verify`, `unpack`,
-    /// `personality`, `postscript`, `booted`, `service`, `error`.
+    /// `personality`, `postscript`, `installed`, `service`, `error` (the agent); `booted` (the
+    /// installed OS, once up).
     pub step: String,
     #[serde(default)]
     pub progress: Option<u8>,

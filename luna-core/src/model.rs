@@ -728,7 +728,8 @@ pub struct NodeInterface {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeStatus {
-    /// What the node is doing: `dhcp`, `ipxe`, `kernel`, `download`, `booted`, `service`, `error`…
+    /// What the node is doing: `dhcp`, `ipxe`, `kernel`, `download`, `installed` (the agent, about to
+    /// switch root), `booted` (the booted OS), `service`, `error`…
     pub step: String,
     #[serde(default)]
     pub progress: Option<u8>,

@@ -488,6 +488,11 @@ async fn status(
             format!("invalid status step '{}'", report.step),
         );
     }
+    if report.progress.is_none() {
+        // The log is the node's boot history: the store keeps only the latest step.
+        let detail = report.message.as_deref().unwrap_or("");
+        tracing::info!(node = %node.name, step = %report.step, detail, "node status");
+    }
     match st.service.set_node_status(&node.name, &report.step, report.progress, report.message).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => ApiError(e).into_response(),

@@ -8,7 +8,9 @@
 #            luna.dhcp=1 first loads virtio_net, runs udhcpc on every NIC and prints
 #            "LUNA-TEST-DHCP iface=<if> ip=<ip> mask=<mask> router=<gw> mac=<mac>".
 #   ROOTFS   a directory tree of a tiny busybox system (a future provisioning image): its
-#            /sbin/init prints "LUNA-BOOTED host=<hostname>" on /dev/console and powers off;
+#            /sbin/init reports step "booted" to luna-server when the command line has luna.url,
+#            luna.node and luna.token (busybox wget), prints "LUNA-BOOTED host=<hostname>
+#            report=ok|failed|none" on /dev/console and powers off;
 #            /boot/vmlinuz-<kver> and a subset of modules under /lib/modules/<kver>
 #   KVER     the kernel release
 # Prints those as KEY=VALUE lines on stdout (and keeps them in <dir>/env); logs go to stderr.
@@ -17,7 +19,7 @@
 set -euo pipefail
 
 # bump when the layout or content changes, so cached assets are rebuilt
-ASSET_VERSION=2
+ASSET_VERSION=3
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUT="${1:-${LUNA_TEST_WORK:-$here/../work}/assets}"
@@ -204,13 +206,36 @@ if [ ! -x "$ROOTFS/sbin/init" ] || [ ! -f "$OUT/.rootfs-v$ASSET_VERSION" ]; then
     cp "$KROOT/boot/config-$KVER" "$t/boot/config-$KVER"
     cat >"$t/sbin/init" <<'EOF'
 #!/bin/sh
-# luna test image: reports that it booted, then powers off
+# luna test image: reports that it booted (to luna-server, when luna installed it: what a real
+# image's boot-time hook would do), prints the marker, then powers off
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 [ -s /etc/hostname ] && hostname "$(cat /etc/hostname)"
-echo "LUNA-BOOTED host=$(hostname)" >/dev/console
+url=
+node=
+token=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        luna.url=*) url="${arg#luna.url=}" ;;
+        luna.node=*) node="${arg#luna.node=}" ;;
+        luna.token=*) token="${arg#luna.token=}" ;;
+    esac
+done
+report=none
+if [ -n "$url" ] && [ -n "$node" ]; then
+    # the address the initramfs configured survives the switch of root
+    addr="$(ip -4 addr show | awk '/inet / && $2 !~ /^127\./ {sub("/.*", "", $2); print $2; exit}')"
+    body="{\"step\":\"booted\",\"message\":\"$(hostname) is up at ${addr:-no address}\"}"
+    if timeout 20 wget -q -O /dev/null --header 'Content-Type: application/json' --post-data "$body" \
+        "$url/boot/status?node=$node&token=$token"; then
+        report=ok
+    else
+        report=failed
+    fi
+fi
+echo "LUNA-BOOTED host=$(hostname) report=$report" >/dev/console
 sync
 poweroff -f
 EOF

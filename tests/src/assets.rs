@@ -11,7 +11,8 @@ pub const MARKER: &str = "LUNA-TEST-MARKER";
 /// Printed by the test initramfs for each lease when booted with `luna.dhcp=1`:
 /// `LUNA-TEST-DHCP iface=eth0 ip=10.0.0.5 mask=24 router=10.0.0.1 mac=52:54:00:..`.
 pub const DHCP_MARKER: &str = "LUNA-TEST-DHCP";
-/// Printed by the test image's /sbin/init: `LUNA-BOOTED host=<hostname>`.
+/// Printed by the test image's /sbin/init: `LUNA-BOOTED host=<hostname> report=ok|failed|none`,
+/// after it POSTed step `booted` to `<luna.url>/boot/status` (when luna installed it).
 pub const BOOTED_MARKER: &str = "LUNA-BOOTED";
 
 /// Where the boot assets are.

@@ -19,6 +19,7 @@
 
 mod assets;
 mod bins;
+mod cluster;
 mod error;
 mod net;
 mod netns;
@@ -30,6 +31,7 @@ use std::path::PathBuf;
 
 pub use assets::{test_assets, TestAssets, BOOTED_MARKER, DHCP_MARKER, MARKER};
 pub use bins::{cargo_bin, profile_dir, workspace_root};
+pub use cluster::{private_dracut_base, Cluster, ClusterOptions};
 pub use error::{HarnessError, Result};
 pub use net::{free_port, free_udp_port, next_mac};
 pub use netns::{Netns, NetnsThread};

@@ -262,7 +262,19 @@ fn vm_installs_from_a_plan_and_switches_root() {
         booted.unwrap_or_else(|e| panic!("no {BOOTED_MARKER}: {e}\nreports: {steps:?}\n{}", vm.serial().tail(60)));
     assert!(line.contains("host=node001"), "personality: {line}");
     for step in
-        ["plan", "partscript", "download", "http-fallback", "verify", "unpack", "personality", "postscript", "booted"]
+        [
+        "plan",
+        "partscript",
+        "download",
+        "http-fallback",
+        "verify",
+        "unpack",
+        "personality",
+        "postscript",
+        "installed",
+        // from the booted image's init
+        "booted",
+    ]
     {
         assert!(steps.iter().any(|s| s == step), "step {step} not reported: {steps:?}");
     }

@@ -1,0 +1,339 @@
+//! A whole luna cluster for end-to-end tests: a network namespace with a bridge, luna-server on
+//! the embedded store answering DHCP, TFTP, HTTP, the tracker and the seeder on that bridge, and
+//! its objects made with the real `luna` CLI and REST API. Nodes are qemu VMs on the bridge that
+//! network-boot from it.
+//!
+//! Packing runs dracut on the host as a real server does, but through a wrapper that points it
+//! at a private copy of dracut's base directory holding this tree's `95luna` module and the
+//! `luna-agent` built with the test, so what is tested is this tree, not what is installed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{cargo_bin, test_assets, work_dir, workspace_root, ChildGuard, HarnessError, Netns, Result, Vm};
+
+/// How the cluster is set up.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// The first three octets of the provisioning /24 (inside the namespace only); the server
+    /// is `.1`, nodes get addresses from `.2` up.
+    pub subnet: String,
+    /// Whether luna-server seeds images (`[image] seed`).
+    pub seed: bool,
+    /// The seeder's upload limit (`[image] upload_limit_bytes_per_s`; 0 = none). A limit makes
+    /// nodes fetch from each other and makes a download last long enough to interrupt.
+    pub upload_limit: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { subnet: "10.79.0".into(), seed: true, upload_limit: 0 }
+    }
+}
+
+/// A running luna cluster; everything is torn down on drop (VMs first: drop them before).
+pub struct Cluster {
+    server: Option<ChildGuard>,
+    /// Logs of servers stopped by [`Cluster::restart`].
+    old_logs: Vec<String>,
+    opts: ClusterOptions,
+    taps: AtomicU32,
+    dir: tempfile::TempDir,
+    /// Dropped last (fields drop in order): the server and VMs live in it.
+    pub ns: Netns,
+}
+
+impl Cluster {
+    /// Creates the namespace and bridge, runs `luna-server init` and starts the server, then
+    /// points the cluster object at the bridge (frontend address, DHCP interface).
+    pub fn start(opts: ClusterOptions) -> Result<Cluster> {
+        let base = work_dir();
+        std::fs::create_dir_all(&base).map_err(|e| HarnessError::io(format!("create {}", base.display()), e))?;
+        let dir = tempfile::Builder::new()
+            .prefix("cluster-")
+            .tempdir_in(&base)
+            .map_err(|e| HarnessError::io(format!("temp dir in {}", base.display()), e))?;
+        let ns = Netns::new()?;
+        ns.add_bridge("br0")?;
+        let cluster = Cluster { server: None, old_logs: Vec::new(), opts, taps: AtomicU32::new(0), dir, ns };
+        cluster.ns.add_addr("br0", &format!("{}/24", cluster.server_ip()))?;
+        cluster.write_dracut_wrapper()?;
+        cluster.write_config()?;
+        let server_bin = cargo_bin("luna-server")?;
+        let out = Command::new(&server_bin)
+            .arg("--config")
+            .arg(cluster.config_path())
+            .arg("init")
+            .output()
+            .map_err(|e| HarnessError::io("run luna-server init", e))?;
+        if !out.status.success() {
+            return Err(HarnessError::Command {
+                command: "luna-server init".into(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        let mut cluster = cluster;
+        cluster.spawn_server()?;
+        let ip = cluster.server_ip();
+        cluster.cli(&["cluster", "change", "--frontend-address", &ip, "--dhcp-interfaces", "br0"])?;
+        Ok(cluster)
+    }
+
+    /// The server's address on the bridge.
+    pub fn server_ip(&self) -> String {
+        format!("{}.1", self.opts.subnet)
+    }
+
+    /// `http://<server>:7050`.
+    pub fn url(&self) -> String {
+        format!("http://{}:7050", self.server_ip())
+    }
+
+    /// The cluster's scratch directory (config, store, data_dir under `data/`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir().join("luna.toml")
+    }
+
+    fn write_config(&self) -> Result<()> {
+        let d = self.dir();
+        let ip = self.server_ip();
+        let config = format!(
+            "store = \"sqlite://{db}\"\nlisten = \"{ip}:7050\"\ntoken_file = \"{token}\"\ndata_dir = \"{data}\"\n\
+             [dhcp]\ninterfaces = [\"br0\"]\n[tftp]\nroot = \"{tftp}\"\nbind = \"{ip}:69\"\n\
+             [image]\ndracut = \"{dracut}\"\nseed = {seed}\nseed_listen = \"{ip}:6881\"\nupload_limit_bytes_per_s = {limit}\n",
+            db = d.join("luna.db").display(),
+            token = d.join("token").display(),
+            data = d.join("data").display(),
+            tftp = d.join("tftpboot").display(),
+            dracut = d.join("dracut").display(),
+            seed = self.opts.seed,
+            limit = self.opts.upload_limit,
+        );
+        let path = self.config_path();
+        std::fs::write(&path, config).map_err(|e| HarnessError::io(format!("write {}", path.display()), e))
+    }
+
+    /// `dracut` as the server runs it (`[image] dracut`): this tree's 95luna module and agent.
+    fn write_dracut_wrapper(&self) -> Result<()> {
+        let base = private_dracut_base(self.dir())?;
+        let agent = cargo_bin("luna-agent")?;
+        let wrapper = self.dir().join("dracut");
+        let script = format!(
+            "#!/bin/sh\n# dracut with this source tree's luna module and agent; fast compression (the test\n\
+             # agent is a debug build)\nexport dracutbasedir='{}'\nexport LUNA_AGENT_BIN='{}'\n\
+             exec dracut --compress 'gzip -1' \"$@\"\n",
+            base.display(),
+            agent.display()
+        );
+        std::fs::write(&wrapper, script).map_err(|e| HarnessError::io(format!("write {}", wrapper.display()), e))?;
+        let chmod = Command::new("chmod").arg("755").arg(&wrapper).status();
+        match chmod {
+            Ok(s) if s.success() => Ok(()),
+            _ => Err(HarnessError::Setup(format!("cannot make {} executable", wrapper.display()))),
+        }
+    }
+
+    fn spawn_server(&mut self) -> Result<()> {
+        let bin = cargo_bin("luna-server")?;
+        let config = self.config_path();
+        let server = self.ns.spawn("luna-server", &bin.to_string_lossy(), &[
+            "--config".to_string(),
+            config.to_string_lossy().into_owned(),
+        ])?;
+        server.wait_for("http listening", Duration::from_secs(60))?;
+        self.server = Some(server);
+        Ok(())
+    }
+
+    /// Stops luna-server (SIGTERM, as `systemctl restart` does) and starts it again with
+    /// seeding on or off: the admin's way to stop serving images over BitTorrent.
+    pub fn restart(&mut self, seed: bool) -> Result<()> {
+        if let Some(mut old) = self.server.take() {
+            old.terminate(Duration::from_secs(15))?;
+            self.old_logs.push(old.output().lines().join("\n"));
+        }
+        self.opts.seed = seed;
+        self.write_config()?;
+        self.spawn_server()
+    }
+
+    /// Everything every luna-server of this cluster logged so far.
+    pub fn server_log(&self) -> String {
+        let mut all = self.old_logs.join("\n");
+        if let Some(s) = &self.server {
+            all.push('\n');
+            all.push_str(&s.output().lines().join("\n"));
+        }
+        all
+    }
+
+    /// Runs the real `luna` CLI against the server; returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = self
+            .ns
+            .command(cargo_bin("luna")?)
+            .args(args)
+            .env("LUNA_SERVER", self.url())
+            .env("LUNA_TOKEN_FILE", self.dir().join("token"))
+            .env_remove("LUNA_TOKEN")
+            .output()
+            .map_err(|e| HarnessError::io(format!("run luna {args:?}"), e))?;
+        if !out.status.success() {
+            return Err(HarnessError::Command {
+                command: format!("luna {}", args.join(" ")),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `luna ... --json`, parsed.
+    pub fn cli_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let text = self.cli(&all)?;
+        serde_json::from_str(&text).map_err(|e| HarnessError::Setup(format!("luna {args:?} printed no json: {e}: {text}")))
+    }
+
+    /// A REST call with the admin token (curl in the namespace); returns the JSON body (Null
+    /// when empty). Fails on an HTTP error status, with the body in the message.
+    pub fn api(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let token_path = self.dir().join("token");
+        let token =
+            std::fs::read_to_string(&token_path).map_err(|e| HarnessError::io(format!("read {}", token_path.display()), e))?;
+        let mut cmd = self.ns.command("curl");
+        cmd.args(["-sS", "--fail-with-body", "--max-time", "30", "-X", method])
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {}", token.trim()));
+        if let Some(b) = body {
+            cmd.args(["-H", "Content-Type: application/json", "--data"]).arg(b.to_string());
+        }
+        let out = cmd.arg(format!("{}{path}", self.url())).output().map_err(|e| HarnessError::io("run curl", e))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(HarnessError::Command {
+                command: format!("{method} {path}"),
+                status: out.status.to_string(),
+                stderr: format!("{text} {}", String::from_utf8_lossy(&out.stderr)),
+            });
+        }
+        if text.trim().is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&text).map_err(|e| HarnessError::Setup(format!("{method} {path}: bad json {e}: {text}")))
+    }
+
+    /// Creates osimage `name` from the test image tree (busybox; its init reports `booted`),
+    /// with dracut trimmed to what a virtio VM needs, and `kernel_opts` for its nodes.
+    pub fn add_test_osimage(&self, name: &str, kernel_opts: &str) -> Result<()> {
+        let assets = test_assets()?;
+        let path = assets.rootfs.to_string_lossy().into_owned();
+        self.cli(&["osimage", "add", name, "--path", &path, "--kernel-opts", kernel_opts])?;
+        // Without the generic module sets dracut builds the initramfs in a fraction of the time.
+        let trim = serde_json::json!({
+            "dracut_modules_omit": ["systemd", "systemd-initrd", "systemd-networkd", "dracut-systemd", "plymouth",
+                "i18n", "kernel-modules", "kernel-modules-extra", "qemu", "qemu-net"],
+            "dracut_drivers_add": ["virtio_net", "virtio_pci", "af_packet"],
+        });
+        self.api("PATCH", &format!("/api/v1/osimage/{name}"), Some(&trim))?;
+        Ok(())
+    }
+
+    /// Packs osimage `name` (`POST .../pack`, then the job until it ends); returns the revision.
+    pub fn pack(&self, name: &str, timeout: Duration) -> Result<u32> {
+        let started = self.api("POST", &format!("/api/v1/osimage/{name}/pack"), Some(&serde_json::json!({})))?;
+        let job = started["job"]
+            .as_u64()
+            .ok_or_else(|| HarnessError::Setup(format!("pack of {name} returned no job: {started}")))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.api("GET", &format!("/api/v1/jobs/{job}"), None)?;
+            match st["state"].as_str() {
+                Some("done") => {
+                    return st["revision"]
+                        .as_u64()
+                        .map(|r| r as u32)
+                        .ok_or_else(|| HarnessError::Setup(format!("pack job {job} done without a revision: {st}")))
+                }
+                Some("failed") => return Err(HarnessError::Setup(format!("pack of {name} failed: {st}"))),
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout {
+                    what: format!("pack job {job} of {name}"),
+                    timeout,
+                    log: self.dir().display().to_string(),
+                    tail: st.to_string(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// `GET /api/v1/osimage/<name>/revisions`: revisions with tracker and seeder counters.
+    pub fn revisions(&self, name: &str) -> Result<Vec<Value>> {
+        match self.api("GET", &format!("/api/v1/osimage/{name}/revisions"), None)? {
+            Value::Array(v) => Ok(v),
+            other => Err(HarnessError::Setup(format!("revisions of {name}: not a list: {other}"))),
+        }
+    }
+
+    /// The current revision's listing.
+    pub fn current_revision(&self, name: &str) -> Result<Value> {
+        self.revisions(name)?
+            .into_iter()
+            .find(|r| r["current"] == Value::Bool(true))
+            .ok_or_else(|| HarnessError::Setup(format!("osimage {name} has no current revision")))
+    }
+
+    /// `luna node show NAME --json`.
+    pub fn node(&self, name: &str) -> Result<Value> {
+        self.cli_json(&["node", "show", name])
+    }
+
+    /// Starts a VM on the bridge that network-boots (BIOS, virtio NIC with `mac`, 1 GiB: the
+    /// image is unpacked into a tmpfs).
+    pub fn boot(&self, vm_name: &str, mac: &str) -> Result<Vm> {
+        let tap = format!("tap{}", self.taps.fetch_add(1, Ordering::Relaxed));
+        self.ns.add_tap(&tap, Some("br0"))?;
+        Vm::builder(vm_name).memory_mb(1024).nic(&tap, mac).spawn_in(&self.ns)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.terminate(Duration::from_secs(5));
+        }
+    }
+}
+
+/// A private copy of dracut's base directory (`/usr/lib/dracut`) under `dir` whose
+/// `modules.d/95luna` is this tree's module: the system's dracut stays untouched while other
+/// tests use it.
+pub fn private_dracut_base(dir: &Path) -> Result<PathBuf> {
+    let base = dir.join("dracutbase");
+    let _ = std::fs::remove_dir_all(&base);
+    let copied = Command::new("cp").arg("-a").arg("/usr/lib/dracut").arg(&base).status();
+    if !copied.is_ok_and(|s| s.success()) {
+        return Err(HarnessError::Setup(
+            "cannot copy /usr/lib/dracut (apt-get install dracut-core dracut-network)".into(),
+        ));
+    }
+    let module = base.join("modules.d/95luna");
+    let _ = std::fs::remove_file(&module);
+    let _ = std::fs::remove_dir_all(&module);
+    std::os::unix::fs::symlink(workspace_root().join("dracut-module/95luna"), &module)
+        .map_err(|e| HarnessError::io(format!("link {}", module.display()), e))?;
+    Ok(base)
+}
