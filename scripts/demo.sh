@@ -139,7 +139,7 @@ for i in $(seq "$VMS"); do
     PIDS+=($!)
 done
 
-declare -A DONE
+declare -A DONE=()
 MAX_LEECHERS=0
 for _ in $(seq 600); do
     for i in $(seq "$VMS"); do

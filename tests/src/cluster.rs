@@ -145,10 +145,11 @@ impl Cluster {
     fn spawn_server(&mut self) -> Result<()> {
         let bin = cargo_bin("luna-server")?;
         let config = self.config_path();
-        let server = self.ns.spawn("luna-server", &bin.to_string_lossy(), &[
-            "--config".to_string(),
-            config.to_string_lossy().into_owned(),
-        ])?;
+        let server = self.ns.spawn(
+            "luna-server",
+            &bin.to_string_lossy(),
+            &["--config".to_string(), config.to_string_lossy().into_owned()],
+        )?;
         server.wait_for("http listening", Duration::from_secs(60))?;
         self.server = Some(server);
         Ok(())
@@ -202,15 +203,16 @@ impl Cluster {
         let mut all = args.to_vec();
         all.push("--json");
         let text = self.cli(&all)?;
-        serde_json::from_str(&text).map_err(|e| HarnessError::Setup(format!("luna {args:?} printed no json: {e}: {text}")))
+        serde_json::from_str(&text)
+            .map_err(|e| HarnessError::Setup(format!("luna {args:?} printed no json: {e}: {text}")))
     }
 
     /// A REST call with the admin token (curl in the namespace); returns the JSON body (Null
     /// when empty). Fails on an HTTP error status, with the body in the message.
     pub fn api(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
         let token_path = self.dir().join("token");
-        let token =
-            std::fs::read_to_string(&token_path).map_err(|e| HarnessError::io(format!("read {}", token_path.display()), e))?;
+        let token = std::fs::read_to_string(&token_path)
+            .map_err(|e| HarnessError::io(format!("read {}", token_path.display()), e))?;
         let mut cmd = self.ns.command("curl");
         cmd.args(["-sS", "--fail-with-body", "--max-time", "30", "-X", method])
             .arg("-H")

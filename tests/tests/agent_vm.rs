@@ -261,8 +261,7 @@ fn vm_installs_from_a_plan_and_switches_root() {
     let line =
         booted.unwrap_or_else(|e| panic!("no {BOOTED_MARKER}: {e}\nreports: {steps:?}\n{}", vm.serial().tail(60)));
     assert!(line.contains("host=node001"), "personality: {line}");
-    for step in
-        [
+    for step in [
         "plan",
         "partscript",
         "download",
@@ -274,8 +273,7 @@ fn vm_installs_from_a_plan_and_switches_root() {
         "installed",
         // from the booted image's init
         "booted",
-    ]
-    {
+    ] {
         assert!(steps.iter().any(|s| s == step), "step {step} not reported: {steps:?}");
     }
     assert!(!steps.iter().any(|s| s == "error"), "{steps:?}");

@@ -47,7 +47,10 @@ fn fail(c: &Cluster, vms: &[&Vm], what: &str) -> ! {
     }
     let log = c.server_log();
     let tail: Vec<&str> = log.lines().rev().take(40).collect();
-    msg.push_str(&format!("--- luna-server (last 40 lines)\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+    msg.push_str(&format!(
+        "--- luna-server (last 40 lines)\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    ));
     panic!("{msg}");
 }
 
@@ -160,10 +163,7 @@ fn nodes_pxe_boot_into_the_packed_image_through_the_swarm() {
         assert!(peers > 0, "{name} got nothing from the swarm: {:?}", reports(&c, &name));
         let steps = reports(&c, &name);
         for step in ["plan", "download", "verify", "unpack", "personality", "installed", "booted"] {
-            assert!(
-                steps.iter().any(|l| l.contains(&format!("step={step} "))),
-                "{name}: no {step} report: {steps:?}"
-            );
+            assert!(steps.iter().any(|l| l.contains(&format!("step={step} "))), "{name}: no {step} report: {steps:?}");
         }
         assert!(!steps.iter().any(|l| l.contains("step=error")), "{name}: {steps:?}");
     }
@@ -206,8 +206,11 @@ fn nodes_pxe_boot_into_the_packed_image_through_the_swarm() {
     let failed = wait_status(&c, &[&vm4], "node004", "error", BOOT_TIMEOUT);
     let (_, message) = status(&failed);
     assert!(message.starts_with("verify:") && message.contains("the plan says 0000"), "{failed}");
-    // The initramfs stops in its emergency shell instead of switching root.
-    if let Err(e) = vm4.wait_for("emergency", Duration::from_secs(120)) {
+    // The initramfs stops in dracut's emergency shell instead of switching root.
+    if let Err(e) = vm4.wait_for("luna-agent install failed", Duration::from_secs(120)) {
+        fail(&c, &[&vm4], &format!("node004: the failure never reached the console: {e}"));
+    }
+    if let Err(e) = vm4.wait_for("Dropping to debug shell", Duration::from_secs(120)) {
         fail(&c, &[&vm4], &format!("node004 did not stop in the emergency shell: {e}"));
     }
     std::thread::sleep(Duration::from_secs(5));
