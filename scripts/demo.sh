@@ -166,7 +166,7 @@ for n in json.load(sys.stdin):
 ' "$START"
 echo
 echo "the tracker saw up to $MAX_LEECHERS nodes downloading at once; where each node's bytes came from:"
-grep -h "step=unpack" "$WORK/server.log" | sed -E 's/.*node=([^ ]+).*detail="?([^"]*)"?.*/\1: \2/'
+sed 's/\x1b\[[0-9;]*m//g' "$WORK/server.log" | grep "step=unpack" | sed -E 's/.*node=([^ ]+).*detail="?([^"]*)"?.*/\1: \2/' || true
 if [ "${#DONE[@]}" -ne "$VMS" ]; then
     echo "only ${#DONE[@]} of $VMS VMs booted; the last lines of each console:" >&2
     for i in $(seq "$VMS"); do echo "--- vm$i"; tail -15 "$WORK/vm$i.log"; done >&2
