@@ -122,6 +122,10 @@ pub fn list(kind: Kind, items: &[Value]) -> String {
             ("MAC", |o| cell(field(o, "mac"))),
             ("BOOTIF-IP", |o| interface_ip(o, luna_core::model::BOOTIF)),
             ("STATUS", status),
+            ("UPDATED", |o| {
+                let t = o.get("status").and_then(|s| s.get("time")).and_then(Value::as_u64);
+                t.map_or("-".into(), utc_seconds)
+            }),
         ],
         Kind::Switch => vec![
             ("NAME", |o| cell(field(o, "name"))),
@@ -217,6 +221,11 @@ fn pairs(o: &serde_json::Map<String, Value>) -> String {
     let mut keys: Vec<&String> = o.keys().filter(|k| cell(o.get(k.as_str())) != "-").collect();
     keys.sort_by_key(|k| (FIRST.iter().position(|f| f == k).unwrap_or(FIRST.len()), k.as_str()));
     keys.iter().map(|k| format!("{k}={}", cell(o.get(k.as_str())))).collect::<Vec<_>>().join(" ")
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS` UTC.
+pub fn utc_seconds(secs: u64) -> String {
+    format!("{}:{:02}", utc_minutes(secs), secs % 60)
 }
 
 /// Unix seconds as `YYYY-MM-DD HH:MM` UTC (days to civil date after Howard Hinnant's algorithm).
@@ -341,9 +350,9 @@ mod tests {
         ];
         assert_eq!(
             list(Kind::Node, &nodes),
-            "NAME     GROUP    MAC                BOOTIF-IP   STATUS\n\
-             node001  compute  52:54:00:00:00:01  10.141.0.1  download 42%\n\
-             node002  compute  -                  -           -\n"
+            "NAME     GROUP    MAC                BOOTIF-IP   STATUS        UPDATED\n\
+             node001  compute  52:54:00:00:00:01  10.141.0.1  download 42%  1970-01-01 00:00:01\n\
+             node002  compute  -                  -           -             -\n"
         );
     }
 

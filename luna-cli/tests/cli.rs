@@ -105,11 +105,11 @@ fn admin_flow() {
     // The table: header plus one row per node, with its address.
     let table = s.ok(&["node", "list"]);
     let lines: Vec<&str> = table.lines().collect();
-    assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["NAME", "GROUP", "MAC", "BOOTIF-IP", "STATUS"]);
+    assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["NAME", "GROUP", "MAC", "BOOTIF-IP", "STATUS", "UPDATED"]);
     assert_eq!(lines.len(), 5, "{table}");
     for (line, n) in lines[1..].iter().zip(nodes.as_array().unwrap()) {
         let cells: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(cells, [n["name"].as_str().unwrap(), "compute", "-", &ip_of(n, "BOOTIF").to_string(), "-"]);
+        assert_eq!(cells, [n["name"].as_str().unwrap(), "compute", "-", &ip_of(n, "BOOTIF").to_string(), "-", "-"]);
     }
     let shown = s.ok(&["node", "show", "node001"]);
     assert!(shown.lines().any(|l| l.starts_with("group:") && l.ends_with("compute")), "{shown}");
