@@ -1,6 +1,7 @@
 //! Talking to luna-server: the install plan, status reports, the `.torrent`, and the archive over
 //! HTTP with Range. Every call retries with jittered backoff ([`crate::backoff`]).
 
+pub use luna_core::api::percent_encode as encode;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,19 +30,6 @@ impl HttpError {
             HttpError::Decode { .. } => false,
         }
     }
-}
-
-/// Percent-encodes a query value (RFC 3986 unreserved characters pass).
-pub fn encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[derive(Clone, Debug)]

@@ -267,6 +267,34 @@ pub enum OsimageCmd {
     Delete(DeleteArgs),
     /// Copy an OS image under a new name.
     Clone(RenameArgs),
+    /// Pack the chroot into a new published revision: archive, kernel, initramfs, torrent.
+    Pack(OsimagePack),
+    /// Make an older kept revision the current one again (default: the one before it).
+    Rollback(OsimageRollback),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OsimagePack {
+    pub name: String,
+    /// Rebuild only the kernel and initramfs; keep the current archive and torrent.
+    #[arg(long, conflicts_with = "image_only")]
+    pub boot_only: bool,
+    /// Rebuild only the archive and torrent; keep the current kernel and initramfs.
+    #[arg(long)]
+    pub image_only: bool,
+    /// Pack even while an lchroot session is open in the image.
+    #[arg(long)]
+    pub force: bool,
+    /// Start the pack job, print its id and return without waiting.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OsimageRollback {
+    pub name: String,
+    /// The revision to make current (a kept one; `luna osimage show NAME` lists them).
+    pub revision: Option<u32>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -862,6 +890,12 @@ mod tests {
         assert_eq!(a.fields.kernel_opts.as_deref(), Some("-- quiet"));
         assert_eq!(a.fields.grab_exclude.unwrap(), ["a/*", "b/*"]);
         assert!(err(&["osimage", "add", "x"]).contains("--path"));
+        let Command::Osimage(OsimageCmd::Pack(p)) = ok(&["osimage", "pack", "rocky9", "--boot-only"]) else { panic!() };
+        assert!(p.boot_only && !p.image_only && !p.force && !p.no_wait);
+        assert!(err(&["osimage", "pack", "x", "--boot-only", "--image-only"]).contains("--image-only"));
+        let Command::Osimage(OsimageCmd::Rollback(r)) = ok(&["osimage", "rollback", "rocky9", "3"]) else { panic!() };
+        assert_eq!(r.revision, Some(3));
+        assert!(err(&["osimage", "rollback", "rocky9", "three"]).contains("three"));
     }
 
     #[test]

@@ -43,17 +43,7 @@ pub struct Client {
 }
 
 /// Percent-encodes one path segment: hostlists carry `[`, `]` and `,`.
-pub fn encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub use luna_core::api::percent_encode as encode_segment;
 
 /// `host:port` becomes `http://host:port`; a trailing `/` is dropped.
 pub fn normalize_base(server: &str) -> String {

@@ -1,7 +1,8 @@
 //! What each verb does: check the input locally, send one request (two when a change has to be
 //! merged into the current object), print the answer.
 
-use std::io::Read;
+use std::io::{IsTerminal as _, Read, Write};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use luna_core::api::{Deleted, ErrorCode, NodeCreate, NodePatch, RangeRequest, RenameRequest};
@@ -12,6 +13,7 @@ use serde_json::{json, Map, Value};
 
 use crate::args::*;
 use crate::client::{encode_segment, Client};
+use crate::progress::{JobView, Progress};
 use crate::render;
 use crate::text::TextSource;
 
@@ -19,6 +21,8 @@ pub struct Ctx<R> {
     pub client: Client,
     pub text: TextSource<R>,
     pub out: String,
+    /// Where running jobs are shown (stderr in the binary).
+    pub progress: Progress<Box<dyn Write>>,
 }
 
 fn secrets_query(secrets: bool) -> &'static [(&'static str, &'static str)] {
@@ -109,7 +113,9 @@ fn put<T: serde::Serialize>(m: &mut Map<String, Value>, key: &str, v: Option<T>)
 
 impl<R: Read> Ctx<R> {
     pub fn new(client: Client, stdin: R) -> Self {
-        Ctx { client, text: TextSource::new(stdin), out: String::new() }
+        let terminal = std::io::stderr().is_terminal();
+        let progress = Progress::new(Box::new(std::io::stderr()) as Box<dyn Write>, terminal);
+        Ctx { client, text: TextSource::new(stdin), out: String::new(), progress }
     }
 
     fn print(&mut self, s: &str) {
@@ -355,7 +361,7 @@ impl<R: Read> Ctx<R> {
         let k = Kind::Osimage;
         match cmd {
             OsimageCmd::List(a) => self.list(k, a, &[], |_| true),
-            OsimageCmd::Show(a) => self.show(k, a, false),
+            OsimageCmd::Show(a) => self.osimage_show(a),
             OsimageCmd::Add(a) => {
                 check_name(k, &a.name)?;
                 let mut m = self.osimage_fields(&a.fields)?;
@@ -371,7 +377,85 @@ impl<R: Read> Ctx<R> {
             OsimageCmd::Rename(a) => self.rename(k, a, false),
             OsimageCmd::Clone(a) => self.rename(k, a, true),
             OsimageCmd::Delete(a) => self.delete(k, a),
+            OsimageCmd::Pack(a) => self.osimage_pack(a),
+            OsimageCmd::Rollback(a) => self.osimage_rollback(a),
         }
+    }
+
+    /// The object, then its kept revisions with the tracker's and the seeder's counters.
+    fn osimage_show(&mut self, args: &ShowArgs) -> Result<()> {
+        let k = Kind::Osimage;
+        let mut obj = self.fetch(k, &args.name, false)?;
+        let revisions = self.client.get(&format!("{}/revisions", object_path(k, &args.name)), &[])?;
+        let revisions = as_array(revisions, "revisions")?;
+        if args.json {
+            // The same key, each revision with its URLs and counters added.
+            if let Some(m) = obj.as_object_mut() {
+                m.insert("revisions".into(), Value::Array(revisions));
+            }
+            self.print_json(&obj);
+            return Ok(());
+        }
+        if let Some(m) = obj.as_object_mut() {
+            m.remove("revisions");
+        }
+        let mut text = render::show(k, &obj);
+        text.push_str(&render::revisions(&revisions));
+        self.print(&text);
+        Ok(())
+    }
+
+    fn osimage_pack(&mut self, a: &OsimagePack) -> Result<()> {
+        check_name(Kind::Osimage, &a.name)?;
+        let body = json!({"boot_only": a.boot_only, "image_only": a.image_only, "force": a.force});
+        let path = format!("{}/pack", object_path(Kind::Osimage, &a.name));
+        let answer = self.client.write("POST", &path, Some(&body))?;
+        let id = answer
+            .get("job")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| anyhow!("invalid answer from luna-server: no job id in {answer}"))?;
+        if a.no_wait {
+            self.print(&format!("started pack job {id} for osimage {}", a.name));
+            return Ok(());
+        }
+        let job = loop {
+            let answer = self.client.get(&format!("/jobs/{id}"), &[])?;
+            let job = JobView::from_json(&answer)
+                .ok_or_else(|| anyhow!("invalid answer from luna-server for job {id}: {answer}"))?;
+            self.progress.update(&job);
+            if job.state != "running" {
+                break job;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        self.progress.finish();
+        if let Some(w) = &job.warning {
+            eprintln!("warning: {w}");
+        }
+        match (job.state.as_str(), job.revision) {
+            ("done", Some(rev)) => {
+                self.print(&format!("packed osimage {} as revision {rev}", a.name));
+                Ok(())
+            }
+            ("failed", _) => bail!(
+                "packing osimage {} failed at step {}: {}",
+                a.name,
+                job.step,
+                job.error.as_deref().unwrap_or("no reason given")
+            ),
+            (state, _) => bail!("pack job {id} of osimage {} ended as '{state}' without a revision", a.name),
+        }
+    }
+
+    fn osimage_rollback(&mut self, a: &OsimageRollback) -> Result<()> {
+        check_name(Kind::Osimage, &a.name)?;
+        let body = json!({"revision": a.revision});
+        let path = format!("{}/rollback", object_path(Kind::Osimage, &a.name));
+        let image = self.client.write("POST", &path, Some(&body))?;
+        let current = image.get("current_revision").and_then(Value::as_u64);
+        let current = current.ok_or_else(|| anyhow!("invalid answer from luna-server: no current_revision"))?;
+        self.print(&format!("osimage {} now boots revision {current}", a.name));
+        Ok(())
     }
 
     // ---- bmcsetup ---------------------------------------------------------------------------

@@ -122,6 +122,10 @@ pub fn list(kind: Kind, items: &[Value]) -> String {
             ("MAC", |o| cell(field(o, "mac"))),
             ("BOOTIF-IP", |o| interface_ip(o, luna_core::model::BOOTIF)),
             ("STATUS", status),
+            ("UPDATED", |o| {
+                let t = o.get("status").and_then(|s| s.get("time")).and_then(Value::as_u64);
+                t.map_or("-".into(), utc_seconds)
+            }),
         ],
         Kind::Switch => vec![
             ("NAME", |o| cell(field(o, "name"))),
@@ -219,6 +223,66 @@ fn pairs(o: &serde_json::Map<String, Value>) -> String {
     keys.iter().map(|k| format!("{k}={}", cell(o.get(k.as_str())))).collect::<Vec<_>>().join(" ")
 }
 
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS` UTC.
+pub fn utc_seconds(secs: u64) -> String {
+    format!("{}:{:02}", utc_minutes(secs), secs % 60)
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM` UTC (days to civil date after Howard Hinnant's algorithm).
+pub fn utc_minutes(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}", rem / 3600, rem % 3600 / 60)
+}
+
+/// The `revisions:` block of `luna osimage show`: one row per kept revision (`*` marks the one
+/// nodes boot) with the tracker's swarm counters and the seeder's state.
+pub fn revisions(revs: &[Value]) -> String {
+    if revs.is_empty() {
+        return "revisions: none (luna osimage pack NAME publishes one)\n".into();
+    }
+    let num =
+        |o: &Value, path: &[&str]| -> Option<u64> { path.iter().try_fold(o, |v, k| v.get(*k)).and_then(Value::as_u64) };
+    let count = |o: &Value, path: &[&str]| num(o, path).map_or("-".into(), |n| n.to_string());
+    let rows: Vec<Vec<String>> = revs
+        .iter()
+        .map(|r| {
+            let current = r.get("current").and_then(Value::as_bool) == Some(true);
+            let sha = r.get("sha256").and_then(Value::as_str).unwrap_or("-");
+            vec![
+                format!("{}{}", count(r, &["id"]), if current { "*" } else { "" }),
+                num(r, &["created"]).map_or("-".into(), utc_minutes),
+                cell(r.get("kernel_version")),
+                num(r, &["archive_size"]).map_or("-".into(), crate::progress::human_bytes),
+                sha.chars().take(12).collect(),
+                count(r, &["tracker", "seeders"]),
+                count(r, &["tracker", "leechers"]),
+                count(r, &["tracker", "completed"]),
+                cell(r.get("seeder").and_then(|s| s.get("state"))),
+                num(r, &["seeder", "uploaded_bytes"]).map_or("-".into(), crate::progress::human_bytes),
+            ]
+        })
+        .collect();
+    let headers =
+        ["REV", "CREATED", "KERNEL", "SIZE", "SHA256", "SEEDERS", "LEECHERS", "COMPLETED", "SEEDER", "UPLOADED"];
+    let mut out = String::from("revisions:\n");
+    for line in table(&headers, &rows).lines() {
+        out.push_str("    ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 /// One object as aligned `key: value` lines; lists of objects and multi-line texts go on
 /// indented lines below their key.
 pub fn show(kind: Kind, obj: &Value) -> String {
@@ -286,9 +350,9 @@ mod tests {
         ];
         assert_eq!(
             list(Kind::Node, &nodes),
-            "NAME     GROUP    MAC                BOOTIF-IP   STATUS\n\
-             node001  compute  52:54:00:00:00:01  10.141.0.1  download 42%\n\
-             node002  compute  -                  -           -\n"
+            "NAME     GROUP    MAC                BOOTIF-IP   STATUS        UPDATED\n\
+             node001  compute  52:54:00:00:00:01  10.141.0.1  download 42%  1970-01-01 00:00:01\n\
+             node002  compute  -                  -           -             -\n"
         );
     }
 
@@ -307,6 +371,30 @@ mod tests {
             "NAME     CIDR           GATEWAY  DNS  MTU   RESERVED                           COMMENT\n\
              cluster  10.141.0.0/16  -        -    1500  10.141.0.1-10.141.0.9,10.141.0.20  -\n"
         );
+    }
+
+    #[test]
+    fn revisions_table() {
+        assert_eq!(utc_minutes(0), "1970-01-01 00:00");
+        assert_eq!(utc_minutes(1_795_000_000), "2026-11-18 11:06");
+        assert_eq!(utc_minutes(951_782_400), "2000-02-29 00:00");
+        let revs = [
+            json!({"id": 1, "created": 0, "kernel_version": "6.1.0-1-amd64", "archive_size": 2048,
+                   "sha256": "abcdef0123456789", "current": false, "tracker": null, "seeder": null}),
+            json!({"id": 2, "created": 60, "kernel_version": "6.1.0-1-amd64", "archive_size": 3 << 20,
+                   "sha256": "0123456789abcdef", "current": true,
+                   "tracker": {"seeders": 3, "leechers": 1, "completed": 7},
+                   "seeder": {"state": "live", "uploaded_bytes": 1 << 30}}),
+        ];
+        let out = revisions(&revs);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "revisions:");
+        assert!(lines[1].trim_start().starts_with("REV  CREATED"), "{out}");
+        assert!(lines[2].contains("1  ") && lines[2].contains("2.0 KiB") && lines[2].contains("abcdef012345"));
+        assert!(!lines[2].contains("abcdef0123456"), "digest shortened: {out}");
+        assert!(lines[3].trim_start().starts_with("2*"), "{out}");
+        assert!(lines[3].contains("live") && lines[3].contains("1.0 GiB"), "{out}");
+        assert!(revisions(&[]).contains("none"));
     }
 
     #[test]

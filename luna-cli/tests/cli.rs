@@ -105,11 +105,11 @@ fn admin_flow() {
     // The table: header plus one row per node, with its address.
     let table = s.ok(&["node", "list"]);
     let lines: Vec<&str> = table.lines().collect();
-    assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["NAME", "GROUP", "MAC", "BOOTIF-IP", "STATUS"]);
+    assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["NAME", "GROUP", "MAC", "BOOTIF-IP", "STATUS", "UPDATED"]);
     assert_eq!(lines.len(), 5, "{table}");
     for (line, n) in lines[1..].iter().zip(nodes.as_array().unwrap()) {
         let cells: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(cells, [n["name"].as_str().unwrap(), "compute", "-", &ip_of(n, "BOOTIF").to_string(), "-"]);
+        assert_eq!(cells, [n["name"].as_str().unwrap(), "compute", "-", &ip_of(n, "BOOTIF").to_string(), "-", "-"]);
     }
     let shown = s.ok(&["node", "show", "node001"]);
     assert!(shown.lines().any(|l| l.starts_with("group:") && l.ends_with("compute")), "{shown}");
@@ -499,4 +499,96 @@ fn completions_and_man_pages() {
     }
     let r: Run = std::process::Command::new(luna()).args(["node", "frobnicate"]).output().unwrap().into();
     assert_eq!(r.code, 1, "usage errors exit 1: {r:?}");
+}
+
+/// A chroot with a kernel, and a stand-in dracut that fails while `<dir>/dracut-fails` exists
+/// (the real dracut is exercised by luna-server's image tests).
+fn packable_image(dir: &Path) -> (std::path::PathBuf, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let kver = "6.1.0-99-amd64";
+    let root = dir.join("image");
+    std::fs::create_dir_all(root.join(format!("lib/modules/{kver}"))).unwrap();
+    std::fs::create_dir_all(root.join("boot")).unwrap();
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join(format!("lib/modules/{kver}/modules.dep")), b"").unwrap();
+    std::fs::write(root.join(format!("boot/vmlinuz-{kver}")), b"a kernel").unwrap();
+    std::fs::write(root.join("etc/hostname"), b"image\n").unwrap();
+    std::fs::write(root.join("etc/data"), "some text\n".repeat(100_000)).unwrap();
+    let dracut = dir.join("fake-dracut");
+    let fail = dir.join("dracut-fails");
+    std::fs::write(
+        &dracut,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = --list-modules ]; then printf 'base\\nluna\\nnetwork-legacy\\n'; exit 0; fi\n\
+             if [ -e {} ]; then echo dracut broke >&2; exit 3; fi\nfor a; do out=\"$a\"; done\necho initramfs > \"$out\"\n",
+            fail.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&dracut, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (root, format!("dracut = \"{}\"", dracut.display()))
+}
+
+fn current_revision(s: &Server) -> Value {
+    s.json(&["osimage", "show", "img"])["current_revision"].clone()
+}
+
+#[test]
+fn osimage_pack_show_and_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, dracut) = packable_image(dir.path());
+    let s = Server::try_start_with(luna(), None, &dracut).unwrap_or_else(|e| panic!("{e}"));
+    s.ok(&["osimage", "add", "img", "--path", root.to_str().unwrap()]);
+
+    // No frontend address yet: nodes could not reach the tracker, so the pack is refused.
+    let r = s.run(&["osimage", "pack", "img"]);
+    assert_error(&r, &["frontend_address"]);
+    assert!(current_revision(&s).is_null());
+
+    s.ok(&["cluster", "change", "--frontend-address", "127.0.0.1"]);
+    let r = s.run(&["osimage", "pack", "img"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stderr, s.log());
+    assert_eq!(r.stdout.trim(), "packed osimage img as revision 1");
+    // stderr is not a terminal here: one line per step seen while polling (a small image
+    // packs between two polls), ending with `done`.
+    let steps = ["queued", "scanning", "archiving", "kernel", "initramfs", "torrent", "publishing", "done"];
+    assert!(r.stderr.lines().all(|l| steps.contains(&l)), "{:?}", r.stderr);
+    assert_eq!(r.stderr.lines().last(), Some("done"), "{:?}", r.stderr);
+    assert_eq!(s.ok(&["osimage", "pack", "img", "--image-only"]).trim(), "packed osimage img as revision 2");
+    assert_eq!(current_revision(&s), 2);
+
+    let shown = s.ok(&["osimage", "show", "img"]);
+    assert!(shown.contains("revisions:") && shown.contains("SEEDERS"), "{shown}");
+    let rows: Vec<&str> = shown.lines().skip_while(|l| !l.starts_with("revisions:")).skip(2).collect();
+    assert_eq!(rows.len(), 2, "{shown}");
+    assert!(rows[0].trim_start().starts_with("1  ") && rows[1].trim_start().starts_with("2*"), "{shown}");
+    assert!(rows[1].contains("6.1.0-99-amd64"), "{shown}");
+    let json = s.json(&["osimage", "show", "img"]);
+    let revs = json["revisions"].as_array().unwrap();
+    assert_eq!(revs.len(), 2);
+    assert_eq!(revs[1]["current"], true);
+    assert!(revs[1]["urls"]["torrent"].as_str().unwrap().starts_with("/images/img/2/"), "{json}");
+    assert_eq!(revs[0]["sha256"], revs[1]["sha256"], "the tree did not change, so neither did the archive");
+
+    // A failing dracut fails the command with dracut's words and publishes nothing.
+    std::fs::write(dir.path().join("dracut-fails"), b"").unwrap();
+    let r = s.run(&["osimage", "pack", "img", "--boot-only"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let last = r.stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: packing osimage img failed at step initramfs: "), "{r:?}");
+    assert!(last.ends_with("dracut broke"), "{r:?}");
+    assert_eq!(current_revision(&s), 2);
+    std::fs::remove_file(dir.path().join("dracut-fails")).unwrap();
+
+    assert_eq!(s.ok(&["osimage", "rollback", "img"]).trim(), "osimage img now boots revision 1");
+    assert_eq!(current_revision(&s), 1);
+    let r = s.run(&["osimage", "rollback", "img", "9"]);
+    assert_error(&r, &["9"]);
+    assert_eq!(current_revision(&s), 1);
+    assert_eq!(s.ok(&["osimage", "rollback", "img", "2"]).trim(), "osimage img now boots revision 2");
+
+    assert_error(&s.run(&["osimage", "pack", "nosuch"]), &["nosuch"]);
+    assert_error(&s.run(&["osimage", "pack", "img", "--boot-only", "--image-only"]), &["--image-only"]);
+    let started = s.ok(&["osimage", "pack", "img", "--no-wait"]);
+    assert!(started.starts_with("started pack job ") && started.contains("img"), "{started}");
 }

@@ -124,9 +124,30 @@ fn some<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<T
     T::deserialize(d).map(Some)
 }
 
+/// Percent-encodes everything but RFC 3986 unreserved characters, so the value is safe as one
+/// path segment or one query value (node names in hostlist form carry `[`, `]` and `,`).
+pub fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percent_encoding_keeps_only_unreserved() {
+        assert_eq!(percent_encode("node[001-004],gpu1"), "node%5B001-004%5D%2Cgpu1");
+        assert_eq!(percent_encode("a b&c=d/é~x_y.z"), "a%20b%26c%3Dd%2F%C3%A9~x_y.z");
+        assert_eq!(percent_encode(""), "");
+    }
 
     #[test]
     fn patch_tells_null_from_absent() {

@@ -92,6 +92,11 @@ impl Server {
     }
 
     pub fn try_start(luna: &Path, store: Option<&str>) -> Result<Server, String> {
+        Server::try_start_with(luna, store, "")
+    }
+
+    /// `image_config`: extra lines for the `[image]` section (e.g. a `dracut` command).
+    pub fn try_start_with(luna: &Path, store: Option<&str>, image_config: &str) -> Result<Server, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
         let port = free_port();
         let token_file = dir.path().join("token");
@@ -105,7 +110,7 @@ impl Server {
             format!(
                 // Only the API: many servers run side by side, so no TFTP port or seeder to share.
                 "store = \"{store}\"\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\ndata_dir = \"{}\"\n\
-                 [tftp]\nenabled = false\n[image]\nseed = false\n",
+                 [tftp]\nenabled = false\n[image]\nseed = false\n{image_config}\n",
                 token_file.display(),
                 dir.path().join("data").display()
             ),

@@ -35,6 +35,7 @@
 //! - DNS servers go in `nameserver=` (one each), the domain in `luna.domain=` for the agent
 //!   (dracut's static configuration has no search-domain field).
 
+use luna_core::api::percent_encode as query_value;
 use std::net::{IpAddr, Ipv4Addr};
 
 use luna_core::mac::MacAddr;
@@ -104,19 +105,6 @@ fn url(s: &str) -> String {
             out.push_str(&format!("%{b:02X}"));
         } else {
             out.push(b as char);
-        }
-    }
-    out
-}
-
-/// Percent-encodes everything but URL-unreserved characters: one query value.
-fn query_value(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
         }
     }
     out
