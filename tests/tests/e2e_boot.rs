@@ -91,7 +91,8 @@ fn wait_status(c: &Cluster, vms: &[&Vm], node: &str, step: &str, timeout: Durati
 
 /// Sets the current revision's recorded SHA-256; returns the old one.
 fn set_recorded_sha256(c: &Cluster, sha256: &str) -> String {
-    let image = c.cli_json(&["osimage", "show", IMAGE]).unwrap();
+    // The stored object (`luna osimage show` adds swarm counters to each revision).
+    let image = c.api("GET", &format!("/api/v1/osimage/{IMAGE}"), None).unwrap();
     let current = image["current_revision"].clone();
     let mut revisions = image["revisions"].as_array().cloned().unwrap_or_default();
     let rev = revisions.iter_mut().find(|r| r["id"] == current).expect("current revision listed");
