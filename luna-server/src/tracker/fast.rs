@@ -268,7 +268,12 @@ fn sockaddr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<So
             // SAFETY: as above, for sockaddr_in6.
             let a = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
             let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(SocketAddr::V6(std::net::SocketAddrV6::new(ip, u16::from_be(a.sin6_port), a.sin6_flowinfo, a.sin6_scope_id)))
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip,
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
         }
         _ => None,
     }
@@ -512,9 +517,15 @@ mod tests {
             )
         };
         // Two pipelined announces, then a request for axum, on one connection.
-        let out = exchange(addr, &format!("{}{}GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n", announce(1, false), announce(2, false))).await;
-        let first = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 51\r\n\r\nd8:completei0e10:incompletei1e8:intervali30e5:peers0:e";
-        assert!(out.starts_with(first), "{out}");
+        let out = exchange(
+            addr,
+            &format!("{}{}GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n", announce(1, false), announce(2, false)),
+        )
+        .await;
+        let body = "d8:completei0e10:incompletei1e8:intervali30e5:peers0:e";
+        let first =
+            format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        assert!(out.starts_with(&first), "{out}");
         // The second announce sees the first peer (127.0.0.1:6001).
         let second = "d8:completei0e10:incompletei2e8:intervali30e5:peers6:\x7f\x00\x00\x01\x17\x71e";
         assert!(out.contains(second), "{out:?}");
