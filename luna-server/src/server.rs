@@ -150,6 +150,9 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
+    // Announces (one TCP connection each) are answered before hyper; the rest goes to axum.
+    let listener = crate::tracker::fast::listener(listener, tracker.clone())
+        .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     tracing::info!(addr = %config.listen, "http listening");
 
     let cancel = CancellationToken::new();

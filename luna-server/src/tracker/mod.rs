@@ -49,6 +49,7 @@
 //! [`TrackerConfig::seeder`]. They never expire and count as seeders in `complete`.
 
 pub mod encode;
+pub mod fast;
 pub mod http;
 pub mod query;
 pub mod swarm;

@@ -3,8 +3,11 @@
 //!
 //! ```text
 //! apt-get install -y wrk opentracker
-//! cargo run --release -p luna-tests --bin bench_tracker -- [seconds] [connections] [rounds]
+//! cargo run --release -p luna-tests --bin bench_tracker -- [seconds] [connections] [rounds] [fast|axum]
 //! ```
+//!
+//! `fast` (the default) serves luna's tracker as luna-server does: the announce fast path
+//! (`tracker::fast`) in front of axum; `axum` serves the same router with plain `axum::serve`.
 //!
 //! Prints requests/s of each (wrk's figure, per round and the median) and the ratio
 //! luna/opentracker. Rounds alternate between the two to even out load from other processes.
@@ -18,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use luna_server::tracker::{query::percent_encode, router, NoTopology, TrackerConfig, TrackerHandle};
+use luna_server::tracker::{fast, query::percent_encode, router, NoTopology, TrackerConfig, TrackerHandle};
 use luna_tests::{free_port, ChildGuard};
 
 const TORRENTS: usize = 10;
@@ -186,6 +189,12 @@ fn main() -> Result<()> {
     let seconds = arg(0, 10)?;
     let connections = arg(1, 300)?;
     let rounds = arg(2, 2)?.max(1);
+    // "axum": serve the router with plain axum::serve (no fast path), for comparison.
+    let plain_axum = match args.get(3).map(String::as_str) {
+        None | Some("fast") => false,
+        Some("axum") => true,
+        Some(other) => bail!("argument 4: 'fast' or 'axum', not {other:?}"),
+    };
     for tool in ["wrk", "opentracker"] {
         if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output()?.stdout.is_empty() {
             bail!("{tool} not found: apt-get install -y wrk opentracker");
@@ -197,7 +206,7 @@ fn main() -> Result<()> {
     let script = dir.path().join("announce.lua");
     std::fs::write(&script, lua_script(&paths))?;
 
-    // Ours: the router alone, as luna-server would serve it.
+    // Ours: the tracker as luna-server serves it (fast path in front of the router).
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     listener.set_nonblocking(true)?;
     let ours: SocketAddr = listener.local_addr()?;
@@ -209,8 +218,17 @@ fn main() -> Result<()> {
             Ok(l) => l,
             Err(e) => return eprintln!("luna tracker listener: {e}"),
         };
-        let app = router(handle).into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(listener, app).await {
+        let app = router(handle.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let served = if plain_axum {
+            axum::serve(listener, app).await
+        } else {
+            // As luna-server listens: tracker requests on the fast path, the rest through axum.
+            match fast::listener(listener, handle) {
+                Ok(l) => axum::serve(l, app).await,
+                Err(e) => Err(e),
+            }
+        };
+        if let Err(e) = served {
             eprintln!("luna tracker: {e}");
         }
     });
@@ -243,7 +261,10 @@ fn main() -> Result<()> {
     }
 
     let url = |a: SocketAddr| format!("http://{a}");
-    println!("{PEERS} peers over {TORRENTS} torrents, wrk -t2 -c{connections} -d{seconds}s, {rounds} round(s)");
+    println!(
+        "{PEERS} peers over {TORRENTS} torrents, wrk -t2 -c{connections} -d{seconds}s, {rounds} round(s), luna via {}",
+        if plain_axum { "plain axum::serve" } else { "the fast path" }
+    );
     // Warm-up: fills both swarms so every measured announce hands out a full peer list.
     let (our_pid, their_pid) = (std::process::id(), opentracker.pid());
     wrk(&url(ours), &script, 2, connections, Mode::KeepAlive, our_pid)?;
