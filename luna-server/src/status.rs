@@ -164,3 +164,78 @@ async fn write(store: &dyn Store, batch: &HashMap<String, NodeStatus>) -> Result
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+    use luna_core::model::Node;
+
+    fn status(step: &str, msg: &str) -> NodeStatus {
+        NodeStatus { step: step.into(), progress: None, time: 1, message: Some(msg.into()) }
+    }
+
+    async fn store_with(nodes: &[&str]) -> Arc<dyn Store> {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(":memory:").unwrap());
+        let writes = nodes
+            .iter()
+            .map(|n| Write::Put {
+                collection: Collection::Object(Kind::Node),
+                key: n.to_string(),
+                expect: Expect::Absent,
+                doc: serde_json::to_value(Node::new(n, "compute")).unwrap(),
+            })
+            .collect();
+        s.commit(writes).await.unwrap();
+        s
+    }
+
+    async fn status_of(s: &dyn Store, name: &str) -> Option<NodeStatus> {
+        let rec = s.get(Collection::Object(Kind::Node), name).await.unwrap().unwrap();
+        match AnyObject::from_value(Kind::Node, rec.doc).unwrap() {
+            AnyObject::Node(n) => n.status,
+            _ => unreachable!(),
+        }
+    }
+
+    #[tokio::test]
+    async fn recorded_status_is_in_the_store_when_record_returns() {
+        let s = store_with(&["n1", "n2"]).await;
+        let q = Arc::new(StatusQueue::default());
+        q.record(&s, "n1", status("ipxe", "boot script served")).await;
+        assert_eq!(status_of(s.as_ref(), "n1").await, Some(status("ipxe", "boot script served")));
+        assert_eq!(status_of(s.as_ref(), "n2").await, None);
+        let rev = s.get(Collection::Object(Kind::Node), "n1").await.unwrap().unwrap().rev;
+        // Many concurrent reports: each waiter returns with its node written.
+        let waits = (0..50).map(|i| {
+            let (q, s) = (q.clone(), s.clone());
+            async move {
+                let node = if i % 2 == 0 { "n1" } else { "n2" };
+                q.record(&s, node, status("dhcp", &format!("report {i}"))).await;
+                assert!(status_of(s.as_ref(), node).await.is_some_and(|st| st.step == "dhcp"));
+            }
+        });
+        join_all(waits).await;
+        let after = s.get(Collection::Object(Kind::Node), "n1").await.unwrap().unwrap().rev;
+        // Coalesced: far fewer writes of n1 than its 25 reports.
+        assert!(after > rev && after - rev < 25, "revision went from {rev} to {after}");
+    }
+
+    #[tokio::test]
+    async fn newest_report_wins_and_deleted_nodes_are_skipped() {
+        let s = store_with(&["n1"]).await;
+        let q = Arc::new(StatusQueue::default());
+        q.enqueue(&s, "gone", status("dhcp", "dhcp offered 10.0.0.9"));
+        q.enqueue(&s, "n1", status("dhcp", "dhcp offered 10.0.0.1"));
+        q.record(&s, "n1", status("dhcp", "dhcp acked 10.0.0.1")).await;
+        assert_eq!(status_of(s.as_ref(), "n1").await, Some(status("dhcp", "dhcp acked 10.0.0.1")));
+        assert!(s.get(Collection::Object(Kind::Node), "gone").await.unwrap().is_none());
+        // forget() drops what is still queued (the writer cannot run before the next await on
+        // this single-threaded test runtime).
+        q.enqueue(&s, "n1", status("dhcp", "dhcp offered 10.0.0.1"));
+        q.forget("n1");
+        assert!(!q.lock().statuses.contains_key("n1"));
+        q.record(&s, "gone", status("dhcp", "dhcp acked 10.0.0.9")).await;
+        assert_eq!(status_of(s.as_ref(), "n1").await, Some(status("dhcp", "dhcp acked 10.0.0.1")));
+    }
+}
