@@ -37,7 +37,7 @@ PACKAGES=(
     # power-control peers: IPMI simulator + client, SNMP agent + client
     openipmi ipmitool snmpd snmp
     # load and timing
-    wrk hyperfine
+    wrk hyperfine nginx-light
     # images: initramfs and root trees
     dracut-core dracut-network busybox-static cpio zstd gzip kmod debootstrap
     # static musl build of luna-agent

@@ -8,6 +8,7 @@ pub mod image;
 pub mod netboot;
 pub mod server;
 pub mod service;
+pub mod status;
 pub mod store;
 pub mod tftp;
 pub mod tracker;

@@ -327,10 +327,10 @@ pub fn image_dir(data_dir: &std::path::Path, osimage: &str, rev: u32) -> PathBuf
     data_dir.join("images").join(osimage).join(rev.to_string())
 }
 
+/// Records a boot step; returns once it is in the store (group commit: many requests share
+/// one store transaction).
 async fn record(service: &Service, node: &str, step: &str, message: &str) {
-    if let Err(e) = service.set_node_status(node, step, None, Some(message.to_string())).await {
-        tracing::warn!(node, step, error = %e, "cannot record node status");
-    }
+    service.record_node_status(node, step, message.to_string(), true).await;
 }
 
 #[derive(Debug, Deserialize)]

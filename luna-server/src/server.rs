@@ -111,13 +111,12 @@ struct StatusToService(Service);
 
 impl DhcpStatusSink for StatusToService {
     fn dhcp_event(&self, event: DhcpEvent) {
+        let msg = format!("{} {}", event.kind.message(), event.ip);
+        // Queued, not awaited: the reply already went out.
         let service = self.0.clone();
-        tokio::spawn(async move {
-            let msg = format!("{} {}", event.kind.message(), event.ip);
-            if let Err(e) = service.set_node_status(&event.node, dhcp::DhcpEventKind::STEP, None, Some(msg)).await {
-                tracing::warn!(node = %event.node, error = %e, "cannot record dhcp status");
-            }
-        });
+        tokio::spawn(
+            async move { service.record_node_status(&event.node, dhcp::DhcpEventKind::STEP, msg, false).await },
+        );
     }
 }
 

@@ -239,11 +239,13 @@ struct NetworkUse {
 #[derive(Clone)]
 pub struct Service {
     store: Arc<dyn Store>,
+    /// Boot-path status reports, committed in groups (see `status.rs`).
+    status: Arc<crate::status::StatusQueue>,
 }
 
 impl Service {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Service { store }
+        Service { store, status: Arc::default() }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -848,8 +850,23 @@ impl Service {
         message: Option<String>,
     ) -> Result<Node> {
         let status = NodeStatus { step: step.to_string(), progress, time: unix_now(), message };
+        // This one is newer than any report still queued for the node.
+        self.status.forget(name);
         let patch = NodePatch { status: Some(Some(status)), ..Default::default() };
         retrying!(self.change_nodes_once(&[name.to_string()], &patch).await).map(|mut v| v.remove(0))
+    }
+
+    /// Records a boot-path step of a node (DHCP, script served, kernel fetched) through the
+    /// group-commit queue. With `wait` it returns once the status is in the store; without, at
+    /// once (the packet path must not block). A node deleted meanwhile is skipped; a failed
+    /// write is logged.
+    pub async fn record_node_status(&self, name: &str, step: &str, message: String, wait: bool) {
+        let status = NodeStatus { step: step.to_string(), progress: None, time: unix_now(), message: Some(message) };
+        if wait {
+            self.status.record(&self.store, name, status).await;
+        } else {
+            self.status.enqueue(&self.store, name, status);
+        }
     }
 
     /// Binds a MAC to a node that has none (the boot menu's "choose a node").

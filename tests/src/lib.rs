@@ -18,6 +18,7 @@
 //! ```
 
 mod assets;
+pub mod bench;
 mod bins;
 mod cluster;
 mod error;

@@ -58,6 +58,7 @@ pub struct VmBuilder {
     direct: Option<DirectBoot>,
     disks: Vec<PathBuf>,
     extra: Vec<OsString>,
+    nic_rom: bool,
 }
 
 /// OVMF images Debian ships (ovmf package): code and the template of its variable store.
@@ -118,6 +119,14 @@ impl VmBuilder {
         self
     }
 
+    /// Gives the NICs no iPXE option ROM (`romfile=`), so the firmware's own network stack does
+    /// the network boot: OVMF's PXE client (DHCP architecture 7, TFTP), as on most real UEFI
+    /// machines. SeaBIOS has no network stack of its own.
+    pub fn without_nic_rom(mut self) -> Self {
+        self.nic_rom = false;
+        self
+    }
+
     /// Appends a raw qemu argument.
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
         self.extra.push(arg.into());
@@ -145,6 +154,9 @@ impl VmBuilder {
             let mut dev = format!("{},netdev=n{i},mac={}", nic.model.device(), nic.mac);
             if i == 0 && self.direct.is_none() {
                 dev.push_str(",bootindex=1");
+            }
+            if !self.nic_rom {
+                dev.push_str(",romfile=");
             }
             cmd.arg("-device").arg(dev);
         }
@@ -242,6 +254,7 @@ impl Vm {
             direct: None,
             disks: Vec::new(),
             extra: Vec::new(),
+            nic_rom: true,
         }
     }
 
@@ -300,7 +313,10 @@ mod tests {
         assert!(a.contains("tap,id=n0,ifname=tap0,script=no,downscript=no"), "{a}");
         assert!(a.contains("virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,bootindex=1"), "{a}");
         assert!(a.contains("e1000,netdev=n1,mac=52:54:00:00:00:02 "), "{a}");
-        assert!(!a.contains("-nic none") && !a.contains("pflash"), "{a}");
+        assert!(!a.contains("-nic none") && !a.contains("pflash") && !a.contains("romfile"), "{a}");
+        let b = Vm::builder("t").uefi().without_nic_rom().nic("tap0", "52:54:00:00:00:01");
+        let a = args(&b.command(Some(Path::new("/v.fd"))).unwrap()).join(" ");
+        assert!(a.contains("mac=52:54:00:00:00:01,bootindex=1,romfile= "), "{a}");
     }
 
     #[test]

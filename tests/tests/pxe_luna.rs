@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use luna_tests::{
-    cargo_bin, next_mac, privileged, test_assets, ChildGuard, Netns, RouterAdverts, Vm, DHCP_MARKER, MARKER,
+    cargo_bin, next_mac, privileged, test_assets, ChildGuard, Firmware, Netns, RouterAdverts, Vm, DHCP_MARKER, MARKER,
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -20,6 +20,8 @@ struct Luna {
 
 impl Luna {
     fn start(discovery: bool) -> Luna {
+        // a fresh checkout has no work dir yet
+        std::fs::create_dir_all(luna_tests::work_dir()).unwrap();
         let dir = tempfile::Builder::new().prefix("pxe-luna-").tempdir_in(luna_tests::work_dir()).unwrap();
         let ns = Netns::new().unwrap();
         ns.add_bridge("br0").unwrap();
@@ -107,9 +109,20 @@ fn value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 }
 
 fn boot_vm(luna: &Luna, name: &str, mac: &str) -> Vm {
+    boot_vm_with(luna, name, mac, Firmware::Bios)
+}
+
+/// A VM on the bridge; UEFI ones get no iPXE option ROM, so OVMF's own PXE client starts the
+/// chain (architecture 7 → ipxe.efi over luna's TFTP → iPXE → HTTP script).
+fn boot_vm_with(luna: &Luna, name: &str, mac: &str, firmware: Firmware) -> Vm {
     let tap = format!("tap{}", &mac[mac.len() - 2..]);
     luna.ns.add_tap(&tap, Some("br0")).unwrap();
-    Vm::builder(name).nic(&tap, mac).spawn_in(&luna.ns).unwrap()
+    let builder = Vm::builder(name).nic(&tap, mac);
+    let builder = match firmware {
+        Firmware::Bios => builder,
+        Firmware::Uefi => builder.uefi().without_nic_rom(),
+    };
+    builder.spawn_in(&luna.ns).unwrap()
 }
 
 fn assert_boots_as(vm: &Vm, node: &str, ip: &str) {
@@ -143,6 +156,31 @@ fn known_node_pxe_boots_from_luna_server_alone() {
     let log = luna.server.output();
     assert!(log.contains("http listening"));
     drop(luna);
+}
+
+#[test]
+fn known_node_uefi_pxe_boots_from_luna_server_alone() {
+    if !privileged() {
+        return;
+    }
+    let luna = Luna::start(false);
+    let _ra = RouterAdverts::start(&luna.ns, "br0", "fd77::").unwrap();
+    let mac = next_mac();
+    luna.cli(&["node", "add", "node002", "--group", "compute", "--mac", &mac]);
+    let started = Instant::now();
+    let mut vm = boot_vm_with(&luna, "pxe-uefi-known", &mac, Firmware::Uefi);
+    assert_boots_as(&vm, "node002", "10.77.0.2");
+    println!("uefi known node: marker after {:?}", started.elapsed());
+    let status = vm.wait_exit(Duration::from_secs(60)).unwrap();
+    assert!(status.success(), "qemu: {status}");
+
+    // The firmware's PXE client got iPXE for EFI over luna's TFTP, not from an option ROM.
+    let log = luna.server.output();
+    let sent = log.lines().iter().any(|l| l.contains("tftp: sent") && l.contains("ipxe.efi"));
+    assert!(sent, "ipxe.efi was not sent over tftp:\n{}", log.tail(40));
+    assert!(vm.serial().contains("iPXE"), "ipxe.efi did not run");
+    let node = luna.node("node002");
+    assert_eq!(node["status"]["message"], "dhcp acked 10.77.0.2", "{node}");
 }
 
 #[test]

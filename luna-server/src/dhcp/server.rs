@@ -2,8 +2,9 @@
 //! only ever seen by the socket of the interface it arrived on), store reads per request, the
 //! engine's decision applied.
 //!
-//! Nothing read from the store is cached: every request reads the cluster, the MAC's claim and
-//! what hangs off it. Two things are kept in memory, neither store data: the interfaces'
+//! Nothing read from the store is cached here: every request reads the cluster, the MAC's claim
+//! and what hangs off it (the sqlite store answers repeated reads from its exact read cache,
+//! `store/cache.rs`, so a store change is still seen by the next request). Two things are kept in memory, neither store data: the interfaces'
 //! addresses (re-read every [`ADDR_TTL`]) and where dynamic allocation left off (a hint).
 
 use std::collections::{HashMap, HashSet};

@@ -679,6 +679,18 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_cached() {
+        assert_clean(
+            run_all(|| async {
+                SqliteStore::open(":memory:")
+                    .map(|s| Arc::new(crate::store::cache::CachedStore::new(s)) as Arc<dyn Store>)
+                    .map_err(|e| e.to_string())
+            })
+            .await,
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let n = std::sync::atomic::AtomicU32::new(0);

@@ -9,6 +9,7 @@
 //! - a batch names each record at most once (the service layer builds batches that way);
 //! - every boot-path lookup (node by name, by MAC, by switch port) is a primary-key `get`.
 
+pub mod cache;
 pub mod conformance;
 pub mod mongo;
 pub mod sqlite;
@@ -141,7 +142,8 @@ pub trait Store: Send + Sync + 'static {
 /// Opens the store a URL names, creating or migrating its schema.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
     let store: Arc<dyn Store> = if let Some(path) = url.strip_prefix("sqlite://") {
-        Arc::new(sqlite::SqliteStore::open(path)?)
+        // This process is the file's only writer, so its own commits keep the cache exact.
+        Arc::new(cache::CachedStore::new(sqlite::SqliteStore::open(path)?))
     } else if url.starts_with("mongodb://") || url.starts_with("mongodb+srv://") {
         Arc::new(mongo::MongoStore::open(url).await?)
     } else {

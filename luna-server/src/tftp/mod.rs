@@ -355,6 +355,13 @@ async fn run_transfer(ctx: &Ctx, req: Request, peer: SocketAddr, local: IpAddr, 
             ms = started.elapsed().as_millis() as u64, retransmitted = stats.retransmitted,
             "tftp: sent"
         ),
+        // UEFI PXE clients ask for the size first and end that transfer after the OACK (error
+        // 8); they fetch the file right after, so that is no failure.
+        Status::Failed(transfer::Failure::ClientError { code: ErrorCode::OptionNegotiation, .. })
+            if stats.data_sent == 0 =>
+        {
+            tracing::debug!(%peer, file, "tftp: size query answered")
+        }
         Status::Failed(why) => tracing::warn!(%peer, file, reason = ?why, "tftp: transfer failed"),
         Status::Running => {}
     }

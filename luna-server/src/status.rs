@@ -1,0 +1,241 @@
+//! Group commit of node status updates from the boot path (DHCP offered/acked, script served,
+//! kernel fetched).
+//!
+//! Hundreds of nodes booting at once each report several steps within a second; one store
+//! transaction per report made the status writes, not the answers, the limit of DHCP and HTTP
+//! boot. Here reports queue per node (a newer report replaces an older one not yet written)
+//! and one writer commits everything queued as one batch, then the next round. A caller may
+//! wait until its round is committed ([`StatusQueue::record`]), so "the response went out"
+//! still implies "the status is in the store"; DHCP does not wait.
+//!
+//! A status is written as a compare-and-swap on the node's revision; a node changed meanwhile
+//! is re-read and the round retried, a node deleted meanwhile is skipped.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures::future::join_all;
+use luna_core::model::{AnyObject, Kind, NodeStatus};
+use tokio::sync::{watch, Notify};
+
+use crate::store::{Collection, Expect, Store, StoreError, Write};
+
+/// Rounds retried after a conflicting concurrent change before the round's reports are dropped.
+const MAX_ATTEMPTS: u32 = 8;
+
+#[derive(Default)]
+struct Pending {
+    statuses: HashMap<String, NodeStatus>,
+    /// The number of the round that will take what is queued now.
+    round: u64,
+    writer: bool,
+}
+
+/// The queue and its writer task (started on first use, inside the caller's runtime).
+pub struct StatusQueue {
+    pending: Mutex<Pending>,
+    wake: Notify,
+    /// The last round committed (or given up on).
+    done: watch::Sender<u64>,
+}
+
+impl Default for StatusQueue {
+    fn default() -> Self {
+        StatusQueue {
+            pending: Mutex::new(Pending { round: 1, ..Pending::default() }),
+            wake: Notify::new(),
+            done: watch::channel(0).0,
+        }
+    }
+}
+
+impl StatusQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `status` for `node` and returns the round that will write it; starts the writer
+    /// if it is not running.
+    pub fn enqueue(self: &Arc<Self>, store: &Arc<dyn Store>, node: &str, status: NodeStatus) -> u64 {
+        let (round, start) = {
+            let mut p = self.lock();
+            p.statuses.insert(node.to_string(), status);
+            let start = !p.writer;
+            p.writer = true;
+            (p.round, start)
+        };
+        if start {
+            tokio::spawn(writer(Arc::downgrade(self), store.clone()));
+        }
+        self.wake.notify_one();
+        round
+    }
+
+    /// Queues `status` for `node` and waits until it is committed.
+    pub async fn record(self: &Arc<Self>, store: &Arc<dyn Store>, node: &str, status: NodeStatus) {
+        let round = self.enqueue(store, node, status);
+        let mut done = self.done.subscribe();
+        // Err only when the queue is gone, and then there is nothing left to wait for.
+        let _ = done.wait_for(|d| *d >= round).await;
+    }
+
+    /// Drops a queued report for `node`: a status written directly is newer than it.
+    pub fn forget(&self, node: &str) {
+        self.lock().statuses.remove(node);
+    }
+}
+
+async fn writer(queue: Weak<StatusQueue>, store: Arc<dyn Store>) {
+    loop {
+        let (batch, round) = {
+            let Some(q) = queue.upgrade() else { return };
+            let notified = q.wake.notified();
+            tokio::pin!(notified);
+            // Registers interest before looking, so a report queued in between still wakes us.
+            notified.as_mut().enable();
+            let taken = {
+                let mut p = q.lock();
+                let batch = std::mem::take(&mut p.statuses);
+                let round = p.round;
+                if !batch.is_empty() {
+                    p.round += 1;
+                }
+                (batch, round)
+            };
+            if taken.0.is_empty() {
+                // Wake up now and then to notice the queue is gone.
+                let _ = tokio::time::timeout(Duration::from_secs(5), notified).await;
+                continue;
+            }
+            taken
+        };
+        let n = batch.len();
+        if let Err(e) = write(store.as_ref(), &batch).await {
+            tracing::warn!(nodes = n, error = %e, "cannot record node status");
+        }
+        let Some(q) = queue.upgrade() else { return };
+        q.done.send_replace(round);
+    }
+}
+
+/// Writes every status in one batch, retrying the whole round on a concurrent change.
+async fn write(store: &dyn Store, batch: &HashMap<String, NodeStatus>) -> Result<(), StoreError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let reads = batch.iter().map(|(name, status)| async move {
+            let rec = store.get(Collection::Object(Kind::Node), name).await?;
+            Ok::<_, StoreError>(rec.map(|r| (r, status)))
+        });
+        let mut writes = Vec::with_capacity(batch.len());
+        for read in join_all(reads).await {
+            // A node deleted meanwhile has no status to keep.
+            let Some((rec, status)) = read? else { continue };
+            let (key, rev) = (rec.key.clone(), rec.rev);
+            let mut obj = match AnyObject::from_value(Kind::Node, rec.doc) {
+                Ok(o) => o,
+                Err(e) => {
+                    return Err(StoreError::Corrupt {
+                        collection: Collection::Object(Kind::Node),
+                        key,
+                        reason: e.to_string(),
+                    })
+                }
+            };
+            if let AnyObject::Node(node) = &mut obj {
+                node.status = Some(status.clone());
+            }
+            writes.push(Write::Put {
+                collection: Collection::Object(Kind::Node),
+                key,
+                expect: Expect::Rev(rev),
+                doc: obj.to_value(),
+            });
+        }
+        if writes.is_empty() {
+            return Ok(());
+        }
+        match store.commit(writes).await {
+            Err(StoreError::Conflict { .. }) if attempt < MAX_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(u64::from(attempt))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+    use luna_core::model::Node;
+
+    fn status(step: &str, msg: &str) -> NodeStatus {
+        NodeStatus { step: step.into(), progress: None, time: 1, message: Some(msg.into()) }
+    }
+
+    async fn store_with(nodes: &[&str]) -> Arc<dyn Store> {
+        let s: Arc<dyn Store> = Arc::new(SqliteStore::open(":memory:").unwrap());
+        let writes = nodes
+            .iter()
+            .map(|n| Write::Put {
+                collection: Collection::Object(Kind::Node),
+                key: n.to_string(),
+                expect: Expect::Absent,
+                doc: serde_json::to_value(Node::new(n, "compute")).unwrap(),
+            })
+            .collect();
+        s.commit(writes).await.unwrap();
+        s
+    }
+
+    async fn status_of(s: &dyn Store, name: &str) -> Option<NodeStatus> {
+        let rec = s.get(Collection::Object(Kind::Node), name).await.unwrap().unwrap();
+        match AnyObject::from_value(Kind::Node, rec.doc).unwrap() {
+            AnyObject::Node(n) => n.status,
+            _ => unreachable!(),
+        }
+    }
+
+    #[tokio::test]
+    async fn recorded_status_is_in_the_store_when_record_returns() {
+        let s = store_with(&["n1", "n2"]).await;
+        let q = Arc::new(StatusQueue::default());
+        q.record(&s, "n1", status("ipxe", "boot script served")).await;
+        assert_eq!(status_of(s.as_ref(), "n1").await, Some(status("ipxe", "boot script served")));
+        assert_eq!(status_of(s.as_ref(), "n2").await, None);
+        let rev = s.get(Collection::Object(Kind::Node), "n1").await.unwrap().unwrap().rev;
+        // Many concurrent reports: each waiter returns with its node written.
+        let waits = (0..50).map(|i| {
+            let (q, s) = (q.clone(), s.clone());
+            async move {
+                let node = if i % 2 == 0 { "n1" } else { "n2" };
+                q.record(&s, node, status("dhcp", &format!("report {i}"))).await;
+                assert!(status_of(s.as_ref(), node).await.is_some_and(|st| st.step == "dhcp"));
+            }
+        });
+        join_all(waits).await;
+        let after = s.get(Collection::Object(Kind::Node), "n1").await.unwrap().unwrap().rev;
+        // Coalesced: far fewer writes of n1 than its 25 reports.
+        assert!(after > rev && after - rev < 25, "revision went from {rev} to {after}");
+    }
+
+    #[tokio::test]
+    async fn newest_report_wins_and_deleted_nodes_are_skipped() {
+        let s = store_with(&["n1"]).await;
+        let q = Arc::new(StatusQueue::default());
+        q.enqueue(&s, "gone", status("dhcp", "dhcp offered 10.0.0.9"));
+        q.enqueue(&s, "n1", status("dhcp", "dhcp offered 10.0.0.1"));
+        q.record(&s, "n1", status("dhcp", "dhcp acked 10.0.0.1")).await;
+        assert_eq!(status_of(s.as_ref(), "n1").await, Some(status("dhcp", "dhcp acked 10.0.0.1")));
+        assert!(s.get(Collection::Object(Kind::Node), "gone").await.unwrap().is_none());
+        // forget() drops what is still queued (the writer cannot run before the next await on
+        // this single-threaded test runtime).
+        q.enqueue(&s, "n1", status("dhcp", "dhcp offered 10.0.0.1"));
+        q.forget("n1");
+        assert!(!q.lock().statuses.contains_key("n1"));
+        q.record(&s, "gone", status("dhcp", "dhcp acked 10.0.0.9")).await;
+        assert_eq!(status_of(s.as_ref(), "n1").await, Some(status("dhcp", "dhcp acked 10.0.0.1")));
+    }
+}

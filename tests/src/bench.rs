@@ -1,0 +1,189 @@
+//! Shared by the boot benchmarks (`bench-dhcp`, `bench-http`): a two-namespace test bed (server
+//! and load generator joined by a veth pair) and a luna-server with `n` known nodes.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use luna_core::api::{NodeCreate, NodePatch};
+use luna_core::model::Kind;
+use luna_core::MacAddr;
+use luna_server::config::Config;
+use luna_server::service::Service;
+
+use crate::{ChildGuard, HarnessError, Netns, Result};
+
+/// The server's address on the bench link; the generator is `.2`.
+pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
+/// The bench network (room for 4094 hosts).
+pub const CIDR: &str = "10.99.0.0/20";
+pub const SERVER_DEV: &str = "veth-s";
+pub const CLIENT_DEV: &str = "veth-g";
+
+/// Server namespace and generator namespace, one veth pair between them.
+pub struct Link {
+    pub server: Netns,
+    pub client: Netns,
+}
+
+impl Link {
+    pub fn new() -> Result<Link> {
+        let server = Netns::new()?;
+        let client = Netns::new()?;
+        server.add_veth(SERVER_DEV, &client, CLIENT_DEV)?;
+        server.add_addr(SERVER_DEV, &format!("{SERVER_IP}/20"))?;
+        client.add_addr(CLIENT_DEV, &format!("{CLIENT_IP}/20"))?;
+        // broadcasts (DHCP) leave through the veth
+        client.ip(&["route", "add", "default", "dev", CLIENT_DEV])?;
+        Ok(Link { server, client })
+    }
+}
+
+/// A known node of the bench cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchNode {
+    pub name: String,
+    pub mac: MacAddr,
+    pub ip: Ipv4Addr,
+}
+
+/// The MAC of bench node `i` (locally administered, unique for `i < 65536`).
+pub fn bench_mac(i: usize) -> MacAddr {
+    MacAddr([0x52, 0x54, 0x00, 0xbe, (i >> 8) as u8, i as u8])
+}
+
+fn setup_err(what: &str, e: impl std::fmt::Display) -> HarnessError {
+    HarnessError::Setup(format!("{what}: {e}"))
+}
+
+/// luna-server's configuration for the bench: sqlite store in `dir`, HTTP on the server's
+/// bench address, DHCP on the server's veth, TFTP and seeding off.
+pub fn luna_config(dir: &Path) -> Result<PathBuf> {
+    let d = dir.display();
+    let text = format!(
+        "store = \"sqlite://{d}/luna.db\"\nlisten = \"{SERVER_IP}:7050\"\ntoken_file = \"{d}/token\"\n\
+         data_dir = \"{d}/data\"\n[dhcp]\ninterfaces = [\"{SERVER_DEV}\"]\nmax_in_flight = 1024\n\
+         [tftp]\nenabled = false\n[image]\nseed = false\n"
+    );
+    let path = dir.join("luna.toml");
+    std::fs::write(&path, text).map_err(|e| HarnessError::io(format!("write {}", path.display()), e))?;
+    Ok(path)
+}
+
+/// Creates the store behind `config` with a network, an osimage, a group and `n` nodes with
+/// MACs ([`bench_mac`]); returns the nodes with the addresses luna allocated.
+pub fn populate_luna(config: &Path, n: usize) -> Result<Vec<BenchNode>> {
+    let cfg = Config::load(config).map_err(|e| setup_err("luna config", e))?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| HarnessError::io("tokio runtime", e))?;
+    rt.block_on(async {
+        luna_server::server::init(&cfg).await.map_err(|e| setup_err("luna init", e))?;
+        let store = luna_server::store::open(&cfg.store).await.map_err(|e| setup_err("open store", e))?;
+        let svc = Service::new(store);
+        let err = |e: luna_server::service::ServiceError| setup_err("populate", e);
+        let patch = serde_json::json!({"frontend_address": SERVER_IP.to_string()});
+        svc.update(Kind::Cluster, "luna", patch).await.map_err(err)?;
+        let gw = SERVER_IP.to_string();
+        svc.create(Kind::Network, serde_json::json!({"name": "bench", "cidr": CIDR, "gateway": gw}))
+            .await
+            .map_err(err)?;
+        svc.create(Kind::Osimage, serde_json::json!({"name": "img", "path": "/srv/img"})).await.map_err(err)?;
+        // A packed revision's record, so nodes get their boot script (the files need not exist).
+        let rev = serde_json::json!({"revisions": [{"id": 1, "created": 1, "kernel_version": "6.1.0",
+            "archive": "img.tar.zst", "archive_size": 0, "sha256": "", "kernel": "vmlinuz", "initrd": "initrd.img",
+            "torrent": "img.torrent", "info_hash": ""}], "current_revision": 1});
+        svc.update(Kind::Osimage, "img", rev).await.map_err(err)?;
+        let group = serde_json::json!({"name": "g", "osimage": "img",
+            "interfaces": [{"name": "BOOTIF", "network": "bench"}]});
+        svc.create(Kind::Group, group).await.map_err(err)?;
+        let req = NodeCreate {
+            name: format!("b[0001-{n:04}]"),
+            group: "g".into(),
+            mac: None,
+            ips: Default::default(),
+            switch: None,
+            port: None,
+            localboot: false,
+            service: false,
+            setupbmc: false,
+            comment: String::new(),
+        };
+        let nodes = svc.add_nodes(req).await.map_err(err)?;
+        let mut out = Vec::with_capacity(n);
+        for (i, node) in nodes.iter().enumerate() {
+            let mac = bench_mac(i);
+            let patch = NodePatch { mac: Some(Some(mac)), ..Default::default() };
+            svc.change_nodes(&node.name, patch).await.map_err(err)?;
+            let ip = node
+                .interfaces
+                .iter()
+                .find_map(|i| i.ip)
+                .ok_or_else(|| HarnessError::Setup(format!("node {} got no address", node.name)))?;
+            out.push(BenchNode { name: node.name.clone(), mac, ip });
+        }
+        Ok(out)
+    })
+}
+
+/// Child mode of the bench binaries: runs luna-server with `config` until SIGTERM/SIGINT.
+pub fn serve_luna(config: &Path) -> Result<()> {
+    let cfg = Config::load(config).map_err(|e| setup_err("luna config", e))?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| HarnessError::io("tokio runtime", e))?;
+    rt.block_on(async {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            luna_server::server::shutdown_signal().await;
+            let _ = stop.send(true);
+        });
+        luna_server::server::serve(cfg, rx).await.map_err(|e| setup_err("luna-server", e))
+    })
+}
+
+/// Starts this executable with `--serve-luna <config>` inside the server namespace; the
+/// returned guard stops it.
+pub fn start_luna(link: &Link, config: &Path) -> Result<ChildGuard> {
+    let exe = std::env::current_exe().map_err(|e| HarnessError::io("current exe", e))?;
+    let mut cmd = link.server.command(exe);
+    cmd.arg("--serve-luna").arg(config);
+    ChildGuard::spawn(&mut cmd, "bench-luna")
+}
+
+/// Waits until `addr` accepts TCP connections from inside `ns`.
+pub fn wait_tcp(ns: &Netns, addr: &str, timeout: Duration) -> Result<()> {
+    let addr: std::net::SocketAddr = addr.parse().map_err(|e| setup_err(addr, e))?;
+    let deadline = std::time::Instant::now() + timeout;
+    let ok = ns.enter(move || {
+        while std::time::Instant::now() < deadline {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    })?;
+    if ok {
+        Ok(())
+    } else {
+        Err(HarnessError::Setup(format!("nothing listens on {addr} after {timeout:?}")))
+    }
+}
+
+/// Raises this process's open-files limit to its hard limit (children inherit it).
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    lim.rlim_cur
+}
+
+/// `program --version`-style probe: whether `program` can be run.
+pub fn have(program: &str) -> bool {
+    Command::new(program).arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+}
