@@ -301,9 +301,6 @@ fn debian_minbase_boots_through_the_agent_to_multi_user() {
     for step in ["plan", "download", "verify", "unpack", "personality", "booted"] {
         assert!(steps.iter().any(|s| s == step), "step {step} not reported: {steps:?}");
     }
-    // The booted system calls itself what the agent's personality wrote (debootstrap: "debian").
-    let serial = vm.serial().lines().join("\n");
-    assert!(serial.contains("Hostname set to <node001>"), "{}", vm.serial().tail(60));
     drop(_stop);
     server.join();
 }
