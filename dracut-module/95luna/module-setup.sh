@@ -18,6 +18,8 @@ depends() {
 # called by dracut
 installkernel() {
     instmods tmpfs overlay xfs ext4 || :
+    # setupbmc: the agent loads these to reach the BMC through /dev/ipmi0.
+    instmods ipmi_msghandler ipmi_devintf ipmi_si || :
     return 0
 }
 
@@ -44,7 +46,7 @@ install() {
 
     # What the agent and the group's scripts call. Optional ones only if the host has them.
     inst_multiple sh mount umount chroot sleep ip
-    for _tool in mkfs.ext4 mkfs.xfs mkfs.vfat sfdisk parted wipefs tar zstd mkdir cat setsid reboot; do
+    for _tool in modprobe mkfs.ext4 mkfs.xfs mkfs.vfat sfdisk parted wipefs tar zstd mkdir cat setsid reboot; do
         inst_multiple -o "$_tool"
     done
 

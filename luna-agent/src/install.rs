@@ -8,6 +8,7 @@ use std::sync::Arc;
 use luna_core::api::{InstallPlan, PlanImage};
 
 use crate::backoff::Backoff;
+use crate::bmc;
 use crate::cmdline::{self, BootArgs, CmdlineError};
 use crate::download::{self, FetchError, Fetched, Job};
 use crate::http::{retry, Client, HttpError};
@@ -243,6 +244,7 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
     ctx.reporter.step("plan", Some(format!("boot interface {nic}"))).await;
     let image = plan.image.clone().ok_or_else(|| AgentError::NoImage { node: plan.node.clone() })?;
     let env = env(ctx, &plan, &image, &nic, ip);
+    let bmc = if plan.setupbmc { Some(setup_bmc(ctx, &plan).await) } else { None };
 
     if !plan.prescript.trim().is_empty() {
         ctx.reporter.step("prescript", None).await;
@@ -310,11 +312,46 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
     }
     rest?;
     // "booted" is the booted OS's to say (the image's boot-time hook); until then the node is
-    // installed and switching root.
-    ctx.reporter
-        .step("installed", Some(format!("{} revision {} installed, switching root", image.osimage, image.revision)))
-        .await;
+    // installed and switching root. A BMC that could not be set up is told here too, so it
+    // stays visible in the node's last agent status.
+    let installed = format!("{} revision {} installed, switching root", image.osimage, image.revision);
+    let done = match bmc {
+        Some(Err(e)) => format!("{installed}; {e}"),
+        Some(Ok(())) => format!("{installed}; bmc set up"),
+        None => installed,
+    };
+    ctx.reporter.step("installed", Some(done)).await;
     Ok(Outcome { plan, nic, fetched })
+}
+
+/// The `bmc` step. A BMC that cannot be set up does not stop the install (the node is still
+/// useful); the error is reported now and again with `booted`.
+async fn setup_bmc(ctx: &Ctx<'_>, plan: &InstallPlan) -> Result<(), String> {
+    ctx.reporter.step("bmc", Some("setting up the bmc".into())).await;
+    let result = match plan.bmc.clone() {
+        None => Err("bmc setup failed: setupbmc is set but the group has no bmcsetup".to_string()),
+        Some(bmc) => {
+            let os = ctx.os.clone();
+            match tokio::task::spawn_blocking(move || bmc::configure(&*os, &bmc)).await {
+                Ok(Ok(readback)) => Ok(readback),
+                Ok(Err(e)) => Err(format!("bmc setup failed: {e}")),
+                Err(e) => Err(format!("bmc setup failed: {e}")),
+            }
+        }
+    };
+    match result {
+        Ok(readback) => {
+            // The read-back goes to the console (and the server): what the BMC now has.
+            tracing::info!("bmc set up: {readback}");
+            ctx.reporter.step("bmc", Some(format!("bmc set up: {readback}"))).await;
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            ctx.reporter.step("bmc", Some(e.clone())).await;
+            Err(e)
+        }
+    }
 }
 
 async fn start_swarm(ctx: &Ctx<'_>, image: &PlanImage, nic: &str, ip: Option<Ipv4Addr>) -> Option<Swarm> {

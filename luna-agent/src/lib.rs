@@ -4,10 +4,12 @@
 
 pub mod backoff;
 pub mod bench;
+pub mod bmc;
 pub mod cmdline;
 pub mod download;
 pub mod http;
 pub mod install;
+pub mod ipmidev;
 pub mod os;
 pub mod personality;
 pub mod report;

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
+use crate::bmc::{FakeBmc, IpmiRequest};
+
 /// Character or block device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceKind {
@@ -50,6 +52,9 @@ pub trait Os: Send + Sync {
     fn run_script(&self, script: &Script<'_>) -> io::Result<i32>;
     /// The IPv4 address and prefix length the initramfs network gave to `ifname`.
     fn interface_ipv4(&self, ifname: &str) -> Option<(Ipv4Addr, u8)>;
+    /// One request to the node's BMC over the system interface; the answer, completion code
+    /// first.
+    fn ipmi(&self, req: &IpmiRequest) -> io::Result<Vec<u8>>;
 }
 
 /// The real thing: libc/nix calls, scripts through `/bin/sh`, chroot through the `chroot` tool.
@@ -156,18 +161,56 @@ impl Os for RealOs {
         }
         None
     }
+
+    fn ipmi(&self, req: &IpmiRequest) -> io::Result<Vec<u8>> {
+        crate::ipmidev::exchange(req)
+    }
 }
 
 /// One recorded call of [`RecordingOs`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OsCall {
-    Mount { source: String, target: PathBuf, fstype: Option<String>, bind: bool, data: Option<String> },
+    Mount {
+        source: String,
+        target: PathBuf,
+        fstype: Option<String>,
+        bind: bool,
+        data: Option<String>,
+    },
     Umount(PathBuf),
-    Mknod { path: PathBuf, kind: DeviceKind, mode: u32, major: u32, minor: u32 },
-    Mkfifo { path: PathBuf, mode: u32 },
-    Lchown { path: PathBuf, uid: u32, gid: u32 },
-    Setxattr { path: PathBuf, name: String, value: Vec<u8> },
-    Script { name: String, chroot: Option<PathBuf>, env: Vec<(String, String)>, code: i32 },
+    Mknod {
+        path: PathBuf,
+        kind: DeviceKind,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    },
+    Mkfifo {
+        path: PathBuf,
+        mode: u32,
+    },
+    Lchown {
+        path: PathBuf,
+        uid: u32,
+        gid: u32,
+    },
+    Setxattr {
+        path: PathBuf,
+        name: String,
+        value: Vec<u8>,
+    },
+    Script {
+        name: String,
+        chroot: Option<PathBuf>,
+        env: Vec<(String, String)>,
+        code: i32,
+    },
+    /// An IPMI request; `data` is `None` for those carrying the password.
+    Ipmi {
+        netfn: u8,
+        cmd: u8,
+        data: Option<Vec<u8>>,
+    },
 }
 
 /// A fake for tests: records every call; creates an empty placeholder file for device nodes
@@ -178,11 +221,23 @@ pub struct RecordingOs {
     pub calls: Mutex<Vec<OsCall>>,
     pub exec_scripts: bool,
     pub ipv4: Option<(Ipv4Addr, u8)>,
+    /// The node's BMC; `None`: the node has no IPMI device.
+    pub bmc: Mutex<Option<FakeBmc>>,
 }
 
 impl RecordingOs {
     pub fn new(exec_scripts: bool, ipv4: Option<(Ipv4Addr, u8)>) -> Self {
-        Self { calls: Mutex::new(Vec::new()), exec_scripts, ipv4 }
+        Self { calls: Mutex::new(Vec::new()), exec_scripts, ipv4, bmc: Mutex::new(None) }
+    }
+
+    /// A node with `bmc` behind its IPMI device.
+    pub fn with_bmc(bmc: FakeBmc) -> Self {
+        Self { bmc: Mutex::new(Some(bmc)), ..Self::default() }
+    }
+
+    /// The fake BMC's state now.
+    pub fn bmc(&self) -> Option<FakeBmc> {
+        self.bmc.lock().ok().and_then(|b| b.clone())
     }
 
     pub fn calls(&self) -> Vec<OsCall> {
@@ -265,5 +320,15 @@ impl Os for RecordingOs {
 
     fn interface_ipv4(&self, _ifname: &str) -> Option<(Ipv4Addr, u8)> {
         self.ipv4
+    }
+
+    fn ipmi(&self, req: &IpmiRequest) -> io::Result<Vec<u8>> {
+        let data = (!req.secret()).then(|| req.data.clone());
+        self.record(OsCall::Ipmi { netfn: req.netfn, cmd: req.cmd, data });
+        let mut bmc = self.bmc.lock().map_err(|_| io::Error::other("fake bmc lock poisoned"))?;
+        match bmc.as_mut() {
+            Some(b) => Ok(b.handle(req.netfn, req.cmd, &req.data)),
+            None => Err(io::Error::new(io::ErrorKind::NotFound, "no ipmi device")),
+        }
     }
 }

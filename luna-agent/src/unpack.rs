@@ -75,6 +75,10 @@ pub struct Unpacker<'a> {
     /// symlink-escape check (one `canonicalize` per new directory instead of per entry).
     safe_dirs: HashSet<PathBuf>,
     deferred_dirs: Vec<(PathBuf, u32, FileTime)>,
+    /// Who owns what we create: files that should be owned so need no chown...
+    owner: (u32, u32),
+    /// ...unless their directory hands its group down (setgid); known per directory.
+    setgid: std::collections::HashMap<PathBuf, bool>,
     stats: UnpackStats,
     buf: Vec<u8>,
 }
@@ -87,6 +91,8 @@ impl<'a> Unpacker<'a> {
             root,
             os,
             deferred_dirs: Vec::new(),
+            owner: (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw()),
+            setgid: std::collections::HashMap::new(),
             stats: UnpackStats::default(),
             buf: vec![0; 256 * 1024],
         })
@@ -173,6 +179,20 @@ impl<'a> Unpacker<'a> {
         }
     }
 
+    /// Whether new files in `full`'s directory take its group (setgid), so need a chown even when
+    /// the archive names our own ids. One stat per directory.
+    fn setgid_parent(&mut self, full: &Path) -> bool {
+        let Some(parent) = full.parent() else { return false };
+        if let Some(&known) = self.setgid.get(parent) {
+            return known;
+        }
+        use std::os::unix::fs::MetadataExt;
+        // Unknown counts as setgid: then the chown is done, as before.
+        let setgid = fs::metadata(parent).map_or(true, |m| m.mode() & 0o2000 != 0);
+        self.setgid.insert(parent.to_path_buf(), setgid);
+        setgid
+    }
+
     fn attrs(&self, full: &Path, meta: &Meta, chmod: bool) -> Result<(), UnpackError> {
         self.os.lchown(full, meta.uid, meta.gid).map_err(|e| io_err(full, e))?;
         if chmod {
@@ -225,7 +245,15 @@ impl<'a> Unpacker<'a> {
                 let mut file =
                     Self::replace(&full, || OpenOptions::new().write(true).create_new(true).mode(0o600).open(&full))?;
                 let written = copy(entry, &mut file, &mut self.buf).map_err(|e| io_err(&full, e))?;
-                self.attrs(&full, &meta, true)?;
+                // Most of an OS image is owned by root, as the file we just made: skip that chown.
+                if (meta.uid, meta.gid) != self.owner || self.setgid_parent(&full) {
+                    self.os.lchown(&full, meta.uid, meta.gid).map_err(|e| io_err(&full, e))?;
+                }
+                // Through the open file: no second path lookup.
+                file.set_permissions(fs::Permissions::from_mode(meta.mode & 0o7777)).map_err(|e| io_err(&full, e))?;
+                for (name, value) in &meta.xattrs {
+                    self.os.lsetxattr(&full, name, value).map_err(|e| io_err(&full, e))?;
+                }
                 filetime::set_file_handle_times(&file, Some(meta.mtime), Some(meta.mtime))
                     .map_err(|e| io_err(&full, e))?;
                 self.stats.files += 1;
@@ -477,6 +505,34 @@ mod tests {
         let mut h = header(EntryType::Regular, 0o644, 0, 2);
         b.append_data(&mut h, &long, &b"ok"[..]).unwrap();
         b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn files_already_ours_are_not_chowned_unless_the_directory_is_setgid() {
+        let (uid, gid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+        let mut b = tar::Builder::new(Vec::new());
+        for path in ["./plain/mine", "./shared/mine"] {
+            let mut h = header(EntryType::Regular, 0o640, u64::from(uid), 2);
+            h.set_gid(u64::from(gid));
+            b.append_data(&mut h, path, &b"ok"[..]).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        fs::create_dir(root.join("shared")).unwrap();
+        fs::set_permissions(root.join("shared"), fs::Permissions::from_mode(0o2775)).unwrap();
+        let os = RecordingOs::default();
+        Unpacker::new(&root, &os).unwrap().unpack(&b.into_inner().unwrap()[..]).unwrap();
+        let chowned: Vec<PathBuf> = os
+            .calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                OsCall::Lchown { path, .. } => Some(path),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(chowned, [root.join("shared/mine")]);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(fs::metadata(root.join("plain/mine")).unwrap().mode() & 0o7777, 0o640);
     }
 
     #[test]

@@ -468,6 +468,78 @@ async fn failing_postscript_reports_error_and_still_unmounts() {
     assert_eq!(last.message.as_deref(), Some("postscript: postscript failed: postscript exited with status 7"));
 }
 
+fn bmc_plan() -> luna_core::api::PlanBmc {
+    luna_core::api::PlanBmc {
+        protocol: luna_core::model::BmcProtocol::Ipmi,
+        userid: 2,
+        user: "root".into(),
+        password: luna_core::model::Secret("calvin-pw".into()),
+        netchannel: 1,
+        mgmtchannel: 1,
+        ip: Some("10.148.0.1".parse().unwrap()),
+        prefix: 16,
+        gateway: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setupbmc_configures_the_bmc_and_reports_it() {
+    let (env, start) = setup("");
+    let server = start("", Behaviour::default());
+    set_plan(&env, &server, |p| {
+        p.setupbmc = true;
+        p.bmc = Some(bmc_plan());
+    });
+    let os = Arc::new(RecordingOs::with_bmc(luna_agent::bmc::FakeBmc::default()));
+    install::install(&env.cfg, os.clone()).await.expect("install");
+    let bmc = os.bmc().unwrap();
+    assert_eq!(bmc.lan[&(1, 3)], [10, 148, 0, 1]);
+    assert_eq!(bmc.lan[&(1, 4)], [1]);
+    assert_eq!(bmc.users[&2].name, "root");
+    assert!(bmc.users[&2].enabled);
+    // Before the prescript, so a partscript failure still leaves a reachable BMC.
+    assert_eq!(&server.steps()[..3], ["plan", "bmc", "bmc"]);
+    let reports = server.reports.lock().unwrap();
+    let bmc_msg = reports.iter().rfind(|r| r.step == "bmc").and_then(|r| r.message.clone()).unwrap();
+    assert!(
+        bmc_msg.starts_with("bmc set up: channel 1 ip source static ip 10.148.0.1 netmask 255.255.0.0"),
+        "{bmc_msg}"
+    );
+    let last = reports.last().unwrap();
+    assert_eq!(last.step, "installed");
+    let msg = last.message.as_deref().unwrap_or_default();
+    assert!(msg.ends_with(" installed, switching root; bmc set up"), "{msg}");
+    assert!(!reports.iter().any(|r| r.message.as_deref().unwrap_or("").contains("calvin")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bmc_that_fails_does_not_stop_the_install() {
+    let (env, start) = setup("");
+    let server = start("", Behaviour::default());
+    set_plan(&env, &server, |p| {
+        p.setupbmc = true;
+        p.bmc = Some(bmc_plan());
+    });
+    // No IPMI device on this node.
+    let os = fake();
+    install::install(&env.cfg, os.clone()).await.expect("install");
+    let last = server.reports.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(last.step, "installed");
+    let msg = last.message.clone().unwrap();
+    assert!(
+        msg.contains(" installed, switching root; bmc setup failed: ipmi device: lock the lan parameters"),
+        "{msg}"
+    );
+    // setupbmc off: the BMC is left alone even with a bmcsetup in the plan.
+    let (env, start) = setup("");
+    let server = start("", Behaviour::default());
+    set_plan(&env, &server, |p| p.bmc = Some(bmc_plan()));
+    let os = Arc::new(RecordingOs::with_bmc(luna_agent::bmc::FakeBmc::default()));
+    install::install(&env.cfg, os.clone()).await.expect("install");
+    assert!(!os.calls().iter().any(|c| matches!(c, OsCall::Ipmi { .. })));
+    assert!(!server.steps().contains(&"bmc".to_string()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_prescript_stops_before_partitioning() {
     let (env, start) = setup("");

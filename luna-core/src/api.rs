@@ -178,6 +178,8 @@ pub struct InstallPlan {
     pub torrent_interface: String,
     pub service: bool,
     pub setupbmc: bool,
+    /// The BMC to configure in-band: set only when `setupbmc` and the group has a bmcsetup; its
+    /// address comes from the node's `BMC` interface.
     pub bmc: Option<PlanBmc>,
     /// Base URL of the server (`http://10.141.255.254:7050`).
     pub server_url: String,
@@ -214,7 +216,8 @@ pub struct PlanBmc {
     pub protocol: crate::model::BmcProtocol,
     pub userid: u8,
     pub user: String,
-    pub password: String,
+    /// Only ever sent to the node itself (plan authentication); masked in `Debug`.
+    pub password: crate::model::Secret,
     pub netchannel: u8,
     pub mgmtchannel: u8,
     pub ip: Option<Ipv4Addr>,

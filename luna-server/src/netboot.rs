@@ -391,13 +391,14 @@ pub async fn install_plan(service: &Service, node: &Node, base: &str) -> Result<
             interfaces.push(pi);
         }
     }
-    let bmc = match &group.bmcsetup {
+    // The BMC password travels only to nodes asked to set their BMC up.
+    let bmc = match group.bmcsetup.as_ref().filter(|_| node.setupbmc) {
         Some(b) => match service.get(Kind::Bmcsetup, b).await? {
             AnyObject::Bmcsetup(b) => Some(PlanBmc {
                 protocol: b.protocol,
                 userid: b.userid,
                 user: b.user,
-                password: b.password.0,
+                password: b.password,
                 netchannel: b.netchannel,
                 mgmtchannel: b.mgmtchannel,
                 ip: bmc_if.as_ref().and_then(|i| i.ip),

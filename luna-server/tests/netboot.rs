@@ -245,3 +245,36 @@ async fn only_the_node_itself_gets_its_plan() {
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn the_plan_carries_the_bmc_only_for_setupbmc_nodes() {
+    let e = env().await;
+    for (path, body) in [
+        ("/network", json!({"name": "ipmi", "cidr": "10.148.0.0/16", "gateway": "10.148.255.254"})),
+        ("/bmcsetup", json!({"name": "base", "user": "admin", "password": "s3cret", "userid": 3})),
+    ] {
+        let (s, v) = e.call("POST", &format!("/api/v1{path}"), Some(body), true, None).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    let patch = json!({"bmcsetup": "base", "interfaces": [{"name": "BOOTIF", "network": "cluster"}, {"name": "BMC", "network": "ipmi"}]});
+    let (s, v) = e.call("PATCH", "/api/v1/group/compute", Some(patch), true, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    for (name, mac, setupbmc) in [("node001", "52:54:00:00:00:01", true), ("node002", "52:54:00:00:00:02", false)] {
+        let node = json!({"name": name, "group": "compute", "mac": mac, "setupbmc": setupbmc});
+        let (s, v) = e.call("POST", "/api/v1/node", Some(node), true, None).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    let (s, v) = e.call("GET", "/boot/plan?node=node001", None, false, Some("10.141.0.1")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["setupbmc"], true);
+    let bmc = &v["bmc"];
+    assert_eq!(
+        (&bmc["userid"], &bmc["user"], &bmc["password"], &bmc["ip"], &bmc["prefix"], &bmc["gateway"]),
+        (&json!(3), &json!("admin"), &json!("s3cret"), &json!("10.148.0.1"), &json!(16), &json!("10.148.255.254"))
+    );
+    // The BMC interface is not one the node's OS configures.
+    assert!(v["interfaces"].as_array().unwrap().iter().all(|i| i["name"] != "BMC"), "{v}");
+    let (s, v) = e.call("GET", "/boot/plan?node=node002", None, false, Some("10.141.0.2")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!((&v["setupbmc"], &v["bmc"]), (&json!(false), &Value::Null), "no password for nodes not asked");
+}

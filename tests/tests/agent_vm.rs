@@ -1,7 +1,10 @@
 //! The node side in an initramfs: dracut builds one with the 95luna module for the test kernel;
 //! `lsinitrd` shows the agent, the hooks and the network pieces they rely on; and a VM boots it
 //! against a plan server in a network namespace, installs the test image and switches root
-//! into it. Needs root, dracut and qemu (`LUNA_TEST_PRIVILEGED=1`).
+//! into it. The VM has a BMC (qemu's `ipmi-bmc-extern` on a KCS interface, backed by OpenIPMI's
+//! `ipmi_sim`), which the agent sets up in-band (`setupbmc`); the test then logs in to that BMC
+//! over its LAN interface with the new user and password and reads the settings back. Needs
+//! root, dracut, qemu, ipmi_sim and ipmitool (`LUNA_TEST_PRIVILEGED=1`).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -12,8 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use luna_core::api::{InstallPlan, PlanImage, PlanInterface, StatusReport};
-use luna_tests::{cargo_bin, privileged, test_assets, work_dir, workspace_root, Netns, Vm, BOOTED_MARKER};
+use luna_core::api::{InstallPlan, PlanBmc, PlanImage, PlanInterface, StatusReport};
+use luna_core::model::{BmcProtocol, Secret};
+use luna_tests::{cargo_bin, privileged, test_assets, work_dir, workspace_root, ChildGuard, Netns, Vm, BOOTED_MARKER};
 
 /// A private copy of dracut's base directory whose `modules.d/95luna` is the module in this
 /// tree: the system's `/usr/lib/dracut` stays untouched (other tests may use it at the same time).
@@ -101,6 +105,7 @@ fn dracut_initramfs_has_the_agent_and_hooks() {
 
 const MAC: &str = "52:54:00:4c:55:01";
 const TOKEN: &str = "vm-token";
+const BMC_PASSWORD: &str = "bmc-Pa55word";
 
 /// Plan, image and status over HTTP/1.1 on `addr` until `stop`; records the reports.
 fn serve(
@@ -161,6 +166,102 @@ fn handle(mut conn: TcpStream, plan: &[u8], archive: &[u8], reports: &Mutex<Vec<
     conn.write_all(payload)
 }
 
+/// `ipmi_sim`'s `lan_config_program`: keeps the LAN settings the BMC is given in `lan.state`
+/// beside it (the simulator applies them through this program on commit).
+const LANCONTROL: &str = r#"#!/bin/sh
+state="$(dirname "$0")/lan.state"
+op=$2
+shift 2
+touch "$state"
+case $op in
+get)
+    for p in "$@"; do
+        v=$(grep "^$p:" "$state" | tail -n 1 | cut -d: -f2-)
+        case $p in
+            *mac_addr) def=00:00:00:00:00:00 ;;
+            ip_addr_src) def=dhcp ;;
+            *) def=0.0.0.0 ;;
+        esac
+        echo "$p:${v:-$def}"
+    done ;;
+set)
+    while [ $# -ge 2 ]; do echo "$1:$2" >> "$state"; shift 2; done ;;
+esac
+exit 0
+"#;
+
+/// The BMC behind the VM: OpenIPMI's simulator with a LAN channel 1 on 127.0.0.1:9001 (inside
+/// the test's namespace) and the VM's system interface on 127.0.0.1:9002. Its factory user is
+/// 2 "ipmiusr"/"test"; the plan asks for user 3.
+struct SimBmc {
+    _sim: ChildGuard,
+    dir: PathBuf,
+}
+
+impl SimBmc {
+    fn start(ns: &Netns, dir: &Path) -> SimBmc {
+        let dir = dir.join("bmc");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        let lancontrol = dir.join("lancontrol");
+        std::fs::write(&lancontrol, LANCONTROL).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&lancontrol, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let conf = format!(
+            "name \"lunabmc\"\nset_working_mc 0x20\n  startlan 1\n    addr 127.0.0.1 9001\n    priv_limit admin\n\
+             \x20   allowed_auths_callback none md2 md5 straight\n    allowed_auths_user none md2 md5 straight\n\
+             \x20   allowed_auths_operator none md2 md5 straight\n    allowed_auths_admin none md2 md5 straight\n\
+             \x20   guid a123456789abcdefa123456789abcdef\n    lan_config_program \"{} eth0\"\n  endlan\n\
+             \x20 serial 15 127.0.0.1 9002 codec VM\n  startnow false\n\
+             \x20 user 1 true \"\" \"test\" user 10 none md2 md5 straight\n\
+             \x20 user 2 true \"ipmiusr\" \"test\" admin 10 none md2 md5 straight\n",
+            lancontrol.display()
+        );
+        std::fs::write(dir.join("lan.conf"), conf).unwrap();
+        std::fs::write(
+            dir.join("bmc.emu"),
+            "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n",
+        )
+        .unwrap();
+        let args = [
+            "-c".to_string(),
+            dir.join("lan.conf").display().to_string(),
+            "-f".into(),
+            dir.join("bmc.emu").display().to_string(),
+            "-s".into(),
+            dir.join("state").display().to_string(),
+            "-n".into(),
+            "-p".into(),
+        ];
+        let sim = ns.spawn("ipmi_sim", "ipmi_sim", &args).expect("start ipmi_sim (apt-get install openipmi)");
+        let bmc = SimBmc { _sim: sim, dir };
+        // Up when its LAN side answers with the factory user.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while bmc.ipmitool(ns, "ipmiusr", "test", &["mc", "info"]).is_err() {
+            assert!(std::time::Instant::now() < deadline, "ipmi_sim did not come up");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        bmc
+    }
+
+    /// `ipmitool` over the BMC's LAN (RMCP+), as an administrator.
+    fn ipmitool(&self, ns: &Netns, user: &str, password: &str, args: &[&str]) -> Result<String, String> {
+        let out = ns
+            .command("ipmitool")
+            .args(["-I", "lanplus", "-H", "127.0.0.1", "-p", "9001", "-L", "ADMINISTRATOR", "-U", user, "-P"])
+            .arg(password)
+            .args(args)
+            .output()
+            .expect("run ipmitool (apt-get install ipmitool)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+}
+
 #[test]
 fn vm_installs_from_a_plan_and_switches_root() {
     if !privileged() {
@@ -219,12 +320,24 @@ fn vm_installs_from_a_plan_and_switches_root() {
         postscript: "echo \"post $LUNA_NODE\" > /etc/luna-post".into(),
         torrent_interface: "BOOTIF".into(),
         service: false,
-        setupbmc: false,
-        bmc: None,
+        setupbmc: true,
+        bmc: Some(PlanBmc {
+            protocol: BmcProtocol::Ipmi,
+            userid: 3,
+            user: "lunaadmin".into(),
+            password: Secret(BMC_PASSWORD.into()),
+            netchannel: 1,
+            mgmtchannel: 1,
+            ip: Some("10.148.0.10".parse().unwrap()),
+            prefix: 16,
+            gateway: Some("10.148.255.254".parse().unwrap()),
+        }),
         server_url: base.into(),
     };
 
     let ns = Netns::new().unwrap();
+    ns.link_up("lo").unwrap();
+    let bmc = SimBmc::start(&ns, &dir);
     ns.add_tap("tap0", None).unwrap();
     ns.add_addr("tap0", "10.77.0.1/24").unwrap();
     let reports = Arc::new(Mutex::new(Vec::new()));
@@ -253,6 +366,12 @@ fn vm_installs_from_a_plan_and_switches_root() {
         .memory_mb(1024)
         .nic("tap0", MAC)
         .direct_kernel(&assets.kernel, &img, &append)
+        .arg("-chardev")
+        .arg("socket,id=ipmi0,host=127.0.0.1,port=9002,reconnect=10")
+        .arg("-device")
+        .arg("ipmi-bmc-extern,id=bmc0,chardev=ipmi0")
+        .arg("-device")
+        .arg("isa-ipmi-kcs,bmc=bmc0")
         .spawn_in(&ns)
         .unwrap();
     let booted = vm.wait_for(BOOTED_MARKER, Duration::from_secs(600));
@@ -263,6 +382,7 @@ fn vm_installs_from_a_plan_and_switches_root() {
     assert!(line.contains("host=node001"), "personality: {line}");
     for step in [
         "plan",
+        "bmc",
         "partscript",
         "download",
         "http-fallback",
@@ -277,6 +397,34 @@ fn vm_installs_from_a_plan_and_switches_root() {
         assert!(steps.iter().any(|s| s == step), "step {step} not reported: {steps:?}");
     }
     assert!(!steps.iter().any(|s| s == "error"), "{steps:?}");
+
+    // The agent's read-back of the BMC, on the console and in the reports.
+    let serial = vm.serial().lines().join("\n");
+    let readback = "bmc set up: channel 1 ip source static ip 10.148.0.10 netmask 255.255.0.0 gateway 10.148.255.254; \
+                    user 3 'lunaadmin' privilege admin ipmi messaging on; lan access always";
+    assert!(serial.contains(readback), "no bmc read-back on the console:\n{}", vm.serial().tail(80));
+    assert!(!serial.contains(BMC_PASSWORD), "the bmc password reached the console");
+    let done = reports.lock().unwrap().last().and_then(|r| r.message.clone()).unwrap_or_default();
+    assert_eq!(done, "installed, switching root; bmc set up");
+
+    // The BMC itself: the new user logs in over the LAN with the new password as an
+    // administrator and sees the static address the node gave it.
+    let lan = bmc.ipmitool(&ns, "lunaadmin", BMC_PASSWORD, &["lan", "print", "1"]).expect("log in as the new bmc user");
+    for line in [
+        "IP Address Source       : Static Address",
+        "IP Address              : 10.148.0.10",
+        "Subnet Mask             : 255.255.0.0",
+        "Default Gateway IP      : 10.148.255.254",
+    ] {
+        assert!(lan.contains(line), "{line} missing from the bmc's lan settings:\n{lan}");
+    }
+    let users = bmc.ipmitool(&ns, "lunaadmin", BMC_PASSWORD, &["user", "list", "1"]).unwrap();
+    let user3 = users.lines().find(|l| l.starts_with("3 ")).unwrap_or_default();
+    let fields: Vec<&str> = user3.split_whitespace().collect();
+    assert_eq!(fields, ["3", "lunaadmin", "true", "true", "true", "ADMINISTRATOR"], "{users}");
+    assert!(bmc.ipmitool(&ns, "lunaadmin", "not-the-password", &["mc", "info"]).is_err(), "a wrong password logs in");
+    let state = std::fs::read_to_string(bmc.dir.join("lan.state")).unwrap_or_default();
+    assert!(state.contains("ip_addr_src:static") && state.contains("ip_addr:10.148.0.10"), "{state}");
     drop(_stop);
     server.join();
 }
