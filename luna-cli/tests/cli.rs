@@ -105,7 +105,10 @@ fn admin_flow() {
     // The table: header plus one row per node, with its address.
     let table = s.ok(&["node", "list"]);
     let lines: Vec<&str> = table.lines().collect();
-    assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["NAME", "GROUP", "MAC", "BOOTIF-IP", "STATUS", "UPDATED"]);
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "GROUP", "MAC", "BOOTIF-IP", "STATUS", "UPDATED"]
+    );
     assert_eq!(lines.len(), 5, "{table}");
     for (line, n) in lines[1..].iter().zip(nodes.as_array().unwrap()) {
         let cells: Vec<&str> = line.split_whitespace().collect();

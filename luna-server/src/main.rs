@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let config = if cli.config.exists() || cli.config != PathBuf::from("/etc/luna/luna.toml") {
+    let config = if cli.config.exists() || cli.config != std::path::Path::new("/etc/luna/luna.toml") {
         config::Config::load(&cli.config)?
     } else {
         config::Config::default()

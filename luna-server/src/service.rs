@@ -275,7 +275,7 @@ impl Service {
         let mut out: Vec<AnyObject> = recs.into_iter().map(|r| parse(kind, r)).collect::<Result<_>>()?;
         if kind == Kind::Node {
             // Natural order: node2 before node10 when the padding differs.
-            out.sort_by(|a, b| natural_key(a.name()).cmp(&natural_key(b.name())));
+            out.sort_by_key(|o| natural_key(o.name()));
         }
         Ok(out)
     }
