@@ -6,8 +6,7 @@
 //! over its LAN interface with the new user and password and reads the settings back. Needs
 //! root, dracut, qemu, ipmi_sim and ipmitool (`LUNA_TEST_PRIVILEGED=1`).
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -129,26 +128,7 @@ fn serve(
 }
 
 fn handle(mut conn: TcpStream, plan: &[u8], archive: &[u8], reports: &Mutex<Vec<StatusReport>>) -> std::io::Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let mut words = line.split_whitespace();
-    let (method, path) = (words.next().unwrap_or("").to_string(), words.next().unwrap_or("").to_string());
-    let mut headers = HashMap::new();
-    loop {
-        let mut h = String::new();
-        reader.read_line(&mut h)?;
-        let h = h.trim_end().to_string();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let len: usize = headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
-    let mut body = vec![0; len];
-    reader.read_exact(&mut body)?;
+    let luna_tests::StandInRequest { method, path, body } = luna_tests::read_request(&conn)?;
     let authorised = path.contains("node=node001") && path.contains(&format!("token={TOKEN}"));
     let route = path.split('?').next().unwrap_or("").to_string();
     let (status, payload): (&str, &[u8]) = match (method.as_str(), route.as_str()) {
