@@ -16,26 +16,13 @@ use std::time::Duration;
 
 use luna_core::api::{InstallPlan, PlanBmc, PlanImage, PlanInterface, StatusReport};
 use luna_core::model::{BmcProtocol, Secret};
-use luna_tests::{cargo_bin, privileged, test_assets, work_dir, workspace_root, ChildGuard, Netns, Vm, BOOTED_MARKER};
-
-/// A private copy of dracut's base directory whose `modules.d/95luna` is the module in this
-/// tree: the system's `/usr/lib/dracut` stays untouched (other tests may use it at the same time).
-fn dracut_base(dir: &Path) -> PathBuf {
-    let base = dir.join("dracutbase");
-    let _ = std::fs::remove_dir_all(&base);
-    let copied = Command::new("cp").arg("-a").arg("/usr/lib/dracut").arg(&base).status().expect("run cp");
-    assert!(copied.success(), "copy /usr/lib/dracut (apt-get install dracut-core dracut-network)");
-    let module = base.join("modules.d/95luna");
-    let _ = std::fs::remove_file(&module);
-    let _ = std::fs::remove_dir_all(&module);
-    std::os::unix::fs::symlink(workspace_root().join("dracut-module/95luna"), &module).expect("link 95luna");
-    base
-}
+use luna_tests::{cargo_bin, privileged, test_assets, work_dir, ChildGuard, Netns, Vm, BOOTED_MARKER};
 
 /// Builds an initramfs with 95luna for the test kernel; returns its path.
 pub fn build_initramfs(agent: &Path, out: &Path) {
     let assets = test_assets().expect("boot assets (tests/assets/build-test-image.sh)");
-    let base = dracut_base(out.parent().expect("initramfs path has a directory"));
+    let base = luna_tests::private_dracut_base(out.parent().expect("initramfs path has a directory"))
+        .expect("private dracut base");
     let modules = assets.modules_dir();
     let status = Command::new("depmod").arg("-b").arg(&assets.kroot).arg(&assets.kver).status().expect("run depmod");
     assert!(status.success(), "depmod -b {} {}", assets.kroot.display(), assets.kver);

@@ -20,7 +20,7 @@ use luna_core::api::{InstallPlan, PlanImage, PlanInterface, StatusReport};
 use luna_core::model::Osimage;
 use luna_server::image::archive::ArchiveOptions;
 use luna_server::image::pack::{pack, PackMode, PackOptions};
-use luna_tests::{cargo_bin, privileged, work_dir, workspace_root, Netns, Vm};
+use luna_tests::{cargo_bin, privileged, work_dir, Netns, Vm};
 
 const MAC: &str = "52:54:00:4c:55:d1";
 const TOKEN: &str = "deb-token";
@@ -91,14 +91,7 @@ fn debootstrap(dir: &Path) -> PathBuf {
 /// A dracut that uses this tree's 95luna and the agent just built (the system's dracut
 /// directory stays untouched; other tests may use it at the same time).
 fn dracut_wrapper(dir: &Path, agent: &Path) -> PathBuf {
-    let base = dir.join("dracutbase");
-    let _ = std::fs::remove_dir_all(&base);
-    let copied = Command::new("cp").arg("-a").arg("/usr/lib/dracut").arg(&base).status().expect("run cp");
-    assert!(copied.success(), "copy /usr/lib/dracut (apt-get install dracut-core dracut-network)");
-    let module = base.join("modules.d/95luna");
-    let _ = std::fs::remove_file(&module);
-    let _ = std::fs::remove_dir_all(&module);
-    std::os::unix::fs::symlink(workspace_root().join("dracut-module/95luna"), &module).expect("link 95luna");
+    let base = luna_tests::private_dracut_base(dir).expect("private dracut base");
     let wrapper = dir.join("dracut");
     std::fs::write(
         &wrapper,
