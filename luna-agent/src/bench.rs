@@ -40,6 +40,22 @@ pub fn agent_unpack(archive: &Path, root: &Path, os: &dyn Os) -> anyhow::Result<
     Ok((stats, sha))
 }
 
+/// User and system CPU time of this process (`RUSAGE_SELF`) or of its waited-for children
+/// (`RUSAGE_CHILDREN`).
+fn cpu(who: libc::c_int) -> (Duration, Duration) {
+    // SAFETY: getrusage only writes the struct we pass, which is zero-initialised and ours.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage; `who` is RUSAGE_SELF or RUSAGE_CHILDREN.
+    unsafe { libc::getrusage(who, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (tv(ru.ru_utime), tv(ru.ru_stime))
+}
+
+fn cpu_since(who: libc::c_int, before: (Duration, Duration)) -> (Duration, Duration) {
+    let now = cpu(who);
+    (now.0.saturating_sub(before.0), now.1.saturating_sub(before.1))
+}
+
 fn fresh(dir: &Path) -> anyhow::Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
@@ -54,11 +70,12 @@ pub fn bench_unpack(archive: &Path, scratch: &Path, os: &dyn Os) -> anyhow::Resu
     let a = scratch.join("agent");
     let b = scratch.join("shell");
     fresh(&a)?;
-    let t = Instant::now();
+    let (t, before) = (Instant::now(), cpu(libc::RUSAGE_SELF));
     let (stats, sha) = agent_unpack(archive, &a, os)?;
     let agent = t.elapsed();
+    let agent_cpu = cpu_since(libc::RUSAGE_SELF, before);
     fresh(&b)?;
-    let t = Instant::now();
+    let (t, before) = (Instant::now(), cpu(libc::RUSAGE_CHILDREN));
     let status = Command::new("sh")
         .arg("-c")
         .arg("zstd -dc \"$1\" | tar -x --xattrs --xattrs-include='*' --numeric-owner -p -C \"$2\"")
@@ -67,6 +84,7 @@ pub fn bench_unpack(archive: &Path, scratch: &Path, os: &dyn Os) -> anyhow::Resu
         .arg(&b)
         .status()?;
     let shell = t.elapsed();
+    let shell_cpu = cpu_since(libc::RUSAGE_CHILDREN, before);
     anyhow::ensure!(status.success(), "zstd -dc | tar -x failed: {status}");
     let size = std::fs::metadata(archive)?.len();
     println!("archive: {} ({} bytes, sha256 {sha})", archive.display(), size);
@@ -74,6 +92,9 @@ pub fn bench_unpack(archive: &Path, scratch: &Path, os: &dyn Os) -> anyhow::Resu
     println!("agent streaming unpack (incl. sha256): {:.2} s", agent.as_secs_f64());
     println!("zstd -dc | tar -x:                     {:.2} s", shell.as_secs_f64());
     println!("ratio agent/shell: {:.2}", agent.as_secs_f64() / shell.as_secs_f64().max(1e-9));
+    // On a busy machine wall time swings with the neighbours; CPU time shows the work done.
+    let show = |(u, s): (Duration, Duration)| format!("{:.2} s user + {:.2} s sys", u.as_secs_f64(), s.as_secs_f64());
+    println!("cpu agent: {}; shell: {}", show(agent_cpu), show(shell_cpu));
     fresh(&a)?;
     fresh(&b)?;
     Ok((agent, shell))
