@@ -113,10 +113,7 @@ impl DhcpStatusSink for StatusToService {
     fn dhcp_event(&self, event: DhcpEvent) {
         let msg = format!("{} {}", event.kind.message(), event.ip);
         // Queued, not awaited: the reply already went out.
-        let service = self.0.clone();
-        tokio::spawn(
-            async move { service.record_node_status(&event.node, dhcp::DhcpEventKind::STEP, msg, false).await },
-        );
+        self.0.queue_node_status(&event.node, dhcp::DhcpEventKind::STEP, msg);
     }
 }
 
