@@ -109,7 +109,7 @@ fn start_nginx(link: &Link, dir: &Path, body_len: usize) -> Result<ChildGuard> {
 /// answer waiting (group commit, `luna-server/src/status.rs`), so this asks again for a while.
 fn check_status(link: &Link, dir: &Path, nodes: &[BenchNode], requests: u64) -> Result<()> {
     let token = std::fs::read_to_string(dir.join("token"))?;
-    // wrk's round-robin is per thread (2 threads), so fewer requests than nodes reach fewer
+    // wrk's round-robin is per thread (2 threads): fewer requests than nodes reach fewer nodes
     let expected = nodes.len().min(requests as usize / 2);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
