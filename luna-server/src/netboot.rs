@@ -29,9 +29,9 @@ use serde::Deserialize;
 use sha2::Sha256;
 use tower::ServiceExt;
 
-use crate::object_as;
 use crate::api::{error_response, ApiError, AppState};
 use crate::boot::ipxe::{self, MenuInput, NodeBoot};
+use crate::object_as;
 use crate::service::{unix_now, Service, ServiceError};
 
 /// How long a boot token stays valid: an install that takes longer has bigger problems.
@@ -143,7 +143,8 @@ async fn node_plan(
     base: &str,
 ) -> Result<BootPlan, ServiceError> {
     // Shared, decoded objects: the boot path reads these for every request.
-    let (cluster, group) = tokio::try_join!(service.shared(Kind::Cluster, ""), service.shared(Kind::Group, &node.group))?;
+    let (cluster, group) =
+        tokio::try_join!(service.shared(Kind::Cluster, ""), service.shared(Kind::Group, &node.group))?;
     let cluster = object_as!(cluster, Cluster).ok_or_else(|| kind_error(Kind::Cluster, "cluster"))?;
     let group = object_as!(group, Group).ok_or_else(|| kind_error(Kind::Group, &node.group))?;
     let image = service.shared(Kind::Osimage, &group.osimage).await?;

@@ -889,6 +889,11 @@ impl Service {
         }
     }
 
+    /// Returns once every boot-path status queued so far is written (or given up on).
+    pub async fn flush_node_status(&self) {
+        self.status.flush().await;
+    }
+
     /// [`Service::record_node_status`] without waiting, for the packet path (needs a tokio
     /// runtime); returns the round that will write it.
     pub fn queue_node_status(&self, name: &str, step: &str, message: String) -> u64 {

@@ -104,6 +104,20 @@ impl StatusQueue {
         let _ = done.wait_for(|d| *d >= round).await;
     }
 
+    /// Waits until everything queued so far is committed (or given up on).
+    pub async fn flush(&self) {
+        let round = {
+            let p = self.lock();
+            // Nothing queued: the round being written, if any, is the last one to wait for.
+            if p.statuses.is_empty() {
+                p.round - 1
+            } else {
+                p.round
+            }
+        };
+        self.wait(round).await;
+    }
+
     /// Drops a queued report for `node`, and the one being written if any: a status written
     /// directly is newer than both.
     pub fn forget(&self, node: &str) {
@@ -330,5 +344,11 @@ mod tests {
         q.wait(last).await;
         assert_eq!(status_of(s.as_ref(), "n1").await, Some(status("dhcp", "acked")));
         assert_eq!(status_of(s.as_ref(), "n3").await, Some(status("dhcp", "offered")));
+        // flush() waits for what is queued, and returns at once when nothing is.
+        q.enqueue(&s, "n2", status("dhcp", "acked"));
+        q.flush().await;
+        assert_eq!(status_of(s.as_ref(), "n2").await, Some(status("dhcp", "acked")));
+        tokio::time::timeout(Duration::from_secs(1), q.flush()).await.expect("nothing left to wait for");
+        tokio::time::timeout(Duration::from_secs(1), StatusQueue::default().flush()).await.expect("an unused queue");
     }
 }

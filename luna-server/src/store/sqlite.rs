@@ -138,7 +138,12 @@ impl Store for SqliteStore {
                             "INSERT INTO records (collection, key, rev, doc) VALUES (?1, ?2, ?3, ?4)
                              ON CONFLICT (collection, key) DO UPDATE SET rev = excluded.rev, doc = excluded.doc",
                         )?
-                        .execute(params![collection.as_str(), key, next as i64, doc.to_string()])?;
+                        .execute(params![
+                            collection.as_str(),
+                            key,
+                            next as i64,
+                            doc.to_string()
+                        ])?;
                     }
                     Write::Delete { .. } => {
                         tx.prepare_cached("DELETE FROM records WHERE collection = ?1 AND key = ?2")?

@@ -124,8 +124,7 @@ fn check_status(link: &Link, dir: &Path, nodes: &[BenchNode], requests: u64) -> 
             bail!("listing nodes failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        let items =
-            list.as_array().or_else(|| list["items"].as_array()).ok_or_else(|| anyhow!("node list: {list}"))?;
+        let items = list.as_array().or_else(|| list["items"].as_array()).ok_or_else(|| anyhow!("node list: {list}"))?;
         let served = items.iter().filter(|n| n["status"]["step"] == "ipxe").count();
         if served >= expected || std::time::Instant::now() > deadline {
             println!("node status: {served} of {} nodes say step=ipxe", nodes.len());
