@@ -20,10 +20,12 @@ use super::{Collection, Record, Store, StoreError};
 const MAX_OBJECTS: usize = 100_000;
 
 type Decoded = (Arc<Record>, Arc<AnyObject>);
+/// How many objects are remembered, and per kind by name.
+type DecodedMap = (usize, HashMap<Kind, HashMap<String, Decoded>>);
 
 pub struct Objects {
     store: Arc<dyn Store>,
-    decoded: Mutex<(usize, HashMap<Kind, HashMap<String, Decoded>>)>,
+    decoded: Mutex<DecodedMap>,
 }
 
 impl Objects {
