@@ -31,6 +31,7 @@ use tower::ServiceExt;
 
 use crate::api::{error_response, ApiError, AppState};
 use crate::boot::ipxe::{self, MenuInput, NodeBoot};
+use crate::object_as;
 use crate::service::{unix_now, Service, ServiceError};
 
 /// How long a boot token stays valid: an install that takes longer has bigger problems.
@@ -108,7 +109,7 @@ pub async fn boot_plan(
     mac: MacAddr,
     base: &str,
 ) -> Result<BootPlan, ServiceError> {
-    let Some(node) = service.node_by_mac(mac).await? else {
+    let Some(node) = service.shared_node_by_mac(mac).await? else {
         let mut unbound: Vec<String> = service
             .list(Kind::Node)
             .await?
@@ -125,7 +126,13 @@ pub async fn boot_plan(
             timeout_secs: ipxe::MENU_TIMEOUT_SECS,
         }));
     };
-    node_plan(service, tokens, &node, mac, base).await
+    let node = object_as!(node, Node).ok_or_else(|| ServiceError::BadRequest("not a node".into()))?;
+    node_plan(service, tokens, node, mac, base).await
+}
+
+/// What kind `k` of a shared object is, or an internal error (the store returned another kind).
+fn kind_error(kind: Kind, name: &str) -> ServiceError {
+    ServiceError::BadRequest(format!("{kind} '{name}' is not stored as a {kind}"))
 }
 
 async fn node_plan(
@@ -135,12 +142,13 @@ async fn node_plan(
     mac: MacAddr,
     base: &str,
 ) -> Result<BootPlan, ServiceError> {
-    let cluster = service.cluster().await?;
-    let group = service.group(&node.group).await?;
-    let image = match service.get(Kind::Osimage, &group.osimage).await? {
-        AnyObject::Osimage(o) => o,
-        _ => unreachable!("kind checked by get"),
-    };
+    // Shared, decoded objects: the boot path reads these for every request.
+    let (cluster, group) =
+        tokio::try_join!(service.shared(Kind::Cluster, ""), service.shared(Kind::Group, &node.group))?;
+    let cluster = object_as!(cluster, Cluster).ok_or_else(|| kind_error(Kind::Cluster, "cluster"))?;
+    let group = object_as!(group, Group).ok_or_else(|| kind_error(Kind::Group, &node.group))?;
+    let image = service.shared(Kind::Osimage, &group.osimage).await?;
+    let image = object_as!(image, Osimage).ok_or_else(|| kind_error(Kind::Osimage, &group.osimage))?;
     if image.current().is_none() {
         return Ok(BootPlan::Error(format!(
             "osimage {} of node {} has no packed revision: run luna osimage pack {}",
@@ -156,7 +164,8 @@ async fn node_plan(
     let Some(ip) = bootif.ip else {
         return Ok(BootPlan::Error(format!("node {} has no address on its BOOTIF interface", node.name)));
     };
-    let network = service.network(&bootif.network).await?;
+    let network = service.shared(Kind::Network, &bootif.network).await?;
+    let network = object_as!(network, Network).ok_or_else(|| kind_error(Kind::Network, &bootif.network))?;
     Ok(BootPlan::Node(Box::new(NodeBoot {
         name: node.name.clone(),
         mac,
@@ -220,9 +229,12 @@ fn is_admin(st: &AppState, headers: &HeaderMap) -> bool {
 
 async fn ipxe_script(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<IpxeQuery>) -> Response {
     let preview = matches!(q.preview.as_deref(), Some("1" | "true" | "yes"));
-    let cluster = match st.service.cluster().await {
+    let cluster = match st.service.shared(Kind::Cluster, "").await {
         Ok(c) => c,
         Err(e) => return ApiError(e).into_response(),
+    };
+    let Some(cluster) = object_as!(cluster, Cluster) else {
+        return ApiError(kind_error(Kind::Cluster, "cluster")).into_response();
     };
     let base = base_url(&headers, cluster.frontend_address, cluster.http_port);
     if preview && !is_admin(&st, &headers) {
@@ -243,7 +255,7 @@ async fn ipxe_script(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(
     };
     if !preview {
         match &plan {
-            BootPlan::Node(n) => record(&st.service, &n.name, "ipxe", "boot script served").await,
+            BootPlan::Node(n) => record(&st.service, &n.name, "ipxe", "boot script served"),
             BootPlan::Menu(_) => tracing::info!(%mac, "unknown mac got the discovery menu"),
             BootPlan::Error(e) => tracing::warn!(%mac, error = %e, "boot refused"),
         }
@@ -271,7 +283,7 @@ async fn bind(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(q): Que
     match node_plan(&st.service, &st.boot.tokens, &node, mac, &base).await {
         Ok(plan) => {
             if let BootPlan::Node(n) = &plan {
-                record(&st.service, &n.name, "ipxe", "bound from the boot menu").await;
+                record(&st.service, &n.name, "ipxe", "bound from the boot menu");
             }
             script(render(&plan, &base))
         }
@@ -291,7 +303,7 @@ async fn node_file(
     };
     // A ranged request continues a transfer: only the first fetch is a step worth recording.
     if file == "kernel" && !req.headers().contains_key(header::RANGE) {
-        record(&st.service, &name, "kernel", "kernel fetched").await;
+        record(&st.service, &name, "kernel", "kernel fetched");
     }
     match tower_http::services::ServeFile::new(path).oneshot(req).await {
         Ok(resp) => resp.into_response(),
@@ -327,10 +339,11 @@ pub fn image_dir(data_dir: &std::path::Path, osimage: &str, rev: u32) -> PathBuf
     data_dir.join("images").join(osimage).join(rev.to_string())
 }
 
-/// Records a boot step; returns once it is in the store (group commit: many requests share
-/// one store transaction).
-async fn record(service: &Service, node: &str, step: &str, message: &str) {
-    service.record_node_status(node, step, message.to_string(), true).await;
+/// Records a boot step through the group-commit queue without waiting for it: the answer
+/// need not wait for the store, and the status is in it within about one round
+/// (`status.rs`). An unknown node name records nothing (the writer skips it).
+fn record(service: &Service, node: &str, step: &str, message: &str) {
+    service.queue_node_status(node, step, message.to_string());
 }
 
 #[derive(Debug, Deserialize)]
@@ -455,7 +468,8 @@ async fn plan(
     let base = base_url(&headers, cluster.frontend_address, cluster.http_port);
     match install_plan(&st.service, &node, &base).await {
         Ok(p) => {
-            record(&st.service, &node.name, "plan", "install plan fetched").await;
+            // Waits: the agent's next report must not be overtaken by this one.
+            st.service.record_node_status(&node.name, "plan", "install plan fetched".into(), true).await;
             axum::Json(p).into_response()
         }
         Err(e) => ApiError(e).into_response(),

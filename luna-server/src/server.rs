@@ -113,10 +113,7 @@ impl DhcpStatusSink for StatusToService {
     fn dhcp_event(&self, event: DhcpEvent) {
         let msg = format!("{} {}", event.kind.message(), event.ip);
         // Queued, not awaited: the reply already went out.
-        let service = self.0.clone();
-        tokio::spawn(
-            async move { service.record_node_status(&event.node, dhcp::DhcpEventKind::STEP, msg, false).await },
-        );
+        self.0.queue_node_status(&event.node, dhcp::DhcpEventKind::STEP, msg);
     }
 }
 
@@ -178,8 +175,12 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         });
         tokio::spawn(seeder.run(seed_rx));
     }
-    let dhcp_task =
-        tokio::spawn(dhcp::serve(config.dhcp.clone(), store, Arc::new(StatusToService(service)), cancel.clone()));
+    let dhcp_task = tokio::spawn(dhcp::serve(
+        config.dhcp.clone(),
+        store,
+        Arc::new(StatusToService(service.clone())),
+        cancel.clone(),
+    ));
     let (tftp_tx, tftp_rx) = watch::channel(false);
     let tftp_stop = cancel.clone();
     tokio::spawn(async move {
@@ -205,6 +206,10 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         },
     };
     cancel.cancel();
+    // Boot-path status reports are queued without the answer waiting: write what is left.
+    if tokio::time::timeout(std::time::Duration::from_secs(5), service.flush_node_status()).await.is_err() {
+        tracing::warn!("stopped before every queued node status was written");
+    }
     tracing::info!("stopped");
     result
 }

@@ -241,15 +241,38 @@ pub struct Service {
     store: Arc<dyn Store>,
     /// Boot-path status reports, committed in groups (see `status.rs`).
     status: Arc<crate::status::StatusQueue>,
+    /// Decoded objects for the boot path (see `store/objects.rs`).
+    objects: Arc<crate::store::objects::Objects>,
 }
 
 impl Service {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Service { store, status: Arc::default() }
+        let objects = Arc::new(crate::store::objects::Objects::new(store.clone()));
+        Service { store, status: Arc::default(), objects }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    // -- boot-path reads: shared, decoded objects (read-only; as fresh as `get`) ----------------
+
+    /// The object `kind`/`name` as the boot path reads it: shared and decoded once per
+    /// revision the store hands out.
+    pub async fn shared(&self, kind: Kind, name: &str) -> Result<Arc<AnyObject>> {
+        self.objects.get(kind, name).await?.ok_or_else(|| ServiceError::NotFound { kind, name: name.to_string() })
+    }
+
+    /// [`Service::node_by_mac`] for the boot path: the node as a shared, decoded object.
+    pub async fn shared_node_by_mac(&self, mac: MacAddr) -> Result<Option<Arc<AnyObject>>> {
+        let Some(rec) = self.store.get_shared(Collection::Claim, &Claim::Mac(mac).key()).await? else {
+            return Ok(None);
+        };
+        let (_, kind, owner) = claim_owner(&rec);
+        if kind != Kind::Node.as_str() {
+            return Ok(None);
+        }
+        Ok(self.objects.get(Kind::Node, &owner).await?)
     }
 
     // -- reads ---------------------------------------------------------------------------------
@@ -858,15 +881,24 @@ impl Service {
 
     /// Records a boot-path step of a node (DHCP, script served, kernel fetched) through the
     /// group-commit queue. With `wait` it returns once the status is in the store; without, at
-    /// once (the packet path must not block). A node deleted meanwhile is skipped; a failed
-    /// write is logged.
+    /// once. A node deleted meanwhile is skipped; a failed write is logged.
     pub async fn record_node_status(&self, name: &str, step: &str, message: String, wait: bool) {
-        let status = NodeStatus { step: step.to_string(), progress: None, time: unix_now(), message: Some(message) };
+        let round = self.queue_node_status(name, step, message);
         if wait {
-            self.status.record(&self.store, name, status).await;
-        } else {
-            self.status.enqueue(&self.store, name, status);
+            self.status.wait(round).await;
         }
+    }
+
+    /// Returns once every boot-path status queued so far is written (or given up on).
+    pub async fn flush_node_status(&self) {
+        self.status.flush().await;
+    }
+
+    /// [`Service::record_node_status`] without waiting, for the packet path (needs a tokio
+    /// runtime); returns the round that will write it.
+    pub fn queue_node_status(&self, name: &str, step: &str, message: String) -> u64 {
+        let status = NodeStatus { step: step.to_string(), progress: None, time: unix_now(), message: Some(message) };
+        self.status.enqueue(&self.store, name, status)
     }
 
     /// Binds a MAC to a node that has none (the boot menu's "choose a node").

@@ -4,29 +4,43 @@
 //! Hundreds of nodes booting at once each report several steps within a second; one store
 //! transaction per report made the status writes, not the answers, the limit of DHCP and HTTP
 //! boot. Here reports queue per node (a newer report replaces an older one not yet written)
-//! and one writer commits everything queued as one batch, then the next round. A caller may
-//! wait until its round is committed ([`StatusQueue::record`]), so "the response went out"
-//! still implies "the status is in the store"; DHCP does not wait.
+//! and one writer commits everything queued as one batch, then the next round. The boot path
+//! does not wait for its round ([`StatusQueue::enqueue`]): the status is in the store within
+//! about one round (at most [`MAX_PAUSE`] plus the commit) after the answer went out. A caller
+//! that needs "answered implies recorded" waits ([`StatusQueue::record`]).
 //!
-//! A status is written as a compare-and-swap on the node's revision; a node changed meanwhile
-//! is re-read and the round retried, a node deleted meanwhile is skipped.
+//! After a round of `n` reports the writer pauses `n ×` [`PAUSE_PER_REPORT`] (at most
+//! [`MAX_PAUSE`]), so under a storm of reports more of them coalesce per node and the store
+//! sees a bounded number of writes per second; a lone report is written at once.
+//!
+//! A status is written as a compare-and-swap on the node's revision, patching only the
+//! document's `status`; a node changed meanwhile is re-read and the round retried, a node
+//! deleted meanwhile is skipped, and a report equal to the stored status (same step, message
+//! and second) is not written again. A report superseded by a direct status write
+//! ([`StatusQueue::forget`]) while its round is being written is dropped from the round.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::future::join_all;
-use luna_core::model::{AnyObject, Kind, NodeStatus};
+use luna_core::model::{Kind, NodeStatus};
 use tokio::sync::{watch, Notify};
 
 use crate::store::{Collection, Expect, Store, StoreError, Write};
 
 /// Rounds retried after a conflicting concurrent change before the round's reports are dropped.
 const MAX_ATTEMPTS: u32 = 8;
+/// The writer's pause after a round, per report it wrote.
+pub const PAUSE_PER_REPORT: Duration = Duration::from_micros(200);
+/// The longest pause between rounds.
+pub const MAX_PAUSE: Duration = Duration::from_millis(250);
 
 #[derive(Default)]
 struct Pending {
     statuses: HashMap<String, NodeStatus>,
+    /// Nodes whose status was written directly since the writer took its round.
+    superseded: HashSet<String>,
     /// The number of the round that will take what is queued now.
     round: u64,
     writer: bool,
@@ -56,11 +70,16 @@ impl StatusQueue {
     }
 
     /// Queues `status` for `node` and returns the round that will write it; starts the writer
-    /// if it is not running.
+    /// if it is not running. Needs a tokio runtime.
     pub fn enqueue(self: &Arc<Self>, store: &Arc<dyn Store>, node: &str, status: NodeStatus) -> u64 {
         let (round, start) = {
             let mut p = self.lock();
-            p.statuses.insert(node.to_string(), status);
+            match p.statuses.get_mut(node) {
+                Some(s) => *s = status,
+                None => {
+                    p.statuses.insert(node.to_string(), status);
+                }
+            }
             let start = !p.writer;
             p.writer = true;
             (p.round, start)
@@ -75,14 +94,40 @@ impl StatusQueue {
     /// Queues `status` for `node` and waits until it is committed.
     pub async fn record(self: &Arc<Self>, store: &Arc<dyn Store>, node: &str, status: NodeStatus) {
         let round = self.enqueue(store, node, status);
+        self.wait(round).await;
+    }
+
+    /// Waits until `round` is committed (or given up on).
+    pub async fn wait(&self, round: u64) {
         let mut done = self.done.subscribe();
         // Err only when the queue is gone, and then there is nothing left to wait for.
         let _ = done.wait_for(|d| *d >= round).await;
     }
 
-    /// Drops a queued report for `node`: a status written directly is newer than it.
+    /// Waits until everything queued so far is committed (or given up on).
+    pub async fn flush(&self) {
+        let round = {
+            let p = self.lock();
+            // Nothing queued: the round being written, if any, is the last one to wait for.
+            if p.statuses.is_empty() {
+                p.round - 1
+            } else {
+                p.round
+            }
+        };
+        self.wait(round).await;
+    }
+
+    /// Drops a queued report for `node`, and the one being written if any: a status written
+    /// directly is newer than both.
     pub fn forget(&self, node: &str) {
-        self.lock().statuses.remove(node);
+        let mut p = self.lock();
+        p.statuses.remove(node);
+        p.superseded.insert(node.to_string());
+    }
+
+    fn superseded(&self, node: &str) -> bool {
+        self.lock().superseded.contains(node)
     }
 }
 
@@ -97,6 +142,7 @@ async fn writer(queue: Weak<StatusQueue>, store: Arc<dyn Store>) {
             let taken = {
                 let mut p = q.lock();
                 let batch = std::mem::take(&mut p.statuses);
+                p.superseded.clear();
                 let round = p.round;
                 if !batch.is_empty() {
                     p.round += 1;
@@ -111,47 +157,59 @@ async fn writer(queue: Weak<StatusQueue>, store: Arc<dyn Store>) {
             taken
         };
         let n = batch.len();
-        if let Err(e) = write(store.as_ref(), &batch).await {
+        if let Err(e) = write(store.as_ref(), &queue, &batch).await {
             tracing::warn!(nodes = n, error = %e, "cannot record node status");
         }
         let Some(q) = queue.upgrade() else { return };
         q.done.send_replace(round);
+        drop(q);
+        let pause = PAUSE_PER_REPORT.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX)).min(MAX_PAUSE);
+        if n > 1 {
+            tokio::time::sleep(pause).await;
+        }
     }
 }
 
 /// Writes every status in one batch, retrying the whole round on a concurrent change.
-async fn write(store: &dyn Store, batch: &HashMap<String, NodeStatus>) -> Result<(), StoreError> {
+async fn write(
+    store: &dyn Store,
+    queue: &Weak<StatusQueue>,
+    batch: &HashMap<String, NodeStatus>,
+) -> Result<(), StoreError> {
+    let col = Collection::Object(Kind::Node);
     let mut attempt = 0;
     loop {
         attempt += 1;
         let reads = batch.iter().map(|(name, status)| async move {
-            let rec = store.get(Collection::Object(Kind::Node), name).await?;
+            let rec = store.get_shared(col, name).await?;
             Ok::<_, StoreError>(rec.map(|r| (r, status)))
         });
         let mut writes = Vec::with_capacity(batch.len());
         for read in join_all(reads).await {
             // A node deleted meanwhile has no status to keep.
             let Some((rec, status)) = read? else { continue };
-            let (key, rev) = (rec.key.clone(), rec.rev);
-            let mut obj = match AnyObject::from_value(Kind::Node, rec.doc) {
-                Ok(o) => o,
-                Err(e) => {
-                    return Err(StoreError::Corrupt {
-                        collection: Collection::Object(Kind::Node),
-                        key,
-                        reason: e.to_string(),
-                    })
-                }
-            };
-            if let AnyObject::Node(node) = &mut obj {
-                node.status = Some(status.clone());
+            if queue.upgrade().is_some_and(|q| q.superseded(&rec.key)) {
+                continue;
             }
-            writes.push(Write::Put {
-                collection: Collection::Object(Kind::Node),
-                key,
-                expect: Expect::Rev(rev),
-                doc: obj.to_value(),
-            });
+            let value = serde_json::to_value(status).map_err(|e| StoreError::Corrupt {
+                collection: col,
+                key: rec.key.clone(),
+                reason: e.to_string(),
+            })?;
+            if rec.doc.get("status") == Some(&value) {
+                // Already recorded (same step, message and second).
+                continue;
+            }
+            let mut doc = rec.doc.clone();
+            let Some(fields) = doc.as_object_mut() else {
+                return Err(StoreError::Corrupt {
+                    collection: col,
+                    key: rec.key.clone(),
+                    reason: "a node document is not a json object".into(),
+                });
+            };
+            fields.insert("status".into(), value);
+            writes.push(Write::Put { collection: col, key: rec.key.clone(), expect: Expect::Rev(rec.rev), doc });
         }
         if writes.is_empty() {
             return Ok(());
@@ -169,7 +227,7 @@ async fn write(store: &dyn Store, batch: &HashMap<String, NodeStatus>) -> Result
 mod tests {
     use super::*;
     use crate::store::sqlite::SqliteStore;
-    use luna_core::model::Node;
+    use luna_core::model::{AnyObject, Node};
 
     fn status(step: &str, msg: &str) -> NodeStatus {
         NodeStatus { step: step.into(), progress: None, time: 1, message: Some(msg.into()) }
@@ -237,5 +295,60 @@ mod tests {
         assert!(!q.lock().statuses.contains_key("n1"));
         q.record(&s, "gone", status("dhcp", "dhcp acked 10.0.0.9")).await;
         assert_eq!(status_of(s.as_ref(), "n1").await, Some(status("dhcp", "dhcp acked 10.0.0.1")));
+    }
+
+    async fn rev_of(s: &dyn Store, name: &str) -> u64 {
+        s.get(Collection::Object(Kind::Node), name).await.unwrap().unwrap().rev
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_status_is_not_written_again() {
+        let s = store_with(&["n1"]).await;
+        let q = Arc::new(StatusQueue::default());
+        q.record(&s, "n1", status("ipxe", "boot script served")).await;
+        let rev = rev_of(s.as_ref(), "n1").await;
+        // Same step, message and second: nothing to write.
+        q.record(&s, "n1", status("ipxe", "boot script served")).await;
+        assert_eq!(rev_of(s.as_ref(), "n1").await, rev);
+        // Anything different is written, and the rest of the node is kept.
+        q.record(&s, "n1", status("kernel", "kernel fetched")).await;
+        assert_eq!(rev_of(s.as_ref(), "n1").await, rev + 1);
+        let rec = s.get(Collection::Object(Kind::Node), "n1").await.unwrap().unwrap();
+        let AnyObject::Node(n) = AnyObject::from_value(Kind::Node, rec.doc).unwrap() else { unreachable!() };
+        assert_eq!((n.group.as_str(), n.status), ("compute", Some(status("kernel", "kernel fetched"))));
+    }
+
+    #[tokio::test]
+    async fn a_report_superseded_during_its_round_is_dropped() {
+        let s = store_with(&["n1", "n2"]).await;
+        let q = Arc::new(StatusQueue::default());
+        let queue = Arc::downgrade(&q);
+        let batch: HashMap<String, NodeStatus> =
+            [("n1".to_string(), status("dhcp", "old")), ("n2".to_string(), status("dhcp", "old"))].into();
+        // The round was taken, then n1's status was written directly.
+        q.forget("n1");
+        write(s.as_ref(), &queue, &batch).await.unwrap();
+        assert_eq!(status_of(s.as_ref(), "n1").await, None);
+        assert_eq!(status_of(s.as_ref(), "n2").await, Some(status("dhcp", "old")));
+    }
+
+    #[tokio::test]
+    async fn enqueued_reports_reach_the_store_without_anyone_waiting() {
+        let s = store_with(&["n1", "n2", "n3"]).await;
+        let q = Arc::new(StatusQueue::default());
+        for n in ["n1", "n2", "n3"] {
+            q.enqueue(&s, n, status("dhcp", "offered"));
+        }
+        let last = q.enqueue(&s, "n1", status("dhcp", "acked"));
+        // Possibly a later round than the first ones, which is written after the pause.
+        q.wait(last).await;
+        assert_eq!(status_of(s.as_ref(), "n1").await, Some(status("dhcp", "acked")));
+        assert_eq!(status_of(s.as_ref(), "n3").await, Some(status("dhcp", "offered")));
+        // flush() waits for what is queued, and returns at once when nothing is.
+        q.enqueue(&s, "n2", status("dhcp", "acked"));
+        q.flush().await;
+        assert_eq!(status_of(s.as_ref(), "n2").await, Some(status("dhcp", "acked")));
+        tokio::time::timeout(Duration::from_secs(1), q.flush()).await.expect("nothing left to wait for");
+        tokio::time::timeout(Duration::from_secs(1), StatusQueue::default().flush()).await.expect("an unused queue");
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! Nothing read from the store is cached here: every request reads the cluster, the MAC's claim
 //! and what hangs off it (the sqlite store answers repeated reads from its exact read cache,
-//! `store/cache.rs`, so a store change is still seen by the next request). Two things are kept in memory, neither store data: the interfaces'
+//! `store/cache.rs`, and `store/objects.rs` keeps the decoding of a record until the record is
+//! written, so a store change is still seen by the next request). Two things are kept in memory, neither store data: the interfaces'
 //! addresses (re-read every [`ADDR_TTL`]) and where dynamic allocation left off (a hint).
 
 use std::collections::{HashMap, HashSet};
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
 use ipnet::Ipv4Net;
-use luna_core::model::{Claim, Cluster, Group, IpRange, Kind, Network, Node};
+use luna_core::model::{AnyObject, Claim, Cluster, IpRange, Kind};
 use luna_core::MacAddr;
 use serde::de::DeserializeOwned;
 use tokio::net::UdpSocket;
@@ -28,6 +29,7 @@ use super::engine::{self, node_interface, Candidate, Client, Decision, Known, Re
 use super::lease::{Lease, Versioned};
 use super::packet::{encode_reply, Destination, Reply, Request};
 use super::{DhcpConfig, DhcpError, DhcpEvent, DhcpStatusSink};
+use crate::store::objects::Objects;
 use crate::store::{Collection, Record, Store, StoreError};
 
 /// How long an interface's address list is trusted.
@@ -49,6 +51,8 @@ pub struct Outcome {
 pub struct Handler {
     cfg: DhcpConfig,
     store: Arc<dyn Store>,
+    /// Decoded cluster, node, group and network records (`store/objects.rs`).
+    objects: Objects,
     alloc: Arc<Mutex<AllocState>>,
 }
 
@@ -118,7 +122,8 @@ impl Drop for AllocGuard {
 
 impl Handler {
     pub fn new(cfg: DhcpConfig, store: Arc<dyn Store>) -> Self {
-        Handler { cfg, store, alloc: Arc::new(Mutex::new(AllocState::default())) }
+        let objects = Objects::new(store.clone());
+        Handler { cfg, store, objects, alloc: Arc::new(Mutex::new(AllocState::default())) }
     }
 
     pub fn config(&self) -> &DhcpConfig {
@@ -149,7 +154,7 @@ impl Handler {
         // finds nothing (else a run of taken addresses would stop every request alike).
         let mut last_probed: Option<Ipv4Addr> = None;
         'attempts: for attempt in 1..=MAX_ATTEMPTS {
-            let mut view = load_view(self.store.as_ref(), &mac).await?;
+            let mut view = load_view(&self.objects, &mac).await?;
             let range = view.cluster.dhcp_range;
             let mut first_round = true;
             loop {
@@ -259,16 +264,39 @@ fn parse<T: DeserializeOwned>(rec: Record) -> Result<T, StoreError> {
     })
 }
 
+/// The object `kind`/`name` decoded (shared until its record is written again), as `T`.
+async fn object<T: Clone>(
+    objects: &Objects,
+    kind: Kind,
+    name: &str,
+    pick: impl Fn(&AnyObject) -> Option<&T>,
+) -> Result<Option<T>, StoreError> {
+    let Some(obj) = objects.get(kind, name).await? else { return Ok(None) };
+    match pick(&obj) {
+        Some(o) => Ok(Some(o.clone())),
+        None => Err(StoreError::Corrupt {
+            collection: Collection::Object(kind),
+            key: name.to_string(),
+            reason: format!("not a {kind}"),
+        }),
+    }
+}
+
 /// Reads what the engine needs about `mac`: three rounds of point reads for a known node
 /// (cluster and claim, node, group and network), up to three for an unknown one when
-/// discovery is on, two when it is off.
-pub async fn load_view(store: &dyn Store, mac: &MacAddr) -> Result<View, StoreError> {
+/// discovery is on, two when it is off. Objects come decoded from `objects`, so a repeated
+/// read of an unchanged record costs a lookup and a copy, not a JSON decode.
+pub async fn load_view(objects: &Objects, mac: &MacAddr) -> Result<View, StoreError> {
+    let store = objects.store().as_ref();
     let claim_key = Claim::Mac(*mac).key();
     let (cluster, claim) = tokio::join!(
-        store.get(Collection::Object(Kind::Cluster), Cluster::KEY),
-        store.get(Collection::Claim, &claim_key)
+        object(objects, Kind::Cluster, Cluster::KEY, |o| match o {
+            AnyObject::Cluster(c) => Some(c),
+            _ => None,
+        }),
+        store.get_shared(Collection::Claim, &claim_key)
     );
-    let cluster: Cluster = cluster?.map(parse).transpose()?.unwrap_or_default();
+    let cluster: Cluster = cluster?.unwrap_or_default();
     let owner = claim?.and_then(|c| {
         match (c.doc.get("kind").and_then(|k| k.as_str()), c.doc.get("owner").and_then(|o| o.as_str())) {
             (Some("node"), Some(owner)) => Some(owner.to_string()),
@@ -276,17 +304,32 @@ pub async fn load_view(store: &dyn Store, mac: &MacAddr) -> Result<View, StoreEr
         }
     });
     if let Some(owner) = owner {
-        if let Some(node) = store.get(Collection::Object(Kind::Node), &owner).await?.map(parse::<Node>).transpose()? {
+        let node = object(objects, Kind::Node, &owner, |o| match o {
+            AnyObject::Node(n) => Some(n),
+            _ => None,
+        })
+        .await?;
+        if let Some(node) = node {
             let net_name = node_interface(&node, mac).map(|i| i.network.clone());
-            let (group, network) = tokio::join!(store.get(Collection::Object(Kind::Group), &node.group), async {
-                match &net_name {
-                    Some(n) => store.get(Collection::Object(Kind::Network), n).await,
-                    None => Ok(None),
+            let (group, network) = tokio::join!(
+                object(objects, Kind::Group, &node.group, |o| match o {
+                    AnyObject::Group(g) => Some(g),
+                    _ => None,
+                }),
+                async {
+                    match &net_name {
+                        Some(n) => {
+                            object(objects, Kind::Network, n, |o| match o {
+                                AnyObject::Network(n) => Some(n),
+                                _ => None,
+                            })
+                            .await
+                        }
+                        None => Ok(None),
+                    }
                 }
-            });
-            let group: Option<Group> = group?.map(parse).transpose()?;
-            let network: Option<Network> = network?.map(parse).transpose()?;
-            return Ok(View { cluster, client: Client::Known(Known { node, group, network }) });
+            );
+            return Ok(View { cluster, client: Client::Known(Known { node, group: group?, network: network? }) });
         }
         // The claim outlived its node (a delete in flight): a stranger for now.
     }
@@ -301,7 +344,7 @@ pub async fn load_view(store: &dyn Store, mac: &MacAddr) -> Result<View, StoreEr
             let claim = Claim::Ip { network: l.value.network.clone(), ip: l.value.ip }.key();
             let ip_key = Lease::ip_key(l.value.ip);
             let (held, claimed) =
-                tokio::join!(store.get(Collection::Lease, &ip_key), store.get(Collection::Claim, &claim));
+                tokio::join!(store.get(Collection::Lease, &ip_key), store.get_shared(Collection::Claim, &claim));
             unknown.held = held?.map(Versioned::from_record).transpose()?;
             unknown.held_claimed = claimed?.is_some();
         }
@@ -403,9 +446,38 @@ fn bind(iface: &str, port: u16) -> io::Result<UdpSocket> {
     s.set_reuse_address(true)?;
     s.set_broadcast(true)?;
     s.bind_device(Some(iface.as_bytes()))?;
+    set_recv_buffer(&s, RECV_BUFFER);
     s.set_nonblocking(true)?;
     s.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
     UdpSocket::from_std(s.into())
+}
+
+/// The receive buffer asked for: a rack powering on sends DISCOVERs in bursts, and the default
+/// (about 200 KiB, some 90 datagrams) overflowed under load, each drop costing the client a
+/// retransmit seconds later.
+const RECV_BUFFER: usize = 4 << 20;
+
+/// Sets the socket's receive buffer to `size`, beyond `net.core.rmem_max` when allowed
+/// (`SO_RCVBUFFORCE` needs CAP_NET_ADMIN, which DHCP has anyway for ARP entries); a failure
+/// leaves the default, which still works.
+fn set_recv_buffer(s: &socket2::Socket, size: usize) {
+    use std::os::fd::AsRawFd;
+    let val = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket and an int option value that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &val as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        if let Err(e) = s.set_recv_buffer_size(size) {
+            tracing::debug!(error = %e, "dhcp: cannot enlarge the receive buffer");
+        }
+    }
 }
 
 async fn receive_loop(shared: Arc<Shared>, iface: String, sock: Arc<UdpSocket>, shutdown: CancellationToken) {
@@ -563,7 +635,7 @@ mod tests {
     use crate::store::sqlite::SqliteStore;
     use crate::store::{Expect, Write};
     use dhcproto::v4::MessageType;
-    use luna_core::model::{NodeInterface, BOOTIF};
+    use luna_core::model::{Group, Network, Node, NodeInterface, BOOTIF};
     use serde_json::json;
 
     const IFACE: &str = "prov0";

@@ -12,6 +12,7 @@
 pub mod cache;
 pub mod conformance;
 pub mod mongo;
+pub mod objects;
 pub mod sqlite;
 
 use std::fmt;
@@ -133,6 +134,12 @@ pub trait Store: Send + Sync + 'static {
     /// `sqlite` or `mongodb`, for logs and `luna cluster show`.
     fn backend(&self) -> &'static str;
     async fn get(&self, collection: Collection, key: &str) -> Result<Option<Record>>;
+    /// `get` as a shared record: a cached store hands out the same `Arc` until the record is
+    /// written again (no copy of the document), which lets callers keep what they decoded
+    /// from it ([`objects::Objects`]).
+    async fn get_shared(&self, collection: Collection, key: &str) -> Result<Option<Arc<Record>>> {
+        Ok(self.get(collection, key).await?.map(Arc::new))
+    }
     /// Records whose key starts with `prefix` (all when empty), sorted by key.
     async fn list(&self, collection: Collection, prefix: &str) -> Result<Vec<Record>>;
     /// Applies every write or none; see the module invariants.

@@ -75,11 +75,8 @@ impl Store for SqliteStore {
         let key = key.to_string();
         self.with_conn(move |c| {
             let row = c
-                .query_row(
-                    "SELECT rev, doc FROM records WHERE collection = ?1 AND key = ?2",
-                    params![collection.as_str(), key],
-                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
-                )
+                .prepare_cached("SELECT rev, doc FROM records WHERE collection = ?1 AND key = ?2")?
+                .query_row(params![collection.as_str(), key], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
                 .optional()?;
             row.map(|(rev, doc)| decode(collection, key, rev, doc)).transpose()
         })
@@ -113,11 +110,8 @@ impl Store for SqliteStore {
             for w in &writes {
                 let (collection, key, expect) = w.target();
                 let current: Option<u64> = tx
-                    .query_row(
-                        "SELECT rev FROM records WHERE collection = ?1 AND key = ?2",
-                        params![collection.as_str(), key],
-                        |r| r.get::<_, i64>(0),
-                    )
+                    .prepare_cached("SELECT rev FROM records WHERE collection = ?1 AND key = ?2")?
+                    .query_row(params![collection.as_str(), key], |r| r.get::<_, i64>(0))
                     .optional()?
                     .map(|r| r as u64);
                 let ok = match expect {
@@ -140,17 +134,20 @@ impl Store for SqliteStore {
                 match w {
                     Write::Put { doc, .. } => {
                         let next = current.unwrap_or(0) + 1;
-                        tx.execute(
+                        tx.prepare_cached(
                             "INSERT INTO records (collection, key, rev, doc) VALUES (?1, ?2, ?3, ?4)
                              ON CONFLICT (collection, key) DO UPDATE SET rev = excluded.rev, doc = excluded.doc",
-                            params![collection.as_str(), key, next as i64, doc.to_string()],
-                        )?;
+                        )?
+                        .execute(params![
+                            collection.as_str(),
+                            key,
+                            next as i64,
+                            doc.to_string()
+                        ])?;
                     }
                     Write::Delete { .. } => {
-                        tx.execute(
-                            "DELETE FROM records WHERE collection = ?1 AND key = ?2",
-                            params![collection.as_str(), key],
-                        )?;
+                        tx.prepare_cached("DELETE FROM records WHERE collection = ?1 AND key = ?2")?
+                            .execute(params![collection.as_str(), key])?;
                     }
                 }
             }

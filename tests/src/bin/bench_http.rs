@@ -105,29 +105,36 @@ fn start_nginx(link: &Link, dir: &Path, body_len: usize) -> Result<ChildGuard> {
 }
 
 /// Every node asked for (all of them once `requests` went round) has its status saying its
-/// script was served: the per-request status is recorded.
+/// script was served: the per-request status is recorded. The server records it without the
+/// answer waiting (group commit, `luna-server/src/status.rs`), so this asks again for a while.
 fn check_status(link: &Link, dir: &Path, nodes: &[BenchNode], requests: u64) -> Result<()> {
     let token = std::fs::read_to_string(dir.join("token"))?;
-    let out = link
-        .client
-        .command("curl")
-        .args(["-sf", "-H", &format!("Authorization: Bearer {}", token.trim())])
-        .arg(format!("http://{SERVER_IP}:7050/api/v1/node"))
-        .output()
-        .context("run curl")?;
-    if !out.status.success() {
-        bail!("listing nodes failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let items = list.as_array().or_else(|| list["items"].as_array()).ok_or_else(|| anyhow!("node list: {list}"))?;
-    let served = items.iter().filter(|n| n["status"]["step"] == "ipxe").count();
-    // wrk's round-robin is per thread (2 threads), so fewer requests than nodes reach fewer
+    // wrk's round-robin is per thread (2 threads): fewer requests than nodes reach fewer nodes
     let expected = nodes.len().min(requests as usize / 2);
-    println!("node status: {served} of {} nodes say step=ipxe", nodes.len());
-    if served < expected {
-        bail!("only {served} of {expected} requested nodes have their script recorded as served");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = link
+            .client
+            .command("curl")
+            .args(["-sf", "-H", &format!("Authorization: Bearer {}", token.trim())])
+            .arg(format!("http://{SERVER_IP}:7050/api/v1/node"))
+            .output()
+            .context("run curl")?;
+        if !out.status.success() {
+            bail!("listing nodes failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let items = list.as_array().or_else(|| list["items"].as_array()).ok_or_else(|| anyhow!("node list: {list}"))?;
+        let served = items.iter().filter(|n| n["status"]["step"] == "ipxe").count();
+        if served >= expected || std::time::Instant::now() > deadline {
+            println!("node status: {served} of {} nodes say step=ipxe", nodes.len());
+            if served < expected {
+                bail!("only {served} of {expected} requested nodes have their script recorded as served");
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    Ok(())
 }
 
 fn main() -> Result<()> {
