@@ -81,6 +81,11 @@ struct Wanted {
     summary: metainfo::TorrentSummary,
 }
 
+/// librqbit's live-peer limit for `[image] seeder_peer_slots` (0 = librqbit's default).
+fn slots(configured: u32) -> Option<usize> {
+    (configured > 0).then_some(configured as usize)
+}
+
 /// librqbit's fast-resume bitfield: one bit per piece, most significant bit first.
 pub fn full_bitfield(pieces: usize) -> Vec<u8> {
     let mut v = vec![0xffu8; pieces.div_ceil(8)];
@@ -240,6 +245,9 @@ impl Seeder {
             output_folder: Some(w.dir.to_string_lossy().into_owned()),
             overwrite: true,
             paused: false,
+            // Upload slots: the peers beyond them are refused (librqbit drops incoming peers
+            // above its live-peer limit) and get the pieces from the slot holders.
+            peer_limit: slots(self.state.config.seeder_peer_slots),
             ..Default::default()
         };
         match self.session.add_torrent(AddTorrent::from_bytes(w.torrent.clone()), Some(opts)).await {
