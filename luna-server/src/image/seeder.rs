@@ -139,7 +139,7 @@ impl Seeder {
             .await
             .map_err(|e| SeederError::Start { addr: listen, reason: format!("{e:#}") })?;
         let listen = session.listen_addr().unwrap_or(listen);
-        tracing::info!(%listen, "seeder listening");
+        tracing::info!(%listen, upload_slots = state.config.seeder_peer_slots, "seeder listening");
         let s = Arc::new(Seeder { session, state, state_dir, listen, register, seeded: Mutex::new(HashMap::new()) });
         s.reconcile().await?;
         Ok(s)
@@ -389,6 +389,13 @@ impl Seeder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_slots_means_librqbits_default_limit() {
+        assert_eq!(slots(0), None);
+        assert_eq!(slots(1), Some(1));
+        assert_eq!(slots(super::super::DEFAULT_SEEDER_PEER_SLOTS), Some(2));
+    }
 
     #[test]
     fn bitfield_sets_one_bit_per_piece_msb_first() {
