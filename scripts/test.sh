@@ -31,10 +31,15 @@ export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}"
 step "cargo build --workspace"
 cargo build --workspace
 
-step "install the agent and the dracut module as a luna server would have them"
-# pack builds initramfs files with `dracut --add luna`: the module and the agent it ships must be
-# where a real installation puts them.
-install -D -m 0755 "${CARGO_TARGET_DIR:-target}/debug/luna-agent" /usr/lib/luna/luna-agent
+step "the static luna-agent, installed with the dracut module as a luna server has them"
+# What a node boots is the static musl build (`--profile agent`); the tests put that one into
+# their initramfs images too (LUNA_TEST_AGENT, read by luna_tests::agent_bin). pack builds
+# initramfs files with `dracut --add luna`: module and agent must be where an installation has them.
+cargo build -p luna-agent --profile agent --target x86_64-unknown-linux-musl
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+[[ $TARGET_DIR = /* ]] || TARGET_DIR="$PWD/$TARGET_DIR"
+export LUNA_TEST_AGENT="$TARGET_DIR/x86_64-unknown-linux-musl/agent/luna-agent"
+install -D -m 0755 "$LUNA_TEST_AGENT" /usr/lib/luna/luna-agent
 mkdir -p /usr/lib/dracut/modules.d
 ln -sfn "$PWD/dracut-module/95luna" /usr/lib/dracut/modules.d/95luna
 

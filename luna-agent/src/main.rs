@@ -20,8 +20,8 @@ const USAGE: &str = "usage:
       stream an image into DIR without a plan (testing, measuring)
   luna-agent seed ARCHIVE --torrent OUT [--listen ADDR] [--tracker URL]
       write a .torrent for ARCHIVE and seed it until killed (testing, measuring)
-  luna-agent bench-unpack ARCHIVE [SCRATCH]
-      streaming unpack against `zstd -dc | tar -x`
+  luna-agent bench-unpack ARCHIVE [SCRATCH] [--rounds N]
+      streaming unpack against `zstd -dc | tar -x` (N rounds, default 3; median ratio)
 environment: LUNA_LOG=error|warn|info|debug|trace (default info)";
 
 struct Args {
@@ -130,10 +130,14 @@ fn real_main() -> anyhow::Result<()> {
         "fetch" => fetch(args),
         "seed" => seed(args),
         "bench-unpack" => {
+            let rounds = match args.opt("--rounds")? {
+                Some(r) => r.parse().with_context(|| format!("--rounds '{r}' is not a number"))?,
+                None => 3,
+            };
             let archive = PathBuf::from(args.rest.first().context("bench-unpack needs an ARCHIVE")?);
             let scratch =
                 args.rest.get(1).map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("luna-bench"));
-            luna_agent::bench::bench_unpack(&archive, &scratch, &RealOs)?;
+            luna_agent::bench::bench_unpack(&archive, &scratch, rounds, &RealOs)?;
             Ok(())
         }
         other => bail!("unknown command '{other}'\n{USAGE}"),

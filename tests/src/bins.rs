@@ -90,3 +90,24 @@ mod tests {
         assert!(workspace_root().join("Cargo.toml").is_file());
     }
 }
+
+/// The luna-agent that goes into test initramfs images: `LUNA_TEST_AGENT` when set (
+/// `scripts/test.sh` points it at the static musl build a real server ships, built with
+/// `--profile agent`), else this workspace's debug build (fine, only slower, for running a single
+/// test by hand).
+pub fn agent_bin() -> Result<PathBuf> {
+    match std::env::var_os("LUNA_TEST_AGENT") {
+        Some(p) if !p.is_empty() => {
+            let path = PathBuf::from(p);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(HarnessError::io(
+                    format!("LUNA_TEST_AGENT={}", path.display()),
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+                ))
+            }
+        }
+        _ => cargo_bin("luna-agent"),
+    }
+}

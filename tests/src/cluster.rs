@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::{cargo_bin, test_assets, work_dir, workspace_root, ChildGuard, HarnessError, Netns, Result, Vm};
+use crate::{agent_bin, cargo_bin, test_assets, work_dir, workspace_root, ChildGuard, HarnessError, Netns, Result, Vm};
 
 /// How the cluster is set up.
 #[derive(Clone, Debug)]
@@ -125,11 +125,11 @@ impl Cluster {
     /// `dracut` as the server runs it (`[image] dracut`): this tree's 95luna module and agent.
     fn write_dracut_wrapper(&self) -> Result<()> {
         let base = private_dracut_base(self.dir())?;
-        let agent = cargo_bin("luna-agent")?;
+        let agent = agent_bin()?;
         let wrapper = self.dir().join("dracut");
         let script = format!(
             "#!/bin/sh\n# dracut with this source tree's luna module and agent; fast compression (the test\n\
-             # agent is a debug build)\nexport dracutbasedir='{}'\nexport LUNA_AGENT_BIN='{}'\n\
+             # agent may be a debug build)\nexport dracutbasedir='{}'\nexport LUNA_AGENT_BIN='{}'\n\
              exec dracut --compress 'gzip -1' \"$@\"\n",
             base.display(),
             agent.display()

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use luna_core::api::{InstallPlan, PlanBmc, PlanImage, PlanInterface, StatusReport};
 use luna_core::model::{BmcProtocol, Secret};
-use luna_tests::{cargo_bin, privileged, test_assets, work_dir, ChildGuard, Netns, Vm, BOOTED_MARKER};
+use luna_tests::{agent_bin, privileged, test_assets, work_dir, ChildGuard, Netns, Vm, BOOTED_MARKER};
 
 /// Builds an initramfs with 95luna for the test kernel; returns its path.
 pub fn build_initramfs(agent: &Path, out: &Path) {
@@ -52,7 +52,7 @@ fn dracut_initramfs_has_the_agent_and_hooks() {
     if !privileged() {
         return;
     }
-    let agent = cargo_bin("luna-agent").expect("luna-agent binary");
+    let agent = agent_bin().expect("luna-agent binary");
     let dir = work_dir().join("agent-initramfs");
     std::fs::create_dir_all(&dir).unwrap();
     let img = dir.join("luna-initrd.img");
@@ -235,7 +235,7 @@ fn vm_installs_from_a_plan_and_switches_root() {
         return;
     }
     let assets = test_assets().expect("boot assets");
-    let agent = cargo_bin("luna-agent").expect("luna-agent binary");
+    let agent = agent_bin().expect("luna-agent binary");
     let dir = work_dir().join("agent-vm");
     std::fs::create_dir_all(&dir).unwrap();
     let img = dir.join("luna-initrd.img");

@@ -20,7 +20,7 @@ use luna_core::api::{InstallPlan, PlanImage, PlanInterface, StatusReport};
 use luna_core::model::Osimage;
 use luna_server::image::archive::ArchiveOptions;
 use luna_server::image::pack::{pack, PackMode, PackOptions};
-use luna_tests::{cargo_bin, privileged, work_dir, Netns, Vm};
+use luna_tests::{agent_bin, privileged, work_dir, Netns, Vm};
 
 const MAC: &str = "52:54:00:4c:55:d1";
 const TOKEN: &str = "deb-token";
@@ -162,12 +162,7 @@ fn debian_minbase_boots_through_the_agent_to_multi_user() {
     }
     let dir = work_dir().join("debootstrap");
     let root = debootstrap(&dir);
-    // LUNA_TEST_AGENT: an optimised agent (e.g. the static `--profile agent` build); the debug
-    // one decompresses a real image slowly under TCG.
-    let agent = match std::env::var_os("LUNA_TEST_AGENT") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => cargo_bin("luna-agent").expect("luna-agent binary"),
-    };
+    let agent = agent_bin().expect("luna-agent binary");
     let dracut = dracut_wrapper(&dir, &agent);
 
     // Packed as `luna osimage pack` packs: archive + torrent + kernel + initramfs.
