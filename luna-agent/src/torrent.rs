@@ -15,7 +15,7 @@
 //! - the node still seeds, but only the recent part of the archive it holds: since nodes booting
 //!   together read at about the same place, that is what their peers ask for. A request for an
 //!   evicted piece fails, librqbit drops that connection and the peer gets it from another node
-//!   or the server's seeder (which has everything);
+//!   or the server's seeder (which has everything, once one of its upload slots is free);
 //! - librqbit still announces evicted pieces as present (it has no "lost a piece" notion);
 //! - if an unread piece had to be evicted, reading it fails and the agent continues over HTTP
 //!   from that byte. To make that rare, as soon as more than half the window lies at or after

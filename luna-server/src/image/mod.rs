@@ -30,6 +30,15 @@ pub use jobs::{JobId, JobState, JobStatus, Jobs};
 pub use pack::{PackMode, PackStep};
 use publish::Layout;
 
+/// Default `[image] seeder_peer_slots`. Nodes fetch pieces in order, so the server sends about
+/// one copy per slot, and more slots do not boot a swarm sooner: the nodes' links are faster than
+/// the server's uplink and the refused nodes follow the slot holders piece by piece (8 hosts, 16
+/// MiB, `tests/tests/image_swarm.rs`: 1 slot 1.0× in 9 s, 2 slots 2.0× in 9 s, 3 slots 2.9× in
+/// 9 s, 4 slots 3.9× in 10 s, no limit 7.4× in 15 s). Two rather than one so that a slow or
+/// failing slot holder does not hold up the others, and so that a two-node boot fetches from the
+/// server exactly as without slots.
+pub const DEFAULT_SEEDER_PEER_SLOTS: u32 = 2;
+
 /// `[image]` in luna.toml.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -49,6 +58,10 @@ pub struct ImageConfig {
     pub seed_listen: SocketAddr,
     /// Seeder upload limit in bytes per second; 0 = unlimited.
     pub upload_limit_bytes_per_s: u64,
+    /// Upload slots: how many peers the seeder serves at once per revision (0 = librqbit's
+    /// default of 128). Peers beyond it are refused and fetch from the peers that got a slot; a
+    /// peer that completes disconnects and frees its slot. See ARCHITECTURE.md (seeder).
+    pub seeder_peer_slots: u32,
 }
 
 impl Default for ImageConfig {
@@ -61,6 +74,7 @@ impl Default for ImageConfig {
             seed: true,
             seed_listen: "0.0.0.0:6881".parse().expect("valid literal"),
             upload_limit_bytes_per_s: 0,
+            seeder_peer_slots: DEFAULT_SEEDER_PEER_SLOTS,
         }
     }
 }
@@ -84,6 +98,10 @@ seed = {seed}
 seed_listen = "{listen}"
 # Seeder upload limit in bytes per second; 0 = unlimited.
 upload_limit_bytes_per_s = {limit}
+# Upload slots: peers the seeder serves at once per revision (0 = no limit). Others are
+# refused and fetch from the peers holding a slot, so the server sends about this many
+# copies of an image however many nodes boot; a node that completes frees its slot.
+seeder_peer_slots = {slots}
 "#,
         dracut = d.dracut,
         keep = d.keep_revisions,
@@ -92,6 +110,7 @@ upload_limit_bytes_per_s = {limit}
         seed = d.seed,
         listen = d.seed_listen,
         limit = d.upload_limit_bytes_per_s,
+        slots = d.seeder_peer_slots,
     )
 }
 

@@ -81,6 +81,11 @@ struct Wanted {
     summary: metainfo::TorrentSummary,
 }
 
+/// librqbit's live-peer limit for `[image] seeder_peer_slots` (0 = librqbit's default).
+fn slots(configured: u32) -> Option<usize> {
+    (configured > 0).then_some(configured as usize)
+}
+
 /// librqbit's fast-resume bitfield: one bit per piece, most significant bit first.
 pub fn full_bitfield(pieces: usize) -> Vec<u8> {
     let mut v = vec![0xffu8; pieces.div_ceil(8)];
@@ -134,7 +139,7 @@ impl Seeder {
             .await
             .map_err(|e| SeederError::Start { addr: listen, reason: format!("{e:#}") })?;
         let listen = session.listen_addr().unwrap_or(listen);
-        tracing::info!(%listen, "seeder listening");
+        tracing::info!(%listen, upload_slots = state.config.seeder_peer_slots, "seeder listening");
         let s = Arc::new(Seeder { session, state, state_dir, listen, register, seeded: Mutex::new(HashMap::new()) });
         s.reconcile().await?;
         Ok(s)
@@ -240,6 +245,9 @@ impl Seeder {
             output_folder: Some(w.dir.to_string_lossy().into_owned()),
             overwrite: true,
             paused: false,
+            // Upload slots: the peers beyond them are refused (librqbit drops incoming peers
+            // above its live-peer limit) and get the pieces from the slot holders.
+            peer_limit: slots(self.state.config.seeder_peer_slots),
             ..Default::default()
         };
         match self.session.add_torrent(AddTorrent::from_bytes(w.torrent.clone()), Some(opts)).await {
@@ -381,6 +389,13 @@ impl Seeder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_slots_means_librqbits_default_limit() {
+        assert_eq!(slots(0), None);
+        assert_eq!(slots(1), Some(1));
+        assert_eq!(slots(super::super::DEFAULT_SEEDER_PEER_SLOTS), Some(2));
+    }
 
     #[test]
     fn bitfield_sets_one_bit_per_piece_msb_first() {
