@@ -78,19 +78,6 @@ pub fn cargo_bin(name: &str) -> Result<PathBuf> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn profile_dir_holds_this_test_binary() {
-        let exe = std::env::current_exe().unwrap();
-        let profile = profile_dir();
-        assert!(exe.starts_with(&profile), "{} not under {}", exe.display(), profile.display());
-        assert!(workspace_root().join("Cargo.toml").is_file());
-    }
-}
-
 /// The luna-agent that goes into test initramfs images: `LUNA_TEST_AGENT` when set (
 /// `scripts/test.sh` points it at the static musl build a real server ships, built with
 /// `--profile agent`), else this workspace's debug build (fine, only slower, for running a single
@@ -109,5 +96,18 @@ pub fn agent_bin() -> Result<PathBuf> {
             }
         }
         _ => cargo_bin("luna-agent"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_dir_holds_this_test_binary() {
+        let exe = std::env::current_exe().unwrap();
+        let profile = profile_dir();
+        assert!(exe.starts_with(&profile), "{} not under {}", exe.display(), profile.display());
+        assert!(workspace_root().join("Cargo.toml").is_file());
     }
 }
