@@ -190,7 +190,8 @@ while [ $(($(date +%s) - START)) -lt "$WAIT_S" ]; do
 done
 if [ "$IMAGE" = debian ]; then
     for i in $(seq "$VMS"); do
-        grep -a -m1 -o 'Reached target.*Multi-User System' "$WORK/vm$i.log" | sed "s/^/vm$i: systemd: /" || true
+        sed 's/\x1b\[[0-9;]*m//g' "$WORK/vm$i.log" | grep -a -m1 -o 'Reached target.*Multi-User System' |
+            sed "s/^/vm$i: systemd: /" || true
     done
 fi
 
