@@ -6,11 +6,25 @@
 # reports back. Ends with the node table, each node's status and timings. Run as root on
 # Debian; cleans up after itself.
 #
-#   sudo bash scripts/demo.sh            # LUNA_DEMO_VMS=2 for two VMs
+#   sudo bash scripts/demo.sh                          # LUNA_DEMO_VMS=2 for two VMs
+#   sudo LUNA_DEMO_IMAGE=debian bash scripts/demo.sh   # a real Debian instead (see below)
+#
+# LUNA_DEMO_IMAGE=debian: the image is a `debootstrap --variant=minbase` bookworm with systemd and
+# the Debian kernel (scripts/build-debian-image.sh; needs the Debian mirror apt uses, about 9 min
+# the first time, cached in tests/work/debootstrap). Two VMs with 2.5 GiB each boot it to
+# multi-user.target; the agent is the optimised static build. Expect 20-40 min under TCG.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-VMS=${LUNA_DEMO_VMS:-3}
+IMAGE=${LUNA_DEMO_IMAGE:-tiny}
+case "$IMAGE" in
+    tiny) VMS=${LUNA_DEMO_VMS:-3} VM_MB=1024 WAIT_S=600 ;;
+    debian) VMS=${LUNA_DEMO_VMS:-2} VM_MB=2560 WAIT_S=2700 ;;
+    *)
+        echo "LUNA_DEMO_IMAGE must be tiny or debian, not $IMAGE" >&2
+        exit 2
+        ;;
+esac
 NS=luna-demo-$$
 SERVER_IP=10.88.0.1
 WORK=$(mktemp -d /tmp/luna-demo.XXXXXX)
@@ -39,11 +53,23 @@ say "building luna-server, luna and luna-agent"
 cargo build -p luna-server -p luna-cli -p luna-agent
 BIN=${CARGO_TARGET_DIR:-target}/debug
 BIN=$(cd "$BIN" && pwd)
+AGENT="$BIN/luna-agent"
+KERNEL_OPTS="console=ttyS0 panic=-1 rd.retry=300"
 
-say "preparing the OS image tree (a Debian kernel and a busybox root)"
-bash tests/assets/build-test-image.sh >/dev/null
-# shellcheck disable=SC1091
-. tests/work/assets/env
+if [ "$IMAGE" = debian ]; then
+    say "building the optimised static luna-agent (the debug one unpacks a real image slowly in TCG)"
+    cargo build -p luna-agent --profile agent --target x86_64-unknown-linux-musl
+    AGENT=$(cd "${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-musl/agent" && pwd)/luna-agent
+    say "preparing the OS image tree: debootstrap --variant=minbase bookworm + systemd + kernel"
+    ROOTFS=$(bash scripts/build-debian-image.sh | sed -n 's/^ROOT=//p')
+    # no_timer_check: TCG on a busy host can fail the kernel's IO-APIC timer check
+    KERNEL_OPTS="console=ttyS0 panic=-1 rd.retry=600 no_timer_check systemd.show_status=1"
+else
+    say "preparing the OS image tree (a Debian kernel and a busybox root)"
+    bash tests/assets/build-test-image.sh >/dev/null
+    # shellcheck disable=SC1091
+    . tests/work/assets/env
+fi
 
 # luna-server builds each image's initramfs with dracut and luna's dracut module, which ships
 # luna-agent. A real server has them in /usr/lib/dracut/modules.d/95luna and
@@ -54,7 +80,7 @@ rm -rf "$WORK/dracutbase/modules.d/95luna"
 ln -s "$PWD/dracut-module/95luna" "$WORK/dracutbase/modules.d/95luna"
 cat >"$WORK/dracut" <<EOF
 #!/bin/sh
-export dracutbasedir="$WORK/dracutbase" LUNA_AGENT_BIN="$BIN/luna-agent"
+export dracutbasedir="$WORK/dracutbase" LUNA_AGENT_BIN="$AGENT"
 exec dracut --compress 'gzip -1' "\$@"
 EOF
 chmod 755 "$WORK/dracut"
@@ -96,20 +122,20 @@ json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 say "creating the cluster's objects with the luna CLI"
 luna cluster change --frontend-address "$SERVER_IP" --dhcp-interfaces br0 >/dev/null
 luna network add prov --cidr 10.88.0.0/24 --gateway "$SERVER_IP"
-luna osimage add tiny --path "$ROOTFS" --kernel-opts "console=ttyS0 panic=-1 rd.retry=300"
+luna osimage add "$IMAGE" --path "$ROOTFS" --kernel-opts "$KERNEL_OPTS"
 # a VM needs the virtio drivers, not every module set
-api PATCH /osimage/tiny --data '{"dracut_drivers_add":["virtio_net","virtio_pci","af_packet"],
+api PATCH "/osimage/$IMAGE" --data '{"dracut_drivers_add":["virtio_net","virtio_pci","af_packet"],
     "dracut_modules_omit":["systemd","systemd-initrd","systemd-networkd","dracut-systemd","plymouth","i18n",
     "kernel-modules","kernel-modules-extra","qemu","qemu-net"]}' >/dev/null
-luna group add compute --osimage tiny --network prov
+luna group add compute --osimage "$IMAGE" --network prov
 MACS=()
 for i in $(seq "$VMS"); do MACS+=("52:54:00:88:00:$(printf %02x "$i")"); done
 luna node add "node[001-$(printf %03d "$VMS")]" --group compute
 for i in $(seq "$VMS"); do luna node change "node$(printf %03d "$i")" --mac "${MACS[$((i - 1))]}"; done
 
-say "packing osimage tiny: tar.zst + torrent, kernel, initramfs by dracut with luna's module"
+say "packing osimage $IMAGE: tar.zst + torrent, kernel, initramfs by dracut with luna's module"
 PACK_START=$(date +%s)
-JOB=$(api POST /osimage/tiny/pack --data '{}' | json 'd["job"]')
+JOB=$(api POST "/osimage/$IMAGE/pack" --data '{}' | json 'd["job"]')
 while :; do
     STATE=$(api GET "/jobs/$JOB")
     case "$(echo "$STATE" | json 'd["state"]')" in
@@ -119,9 +145,9 @@ while :; do
     sleep 1
 done
 echo "packed revision $(echo "$STATE" | json 'd["revision"]') in $(($(date +%s) - PACK_START)) s"
-api GET /osimage/tiny/revisions | json '"\n".join("revision %s: %s bytes, sha256 %s, info hash %s" % (r["id"], r["archive_size"], r["sha256"][:16], r["info_hash"]) for r in d)'
-for _ in $(seq 120); do
-    api GET /osimage/tiny/revisions | json 'd[-1]["seeder"] and d[-1]["seeder"]["healthy"]' | grep -q True && break
+api GET "/osimage/$IMAGE/revisions" | json '"\n".join("revision %s: %s bytes, sha256 %s, info hash %s" % (r["id"], r["archive_size"], r["sha256"][:16], r["info_hash"]) for r in d)'
+for _ in $(seq 600); do
+    api GET "/osimage/$IMAGE/revisions" | json 'd[-1]["seeder"] and d[-1]["seeder"]["healthy"]' | grep -q True && break
     sleep 0.5
 done
 luna node list
@@ -133,26 +159,41 @@ for i in $(seq "$VMS"); do
     ip -n "$NS" tuntap add dev "$tap" mode tap
     ip -n "$NS" link set "$tap" master br0
     ip -n "$NS" link set "$tap" up
-    ip netns exec "$NS" qemu-system-x86_64 -accel tcg -m 1024 -nographic -no-reboot -boot n \
+    ip netns exec "$NS" qemu-system-x86_64 -accel tcg -m "$VM_MB" -nographic -no-reboot -boot n \
         -netdev "tap,id=n0,ifname=$tap,script=no,downscript=no" \
         -device "virtio-net-pci,netdev=n0,mac=${MACS[$((i - 1))]}" >"$WORK/vm$i.log" 2>&1 </dev/null &
     PIDS+=($!)
 done
 
 declare -A DONE=()
+declare -A SEEN=()
 MAX_LEECHERS=0
-for _ in $(seq 600); do
+while [ $(($(date +%s) - START)) -lt "$WAIT_S" ]; do
     for i in $(seq "$VMS"); do
         if [ -z "${DONE[$i]:-}" ] && grep -q "LUNA-BOOTED" "$WORK/vm$i.log" 2>/dev/null; then
             DONE[$i]=$(($(date +%s) - START))
             echo "node$(printf %03d "$i"): $(grep -o 'LUNA-BOOTED.*' "$WORK/vm$i.log" | tr -d '\r') after ${DONE[$i]} s"
+        elif [ "$IMAGE" = debian ] && [ -z "${DONE[$i]:-}" ]; then
+            # the long way there, as the node reports it
+            s=$(luna node show "node$(printf %03d "$i")" --json 2>/dev/null |
+                json '(d.get("status") or {}).get("step", "-")' 2>/dev/null || echo -)
+            if [ "${SEEN[$i]:-}" != "$s" ]; then
+                SEEN[$i]=$s
+                echo "node$(printf %03d "$i"): $s after $(($(date +%s) - START)) s"
+            fi
         fi
     done
-    L=$(api GET /osimage/tiny/revisions | json '(d[-1]["tracker"] or {}).get("leechers", 0)' 2>/dev/null || echo 0)
+    L=$(api GET "/osimage/$IMAGE/revisions" | json '(d[-1]["tracker"] or {}).get("leechers", 0)' 2>/dev/null || echo 0)
     [ "$L" -gt "$MAX_LEECHERS" ] && MAX_LEECHERS=$L
     [ "${#DONE[@]}" -eq "$VMS" ] && break
     sleep 1
 done
+if [ "$IMAGE" = debian ]; then
+    for i in $(seq "$VMS"); do
+        sed 's/\x1b\[[0-9;]*m//g' "$WORK/vm$i.log" | grep -a -m1 -o 'Reached target.*Multi-User System' |
+            sed "s/^/vm$i: systemd: /" || true
+    done
+fi
 
 say "the node table"
 luna node list

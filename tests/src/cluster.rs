@@ -27,11 +27,17 @@ pub struct ClusterOptions {
     /// The seeder's upload limit (`[image] upload_limit_bytes_per_s`; 0 = none). A limit makes
     /// nodes fetch from each other and makes a download last long enough to interrupt.
     pub upload_limit: u64,
+    /// The luna-agent dracut puts into the initramfs; `None`: `$LUNA_TEST_AGENT` when set, else
+    /// the debug build of this tree (an optimised agent unpacks a big image much faster in TCG).
+    pub agent: Option<PathBuf>,
+    /// RAM of each node VM: the image is unpacked into a tmpfs, so a real distribution needs
+    /// more than the busybox test image.
+    pub vm_memory_mb: u32,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { subnet: "10.79.0".into(), seed: true, upload_limit: 0 }
+        ClusterOptions { subnet: "10.79.0".into(), seed: true, upload_limit: 0, agent: None, vm_memory_mb: 1024 }
     }
 }
 
@@ -125,7 +131,13 @@ impl Cluster {
     /// `dracut` as the server runs it (`[image] dracut`): this tree's 95luna module and agent.
     fn write_dracut_wrapper(&self) -> Result<()> {
         let base = private_dracut_base(self.dir())?;
-        let agent = agent_bin()?;
+        let agent = match &self.opts.agent {
+            Some(a) => a.clone(),
+            None => agent_bin()?,
+        };
+        if !agent.is_file() {
+            return Err(HarnessError::Setup(format!("luna-agent {} does not exist", agent.display())));
+        }
         let wrapper = self.dir().join("dracut");
         let script = format!(
             "#!/bin/sh\n# dracut with this source tree's luna module and agent; fast compression (the test\n\
@@ -238,8 +250,13 @@ impl Cluster {
     /// Creates osimage `name` from the test image tree (busybox; its init reports `booted`),
     /// with dracut trimmed to what a virtio VM needs, and `kernel_opts` for its nodes.
     pub fn add_test_osimage(&self, name: &str, kernel_opts: &str) -> Result<()> {
-        let assets = test_assets()?;
-        let path = assets.rootfs.to_string_lossy().into_owned();
+        self.add_osimage(name, &test_assets()?.rootfs, kernel_opts)
+    }
+
+    /// Creates osimage `name` from the OS tree at `path` (which brings its own kernel under
+    /// `/boot`), with dracut trimmed to what a virtio VM needs, and `kernel_opts` for its nodes.
+    pub fn add_osimage(&self, name: &str, path: &Path, kernel_opts: &str) -> Result<()> {
+        let path = path.to_string_lossy().into_owned();
         self.cli(&["osimage", "add", name, "--path", &path, "--kernel-opts", kernel_opts])?;
         // Without the generic module sets dracut builds the initramfs in a fraction of the time.
         let trim = serde_json::json!({
@@ -303,12 +320,12 @@ impl Cluster {
         self.cli_json(&["node", "show", name])
     }
 
-    /// Starts a VM on the bridge that network-boots (BIOS, virtio NIC with `mac`, 1 GiB: the
-    /// image is unpacked into a tmpfs).
+    /// Starts a VM on the bridge that network-boots (BIOS, virtio NIC with `mac`,
+    /// [`ClusterOptions::vm_memory_mb`] of RAM: the image is unpacked into a tmpfs).
     pub fn boot(&self, vm_name: &str, mac: &str) -> Result<Vm> {
         let tap = format!("tap{}", self.taps.fetch_add(1, Ordering::Relaxed));
         self.ns.add_tap(&tap, Some("br0"))?;
-        Vm::builder(vm_name).memory_mb(1024).nic(&tap, mac).spawn_in(&self.ns)
+        Vm::builder(vm_name).memory_mb(self.opts.vm_memory_mb).nic(&tap, mac).spawn_in(&self.ns)
     }
 }
 

@@ -1,274 +1,197 @@
-//! A real Debian through the whole node path: `debootstrap --variant=minbase` bookworm with
-//! systemd and a kernel (from the machine's own apt mirror), packed by luna-server's packer
-//! (archive, torrent, the image kernel's initramfs built on the host with 95luna), then a VM
-//! boots that kernel and initramfs, the agent installs the archive from a stand-in plan server
-//! and systemd in the switched root reaches `multi-user.target` on the serial console.
+//! A real Debian through the whole product path: `debootstrap --variant=minbase` bookworm with
+//! systemd and the distribution kernel (built by `scripts/build-debian-image.sh` from the
+//! machine's apt mirror, as the demo does), made an osimage of a luna cluster (luna-server on
+//! the embedded store in a namespace, objects made with the `luna` CLI), packed by luna-server
+//! (archive, torrent, the image kernel's initramfs by dracut with 95luna), seeded; then a VM
+//! PXE-boots from luna-server (DHCP, TFTP, iPXE), its agent downloads the image from the swarm
+//! (HTTP if the swarm stalls) and switches root, systemd reaches `multi-user.target` on the
+//! serial console, and the image's `luna-booted.service` reports `booted` to luna-server.
 //!
-//! Slow (a debootstrap download, minutes of TCG boot) and needs the network to the Debian
-//! mirror, so it runs only with `LUNA_TEST_DEBOOTSTRAP=1` as well as `LUNA_TEST_PRIVILEGED=1`;
-//! CI sets neither for it. The debootstrapped tree is cached under `<work>/debootstrap/root`.
+//! Slow (a debootstrap download the first time, then a pack of a 500 MB tree and many minutes
+//! of TCG boot) and needs the network to the Debian mirror, so it runs only with
+//! `LUNA_TEST_DEBOOTSTRAP=1` as well as `LUNA_TEST_PRIVILEGED=1`; CI sets neither for it. The
+//! tree is cached under `<work>/debootstrap/root`. `LUNA_TEST_AGENT` names the agent to put in
+//! the initramfs; by default the static `--profile agent` build when there is one (the debug
+//! agent decompresses and hashes a real image slowly under TCG).
 
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use luna_core::api::{InstallPlan, PlanImage, PlanInterface, StatusReport};
-use luna_core::model::Osimage;
-use luna_server::image::archive::ArchiveOptions;
-use luna_server::image::pack::{pack, PackMode, PackOptions};
-use luna_tests::{agent_bin, privileged, work_dir, Netns, Vm};
+use luna_tests::{
+    cargo_bin, privileged, profile_dir, work_dir, workspace_root, Cluster, ClusterOptions, Vm, BOOTED_MARKER,
+};
+use serde_json::Value;
 
+const SUBNET: &str = "10.77.9";
 const MAC: &str = "52:54:00:4c:55:d1";
-const TOKEN: &str = "deb-token";
-const SUITE: &str = "bookworm";
+const IMAGE: &str = "debian";
+const NODE: &str = "node001";
+/// no_timer_check: under TCG on a busy host the kernel's IO-APIC timer check can fail and
+/// panic ("IO-APIC + timer doesn't work"); systemd.show_status: the "Reached target" lines.
+const KERNEL_OPTS: &str = "console=ttyS0 panic=-1 rd.retry=600 no_timer_check systemd.show_status=1";
+/// What systemd prints when the boot is through (systemd 252: "[  OK  ] Reached target
+/// multi-user.target - Multi-User System.").
+const MULTI_USER: &str = "Multi-User System";
+/// From power-on to multi-user.target: iPXE, the image download and unpack and a systemd boot,
+/// all in TCG on a machine others load too.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(2700);
 
 fn enabled() -> bool {
     std::env::var("LUNA_TEST_DEBOOTSTRAP").is_ok_and(|v| v == "1")
 }
 
-/// The first Debian mirror apt is configured with (deb822 `URIs:` or a one-line `deb` entry).
-fn apt_mirror() -> String {
-    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
-    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
-        let mut more: Vec<PathBuf> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        more.sort();
-        files.extend(more);
-    }
-    for f in files {
-        let name = f.display().to_string();
-        if !(name.ends_with(".list") || name.ends_with(".sources")) {
-            continue;
-        }
-        let text = std::fs::read_to_string(&f).unwrap_or_default();
-        for line in text.lines().map(str::trim) {
-            let uri = if let Some(rest) = line.strip_prefix("URIs:") {
-                rest.split_whitespace().next()
-            } else if let Some(rest) = line.strip_prefix("deb ") {
-                rest.split_whitespace().find(|w| w.starts_with("http"))
-            } else {
-                None
-            };
-            if let Some(uri) = uri.filter(|u| u.trim_end_matches('/').ends_with("/debian")) {
-                return uri.to_string();
-            }
-        }
-    }
-    panic!("no Debian mirror in /etc/apt/sources.list*")
-}
-
-/// `debootstrap --variant=minbase` with systemd and a kernel, once (cached by a marker file).
-fn debootstrap(dir: &Path) -> PathBuf {
-    let root = dir.join("root");
-    let done = dir.join("root.done");
-    if done.is_file() {
-        return root;
-    }
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(dir).unwrap();
-    let mirror = apt_mirror();
-    let out = Command::new("debootstrap")
-        .args(["--variant=minbase", "--include=systemd,systemd-sysv,udev,kmod,iproute2,linux-image-amd64", SUITE])
-        .arg(&root)
-        .arg(&mirror)
+/// The Debian tree, built (or found cached) by the builder the demo uses too.
+fn debian_tree() -> PathBuf {
+    let script = workspace_root().join("scripts/build-debian-image.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(work_dir().join("debootstrap"))
         .output()
-        .expect("run debootstrap (apt-get install debootstrap)");
+        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "debootstrap {SUITE} from {mirror} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
+        "{} failed (needs debootstrap and the Debian mirror):\n{}",
+        script.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    // A console login is not needed; the boot target is.
-    std::fs::write(root.join("etc/hostname"), "debian\n").unwrap();
-    std::fs::write(&done, "").unwrap();
-    root
+    let root = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ROOT="))
+        .unwrap_or_else(|| panic!("{} printed no ROOT=: {stdout}", script.display()));
+    PathBuf::from(root.trim())
 }
 
-/// A dracut that uses this tree's 95luna and the agent just built (the system's dracut
-/// directory stays untouched; other tests may use it at the same time).
-fn dracut_wrapper(dir: &Path, agent: &Path) -> PathBuf {
-    let base = luna_tests::private_dracut_base(dir).expect("private dracut base");
-    let wrapper = dir.join("dracut");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexport dracutbasedir='{}' LUNA_AGENT_BIN='{}'\nexec dracut \"$@\"\n",
-            base.display(),
-            agent.display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    wrapper
-}
-
-/// Plan, image and status over HTTP/1.1 until `stop`; records the reports.
-fn serve(
-    listener: TcpListener,
-    plan: Vec<u8>,
-    archive: PathBuf,
-    reports: Arc<Mutex<Vec<StatusReport>>>,
-    stop: Arc<AtomicBool>,
-) {
-    listener.set_nonblocking(true).unwrap();
-    while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((conn, _)) => {
-                conn.set_nonblocking(false).unwrap();
-                let (plan, archive, reports) = (plan.clone(), archive.clone(), reports.clone());
-                std::thread::spawn(move || handle(conn, &plan, &archive, &reports));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
-            Err(_) => {}
+/// `LUNA_TEST_AGENT`, else the `--profile agent` musl build next to this test's profile, else
+/// the debug build.
+fn agent() -> PathBuf {
+    if let Some(p) = std::env::var_os("LUNA_TEST_AGENT").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let optimised = profile_dir().parent().map(|t| t.join("x86_64-unknown-linux-musl/agent/luna-agent"));
+    match optimised {
+        Some(p) if p.is_file() => p,
+        _ => {
+            println!(
+                "debootstrap: no optimised agent (cargo build -p luna-agent --profile agent --target \
+                 x86_64-unknown-linux-musl); the debug one is slow"
+            );
+            cargo_bin("luna-agent").expect("luna-agent binary")
         }
     }
 }
 
-fn handle(mut conn: TcpStream, plan: &[u8], archive: &Path, reports: &Mutex<Vec<StatusReport>>) -> std::io::Result<()> {
-    let luna_tests::StandInRequest { method, path, body } = luna_tests::read_request(&conn)?;
-    let authorised = path.contains("node=node001") && path.contains(&format!("token={TOKEN}"));
-    let route = path.split('?').next().unwrap_or("").to_string();
-    match (method.as_str(), route.as_str()) {
-        ("GET", "/boot/plan") if authorised => {
-            write!(conn, "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n", plan.len())?;
-            conn.write_all(plan)
-        }
-        ("POST", "/boot/status") if authorised => {
-            if let Ok(r) = serde_json::from_slice::<StatusReport>(&body) {
-                reports.lock().unwrap().push(r);
-            }
-            write!(conn, "HTTP/1.1 204 No Content\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
-        }
-        ("GET", "/image.tar.zst") => {
-            let mut f = std::fs::File::open(archive)?;
-            let size = f.metadata()?.len();
-            write!(conn, "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {size}\r\n\r\n")?;
-            std::io::copy(&mut f, &mut conn).map(|_| ())
-        }
-        _ => write!(conn, "HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"),
-    }
+/// Fails the test naming `what`, with the node's status, the console tail and the server's.
+fn fail(c: &Cluster, vm: &Vm, what: &str) -> ! {
+    let status = c.api("GET", &format!("/api/v1/node/{NODE}"), None).map(|n| n["status"].clone());
+    let log = c.server_log();
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+    panic!(
+        "{what}\nstatus of {NODE}: {status:?}\n--- console (last 60 lines)\n{}\n--- luna-server (last 40 lines)\n{}",
+        vm.serial().tail(60),
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+}
+
+fn step(node: &Value) -> &str {
+    node["status"]["step"].as_str().unwrap_or("")
+}
+
+/// The server-logged status reports of [`NODE`] (`node status` lines), in order.
+fn reports(c: &Cluster) -> Vec<String> {
+    let needle = format!("node={NODE} ");
+    c.server_log().lines().filter(|l| l.contains("node status") && l.contains(&needle)).map(String::from).collect()
 }
 
 #[test]
-fn debian_minbase_boots_through_the_agent_to_multi_user() {
+fn debian_minbase_pxe_boots_from_luna_to_multi_user() {
     if !privileged() || !enabled() {
         println!("skipped: needs LUNA_TEST_PRIVILEGED=1 and LUNA_TEST_DEBOOTSTRAP=1");
         return;
     }
-    let dir = work_dir().join("debootstrap");
-    let root = debootstrap(&dir);
-    let agent = agent_bin().expect("luna-agent binary");
-    let dracut = dracut_wrapper(&dir, &agent);
+    let t0 = Instant::now();
+    let root = debian_tree();
+    println!("debootstrap: tree {} ready after {:?}", root.display(), t0.elapsed());
 
-    // Packed as `luna osimage pack` packs: archive + torrent + kernel + initramfs.
-    let mut image = Osimage::new("debian", &root.display().to_string());
-    image.dracut_drivers_add = vec!["virtio_net".into(), "virtio_pci".into()];
-    image.dracut_modules_omit = ["systemd", "systemd-initrd", "systemd-networkd", "dracut-systemd", "plymouth", "i18n"]
-        .map(String::from)
-        .to_vec();
-    let out = dir.join("rev");
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).unwrap();
-    let base = "http://10.77.9.1:7050";
-    let opts = PackOptions {
-        mode: PackMode::Full,
-        out_dir: out.clone(),
-        revision: 1,
-        previous: None,
-        announce: format!("{base}/announce"),
-        web_seed: None,
-        dracut: dracut.display().to_string(),
-        archive: ArchiveOptions::default(),
-        now: 1,
+    let opts = ClusterOptions {
+        subnet: SUBNET.into(),
+        agent: Some(agent()),
+        // the unpacked tree (about 500 MB) lives in the node's RAM
+        vm_memory_mb: 2560,
+        ..ClusterOptions::default()
     };
-    let rev = pack(&image, &opts, &mut |_| true).expect("pack the debootstrapped image");
+    let c = Cluster::start(opts).expect("start luna-server in a namespace");
+    c.cli(&["network", "add", "prov", "--cidr", &format!("{SUBNET}.0/24"), "--gateway", &c.server_ip()]).unwrap();
+    c.add_osimage(IMAGE, &root, KERNEL_OPTS).unwrap();
+    c.cli(&["group", "add", "compute", "--osimage", IMAGE, "--network", "prov"]).unwrap();
+    c.cli(&["node", "add", NODE, "--group", "compute"]).unwrap();
+    c.cli(&["node", "change", NODE, "--mac", MAC]).unwrap();
+
+    let packing = Instant::now();
+    let rev = c.pack(IMAGE, Duration::from_secs(2400)).expect("pack the Debian image");
+    let listed = c.current_revision(IMAGE).unwrap();
     println!(
-        "packed: kernel {} archive {} bytes ({} bytes of files)",
-        rev.kernel_version, rev.archive_size, rev.tree_bytes
+        "debootstrap: packed revision {rev} in {:?}: {} bytes of archive",
+        packing.elapsed(),
+        listed["archive_size"]
     );
-
-    let plan = InstallPlan {
-        node: "node001".into(),
-        hostname: "node001".into(),
-        domain: "cluster".into(),
-        interfaces: vec![PlanInterface {
-            name: "BOOTIF".into(),
-            mac: Some(MAC.parse().unwrap()),
-            ip: Some("10.77.9.10".parse().unwrap()),
-            prefix: 24,
-            gateway: None,
-            dns: None,
-            mtu: 0,
-            params: String::new(),
-        }],
-        image: Some(PlanImage {
-            osimage: "debian".into(),
-            revision: rev.id,
-            // No torrent: HTTP only (the swarm has its own tests).
-            torrent_url: format!("{base}/image.torrent"),
-            http_url: format!("{base}/image.tar.zst"),
-            sha256: rev.sha256.clone(),
-            size: rev.archive_size,
-            info_hash: rev.info_hash.clone(),
-        }),
-        prescript: String::new(),
-        partscript: String::new(),
-        postscript: String::new(),
-        torrent_interface: "BOOTIF".into(),
-        service: false,
-        setupbmc: false,
-        bmc: None,
-        server_url: base.into(),
-    };
-
-    let ns = Netns::new().unwrap();
-    ns.add_tap("tap0", None).unwrap();
-    ns.add_addr("tap0", "10.77.9.1/24").unwrap();
-    let reports = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (r, s, p, a) = (reports.clone(), stop.clone(), serde_json::to_vec(&plan).unwrap(), out.join(&rev.archive));
-    let server = ns
-        .spawn_thread("deb-plan-server", move || {
-            let listener = TcpListener::bind("10.77.9.1:7050").expect("bind the plan server");
-            serve(listener, p, a, r, s)
-        })
-        .unwrap();
-    struct Stop(Arc<AtomicBool>);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
+    // The server seeds the new revision once librqbit has checked it.
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let listed = c.current_revision(IMAGE).unwrap();
+        if listed["seeder"]["healthy"] == true {
+            break;
         }
+        assert!(Instant::now() < deadline, "the seeder never served revision {rev}: {listed}");
+        std::thread::sleep(Duration::from_secs(1));
     }
-    let _stop = Stop(stop);
 
-    // no_timer_check: under TCG on a busy host the kernel's IO-APIC timer check can fail and
-    // panic ("IO-APIC + timer doesn't work").
-    let append = format!(
-        "console=ttyS0 panic=-1 root=luna luna.url={base} luna.node=node001 luna.token={TOKEN} luna.mac={MAC} \
-         ifname=boot0:{MAC} ip=10.77.9.10::10.77.9.1:255.255.255.0:node001:boot0:off BOOTIF=01-{} rd.retry=60 \
-         systemd.show_status=1 no_timer_check",
-        MAC.replace(':', "-")
-    );
-    let vm = Vm::builder("deb-vm")
-        .memory_mb(2560)
-        .nic("tap0", MAC)
-        .direct_kernel(out.join(&rev.kernel), out.join(&rev.initrd), &append)
-        .spawn_in(&ns)
-        .unwrap();
-    let reached = vm.wait_for("Multi-User System", Duration::from_secs(1500));
-    let steps: Vec<String> =
-        reports.lock().unwrap().iter().filter(|r| r.progress.is_none()).map(|r| r.step.clone()).collect();
-    let line =
-        reached.unwrap_or_else(|e| panic!("no multi-user.target: {e}\nreports: {steps:?}\n{}", vm.serial().tail(80)));
-    assert!(line.contains("Reached target"), "{line}");
-    for step in ["plan", "download", "verify", "unpack", "personality", "booted"] {
-        assert!(steps.iter().any(|s| s == step), "step {step} not reported: {steps:?}");
+    let booting = Instant::now();
+    let vm = c.boot("deb-node001", MAC).unwrap();
+    let deadline = booting + BOOT_TIMEOUT;
+    let mut last = String::new();
+    loop {
+        if vm.serial().lines().iter().any(|l| l.contains("Reached target") && l.contains(MULTI_USER)) {
+            break;
+        }
+        let n = c.api("GET", &format!("/api/v1/node/{NODE}"), None).unwrap();
+        if step(&n) == "error" {
+            fail(&c, &vm, &format!("the agent failed: {}", n["status"]));
+        }
+        if step(&n) != last {
+            last = step(&n).to_string();
+            println!("debootstrap: {NODE} {last} after {:?}", booting.elapsed());
+        }
+        if Instant::now() > deadline {
+            fail(
+                &c,
+                &vm,
+                &format!("no \"Reached target ... {MULTI_USER}\" on the console within {BOOT_TIMEOUT:?} of power-on"),
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
     }
-    drop(_stop);
-    server.join();
+    println!("debootstrap: multi-user.target {:?} after power-on", booting.elapsed());
+
+    // luna-booted.service in the image reported to luna-server from the booted system.
+    let line = vm
+        .wait_for(BOOTED_MARKER, Duration::from_secs(300))
+        .unwrap_or_else(|e| fail(&c, &vm, &format!("luna-booted.service printed no {BOOTED_MARKER}: {e}")));
+    assert!(line.contains(&format!("host={NODE}")), "the agent set the hostname: {line}");
+    assert!(line.contains("report=ok"), "the booted image reached luna-server: {line}");
+    let node = c.node(NODE).unwrap();
+    assert_eq!(step(&node), "booted", "{node}");
+    assert_eq!(node["status"]["message"], format!("{NODE} is up at {SUBNET}.2").as_str(), "{node}");
+    let steps = reports(&c);
+    for s in ["plan", "download", "verify", "unpack", "personality", "installed", "booted"] {
+        assert!(steps.iter().any(|l| l.contains(&format!("step={s} "))), "no {s} report: {steps:?}");
+    }
+    assert!(!steps.iter().any(|l| l.contains("step=error")), "{steps:?}");
+    if let Some(unpack) = steps.iter().find(|l| l.contains("step=unpack")) {
+        println!("debootstrap: {unpack}");
+    }
+    println!("{}", c.cli(&["node", "list"]).unwrap());
+    println!("debootstrap: total {:?} (boot {:?})", t0.elapsed(), booting.elapsed());
+    drop(vm);
 }

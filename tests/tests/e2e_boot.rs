@@ -108,8 +108,13 @@ fn nodes_pxe_boot_into_the_packed_image_through_the_swarm() {
         return;
     }
     let t0 = Instant::now();
-    let mut c = Cluster::start(ClusterOptions { subnet: SUBNET.into(), seed: true, upload_limit: UPLOAD_LIMIT })
-        .expect("start luna-server in a namespace");
+    let mut c = Cluster::start(ClusterOptions {
+        subnet: SUBNET.into(),
+        seed: true,
+        upload_limit: UPLOAD_LIMIT,
+        ..ClusterOptions::default()
+    })
+    .expect("start luna-server in a namespace");
     c.cli(&["network", "add", "prov", "--cidr", &format!("{SUBNET}.0/24"), "--gateway", &c.server_ip()]).unwrap();
     c.add_test_osimage(IMAGE, KERNEL_OPTS).unwrap();
     c.cli(&["group", "add", "compute", "--osimage", IMAGE, "--network", "prov"]).unwrap();

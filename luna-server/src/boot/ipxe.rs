@@ -18,16 +18,16 @@
 //! never comes first on a line (a fixed word like `luna:` or a generated label precedes it).
 //!
 //! # Kernel command line and dracut
-//! `ip=<ip>::<gw>:<mask>:<host>:<mac-with-dashes>:none BOOTIF=01-<mac-with-dashes>`:
-//! - the interface field is the MAC in dash form, which dracut's network-legacy resolves to
-//!   whatever name the kernel gave that NIC (`ifup.sh`/`net-genrules.sh` match
-//!   `??-??-??-??-??-??` by address), so the static address lands on the NIC that PXE-booted
-//!   even when its name (eth1, ens3f1, …) is unknown; a colon MAC cannot be used there since
-//!   `:` separates the fields (dracut logs a harmless "Network interface '52-54-…' does not
-//!   exist" while parsing it; checked with dracut 059 in qemu: two NICs, the address went to
-//!   the second one, whose MAC was given, with the gateway route, host name and DNS servers);
-//! - `BOOTIF=` (pxelinux's form) makes that NIC dracut's boot device: the initqueue waits for
-//!   exactly it, and luna's agent reads its MAC from there as well;
+//! `ip=<ip>::<gw>:<mask>:<host>::none BOOTIF=01-<mac-with-dashes>`:
+//! - `BOOTIF=` (pxelinux's form) makes that NIC dracut's boot device: network-legacy's udev
+//!   rule runs `ifup` only for the NIC with that address (`net-genrules.sh`), whatever name the
+//!   kernel gave it (eth1, ens3f1, …), the initqueue waits for exactly it, and luna's agent
+//!   reads its MAC from there as well;
+//! - the interface field of `ip=` is empty, so the static address applies to the one NIC
+//!   `ifup` runs for: the one that PXE-booted. A name cannot go there (it is unknown) and
+//!   neither can the MAC: the colon form collides with `ip=`'s separators and the dash form,
+//!   which `ifup.sh` would resolve too, makes the cmdline hook warn "Network interface
+//!   '52-54-…' does not exist" on every boot (it checks `/sys/class/net/<field>`);
 //! - no `ifname=` renaming: a renamed NIC keeps its name after switch-root and would break
 //!   the installed system's network configuration;
 //! - no `rd.neednet=1`: with it dracut would also wait for a "did-setup" marker named after
@@ -183,7 +183,7 @@ pub fn kernel_cmdline(n: &NodeBoot) -> String {
         format!("luna.mac={}", n.mac),
         format!("luna.token={}", arg_value(&n.token)),
         format!("BOOTIF=01-{mac}"),
-        format!("ip={}::{gw}:{}:{}:{mac}:none", n.ip, n.netmask, host_field(&n.hostname, &n.name)),
+        format!("ip={}::{gw}:{}:{}::none", n.ip, n.netmask, host_field(&n.hostname, &n.name)),
     ];
     args.extend(n.dns.iter().map(|d| format!("nameserver={d}")));
     if let Some(domain) = n.domain.as_deref().filter(|d| !d.is_empty()) {
@@ -326,7 +326,7 @@ mod tests {
 # luna: node node001 (52:54:00:12:34:56): install and boot
 :retry
 echo luna: node001: loading kernel and initramfs
-kernel http://10.141.255.254:7050/boot/compute/vmlinuz initrd=initrd.img root=luna luna.url=http://10.141.255.254:7050 luna.node=node001 luna.mac=52:54:00:12:34:56 luna.token=tok-123_ABC BOOTIF=01-52-54-00-12-34-56 ip=10.141.0.1::10.141.255.254:255.255.0.0:node001:52-54-00-12-34-56:none nameserver=10.141.255.254 nameserver=fd00::53 luna.domain=cluster console=ttyS0,115200n8 quiet || goto failed
+kernel http://10.141.255.254:7050/boot/compute/vmlinuz initrd=initrd.img root=luna luna.url=http://10.141.255.254:7050 luna.node=node001 luna.mac=52:54:00:12:34:56 luna.token=tok-123_ABC BOOTIF=01-52-54-00-12-34-56 ip=10.141.0.1::10.141.255.254:255.255.0.0:node001::none nameserver=10.141.255.254 nameserver=fd00::53 luna.domain=cluster console=ttyS0,115200n8 quiet || goto failed
 initrd --name initrd.img http://10.141.255.254:7050/boot/compute/initrd.img || goto failed
 boot || goto failed
 :failed
@@ -354,7 +354,7 @@ goto retry
             "kernel http://10.141.255.254:7050/boot/compute/vmlinuz initrd=initrd.img root=luna \
              luna.url=http://10.141.255.254:7050 luna.node=node001 luna.mac=52:54:00:12:34:56 \
              luna.token=tok-123_ABC BOOTIF=01-52-54-00-12-34-56 \
-             ip=10.141.0.1:::255.255.0.0:node001:52-54-00-12-34-56:none luna.service=1 || goto failed"
+             ip=10.141.0.1:::255.255.0.0:node001::none luna.service=1 || goto failed"
         );
         assert!(s.starts_with("#!ipxe\n# luna: node node001 (52:54:00:12:34:56): service mode\n"));
     }
@@ -392,7 +392,7 @@ exit
             "kernel http://s/k%20ernel%24%7Bx%7D%23frag initrd=initrd.img root=luna \
              luna.url=http://10.141.255.254:7050 luna.node=evil%20%24%7Bnet0/ip%7D%20%7C%7C%20shell%0A%23x \
              luna.mac=52:54:00:12:34:56 luna.token=a%20b%3Bc%26%26d BOOTIF=01-52-54-00-12-34-56 \
-             ip=10.141.0.1::10.141.255.254:255.255.0.0:hostname:52-54-00-12-34-56:none \
+             ip=10.141.0.1::10.141.255.254:255.255.0.0:hostname::none \
              nameserver=10.141.255.254 nameserver=fd00::53 luna.domain=clu%20ster quiet shell a b rd.break\\ || goto failed"
         );
         // The display name loses `$`, the chaining token and the comment marker.
