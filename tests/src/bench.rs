@@ -12,7 +12,7 @@ use luna_core::MacAddr;
 use luna_server::config::Config;
 use luna_server::service::Service;
 
-use crate::{ChildGuard, HarnessError, Netns, Result};
+use crate::{cargo_bin, ChildGuard, HarnessError, Netns, Result};
 
 /// The server's address on the bench link; the generator is `.2`.
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -126,26 +126,13 @@ pub fn populate_luna(config: &Path, n: usize) -> Result<Vec<BenchNode>> {
     })
 }
 
-/// Child mode of the bench binaries: runs luna-server with `config` until SIGTERM/SIGINT.
-pub fn serve_luna(config: &Path) -> Result<()> {
-    let cfg = Config::load(config).map_err(|e| setup_err("luna config", e))?;
-    let rt = tokio::runtime::Runtime::new().map_err(|e| HarnessError::io("tokio runtime", e))?;
-    rt.block_on(async {
-        let (stop, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            luna_server::server::shutdown_signal().await;
-            let _ = stop.send(true);
-        });
-        luna_server::server::serve(cfg, rx).await.map_err(|e| setup_err("luna-server", e))
-    })
-}
-
-/// Starts this executable with `--serve-luna <config>` inside the server namespace; the
-/// returned guard stops it.
+/// Starts the workspace's `luna-server` binary (of the bench's own profile: run the benches
+/// with `--release`) with `config` inside the server namespace, logging warnings only; the
+/// returned guard stops it. The real binary, so what is measured is what ships (its allocator,
+/// its runtime), not a copy of its `main`.
 pub fn start_luna(link: &Link, config: &Path) -> Result<ChildGuard> {
-    let exe = std::env::current_exe().map_err(|e| HarnessError::io("current exe", e))?;
-    let mut cmd = link.server.command(exe);
-    cmd.arg("--serve-luna").arg(config);
+    let mut cmd = link.server.command(cargo_bin("luna-server")?);
+    cmd.arg("--config").arg(config).arg("serve").env("RUST_LOG", "warn");
     ChildGuard::spawn(&mut cmd, "bench-luna")
 }
 

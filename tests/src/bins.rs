@@ -15,15 +15,20 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// The cargo profile directory the running test was built into (`<target>/debug`), found from
-/// the test executable (`<target>/<profile>/deps/<test>`), else from `CARGO_TARGET_DIR`, else
+/// the test executable (`<target>/<profile>/deps/<test>`) or bench binary
+/// (`<target>/<profile>/<bin>`), else from `CARGO_TARGET_DIR`, else
 /// `<workspace>/target/debug`.
 pub fn profile_dir() -> PathBuf {
     if let Ok(exe) = std::env::current_exe() {
-        if let Some(deps) = exe.parent() {
-            if deps.file_name().is_some_and(|n| n == "deps") {
-                if let Some(profile) = deps.parent() {
+        if let Some(dir) = exe.parent() {
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                if let Some(profile) = dir.parent() {
                     return profile.to_path_buf();
                 }
+            }
+            // A binary of this crate (the benches) sits in the profile directory itself.
+            if dir.join(".fingerprint").is_dir() {
+                return dir.to_path_buf();
             }
         }
     }

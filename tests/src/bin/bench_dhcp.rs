@@ -265,11 +265,6 @@ fn start_kea(link: &Link, dir: &Path, nodes: &[BenchNode], threads: u32) -> Resu
 }
 
 fn main() -> Result<()> {
-    let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some("--serve-luna") {
-        let config = argv.get(2).context("--serve-luna needs the config path")?;
-        return Ok(bench::serve_luna(Path::new(config))?);
-    }
     let a = parse_args()?;
     bench::raise_nofile();
     let dir = tempfile::Builder::new().prefix("bench-dhcp-").tempdir()?;

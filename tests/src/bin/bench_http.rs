@@ -138,11 +138,6 @@ fn check_status(link: &Link, dir: &Path, nodes: &[BenchNode], requests: u64) -> 
 }
 
 fn main() -> Result<()> {
-    let argv: Vec<String> = std::env::args().collect();
-    if argv.get(1).map(String::as_str) == Some("--serve-luna") {
-        let config = argv.get(2).context("--serve-luna needs the config path")?;
-        return Ok(bench::serve_luna(Path::new(config))?);
-    }
     let a = parse_args()?;
     let nofile = bench::raise_nofile();
     if nofile < a.connections as u64 * 2 + 64 {
