@@ -687,3 +687,128 @@ async fn stalled_swarm_falls_back_to_http() {
     assert!(server.steps().contains(&"http-fallback".to_string()), "{:?}", server.steps());
     assert_eq!(*server.image_requests.lock().unwrap(), vec![None]);
 }
+
+/// A ~100 MB tar.zst of incompressible files, written to `path`; returns its sha256 and size.
+fn write_big_archive(path: &Path, mib: usize) -> (String, u64) {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for f in 0..mib / 4 {
+        let noise: Vec<u8> = (0..(4 << 20) / 8)
+            .flat_map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()
+            })
+            .collect();
+        b.append_data(&mut hdr(tar::EntryType::Regular, 0o644, noise.len() as u64), format!("./f{f}"), &noise[..])
+            .unwrap();
+    }
+    let archive = zstd::encode_all(&b.into_inner().unwrap()[..], 1).unwrap();
+    std::fs::write(path, &archive).unwrap();
+    (hex::encode(Sha256::digest(&archive)), archive.len() as u64)
+}
+
+/// Nodes booting together: three agents fetch a 100 MB image (256 KiB pieces) at once from one
+/// seeder and from each other through a small piece window, their readers starting late, and
+/// all of it must come from the swarm. Before librqbit was kept to the window ahead of the
+/// reader, it fetched on, the window dropped unread pieces librqbit still counted as present,
+/// and the agents fell back to HTTP ("piece N is not in the window").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_booting_together_get_a_big_image_from_the_swarm() {
+    use luna_agent::download::{self, Job};
+    use luna_agent::http::Client;
+    use luna_agent::report::Reporter;
+    use luna_agent::torrent::{Swarm, SwarmOptions};
+    // A third of the default: the same rules, overflowing sooner (a 100 MB image fills it 12×).
+    const WINDOW: u64 = 8 << 20;
+
+    if let Ok(level) = std::env::var("LUNA_LOG") {
+        let level = level.parse().unwrap_or(tracing::Level::INFO);
+        let _ = tracing_subscriber::fmt().with_max_level(level).with_test_writer().try_init();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let seed_dir = dir.path().join("seed");
+    std::fs::create_dir_all(&seed_dir).unwrap();
+    let archive_path = seed_dir.join("image.tar.zst");
+    let (sha256, size) = write_big_archive(&archive_path, 100);
+    let spawner = librqbit::spawn_utils::BlockingSpawner::new(1);
+    let opts = librqbit::CreateTorrentOptions { name: None, trackers: vec![], piece_length: Some(256 * 1024) };
+    let torrent = librqbit::create_torrent(&archive_path, opts, &spawner).await.unwrap().as_bytes().unwrap().to_vec();
+    let (seed, seed_addr) = seeder(&seed_dir, &torrent).await;
+    // The HTTP fallback, counted: it must not be used.
+    let content = Arc::new(Mutex::new(Content {
+        plan: Vec::new(),
+        archive: std::fs::read(&archive_path).unwrap(),
+        torrent: torrent.clone(),
+    }));
+    let server = Server::start(content, Behaviour::default());
+    let image = PlanImage {
+        osimage: "big".into(),
+        revision: 1,
+        torrent_url: String::new(),
+        http_url: format!("{}/image.tar.zst", server.url()),
+        sha256,
+        size,
+        info_hash: String::new(),
+    };
+
+    // Each agent knows the seeder and the agents started before it: all of them meet.
+    let mut swarms = Vec::new();
+    for i in 0..3 {
+        let mut peers = vec![seed_addr];
+        for s in &swarms {
+            let s: &Swarm = s;
+            peers.push(SocketAddr::from(([127, 0, 0, 1], s.listen_port().expect("agent listens"))));
+        }
+        let opts = SwarmOptions {
+            listen_ip: Some("127.0.0.1".parse().unwrap()),
+            initial_peers: peers,
+            window: WINDOW,
+            ..Default::default()
+        };
+        swarms.push(Swarm::start(torrent.clone().into(), &dir.path().join(format!("scratch{i}")), opts).await.unwrap());
+    }
+    let client = Client::new(&server.url(), "node001", TOKEN).unwrap();
+    let reporter = Reporter::new(client.clone());
+    let roots: Vec<PathBuf> = (0..3).map(|i| dir.path().join(format!("root{i}"))).collect();
+    let jobs: Vec<Job> = roots
+        .iter()
+        .map(|root| {
+            std::fs::create_dir_all(root).unwrap();
+            Job {
+                image: &image,
+                root,
+                os: Arc::new(luna_agent::os::RealOs),
+                client: &client,
+                reporter: &reporter,
+                stall: std::time::Duration::from_secs(30),
+            }
+        })
+        .collect();
+    // The agents prepare (partscript, mounts) while their swarms already run: the readers start
+    // late, with the swarms long able to fill the window.
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    let started = std::time::Instant::now();
+    let results = futures::future::join_all(jobs.iter().zip(&swarms).map(|(j, s)| download::fetch(j, Some(s)))).await;
+    eprintln!("3 fetches took {:?}", started.elapsed());
+    for (i, (r, s)) in results.into_iter().zip(&swarms).enumerate() {
+        let f = r.expect("fetch");
+        eprintln!(
+            "agent {i}: {} from peers, {} over http, window peak {}",
+            f.bytes_from_swarm,
+            f.bytes_from_http,
+            s.window.peak_bytes()
+        );
+        assert_eq!(f.bytes_from_http, 0, "agent {i} fell back to http");
+        assert_eq!(f.bytes_from_swarm, size);
+        assert_eq!(f.attempts, 1);
+        assert!(s.window.peak_bytes() <= WINDOW + (1 << 20), "agent {i} window peak {}", s.window.peak_bytes());
+        assert!(!s.window.evicted_unread(), "agent {i} dropped an unread piece");
+    }
+    assert!(server.image_requests.lock().unwrap().is_empty());
+    for s in swarms {
+        s.stop().await;
+    }
+    seed.stop().await;
+}

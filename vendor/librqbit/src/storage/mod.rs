@@ -180,6 +180,13 @@ pub trait TorrentStorage: Send + Sync {
     fn on_piece_completed(&self, _piece_index: ValidPieceIndex) -> anyhow::Result<()> {
         Ok(())
     }
+
+    /// luna patch: whether the torrent should request this piece from peers now. A storage
+    /// that holds only part of the torrent (a window) says no to pieces it has no room for;
+    /// call `ManagedTorrent::wake_piece_requesters` when the answer may have changed.
+    fn wants_piece(&self, _piece_index: ValidPieceIndex) -> bool {
+        true
+    }
 }
 
 impl<U: TorrentStorage + ?Sized> TorrentStorage for Box<U> {
@@ -226,6 +233,10 @@ impl<U: TorrentStorage + ?Sized> TorrentStorage for Box<U> {
 
     fn on_piece_completed(&self, piece_id: ValidPieceIndex) -> anyhow::Result<()> {
         (**self).on_piece_completed(piece_id)
+    }
+
+    fn wants_piece(&self, piece_index: ValidPieceIndex) -> bool {
+        (**self).wants_piece(piece_index)
     }
 }
 

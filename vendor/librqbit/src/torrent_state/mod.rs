@@ -278,6 +278,14 @@ impl ManagedTorrent {
     }
 
     /// Get the live state if the torrent is live.
+    /// luna patch: peers with nothing to request look again, e.g. because the storage's
+    /// `TorrentStorage::wants_piece` now accepts more pieces.
+    pub fn wake_piece_requesters(&self) {
+        if let Some(live) = self.live() {
+            live.wake_piece_requesters();
+        }
+    }
+
     pub fn live(&self) -> Option<Arc<TorrentStateLive>> {
         let g = self.locked.read();
         match &g.state {

@@ -847,6 +847,12 @@ impl TorrentStateLive {
             )
     }
 
+    /// luna patch: peers waiting for a piece to request look again (see
+    /// `TorrentStorage::wants_piece`).
+    pub(crate) fn wake_piece_requesters(&self) {
+        self.new_pieces_notify.notify_waiters();
+    }
+
     fn on_piece_completed(&self, id: ValidPieceIndex) -> anyhow::Result<()> {
         if let Err(e) = self.files.on_piece_completed(id) {
             debug!(?id, "file storage errored in on_piece_completed(): {e:#}");
@@ -1459,7 +1465,11 @@ impl PeerHandler {
                     priority_pieces: self.state.streams.iter_next_pieces(&self.state.lengths),
                     file_priorities,
                     file_infos: &self.state.metadata.file_infos,
-                    peer_has_piece: |p| bf.get(p.get() as usize).map(|v| *v) == Some(true),
+                    // luna patch: and the storage has room for it (`TorrentStorage::wants_piece`).
+                    peer_has_piece: |p| {
+                        bf.get(p.get() as usize).map(|v| *v) == Some(true)
+                            && self.state.files.wants_piece(p)
+                    },
                     can_steal: |p| {
                         self.state.per_piece_locks[p.get_usize()]
                             .try_write()
