@@ -12,7 +12,7 @@
 # LUNA_DEMO_IMAGE=debian: the image is a `debootstrap --variant=minbase` bookworm with systemd and
 # the Debian kernel (scripts/build-debian-image.sh; needs the Debian mirror apt uses, about 9 min
 # the first time, cached in tests/work/debootstrap). Two VMs with 2.5 GiB each boot it to
-# multi-user.target; the agent is the optimised static build. Expect 20-40 min under TCG.
+# multi-user.target. Expect 20-40 min under TCG.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -49,17 +49,16 @@ fi
 say "installing what the demo needs"
 bash scripts/install-deps.sh >"$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; exit 1; }
 
-say "building luna-server, luna and luna-agent"
-cargo build -p luna-server -p luna-cli -p luna-agent
+say "building luna-server and luna"
+cargo build -p luna-server -p luna-cli
 BIN=${CARGO_TARGET_DIR:-target}/debug
 BIN=$(cd "$BIN" && pwd)
-AGENT="$BIN/luna-agent"
+say "building luna-agent as nodes get it: static (musl), --profile agent"
+cargo build -p luna-agent --profile agent --target x86_64-unknown-linux-musl
+AGENT=$(cd "${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-musl/agent" && pwd)/luna-agent
 KERNEL_OPTS="console=ttyS0 panic=-1 rd.retry=300"
 
 if [ "$IMAGE" = debian ]; then
-    say "building the optimised static luna-agent (the debug one unpacks a real image slowly in TCG)"
-    cargo build -p luna-agent --profile agent --target x86_64-unknown-linux-musl
-    AGENT=$(cd "${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-musl/agent" && pwd)/luna-agent
     say "preparing the OS image tree: debootstrap --variant=minbase bookworm + systemd + kernel"
     ROOTFS=$(bash scripts/build-debian-image.sh | sed -n 's/^ROOT=//p')
     # no_timer_check: TCG on a busy host can fail the kernel's IO-APIC timer check
