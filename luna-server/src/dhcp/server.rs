@@ -460,13 +460,14 @@ const RECV_BUFFER: usize = 4 << 20;
 /// Sets the socket's receive buffer to `size`, beyond `net.core.rmem_max` when allowed
 /// (`SO_RCVBUFFORCE` needs CAP_NET_ADMIN, which DHCP has anyway for ARP entries); a failure
 /// leaves the default, which still works.
-fn set_recv_buffer(s: &socket2::Socket, size: usize) {
+pub fn set_recv_buffer(s: &impl std::os::fd::AsFd, size: usize) {
     use std::os::fd::AsRawFd;
+    let fd = s.as_fd();
     let val = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
     // SAFETY: a valid socket and an int option value that outlives the call.
     let rc = unsafe {
         libc::setsockopt(
-            s.as_raw_fd(),
+            fd.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVBUFFORCE,
             &val as *const libc::c_int as *const libc::c_void,
@@ -474,7 +475,7 @@ fn set_recv_buffer(s: &socket2::Socket, size: usize) {
         )
     };
     if rc != 0 {
-        if let Err(e) = s.set_recv_buffer_size(size) {
+        if let Err(e) = socket2::SockRef::from(&fd).set_recv_buffer_size(size) {
             tracing::debug!(error = %e, "dhcp: cannot enlarge the receive buffer");
         }
     }

@@ -64,21 +64,6 @@ struct Tx {
     sent: Instant,
 }
 
-fn set_recv_buffer(sock: &UdpSocket, size: libc::c_int) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a valid socket and an int option value that outlives the call. SO_RCVBUFFORCE
-    // (root) goes beyond net.core.rmem_max; if refused the default stays (the bench still runs).
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            &size as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
 /// A reply is late after this; the transaction starts over (as a client would).
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -90,8 +75,8 @@ fn generate(nodes: &[BenchNode], in_flight: usize, warmup: Duration, run: Durati
     sock.set_read_timeout(Some(Duration::from_millis(5)))?;
     // Room for every reply in flight: with the default buffer (~90 datagrams) replies to 256
     // open transactions were dropped here, and every drop stalled a slot for RETRY_AFTER
-    // whichever server was measured.
-    set_recv_buffer(&sock, 4 << 20);
+    // whichever server was measured. The same call luna-server makes for its own sockets.
+    luna_server::dhcp::server::set_recv_buffer(&sock, 4 << 20);
     let server = SocketAddrV4::new(Ipv4Addr::BROADCAST, 67);
     let mut busy = vec![false; nodes.len()];
     let mut open: HashMap<u32, Tx> = HashMap::with_capacity(in_flight * 2);
