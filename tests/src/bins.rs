@@ -83,23 +83,24 @@ pub fn cargo_bin(name: &str) -> Result<PathBuf> {
     }
 }
 
-/// The luna-agent that goes into test initramfs images: `LUNA_TEST_AGENT` when set (
-/// `scripts/test.sh` points it at the static musl build a real server ships, built with
-/// `--profile agent`), else this workspace's debug build (fine, only slower, for running a single
-/// test by hand).
+/// The luna-agent that goes into test initramfs images: `LUNA_TEST_AGENT` when set
+/// (`scripts/test.sh` sets it to the static musl `--profile agent` build a real server ships),
+/// else that build next to this profile when there is one, else this workspace's debug build
+/// (correct, only slow to unpack a big image under TCG).
 pub fn agent_bin() -> Result<PathBuf> {
-    match std::env::var_os("LUNA_TEST_AGENT") {
-        Some(p) if !p.is_empty() => {
-            let path = PathBuf::from(p);
-            if path.is_file() {
-                Ok(path)
-            } else {
-                Err(HarnessError::io(
-                    format!("LUNA_TEST_AGENT={}", path.display()),
-                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-                ))
-            }
+    if let Some(p) = std::env::var_os("LUNA_TEST_AGENT").filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(p);
+        if !path.is_file() {
+            return Err(HarnessError::io(
+                format!("LUNA_TEST_AGENT={}", path.display()),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            ));
         }
+        return Ok(path);
+    }
+    let profile = profile_dir();
+    match profile.parent().map(|t| t.join("x86_64-unknown-linux-musl/agent/luna-agent")) {
+        Some(p) if p.is_file() => Ok(p),
         _ => cargo_bin("luna-agent"),
     }
 }

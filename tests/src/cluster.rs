@@ -27,9 +27,6 @@ pub struct ClusterOptions {
     /// The seeder's upload limit (`[image] upload_limit_bytes_per_s`; 0 = none). A limit makes
     /// nodes fetch from each other and makes a download last long enough to interrupt.
     pub upload_limit: u64,
-    /// The luna-agent dracut puts into the initramfs; `None`: `$LUNA_TEST_AGENT` when set, else
-    /// the debug build of this tree (an optimised agent unpacks a big image much faster in TCG).
-    pub agent: Option<PathBuf>,
     /// RAM of each node VM: the image is unpacked into a tmpfs, so a real distribution needs
     /// more than the busybox test image.
     pub vm_memory_mb: u32,
@@ -37,7 +34,7 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { subnet: "10.79.0".into(), seed: true, upload_limit: 0, agent: None, vm_memory_mb: 1024 }
+        ClusterOptions { subnet: "10.79.0".into(), seed: true, upload_limit: 0, vm_memory_mb: 1024 }
     }
 }
 
@@ -131,13 +128,7 @@ impl Cluster {
     /// `dracut` as the server runs it (`[image] dracut`): this tree's 95luna module and agent.
     fn write_dracut_wrapper(&self) -> Result<()> {
         let base = private_dracut_base(self.dir())?;
-        let agent = match &self.opts.agent {
-            Some(a) => a.clone(),
-            None => agent_bin()?,
-        };
-        if !agent.is_file() {
-            return Err(HarnessError::Setup(format!("luna-agent {} does not exist", agent.display())));
-        }
+        let agent = agent_bin()?;
         let wrapper = self.dir().join("dracut");
         let script = format!(
             "#!/bin/sh\n# dracut with this source tree's luna module and agent; fast compression (the test\n\

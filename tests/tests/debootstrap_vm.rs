@@ -18,9 +18,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use luna_tests::{
-    cargo_bin, privileged, profile_dir, work_dir, workspace_root, Cluster, ClusterOptions, Vm, BOOTED_MARKER,
-};
+use luna_tests::{privileged, work_dir, workspace_root, Cluster, ClusterOptions, Vm, BOOTED_MARKER};
 use serde_json::Value;
 
 const SUBNET: &str = "10.77.9";
@@ -63,25 +61,6 @@ fn debian_tree() -> PathBuf {
     PathBuf::from(root.trim())
 }
 
-/// `LUNA_TEST_AGENT`, else the `--profile agent` musl build next to this test's profile, else
-/// the debug build.
-fn agent() -> PathBuf {
-    if let Some(p) = std::env::var_os("LUNA_TEST_AGENT").filter(|p| !p.is_empty()) {
-        return PathBuf::from(p);
-    }
-    let optimised = profile_dir().parent().map(|t| t.join("x86_64-unknown-linux-musl/agent/luna-agent"));
-    match optimised {
-        Some(p) if p.is_file() => p,
-        _ => {
-            println!(
-                "debootstrap: no optimised agent (cargo build -p luna-agent --profile agent --target \
-                 x86_64-unknown-linux-musl); the debug one is slow"
-            );
-            cargo_bin("luna-agent").expect("luna-agent binary")
-        }
-    }
-}
-
 /// Fails the test naming `what`, with the node's status, the console tail and the server's.
 fn fail(c: &Cluster, vm: &Vm, what: &str) -> ! {
     let status = c.api("GET", &format!("/api/v1/node/{NODE}"), None).map(|n| n["status"].clone());
@@ -116,7 +95,6 @@ fn debian_minbase_pxe_boots_from_luna_to_multi_user() {
 
     let opts = ClusterOptions {
         subnet: SUBNET.into(),
-        agent: Some(agent()),
         // the unpacked tree (about 500 MB) lives in the node's RAM
         vm_memory_mb: 2560,
         ..ClusterOptions::default()
