@@ -9,33 +9,35 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use crate::download::{CHANNEL, CHUNK};
 use crate::os::Os;
-use crate::unpack::{unpack_tar_zst, BlockReader, UnpackStats};
+use crate::unpack::{unpack_tar_zst, BlockPool, BlockReader, UnpackStats};
 
-/// The agent's pipeline on a local file: a reader thread hashes and hands 64 KiB chunks over a
-/// bounded channel to the unpacker. Returns the stats and the archive's SHA-256.
+/// The agent's pipeline on a local file, as `download::fetch_once` runs it: a reader thread
+/// hashes and hands chunks over a bounded channel to the unpacker, which returns them for reuse.
+/// Returns the stats and the archive's SHA-256.
 pub fn agent_unpack(archive: &Path, root: &Path, os: &dyn Os) -> anyhow::Result<(UnpackStats, String)> {
-    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(32);
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(CHANNEL);
+    let (pool, recycle) = BlockPool::new();
     let path = archive.to_path_buf();
     let reader = std::thread::spawn(move || -> std::io::Result<String> {
         let mut f = std::fs::File::open(&path)?;
         let mut h = Sha256::new();
         loop {
-            // The swarm path's chunk size (download.rs).
-            let mut buf = vec![0u8; 64 * 1024];
-            let n = f.read(&mut buf)?;
+            let mut chunk = pool.take(CHUNK);
+            let n = f.read(&mut chunk)?;
             if n == 0 {
                 break;
             }
-            buf.truncate(n);
-            h.update(&buf);
-            if tx.send(buf).is_err() {
+            chunk.truncate(n);
+            h.update(&chunk);
+            if tx.send(chunk).is_err() {
                 break;
             }
         }
         Ok(hex::encode(h.finalize()))
     });
-    let stats = unpack_tar_zst(BlockReader::new(rx), root, os)?;
+    let stats = unpack_tar_zst(BlockReader::new(move || rx.recv().ok(), recycle), root, os)?;
     let sha = reader.join().map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
     Ok((stats, sha))
 }
@@ -141,4 +143,95 @@ pub fn bench_unpack(archive: &Path, scratch: &Path, rounds: u32, os: &dyn Os) ->
     let median = ratios[ratios.len() / 2];
     println!("agent streaming unpack (incl. sha256) vs zstd -dc | tar -x: median ratio agent/shell {median:.2} over {rounds} rounds (target <= 1.11, i.e. >= 0.9x the speed)");
     Ok(median)
+}
+
+/// Kills and reaps a helper process when dropped, so a failed bench leaves no seeder behind.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What [`bench_fetch`] measured.
+#[derive(Debug)]
+pub struct FetchRun {
+    pub wall: Duration,
+    /// The fetching process's peak resident set (`ru_maxrss`), in bytes.
+    pub peak_rss: u64,
+    /// The fetch's own summary line.
+    pub summary: String,
+}
+
+/// `luna-agent bench-fetch ARCHIVE [SCRATCH]`: seeds ARCHIVE from one `luna-agent seed` process
+/// and fetches it through the swarm with another (`luna-agent fetch`, the install's download and
+/// unpack into SCRATCH/fetch), then reports the fetching process's peak RSS: what a node's RAM must
+/// hold besides its tree (target at most 64 MiB, whatever the image size).
+pub fn bench_fetch(archive: &Path, scratch: &Path) -> anyhow::Result<FetchRun> {
+    use std::io::BufRead;
+    use std::process::Stdio;
+
+    let exe = std::env::current_exe()?;
+    let size = std::fs::metadata(archive).map_err(|e| anyhow::anyhow!("archive {}: {e}", archive.display()))?.len();
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(archive)?, &mut hasher)?;
+    let sha = hex::encode(hasher.finalize());
+    // Only a subdirectory of SCRATCH is emptied and removed, never SCRATCH itself.
+    let work = scratch.join("fetch");
+    fresh(&work)?;
+    let torrent = work.join("image.torrent");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let listen = format!("127.0.0.1:{port}");
+
+    let mut seeder = Reaped(
+        Command::new(&exe)
+            .arg("seed")
+            .arg(archive)
+            .arg("--torrent")
+            .arg(&torrent)
+            .args(["--listen", &listen])
+            .env("LUNA_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
+    let out = seeder.0.stdout.take().expect("piped stdout");
+    let mut seeding = String::new();
+    std::io::BufReader::new(out).read_line(&mut seeding)?;
+    anyhow::ensure!(seeding.starts_with("seeding"), "the seeder exited before seeding ({})", seeder.0.wait()?);
+
+    let t = Instant::now();
+    let fetcher = Command::new(&exe)
+        .arg("fetch")
+        // Nothing listens there: the whole image must come from the swarm.
+        .args(["--url", "http://127.0.0.1:9/unused", "--sha256", &sha, "--size", &size.to_string()])
+        .arg("--dir")
+        .arg(work.join("tree"))
+        .arg("--torrent")
+        .arg(&torrent)
+        .args(["--peer", &listen])
+        .env("LUNA_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let pid = fetcher.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: getrusage-style out-parameter, zero-initialised and ours.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own unwaited child; `status` and `ru` are valid and writable. Waiting
+    // here (not through `Child::wait`) is what yields the child's own rusage.
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let wall = t.elapsed();
+    anyhow::ensure!(reaped == pid, "wait for the fetch: {}", std::io::Error::last_os_error());
+    let mut summary = String::new();
+    if let Some(mut out) = fetcher.stdout {
+        out.read_to_string(&mut summary)?;
+    }
+    anyhow::ensure!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "luna-agent fetch failed (wait status {status})"
+    );
+    drop(seeder);
+    std::fs::remove_dir_all(&work)?;
+    Ok(FetchRun { wall, peak_rss: ru.ru_maxrss as u64 * 1024, summary: summary.trim().to_string() })
 }

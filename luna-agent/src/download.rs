@@ -6,12 +6,10 @@
 //! HTTP with `Range: bytes=<consumed>-`. A hash mismatch empties the root and starts over
 //! (over HTTP), a bounded number of times.
 
-use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
 use luna_core::api::PlanImage;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
@@ -22,17 +20,16 @@ use crate::http::{Client, RangeBody};
 use crate::os::Os;
 use crate::report::Reporter;
 use crate::torrent::Swarm;
-use crate::unpack::{clear_dir, unpack_tar_zst, UnpackError, UnpackStats};
+use crate::unpack::{clear_dir, unpack_tar_zst, BlockPool, BlockReader, UnpackError, UnpackStats};
 
 /// Whole attempts (download + verify) before giving up.
 pub const ATTEMPTS: u32 = 3;
 /// Consecutive failed HTTP (re)connections before an attempt gives up.
 const HTTP_FAILURES: u32 = 8;
-/// Read size from the swarm: under musl's mmap threshold (128 KiB), so the per-chunk buffers
-/// come from the heap rather than from mmap/munmap.
-const CHUNK: usize = 64 * 1024;
-/// Chunks in flight between the network and the unpacker.
-const CHANNEL: usize = 32;
+/// Read size from the swarm.
+pub(crate) const CHUNK: usize = 64 * 1024;
+/// Chunks in flight between the network and the unpacker (2 MiB).
+pub(crate) const CHANNEL: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -44,27 +41,6 @@ pub enum FetchError {
     TooLong { url: String, want: u64 },
     #[error(transparent)]
     Unpack(#[from] UnpackError),
-}
-
-/// Feeds the blocking unpacker from the channel.
-struct ChannelReader {
-    rx: mpsc::Receiver<Bytes>,
-    cur: Bytes,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(b) => self.cur = b,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur[..n]);
-        self.cur.advance(n);
-        Ok(n)
-    }
 }
 
 pub struct Job<'a> {
@@ -129,11 +105,13 @@ pub async fn fetch(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched, Fetc
 pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched, FetchError> {
     let url = job.image.http_url.clone();
     let size = job.image.size;
-    let (tx, rx) = mpsc::channel::<Bytes>(CHANNEL);
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHANNEL);
+    let (pool, recycle) = BlockPool::new();
     let root: PathBuf = job.root.to_path_buf();
     let os = job.os.clone();
-    let consumer =
-        tokio::task::spawn_blocking(move || unpack_tar_zst(ChannelReader { rx, cur: Bytes::new() }, &root, &*os));
+    let consumer = tokio::task::spawn_blocking(move || {
+        unpack_tar_zst(BlockReader::new(move || rx.blocking_recv(), recycle), &root, &*os)
+    });
 
     let mut source = match swarm {
         Some(s) => match s.stream().await {
@@ -148,7 +126,6 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched,
     let mut hasher = Sha256::new();
     let mut offset = 0u64;
     let mut out = Fetched::default();
-    let mut buf = vec![0u8; CHUNK];
     let mut backoff = Backoff::standard();
     let mut failures = 0u32;
     let mut consumer_gone = false;
@@ -156,30 +133,36 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched,
 
     loop {
         let chunk = match &mut source {
-            Source::Swarm(stream) => match tokio::time::timeout(job.stall, stream.read(&mut buf)).await {
-                Ok(Ok(0)) => None,
-                Ok(Ok(n)) => Some((Bytes::copy_from_slice(&buf[..n]), true)),
-                Ok(Err(e)) => {
-                    if let Some(s) = swarm {
-                        s.window.park();
+            Source::Swarm(stream) => {
+                let mut chunk = pool.take(CHUNK);
+                match tokio::time::timeout(job.stall, stream.read(&mut chunk)).await {
+                    Ok(Ok(0)) => None,
+                    Ok(Ok(n)) => {
+                        chunk.truncate(n);
+                        Some((chunk, true))
                     }
-                    let why = format!("swarm failed at byte {offset}: {e}");
-                    tracing::warn!("{why}; continuing over http");
-                    job.reporter.step("http-fallback", Some(why)).await;
-                    source = Source::Http(None);
-                    continue;
-                }
-                Err(_) => {
-                    if let Some(s) = swarm {
-                        s.window.park();
+                    Ok(Err(e)) => {
+                        if let Some(s) = swarm {
+                            s.window.park();
+                        }
+                        let why = format!("swarm failed at byte {offset}: {e}");
+                        tracing::warn!("{why}; continuing over http");
+                        job.reporter.step("http-fallback", Some(why)).await;
+                        source = Source::Http(None);
+                        continue;
                     }
-                    let why = format!("swarm stalled {}s at byte {offset}", job.stall.as_secs());
-                    tracing::warn!("{why}; continuing over http");
-                    job.reporter.step("http-fallback", Some(why)).await;
-                    source = Source::Http(None);
-                    continue;
+                    Err(_) => {
+                        if let Some(s) = swarm {
+                            s.window.park();
+                        }
+                        let why = format!("swarm stalled {}s at byte {offset}", job.stall.as_secs());
+                        tracing::warn!("{why}; continuing over http");
+                        job.reporter.step("http-fallback", Some(why)).await;
+                        source = Source::Http(None);
+                        continue;
+                    }
                 }
-            },
+            }
             Source::Http(body) => {
                 if offset >= size {
                     None
@@ -198,7 +181,9 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched,
                         Ok(Some(b)) => {
                             failures = 0;
                             backoff.reset();
-                            Some((b, false))
+                            let mut chunk = pool.take(0);
+                            chunk.extend_from_slice(&b);
+                            Some((chunk, false))
                         }
                         // Ended early or broke: resume from where we are.
                         other => {

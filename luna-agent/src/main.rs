@@ -22,6 +22,8 @@ const USAGE: &str = "usage:
       write a .torrent for ARCHIVE and seed it until killed (testing, measuring)
   luna-agent bench-unpack ARCHIVE [SCRATCH] [--rounds N]
       streaming unpack against `zstd -dc | tar -x` (N rounds, default 3; median ratio)
+  luna-agent bench-fetch ARCHIVE [SCRATCH]
+      seed ARCHIVE, fetch it through the swarm in a second process, report its peak RSS
 environment: LUNA_LOG=error|warn|info|debug|trace (default info)";
 
 struct Args {
@@ -138,6 +140,20 @@ fn real_main() -> anyhow::Result<()> {
             let scratch =
                 args.rest.get(1).map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("luna-bench"));
             luna_agent::bench::bench_unpack(&archive, &scratch, rounds, &RealOs)?;
+            Ok(())
+        }
+        "bench-fetch" => {
+            let archive = PathBuf::from(args.rest.first().context("bench-fetch needs an ARCHIVE")?);
+            let scratch =
+                args.rest.get(1).map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("luna-bench-fetch"));
+            let run = luna_agent::bench::bench_fetch(&archive, &scratch)?;
+            println!("{}", run.summary);
+            println!(
+                "swarm fetch + unpack of {}: {:.2} s, peak RSS {:.1} MiB (target <= 64 MiB)",
+                archive.display(),
+                run.wall.as_secs_f64(),
+                run.peak_rss as f64 / (1 << 20) as f64
+            );
             Ok(())
         }
         other => bail!("unknown command '{other}'\n{USAGE}"),

@@ -812,3 +812,38 @@ async fn agents_booting_together_get_a_big_image_from_the_swarm() {
     }
     seed.stop().await;
 }
+
+/// `luna-agent bench-fetch`: one process seeds, a second fetches through the swarm and unpacks,
+/// and its peak RSS is reported; the whole image must come from the peer.
+#[test]
+fn bench_fetch_reports_the_peak_rss_of_a_swarm_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("image.tar.zst");
+    let (_, size) = write_big_archive(&archive, 24);
+    let scratch = dir.path().join("scratch");
+    let run = |archive: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_luna-agent"))
+            .arg("bench-fetch")
+            .arg(archive)
+            .arg(&scratch)
+            .output()
+            .unwrap()
+    };
+    let out = run(&archive);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("{size} bytes from peers, 0 over http")), "{stdout}");
+    let rss: f64 = stdout
+        .split("peak RSS ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|mib| mib.parse().ok())
+        .unwrap_or_else(|| panic!("no peak RSS in {stdout}"));
+    assert!(rss > 1.0 && rss < 64.0, "peak RSS {rss} MiB");
+    assert!(!scratch.join("fetch").exists(), "the bench cleans up after itself");
+
+    let missing = dir.path().join("no-such.tar.zst");
+    let out = run(&missing);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such.tar.zst"), "{out:?}");
+}
