@@ -59,6 +59,13 @@ async fn env() -> Env {
 }
 
 impl Env {
+    /// An admin adds `name` to group compute with `mac`.
+    async fn add_node(&self, name: &str, mac: &str) {
+        let node = json!({"name": name, "group": "compute", "mac": mac});
+        let (s, v) = self.call("POST", "/api/v1/node", Some(node), true, None).await;
+        assert_eq!(s, StatusCode::CREATED, "add {name}: {v}");
+    }
+
     async fn call(
         &self,
         method: &str,
@@ -103,14 +110,7 @@ impl Env {
 #[tokio::test]
 async fn known_node_gets_its_kernel_command_line() {
     let e = env().await;
-    e.call(
-        "POST",
-        "/api/v1/node",
-        Some(json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01"})),
-        true,
-        None,
-    )
-    .await;
+    e.add_node("node001", "52:54:00:00:00:01").await;
     let (s, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(script.starts_with("#!ipxe\n"), "{script}");
@@ -150,14 +150,7 @@ async fn known_node_gets_its_kernel_command_line() {
 async fn unknown_mac_gets_the_menu_and_can_bind() {
     let e = env().await;
     e.call("POST", "/api/v1/node", Some(json!({"name": "node[001-002]", "group": "compute"})), true, None).await;
-    e.call(
-        "POST",
-        "/api/v1/node",
-        Some(json!({"name": "node003", "group": "compute", "mac": "52:54:00:00:00:03"})),
-        true,
-        None,
-    )
-    .await;
+    e.add_node("node003", "52:54:00:00:00:03").await;
     let (s, menu) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:99", None, false, None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(menu.contains("menu ") && menu.contains("node001") && menu.contains("node002"), "{menu}");
@@ -175,14 +168,7 @@ async fn unknown_mac_gets_the_menu_and_can_bind() {
 #[tokio::test]
 async fn kernel_is_served_with_ranges() {
     let e = env().await;
-    e.call(
-        "POST",
-        "/api/v1/node",
-        Some(json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01"})),
-        true,
-        None,
-    )
-    .await;
+    e.add_node("node001", "52:54:00:00:00:01").await;
     let (s, body) = e.raw("GET", "/boot/node/node001/kernel", None, false, None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(body.len(), String::from_utf8_lossy(&(0..=255u8).cycle().take(10_000).collect::<Vec<u8>>()).len());
@@ -197,14 +183,7 @@ async fn kernel_is_served_with_ranges() {
 #[tokio::test]
 async fn only_the_node_itself_gets_its_plan() {
     let e = env().await;
-    e.call(
-        "POST",
-        "/api/v1/node",
-        Some(json!({"name": "node001", "group": "compute", "mac": "52:54:00:00:00:01"})),
-        true,
-        None,
-    )
-    .await;
+    e.add_node("node001", "52:54:00:00:00:01").await;
     let (s, v) = e.call("GET", "/boot/plan?node=node001", None, false, Some("10.141.0.1")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["hostname"], "node001");
