@@ -22,6 +22,17 @@ pub const CIDR: &str = "10.99.0.0/20";
 pub const SERVER_DEV: &str = "veth-s";
 pub const CLIENT_DEV: &str = "veth-g";
 
+/// The flags every boot-path bench takes (flattened into each bench's own).
+#[derive(clap::Args, Debug)]
+pub struct CommonArgs {
+    /// Nodes in the cluster, each with its own MAC and reserved address (at most 4000).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(1..=4000))]
+    pub nodes: u16,
+    /// How long each server is measured, in seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub seconds: u64,
+}
+
 /// Server namespace and generator namespace, one veth pair between them.
 pub struct Link {
     pub server: Netns,

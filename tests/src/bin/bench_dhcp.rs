@@ -19,32 +19,27 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
 use dhcproto::v4::MessageType;
 use luna_server::dhcp::packet::client;
 use luna_server::dhcp::Request;
-use luna_tests::bench::{self, BenchNode, Link, CLIENT_DEV, SERVER_DEV, SERVER_IP};
+use luna_tests::bench::{self, BenchNode, CommonArgs, Link, CLIENT_DEV, SERVER_DEV, SERVER_IP};
 use luna_tests::ChildGuard;
 
+/// DHCP transactions per second: luna-server against dnsmasq and Kea.
+#[derive(clap::Parser)]
 struct Args {
-    nodes: usize,
-    in_flight: usize,
-    seconds: u64,
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Transactions open at a time (at most --nodes).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+    in_flight: u16,
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args { nodes: 1024, in_flight: 256, seconds: 10 };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| anyhow!("{flag} needs a value"));
-        match flag.as_str() {
-            "--nodes" => a.nodes = value()?.parse().context("--nodes")?,
-            "--in-flight" => a.in_flight = value()?.parse().context("--in-flight")?,
-            "--seconds" => a.seconds = value()?.parse().context("--seconds")?,
-            other => bail!("unknown argument '{other}'"),
-        }
-    }
-    if a.nodes == 0 || a.in_flight == 0 || a.in_flight > a.nodes || a.nodes > 4000 {
-        bail!("need 0 < --in-flight <= --nodes <= 4000");
+    let a = Args::parse();
+    if a.in_flight > a.common.nodes {
+        bail!("--in-flight {} is more than --nodes {}", a.in_flight, a.common.nodes);
     }
     Ok(a)
 }
@@ -184,9 +179,9 @@ fn wait_answering(link: &Link, nodes: &[BenchNode]) -> Result<()> {
 
 fn measure(name: &str, link: &Link, nodes: &[BenchNode], a: &Args) -> Result<f64> {
     wait_answering(link, nodes)?;
-    let (t, took) = link
-        .client
-        .enter(|| generate(nodes, a.in_flight, Duration::from_secs(2), Duration::from_secs(a.seconds)))??;
+    let (t, took) = link.client.enter(|| {
+        generate(nodes, a.in_flight.into(), Duration::from_secs(2), Duration::from_secs(a.common.seconds))
+    })??;
     let rate = t.done as f64 / took.as_secs_f64();
     println!(
         "{name:<8} {rate:10.1} DORA/s  ({} done in {took:.1?}, {} retried after {RETRY_AFTER:?}, {} nak, {} wrong address)",
@@ -256,13 +251,13 @@ fn main() -> Result<()> {
     let link = Link::new()?;
     println!(
         "{} reservations, {} transactions in flight, {} s per server, generator and server in two netns over veth ({CLIENT_DEV} → {SERVER_DEV})",
-        a.nodes, a.in_flight, a.seconds
+        a.common.nodes, a.in_flight, a.common.seconds
     );
 
     let luna_dir = dir.path().join("luna");
     std::fs::create_dir_all(&luna_dir)?;
     let config = bench::luna_config(&luna_dir)?;
-    let nodes = bench::populate_luna(&config, a.nodes)?;
+    let nodes = bench::populate_luna(&config, a.common.nodes.into())?;
     let luna = {
         let _server = bench::start_luna(&link, &config)?;
         measure("luna", &link, &nodes, &a)?

@@ -15,33 +15,20 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use luna_tests::bench::{self, BenchNode, Link, SERVER_IP};
+use clap::Parser;
+use luna_tests::bench::{self, BenchNode, CommonArgs, Link, SERVER_IP};
 use luna_tests::ChildGuard;
 
 const TARGET: f64 = 20_000.0;
 
+/// Boot-script requests per second: luna-server against nginx serving a static file.
+#[derive(clap::Parser)]
 struct Args {
-    nodes: usize,
-    connections: usize,
-    seconds: u64,
-}
-
-fn parse_args() -> Result<Args> {
-    let mut a = Args { nodes: 1024, connections: 512, seconds: 10 };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| anyhow!("{flag} needs a value"));
-        match flag.as_str() {
-            "--nodes" => a.nodes = value()?.parse().context("--nodes")?,
-            "--connections" => a.connections = value()?.parse().context("--connections")?,
-            "--seconds" => a.seconds = value()?.parse().context("--seconds")?,
-            other => bail!("unknown argument '{other}'"),
-        }
-    }
-    if a.nodes == 0 || a.connections == 0 || a.seconds == 0 {
-        bail!("--nodes, --connections and --seconds must be positive");
-    }
-    Ok(a)
+    #[command(flatten)]
+    common: CommonArgs,
+    /// wrk's open connections.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u16).range(1..))]
+    connections: u16,
 }
 
 /// A wrk script that walks through `paths` round-robin.
@@ -65,7 +52,7 @@ fn wrk(link: &Link, url: &str, script: &Path, a: &Args) -> Result<WrkResult> {
     let out = link
         .client
         .command("wrk")
-        .args(["-t2", &format!("-c{}", a.connections), &format!("-d{}s", a.seconds), "--timeout", "5s", "-s"])
+        .args(["-t2", &format!("-c{}", a.connections), &format!("-d{}s", a.common.seconds), "--timeout", "5s", "-s"])
         .arg(script)
         .arg(url)
         .output()
@@ -138,9 +125,9 @@ fn check_status(link: &Link, dir: &Path, nodes: &[BenchNode], requests: u64) -> 
 }
 
 fn main() -> Result<()> {
-    let a = parse_args()?;
+    let a = Args::parse();
     let nofile = bench::raise_nofile();
-    if nofile < a.connections as u64 * 2 + 64 {
+    if nofile < u64::from(a.connections) * 2 + 64 {
         bail!("open-files limit {nofile} is too low for {} connections", a.connections);
     }
     let dir = tempfile::Builder::new().prefix("bench-http-").tempdir()?;
@@ -148,7 +135,7 @@ fn main() -> Result<()> {
     let luna_dir = dir.path().join("luna");
     std::fs::create_dir_all(&luna_dir)?;
     let config = bench::luna_config(&luna_dir)?;
-    let nodes = bench::populate_luna(&config, a.nodes)?;
+    let nodes = bench::populate_luna(&config, a.common.nodes.into())?;
     let _luna = bench::start_luna(&link, &config)?;
     bench::wait_tcp(&link.client, &format!("{SERVER_IP}:7050"), Duration::from_secs(30))?;
 
@@ -167,10 +154,10 @@ fn main() -> Result<()> {
     }
     println!(
         "GET /boot/ipxe?mac=<one of {} known MACs> ({} bytes), wrk -t2 -c{} -d{}s, wrk and server in two netns",
-        a.nodes,
+        a.common.nodes,
         body.len(),
         a.connections,
-        a.seconds
+        a.common.seconds
     );
     let luna = wrk(&link, &format!("http://{SERVER_IP}:7050"), &script, &a)?;
     println!(
