@@ -9,7 +9,10 @@ luna_shell() {
     echo "luna: $*"
     echo
     if [ -n "$DRACUT_SYSTEMD" ]; then
-        # The same way dracut's own emergency shell gets the console under systemd.
+        # A hook's output goes to the journal under systemd: the banner goes to the console.
+        printf '\nluna: %s\n\n' "$*" > /dev/console
+        # The same way dracut's own emergency shell gets the console under systemd (sulogin:
+        # Enter, then the shell with this prompt).
         : > /.console_lock
         echo "PS1=\"$_luna_name:\\\${PWD}# \"" > /etc/profile
         systemctl start dracut-emergency.service

@@ -63,5 +63,9 @@ install() {
     inst_script "$moddir/lunaroot.sh" /sbin/lunaroot
     inst_simple "$moddir/luna-lib.sh" /lib/luna-lib.sh
 
+    if dracut_module_included "systemd"; then
+        inst_simple "$moddir/luna-sysroot.conf" "${systemdsystemconfdir:-/etc/systemd/system}/sysroot.mount.d/luna.conf"
+    fi
+
     dracut_need_initqueue
 }

@@ -32,7 +32,10 @@ pub struct Script<'a> {
 }
 
 pub trait Os: Send + Sync {
-    /// `mount -t fstype [-o data] source target`, or `mount --bind source target` when `bind`.
+    /// `mount -t fstype [-o data] source target`, or when `bind`
+    /// `mount --rbind --make-rslave source target`: unmounts in the bound tree stay there. Under
+    /// systemd every mount is shared, and unmounting a plain rbind of /sys took /sys/fs/cgroup
+    /// away from the initramfs's systemd too (its next unit failed to start).
     fn mount(
         &self,
         source: &str,
@@ -78,7 +81,22 @@ impl Os for RealOs {
     ) -> io::Result<()> {
         use nix::mount::MsFlags;
         let flags = if bind { MsFlags::MS_BIND | MsFlags::MS_REC } else { MsFlags::empty() };
-        nix::mount::mount(Some(source), target, fstype, flags, data).map_err(io::Error::from)
+        nix::mount::mount(Some(source), target, fstype, flags, data).map_err(io::Error::from)?;
+        if bind {
+            let slave = nix::mount::mount(
+                None::<&str>,
+                target,
+                None::<&str>,
+                MsFlags::MS_SLAVE | MsFlags::MS_REC,
+                None::<&str>,
+            );
+            if let Err(e) = slave {
+                // Unbound again rather than left shared.
+                let _ = self.umount(target);
+                return Err(io::Error::from(e));
+            }
+        }
+        Ok(())
     }
 
     fn umount(&self, target: &Path) -> io::Result<()> {
@@ -330,5 +348,46 @@ impl Os for RecordingOs {
             Some(b) => Ok(b.handle(req.netfn, req.cmd, &req.data)),
             None => Err(io::Error::new(io::ErrorKind::NotFound, "no ipmi device")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::mount::{mount, MsFlags};
+
+    /// The postscript's binds under systemd, where every mount is shared: unmounting the bound
+    /// tree must leave the original's submounts (there: /sys/fs/cgroup) where they are.
+    /// Needs root (`LUNA_TEST_PRIVILEGED=1`); runs in a private mount namespace of its own.
+    #[test]
+    fn unmounting_a_bind_leaves_the_shared_original_alone() {
+        if std::env::var("LUNA_TEST_PRIVILEGED").as_deref() != Ok("1") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().to_path_buf();
+        // A thread of its own: the mount namespace goes away with it.
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare the mount namespace");
+            let none = None::<&str>;
+            // Nothing here propagates back to the machine's namespace.
+            mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).unwrap();
+            let (orig, bound) = (dir.join("sys"), dir.join("sysroot-sys"));
+            std::fs::create_dir_all(&orig).unwrap();
+            std::fs::create_dir_all(&bound).unwrap();
+            mount(Some("tmpfs"), &orig, Some("tmpfs"), MsFlags::empty(), none).unwrap();
+            mount(none, &orig, none, MsFlags::MS_SHARED, none).unwrap();
+            std::fs::create_dir(orig.join("cgroup")).unwrap();
+            mount(Some("tmpfs"), &orig.join("cgroup"), Some("tmpfs"), MsFlags::empty(), none).unwrap();
+            std::fs::write(orig.join("cgroup/marker"), "still mounted").unwrap();
+
+            RealOs.mount(orig.to_str().unwrap(), &bound, None, true, None).unwrap();
+            assert!(bound.join("cgroup/marker").exists(), "the bind shows the submount");
+            RealOs.umount(&bound).unwrap();
+            assert!(!bound.join("cgroup").exists(), "unbound");
+            assert_eq!(std::fs::read_to_string(orig.join("cgroup/marker")).ok().as_deref(), Some("still mounted"));
+        })
+        .join()
+        .unwrap();
     }
 }

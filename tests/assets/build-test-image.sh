@@ -19,7 +19,7 @@
 set -euo pipefail
 
 # bump when the layout or content changes, so cached assets are rebuilt
-ASSET_VERSION=3
+ASSET_VERSION=4
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUT="${1:-${LUNA_TEST_WORK:-$here/../work}/assets}"
@@ -213,33 +213,12 @@ mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 [ -s /etc/hostname ] && hostname "$(cat /etc/hostname)"
-url=
-node=
-token=
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in
-        luna.url=*) url="${arg#luna.url=}" ;;
-        luna.node=*) node="${arg#luna.node=}" ;;
-        luna.token=*) token="${arg#luna.token=}" ;;
-    esac
-done
-report=none
-if [ -n "$url" ] && [ -n "$node" ]; then
-    # the address the initramfs configured survives the switch of root
-    addr="$(ip -4 addr show | awk '/inet / && $2 !~ /^127\./ {sub("/.*", "", $2); print $2; exit}')"
-    body="{\"step\":\"booted\",\"message\":\"$(hostname) is up at ${addr:-no address}\"}"
-    if timeout 20 wget -q -O /dev/null --header 'Content-Type: application/json' --post-data "$body" \
-        "$url/boot/status?node=$node&token=$token"; then
-        report=ok
-    else
-        report=failed
-    fi
-fi
-echo "LUNA-BOOTED host=$(hostname) report=$report" >/dev/console
+/usr/sbin/luna-report-booted
 sync
 poweroff -f
 EOF
     chmod 755 "$t/sbin/init"
+    install -m 0755 "$here/../../scripts/image/luna-report-booted" "$t/usr/sbin/luna-report-booted"
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$t/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$t/etc/group"
     printf 'root:*:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\n' >"$t/etc/shadow"

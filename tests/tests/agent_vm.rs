@@ -18,8 +18,15 @@ use luna_core::api::{InstallPlan, PlanBmc, PlanImage, PlanInterface, StatusRepor
 use luna_core::model::{BmcProtocol, Secret};
 use luna_tests::{agent_bin, privileged, test_assets, work_dir, ChildGuard, Netns, Vm, BOOTED_MARKER};
 
-/// Builds an initramfs with 95luna for the test kernel; returns its path.
-pub fn build_initramfs(agent: &Path, out: &Path) {
+/// Which init the initramfs runs: dracut's shell script, or systemd with dracut's units.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Init {
+    Dracut,
+    Systemd,
+}
+
+/// Builds an initramfs with 95luna for the test kernel at `out`.
+fn build_initramfs(agent: &Path, out: &Path, init: Init) {
     let assets = test_assets().expect("boot assets (tests/assets/build-test-image.sh)");
     let base = luna_tests::private_dracut_base(out.parent().expect("initramfs path has a directory"))
         .expect("private dracut base");
@@ -32,7 +39,11 @@ pub fn build_initramfs(agent: &Path, out: &Path) {
         .args(["--force", "--no-hostonly", "--kver", &assets.kver, "--kmoddir"])
         .arg(&modules)
         // Without the generic module sets the image builds in a fraction of the time.
-        .args(["--omit", "systemd systemd-initrd systemd-networkd dracut-systemd plymouth i18n kernel-modules kernel-modules-extra qemu qemu-net"])
+        .args(["--omit", "plymouth i18n kernel-modules kernel-modules-extra qemu qemu-net systemd-networkd"])
+        .args(match init {
+            Init::Dracut => ["--omit", "systemd systemd-initrd dracut-systemd"],
+            Init::Systemd => ["--add", "systemd systemd-initrd dracut-systemd"],
+        })
         .args(["--add", "luna network-legacy base", "--add-drivers", "virtio_net virtio_pci e1000 af_packet"])
         // Unstripped, so the agent in the image is byte for byte the one built.
         .args(["--compress", "gzip -1", "--nostrip"])
@@ -56,7 +67,7 @@ fn dracut_initramfs_has_the_agent_and_hooks() {
     let dir = work_dir().join("agent-initramfs");
     std::fs::create_dir_all(&dir).unwrap();
     let img = dir.join("luna-initrd.img");
-    build_initramfs(&agent, &img);
+    build_initramfs(&agent, &img, Init::Dracut);
 
     let out = Command::new("lsinitrd").arg(&img).output().expect("run lsinitrd");
     assert!(out.status.success());
@@ -229,20 +240,10 @@ impl SimBmc {
     }
 }
 
-#[test]
-fn vm_installs_from_a_plan_and_switches_root() {
-    if !privileged() {
-        return;
-    }
+/// The test image (the harness's busybox root, whose /sbin/init prints BOOTED_MARKER with the
+/// hostname), packed as the server packs images; returns the archive and its sha256.
+fn pack_test_image(dir: &Path) -> (Vec<u8>, String) {
     let assets = test_assets().expect("boot assets");
-    let agent = agent_bin().expect("luna-agent binary");
-    let dir = work_dir().join("agent-vm");
-    std::fs::create_dir_all(&dir).unwrap();
-    let img = dir.join("luna-initrd.img");
-    build_initramfs(&agent, &img);
-
-    // The image: the harness's busybox root, whose /sbin/init prints BOOTED_MARKER with the
-    // hostname, packed as the server packs images.
     let archive_path = dir.join("image.tar.zst");
     let packed = Command::new("sh")
         .arg("-c")
@@ -257,8 +258,15 @@ fn vm_installs_from_a_plan_and_switches_root() {
     let sum = Command::new("sha256sum").arg(&archive_path).output().expect("run sha256sum");
     let sha256 = String::from_utf8_lossy(&sum.stdout).split_whitespace().next().unwrap_or("").to_string();
     assert_eq!(sha256.len(), 64, "sha256sum output");
-    let base = "http://10.77.0.1:7050";
-    let plan = InstallPlan {
+    (archive, sha256)
+}
+
+const BASE: &str = "http://10.77.0.1:7050";
+
+/// node001's plan: the image over HTTP only (its torrent is missing), a post-script, and the
+/// BMC setup when `bmc` is given.
+fn plan(archive: &[u8], sha256: String, bmc: Option<PlanBmc>) -> InstallPlan {
+    InstallPlan {
         node: "node001".into(),
         hostname: "node001".into(),
         domain: "cluster".into(),
@@ -276,8 +284,8 @@ fn vm_installs_from_a_plan_and_switches_root() {
             osimage: "busybox".into(),
             revision: 1,
             // No torrent here: the agent must notice and carry on over HTTP.
-            torrent_url: format!("{base}/image.torrent"),
-            http_url: format!("{base}/image.tar.zst"),
+            torrent_url: format!("{BASE}/image.torrent"),
+            http_url: format!("{BASE}/image.tar.zst"),
             sha256,
             size: archive.len() as u64,
             info_hash: String::new(),
@@ -287,52 +295,181 @@ fn vm_installs_from_a_plan_and_switches_root() {
         postscript: "echo \"post $LUNA_NODE\" > /etc/luna-post".into(),
         torrent_interface: "BOOTIF".into(),
         service: false,
-        setupbmc: true,
-        bmc: Some(PlanBmc {
-            protocol: BmcProtocol::Ipmi,
-            userid: 3,
-            user: "lunaadmin".into(),
-            password: Secret(BMC_PASSWORD.into()),
-            netchannel: 1,
-            mgmtchannel: 1,
-            ip: Some("10.148.0.10".parse().unwrap()),
-            prefix: 16,
-            gateway: Some("10.148.255.254".parse().unwrap()),
-        }),
-        server_url: base.into(),
-    };
+        setupbmc: bmc.is_some(),
+        bmc,
+        server_url: BASE.into(),
+    }
+}
 
+/// The stand-in luna-server (plan, image, status) on 10.77.0.1 inside `ns`, on a tap for the
+/// VM; stops when dropped.
+struct PlanServer {
+    reports: Arc<Mutex<Vec<StatusReport>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<luna_tests::NetnsThread<()>>,
+}
+
+impl PlanServer {
+    fn start(ns: &Netns, plan: &InstallPlan, archive: Vec<u8>) -> PlanServer {
+        ns.add_tap("tap0", None).unwrap();
+        ns.add_addr("tap0", "10.77.0.1/24").unwrap();
+        let reports = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s, p) = (reports.clone(), stop.clone(), serde_json::to_vec(plan).unwrap());
+        let thread = ns
+            .spawn_thread("plan-server", move || {
+                let listener = TcpListener::bind("10.77.0.1:7050").expect("bind the plan server");
+                serve(listener, p, archive, r, s)
+            })
+            .unwrap();
+        PlanServer { reports, stop, thread: Some(thread) }
+    }
+
+    /// The steps reported so far (not the progress reports).
+    fn steps(&self) -> Vec<String> {
+        self.reports.lock().unwrap().iter().filter(|r| r.progress.is_none()).map(|r| r.step.clone()).collect()
+    }
+}
+
+impl Drop for PlanServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            if !std::thread::panicking() {
+                t.join();
+            }
+        }
+    }
+}
+
+/// The kernel command line iPXE would give node001 (static address, BOOTIF).
+fn append() -> String {
+    format!(
+        "console=ttyS0 panic=-1 root=luna luna.url={BASE} luna.node=node001 luna.token={TOKEN} luna.mac={MAC} \
+         ifname=boot0:{MAC} ip=10.77.0.10::10.77.0.1:255.255.255.0:node001:boot0:off BOOTIF=01-{} rd.retry=60",
+        MAC.replace(':', "-")
+    )
+}
+
+/// The install steps every boot from the plan reports, the booted image's own last.
+const INSTALL_STEPS: [&str; 10] = [
+    "plan",
+    "partscript",
+    "download",
+    "http-fallback",
+    "verify",
+    "unpack",
+    "personality",
+    "postscript",
+    "installed",
+    "booted",
+];
+
+/// With systemd as the initramfs's init (dracut-systemd: the hooks run from dracut's units,
+/// network-legacy from udev), the same install and switch root, and service mode.
+#[test]
+fn vm_with_systemd_in_the_initramfs_installs_and_switches_root() {
+    if !privileged() {
+        return;
+    }
+    let assets = test_assets().expect("boot assets");
+    let dir = work_dir().join("agent-vm-systemd");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("luna-initrd.img");
+    build_initramfs(&agent_bin().expect("luna-agent binary"), &img, Init::Systemd);
+    let listing = Command::new("lsinitrd").arg(&img).output().expect("run lsinitrd");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.contains("dracut-initqueue.service"), "not a systemd initramfs:\n{listing}");
+    assert!(listing.contains("sysroot.mount.d/luna.conf"), "no sysroot.mount drop-in:\n{listing}");
+
+    let (archive, sha256) = pack_test_image(&dir);
+    let ns = Netns::new().unwrap();
+    ns.link_up("lo").unwrap();
+    let server = PlanServer::start(&ns, &plan(&archive, sha256, None), archive);
+    let vm = Vm::builder("agent-vm-systemd")
+        .memory_mb(1024)
+        .nic("tap0", MAC)
+        .direct_kernel(&assets.kernel, &img, &append())
+        .spawn_in(&ns)
+        .unwrap();
+    // systemd's emergency mode waits for a login forever: stop at it.
+    let booted = vm
+        .serial()
+        .wait_match(0, BOOTED_MARKER, Duration::from_secs(600), |l| {
+            l.contains(BOOTED_MARKER) || l.contains("Reached target emergency.target")
+        })
+        .map(|(_, line)| line);
+    let steps = server.steps();
+    let line = booted
+        .ok()
+        .filter(|l| l.contains(BOOTED_MARKER))
+        .unwrap_or_else(|| panic!("no {BOOTED_MARKER}\nreports: {steps:?}\n{}", vm.serial().tail(150)));
+    assert!(line.contains("host=node001"), "personality: {line}");
+    for step in INSTALL_STEPS {
+        assert!(steps.iter().any(|s| s == step), "step {step} not reported: {steps:?}");
+    }
+    assert!(!steps.iter().any(|s| s == "error" || s == "bmc"), "{steps:?}");
+    let serial = vm.serial().lines().join("\n");
+    assert!(
+        serial.contains("dracut-initqueue.service"),
+        "systemd did not run the initramfs:\n{}",
+        vm.serial().tail(80)
+    );
+    drop(vm);
+
+    // Service mode under systemd: no install, the service shell (through dracut's emergency
+    // unit), the status `service`.
+    let before = server.steps().len();
+    let vm = Vm::builder("agent-vm-systemd-service")
+        .memory_mb(1024)
+        .nic("tap0", MAC)
+        .direct_kernel(&assets.kernel, &img, &format!("{} luna.service=1", append()))
+        .spawn_in(&ns)
+        .unwrap();
+    if let Err(e) = vm.wait_for("luna: service mode: no install", Duration::from_secs(600)) {
+        panic!("no service shell: {e}\n{}", vm.serial().tail(80));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !server.steps()[before..].iter().any(|s| s == "service") {
+        assert!(std::time::Instant::now() < deadline, "no service report: {:?}", server.steps());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!server.steps()[before..].iter().any(|s| s == "plan" || s == "download"), "{:?}", server.steps());
+    assert!(!vm.serial().contains(BOOTED_MARKER), "service mode installed nothing");
+}
+
+#[test]
+fn vm_installs_from_a_plan_and_switches_root() {
+    if !privileged() {
+        return;
+    }
+    let assets = test_assets().expect("boot assets");
+    let agent = agent_bin().expect("luna-agent binary");
+    let dir = work_dir().join("agent-vm");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("luna-initrd.img");
+    build_initramfs(&agent, &img, Init::Dracut);
+
+    let (archive, sha256) = pack_test_image(&dir);
+    let bmc_plan = PlanBmc {
+        protocol: BmcProtocol::Ipmi,
+        userid: 3,
+        user: "lunaadmin".into(),
+        password: Secret(BMC_PASSWORD.into()),
+        netchannel: 1,
+        mgmtchannel: 1,
+        ip: Some("10.148.0.10".parse().unwrap()),
+        prefix: 16,
+        gateway: Some("10.148.255.254".parse().unwrap()),
+    };
     let ns = Netns::new().unwrap();
     ns.link_up("lo").unwrap();
     let bmc = SimBmc::start(&ns, &dir);
-    ns.add_tap("tap0", None).unwrap();
-    ns.add_addr("tap0", "10.77.0.1/24").unwrap();
-    let reports = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (r, s, p) = (reports.clone(), stop.clone(), serde_json::to_vec(&plan).unwrap());
-    let server = ns
-        .spawn_thread("plan-server", move || {
-            let listener = TcpListener::bind("10.77.0.1:7050").expect("bind the plan server");
-            serve(listener, p, archive, r, s)
-        })
-        .unwrap();
-    struct Stop(Arc<AtomicBool>);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
-    let _stop = Stop(stop);
-
-    let append = format!(
-        "console=ttyS0 panic=-1 root=luna luna.url={base} luna.node=node001 luna.token={TOKEN} luna.mac={MAC} \
-         ifname=boot0:{MAC} ip=10.77.0.10::10.77.0.1:255.255.255.0:node001:boot0:off BOOTIF=01-{} rd.retry=60",
-        MAC.replace(':', "-")
-    );
+    let server = PlanServer::start(&ns, &plan(&archive, sha256, Some(bmc_plan)), archive);
     let vm = Vm::builder("agent-vm")
         .memory_mb(1024)
         .nic("tap0", MAC)
-        .direct_kernel(&assets.kernel, &img, &append)
+        .direct_kernel(&assets.kernel, &img, &append())
         .arg("-chardev")
         .arg("socket,id=ipmi0,host=127.0.0.1,port=9002,reconnect=10")
         .arg("-device")
@@ -342,25 +479,11 @@ fn vm_installs_from_a_plan_and_switches_root() {
         .spawn_in(&ns)
         .unwrap();
     let booted = vm.wait_for(BOOTED_MARKER, Duration::from_secs(600));
-    let steps: Vec<String> =
-        reports.lock().unwrap().iter().filter(|r| r.progress.is_none()).map(|r| r.step.clone()).collect();
+    let steps = server.steps();
     let line =
         booted.unwrap_or_else(|e| panic!("no {BOOTED_MARKER}: {e}\nreports: {steps:?}\n{}", vm.serial().tail(60)));
     assert!(line.contains("host=node001"), "personality: {line}");
-    for step in [
-        "plan",
-        "bmc",
-        "partscript",
-        "download",
-        "http-fallback",
-        "verify",
-        "unpack",
-        "personality",
-        "postscript",
-        "installed",
-        // from the booted image's init
-        "booted",
-    ] {
+    for step in INSTALL_STEPS.iter().chain(&["bmc"]) {
         assert!(steps.iter().any(|s| s == step), "step {step} not reported: {steps:?}");
     }
     assert!(!steps.iter().any(|s| s == "error"), "{steps:?}");
@@ -372,7 +495,7 @@ fn vm_installs_from_a_plan_and_switches_root() {
     assert!(serial.contains(readback), "no bmc read-back on the console:\n{}", vm.serial().tail(80));
     assert!(!serial.contains(BMC_PASSWORD), "the bmc password reached the console");
     // The agent's last report (the image's init reports `booted` after it) keeps the BMC result.
-    let installed = reports.lock().unwrap().iter().rev().find(|r| r.step == "installed").cloned();
+    let installed = server.reports.lock().unwrap().iter().rev().find(|r| r.step == "installed").cloned();
     let done = installed.and_then(|r| r.message).unwrap_or_default();
     assert!(done.ends_with(" installed, switching root; bmc set up"), "{done}");
 
@@ -394,6 +517,4 @@ fn vm_installs_from_a_plan_and_switches_root() {
     assert!(bmc.ipmitool(&ns, "lunaadmin", "not-the-password", &["mc", "info"]).is_err(), "a wrong password logs in");
     let state = std::fs::read_to_string(bmc.dir.join("lan.state")).unwrap_or_default();
     assert!(state.contains("ip_addr_src:static") && state.contains("ip_addr:10.148.0.10"), "{state}");
-    drop(_stop);
-    server.join();
 }
