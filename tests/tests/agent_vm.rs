@@ -25,7 +25,16 @@ enum Init {
     Systemd,
 }
 
-/// Builds an initramfs with 95luna for the test kernel at `out`.
+/// Builds an initramfs with 95luna and the test agent for the test kernel in the work directory
+/// `work`; returns that directory and the image.
+fn initramfs(work: &str, init: Init) -> (PathBuf, PathBuf) {
+    let dir = work_dir().join(work);
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("luna-initrd.img");
+    build_initramfs(&agent_bin().expect("luna-agent binary"), &img, init);
+    (dir, img)
+}
+
 fn build_initramfs(agent: &Path, out: &Path, init: Init) {
     let assets = test_assets().expect("boot assets (tests/assets/build-test-image.sh)");
     let base = luna_tests::private_dracut_base(out.parent().expect("initramfs path has a directory"))
@@ -63,11 +72,8 @@ fn dracut_initramfs_has_the_agent_and_hooks() {
     if !privileged() {
         return;
     }
+    let (_, img) = initramfs("agent-initramfs", Init::Dracut);
     let agent = agent_bin().expect("luna-agent binary");
-    let dir = work_dir().join("agent-initramfs");
-    std::fs::create_dir_all(&dir).unwrap();
-    let img = dir.join("luna-initrd.img");
-    build_initramfs(&agent, &img, Init::Dracut);
 
     let out = Command::new("lsinitrd").arg(&img).output().expect("run lsinitrd");
     assert!(out.status.success());
@@ -373,10 +379,7 @@ fn vm_with_systemd_in_the_initramfs_installs_and_switches_root() {
         return;
     }
     let assets = test_assets().expect("boot assets");
-    let dir = work_dir().join("agent-vm-systemd");
-    std::fs::create_dir_all(&dir).unwrap();
-    let img = dir.join("luna-initrd.img");
-    build_initramfs(&agent_bin().expect("luna-agent binary"), &img, Init::Systemd);
+    let (dir, img) = initramfs("agent-vm-systemd", Init::Systemd);
     let listing = Command::new("lsinitrd").arg(&img).output().expect("run lsinitrd");
     let listing = String::from_utf8_lossy(&listing.stdout);
     assert!(listing.contains("dracut-initqueue.service"), "not a systemd initramfs:\n{listing}");
@@ -444,11 +447,7 @@ fn vm_installs_from_a_plan_and_switches_root() {
         return;
     }
     let assets = test_assets().expect("boot assets");
-    let agent = agent_bin().expect("luna-agent binary");
-    let dir = work_dir().join("agent-vm");
-    std::fs::create_dir_all(&dir).unwrap();
-    let img = dir.join("luna-initrd.img");
-    build_initramfs(&agent, &img, Init::Dracut);
+    let (dir, img) = initramfs("agent-vm", Init::Dracut);
 
     let (archive, sha256) = pack_test_image(&dir);
     let bmc_plan = PlanBmc {
