@@ -42,13 +42,19 @@ pub fn agent_unpack(archive: &Path, root: &Path, os: &dyn Os) -> anyhow::Result<
     Ok((stats, sha))
 }
 
-/// User and system CPU time of this process (`RUSAGE_SELF`) or of its waited-for children
-/// (`RUSAGE_CHILDREN`).
-fn cpu(who: libc::c_int) -> (Duration, Duration) {
-    // SAFETY: getrusage only writes the struct we pass, which is zero-initialised and ours.
+/// Resource usage of this process (`RUSAGE_SELF`) or of its waited-for children
+/// (`RUSAGE_CHILDREN`: CPU times summed, `ru_maxrss` the largest of them).
+fn rusage(who: libc::c_int) -> libc::rusage {
+    // SAFETY: rusage is plain data; all zeroes is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `ru` is a valid, writable rusage; `who` is RUSAGE_SELF or RUSAGE_CHILDREN.
     unsafe { libc::getrusage(who, &mut ru) };
+    ru
+}
+
+/// User and system CPU time, see [`rusage`].
+fn cpu(who: libc::c_int) -> (Duration, Duration) {
+    let ru = rusage(who);
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     (tv(ru.ru_utime), tv(ru.ru_stime))
 }
@@ -202,7 +208,7 @@ pub fn bench_fetch(archive: &Path, scratch: &Path) -> anyhow::Result<FetchRun> {
     anyhow::ensure!(seeding.starts_with("seeding"), "the seeder exited before seeding ({})", seeder.0.wait()?);
 
     let t = Instant::now();
-    let fetcher = Command::new(&exe)
+    let fetch = Command::new(&exe)
         .arg("fetch")
         // Nothing listens there: the whole image must come from the swarm.
         .args(["--url", "http://127.0.0.1:9/unused", "--sha256", &sha, "--size", &size.to_string()])
@@ -212,26 +218,19 @@ pub fn bench_fetch(archive: &Path, scratch: &Path) -> anyhow::Result<FetchRun> {
         .arg(&torrent)
         .args(["--peer", &listen])
         .env("LUNA_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let pid = fetcher.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: getrusage-style out-parameter, zero-initialised and ours.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our own unwaited child; `status` and `ru` are valid and writable. Waiting
-    // here (not through `Child::wait`) is what yields the child's own rusage.
-    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        .output()?;
     let wall = t.elapsed();
-    anyhow::ensure!(reaped == pid, "wait for the fetch: {}", std::io::Error::last_os_error());
-    let mut summary = String::new();
-    if let Some(mut out) = fetcher.stdout {
-        out.read_to_string(&mut summary)?;
-    }
+    // The fetch is the only child waited for so far (the seeder still runs): the children's
+    // peak RSS is the fetch's.
+    let peak_rss = rusage(libc::RUSAGE_CHILDREN).ru_maxrss as u64 * 1024;
+    let summary = String::from_utf8_lossy(&fetch.stdout).trim().to_string();
     anyhow::ensure!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "luna-agent fetch failed (wait status {status})"
+        fetch.status.success(),
+        "luna-agent fetch failed ({}): {}",
+        fetch.status,
+        String::from_utf8_lossy(&fetch.stderr).trim()
     );
     drop(seeder);
     std::fs::remove_dir_all(&work)?;
-    Ok(FetchRun { wall, peak_rss: ru.ru_maxrss as u64 * 1024, summary: summary.trim().to_string() })
+    Ok(FetchRun { wall, peak_rss, summary })
 }

@@ -135,33 +135,25 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched,
         let chunk = match &mut source {
             Source::Swarm(stream) => {
                 let mut chunk = pool.take(CHUNK);
-                match tokio::time::timeout(job.stall, stream.read(&mut chunk)).await {
-                    Ok(Ok(0)) => None,
+                let failed = match tokio::time::timeout(job.stall, stream.read(&mut chunk)).await {
                     Ok(Ok(n)) => {
                         chunk.truncate(n);
-                        Some((chunk, true))
+                        None
                     }
-                    Ok(Err(e)) => {
-                        if let Some(s) = swarm {
-                            s.window.park();
-                        }
-                        let why = format!("swarm failed at byte {offset}: {e}");
-                        tracing::warn!("{why}; continuing over http");
-                        job.reporter.step("http-fallback", Some(why)).await;
-                        source = Source::Http(None);
-                        continue;
+                    Ok(Err(e)) => Some(format!("swarm failed at byte {offset}: {e}")),
+                    Err(_) => Some(format!("swarm stalled {}s at byte {offset}", job.stall.as_secs())),
+                };
+                if let Some(why) = failed {
+                    if let Some(s) = swarm {
+                        s.window.park();
                     }
-                    Err(_) => {
-                        if let Some(s) = swarm {
-                            s.window.park();
-                        }
-                        let why = format!("swarm stalled {}s at byte {offset}", job.stall.as_secs());
-                        tracing::warn!("{why}; continuing over http");
-                        job.reporter.step("http-fallback", Some(why)).await;
-                        source = Source::Http(None);
-                        continue;
-                    }
+                    tracing::warn!("{why}; continuing over http");
+                    job.reporter.step("http-fallback", Some(why)).await;
+                    source = Source::Http(None);
+                    continue;
                 }
+                // An empty read is the end of the stream.
+                (!chunk.is_empty()).then_some((chunk, true))
             }
             Source::Http(body) => {
                 if offset >= size {

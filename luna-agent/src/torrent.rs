@@ -134,8 +134,12 @@ impl Window {
     /// to be evicted, and librqbit never reports a piece the window dropped unread.
     pub fn wants(&self, index: u32) -> bool {
         let read = self.read_piece();
-        let span = (self.cap / self.piece_len()).max(1);
-        index >= read && u64::from(index - read) < span
+        index >= read && u64::from(index - read) < self.span()
+    }
+
+    /// How many pieces from the read position on librqbit may fetch: the window's size.
+    fn span(&self) -> u64 {
+        (self.cap / self.piece_len()).max(1)
     }
 
     /// After the fallback to HTTP: download next to nothing, keep seeding.
@@ -189,7 +193,7 @@ impl Window {
     /// librqbit requests nothing past the span.
     fn evict(&self, st: &mut WindowState, keep: u32) {
         let read = self.read_piece();
-        let span_end = u64::from(read) + (self.cap / self.piece_len()).max(1);
+        let span_end = u64::from(read) + self.span();
         while st.bytes > self.cap {
             let victim = st.pieces.range(..read).map(|(i, _)| *i).find(|i| *i != keep).or_else(|| {
                 st.pieces
