@@ -83,12 +83,19 @@ install_packages() {
         chmod 755 /usr/sbin/policy-rc.d
         own_policy=1
     fi
-    local rc=0
+    local rc=0 round
     apt-get update -q || rc=$?
-    if [ "$rc" -eq 0 ]; then
+    # Two rounds: a machine may come with packages from bookworm-backports (qemu-utils, say) that
+    # apt removes when it installs their bookworm siblings (qemu-system-x86); the second round
+    # installs again whatever the first one took away.
+    for round in 1 2; do
+        [ "$rc" -eq 0 ] || break
         apt-get install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
             "${missing[@]}" || rc=$?
-    fi
+        mapfile -t missing < <(missing_packages)
+        [ "${#missing[@]}" -ne 0 ] || break
+        [ "$round" -eq 2 ] || log "missing after round $round (replaced by apt?): ${missing[*]}"
+    done
     if [ "$own_policy" -eq 1 ]; then
         rm -f /usr/sbin/policy-rc.d
     fi
