@@ -90,7 +90,23 @@ fn to_doc(o: &AnyObject) -> Value {
     let mut o = o.clone();
     // The store owns revisions; the copy inside the document would only go stale.
     o.set_rev(0);
-    o.to_value()
+    let mut doc = o.to_value();
+    if let (AnyObject::Node(_), Some(fields)) = (&o, doc.as_object_mut()) {
+        // A node's status is its own record (`Collection::Status`), never part of the object.
+        fields.remove("status");
+    }
+    doc
+}
+
+/// The status record write that takes `name`'s status from what the store holds (`held`, its
+/// revision) to `status`; `None` when nothing changes.
+fn status_write(name: &str, held: Option<u64>, status: Option<&NodeStatus>) -> Option<Write> {
+    let (collection, key) = (Collection::Status, name.to_string());
+    let expect = held.map_or(Expect::Absent, Expect::Rev);
+    match status {
+        Some(st) => Some(Write::Put { collection, key, expect, doc: json!(st) }),
+        None => held.map(|_| Write::Delete { collection, key, expect }),
+    }
 }
 
 fn claim_doc(o: &AnyObject) -> Value {
@@ -135,6 +151,10 @@ impl Batch {
             _ => {
                 if let Some(o) = old {
                     self.delete_record(Collection::Object(o.kind()), o.key(), Expect::Rev(o.rev()));
+                    if o.kind() == Kind::Node {
+                        // The status follows the node to its new name.
+                        self.move_status(store, o.key(), Some(new.key())).await?;
+                    }
                 }
                 self.writes.push(Write::Put {
                     collection: Collection::Object(new.kind()),
@@ -206,11 +226,27 @@ impl Batch {
 
     async fn delete(&mut self, store: &dyn Store, old: &AnyObject) -> Result<()> {
         self.delete_record(Collection::Object(old.kind()), old.key(), Expect::Rev(old.rev()));
+        if old.kind() == Kind::Node {
+            self.move_status(store, old.key(), None).await?;
+        }
         for claim in old.claims() {
             let key = claim.key();
             if let Some((rev, _, _)) = self.load_claim(store, &key).await? {
                 self.delete_record(Collection::Claim, &key, Expect::Rev(rev));
             }
+        }
+        Ok(())
+    }
+
+    /// Deletes node `from`'s status record, and writes it as `to`'s when given (replacing a
+    /// status left behind under that name).
+    async fn move_status(&mut self, store: &dyn Store, from: &str, to: Option<&str>) -> Result<()> {
+        let held = store.get(Collection::Status, from).await?;
+        let status = held.as_ref().map(crate::store::objects::decode_status).transpose()?;
+        self.writes.extend(status_write(from, held.as_ref().map(|r| r.rev), None));
+        if let Some(to) = to {
+            let left = store.get(Collection::Status, to).await?.map(|r| r.rev);
+            self.writes.extend(status_write(to, left, status.as_ref()));
         }
         Ok(())
     }
@@ -280,7 +316,15 @@ impl Service {
     pub async fn get(&self, kind: Kind, name: &str) -> Result<AnyObject> {
         let key = if kind == Kind::Cluster { Cluster::KEY } else { name };
         match self.store.get(Collection::Object(kind), key).await? {
-            Some(rec) => parse(kind, rec),
+            Some(rec) => {
+                let mut o = parse(kind, rec)?;
+                if let AnyObject::Node(n) = &mut o {
+                    // Read after the node: a status is never older than the node it is shown with.
+                    let status = self.store.get(Collection::Status, key).await?;
+                    n.status = status.as_ref().map(crate::store::objects::decode_status).transpose()?;
+                }
+                Ok(o)
+            }
             None => Err(ServiceError::NotFound { kind, name: name.to_string() }),
         }
     }
@@ -297,6 +341,13 @@ impl Service {
         let recs = self.store.list(Collection::Object(kind), "").await?;
         let mut out: Vec<AnyObject> = recs.into_iter().map(|r| parse(kind, r)).collect::<Result<_>>()?;
         if kind == Kind::Node {
+            let mut statuses: HashMap<String, Record> =
+                self.store.list(Collection::Status, "").await?.into_iter().map(|r| (r.key.clone(), r)).collect();
+            for o in &mut out {
+                if let AnyObject::Node(n) = o {
+                    n.status = statuses.remove(&n.name).as_ref().map(crate::store::objects::decode_status).transpose()?;
+                }
+            }
             // Natural order: node2 before node10 when the padding differs.
             out.sort_by_key(|o| natural_key(o.name()));
         }
@@ -747,6 +798,14 @@ impl Service {
         let mut nets = self.networks_for(&group).await?;
         let reserved = self.cluster_reserved().await?;
         let mut b = Batch::default();
+        // A status record can outlive its node when a report raced the node's delete: a new
+        // node of that name starts without it.
+        let wanted: BTreeSet<&String> = names.iter().collect();
+        for rec in self.store.list(Collection::Status, "").await? {
+            if wanted.contains(&rec.key) {
+                b.writes.extend(status_write(&rec.key, Some(rec.rev), None));
+            }
+        }
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             let mut node = Node::new(name, &group.name);
@@ -849,6 +908,10 @@ impl Service {
                 }
                 reconcile_interfaces(&mut new, &group, &mut nets, &reserved, &patch.ips, &mut b.auto)?;
             }
+            if let Some(status) = &patch.status {
+                let held = self.store.get(Collection::Status, name).await?.map(|r| r.rev);
+                b.writes.extend(status_write(name, held, status.as_ref()));
+            }
             let (old, new) = (AnyObject::Node(old), AnyObject::Node(new));
             new.validate()?;
             b.put(self.store.as_ref(), Some(&old), &new).await?;
@@ -873,10 +936,22 @@ impl Service {
         message: Option<String>,
     ) -> Result<Node> {
         let status = NodeStatus { step: step.to_string(), progress, time: unix_now(), message };
+        // Checked before the queue forgets anything: a bad report changes nothing.
+        if let Some(p) = progress.filter(|p| *p > 100) {
+            return Err(ModelError::invalid("status progress", p, "must be 0 to 100").into());
+        }
         // This one is newer than any report still queued for the node.
         self.status.forget(name);
-        let patch = NodePatch { status: Some(Some(status)), ..Default::default() };
-        retrying!(self.change_nodes_once(&[name.to_string()], &patch).await).map(|mut v| v.remove(0))
+        retrying!(
+            async {
+                // Only the status record is written: the node's revision stays the admin's.
+                self.node(name).await?;
+                let held = self.store.get(Collection::Status, name).await?.map(|r| r.rev);
+                self.store.commit(status_write(name, held, Some(&status)).into_iter().collect()).await?;
+                self.node(name).await
+            }
+            .await
+        )
     }
 
     /// Records a boot-path step of a node (DHCP, script served, kernel fetched) through the

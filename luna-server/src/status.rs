@@ -13,10 +13,13 @@
 //! [`MAX_PAUSE`]), so under a storm of reports more of them coalesce per node and the store
 //! sees a bounded number of writes per second; a lone report is written at once.
 //!
-//! A status is written as a compare-and-swap on the node's revision, patching only the
-//! document's `status`; a node changed meanwhile is re-read and the round retried, a node
-//! deleted meanwhile is skipped, and a report equal to the stored status (same step, message
-//! and second) is not written again. A report superseded by a direct status write
+//! A status is its own record ([`Collection::Status`], keyed by node name), never part of the
+//! node document, so reports do not change the node's revision and never make an admin's
+//! change of the node conflict. It is written as a compare-and-swap on the status record's
+//! revision (`Absent` for the first); a status changed meanwhile (an agent's direct report, a
+//! node deleted or renamed with its status) is re-read and the round retried, a node deleted
+//! meanwhile is skipped, and a report equal to the stored status (same step, message and
+//! second) is not written again. A report superseded by a direct status write
 //! ([`StatusQueue::forget`]) while its round is being written is dropped from the round.
 
 use std::collections::{HashMap, HashSet};
@@ -176,40 +179,33 @@ async fn write(
     queue: &Weak<StatusQueue>,
     batch: &HashMap<String, NodeStatus>,
 ) -> Result<(), StoreError> {
-    let col = Collection::Object(Kind::Node);
+    let (node, col) = (Collection::Object(Kind::Node), Collection::Status);
     let mut attempt = 0;
     loop {
         attempt += 1;
         let reads = batch.iter().map(|(name, status)| async move {
-            let rec = store.get_shared(col, name).await?;
-            Ok::<_, StoreError>(rec.map(|r| (r, status)))
+            let (exists, held) = tokio::join!(store.get_shared(node, name), store.get_shared(col, name));
+            let held = held?;
+            Ok::<_, StoreError>(exists?.map(|_| (name, held, status)))
         });
         let mut writes = Vec::with_capacity(batch.len());
         for read in join_all(reads).await {
             // A node deleted meanwhile has no status to keep.
-            let Some((rec, status)) = read? else { continue };
-            if queue.upgrade().is_some_and(|q| q.superseded(&rec.key)) {
+            let Some((name, held, status)) = read? else { continue };
+            if queue.upgrade().is_some_and(|q| q.superseded(name)) {
                 continue;
             }
-            let value = serde_json::to_value(status).map_err(|e| StoreError::Corrupt {
+            let doc = serde_json::to_value(status).map_err(|e| StoreError::Corrupt {
                 collection: col,
-                key: rec.key.clone(),
+                key: name.clone(),
                 reason: e.to_string(),
             })?;
-            if rec.doc.get("status") == Some(&value) {
+            if held.as_ref().is_some_and(|h| h.doc == doc) {
                 // Already recorded (same step, message and second).
                 continue;
             }
-            let mut doc = rec.doc.clone();
-            let Some(fields) = doc.as_object_mut() else {
-                return Err(StoreError::Corrupt {
-                    collection: col,
-                    key: rec.key.clone(),
-                    reason: "a node document is not a json object".into(),
-                });
-            };
-            fields.insert("status".into(), value);
-            writes.push(Write::Put { collection: col, key: rec.key.clone(), expect: Expect::Rev(rec.rev), doc });
+            let expect = held.map_or(Expect::Absent, |h| Expect::Rev(h.rev));
+            writes.push(Write::Put { collection: col, key: name.clone(), expect, doc });
         }
         if writes.is_empty() {
             return Ok(());
@@ -249,11 +245,8 @@ mod tests {
     }
 
     async fn status_of(s: &dyn Store, name: &str) -> Option<NodeStatus> {
-        let rec = s.get(Collection::Object(Kind::Node), name).await.unwrap().unwrap();
-        match AnyObject::from_value(Kind::Node, rec.doc).unwrap() {
-            AnyObject::Node(n) => n.status,
-            _ => unreachable!(),
-        }
+        let rec = s.get(Collection::Status, name).await.unwrap()?;
+        Some(serde_json::from_value(rec.doc).unwrap())
     }
 
     #[tokio::test]
@@ -263,7 +256,7 @@ mod tests {
         q.record(&s, "n1", status("ipxe", "boot script served")).await;
         assert_eq!(status_of(s.as_ref(), "n1").await, Some(status("ipxe", "boot script served")));
         assert_eq!(status_of(s.as_ref(), "n2").await, None);
-        let rev = s.get(Collection::Object(Kind::Node), "n1").await.unwrap().unwrap().rev;
+        let rev = rev_of(s.as_ref(), "n1").await;
         // Many concurrent reports: each waiter returns with its node written.
         let waits = (0..50).map(|i| {
             let (q, s) = (q.clone(), s.clone());
@@ -274,9 +267,11 @@ mod tests {
             }
         });
         join_all(waits).await;
-        let after = s.get(Collection::Object(Kind::Node), "n1").await.unwrap().unwrap().rev;
+        let after = rev_of(s.as_ref(), "n1").await;
         // Coalesced: far fewer writes of n1 than its 25 reports.
         assert!(after > rev && after - rev < 25, "revision went from {rev} to {after}");
+        // The node itself was never written.
+        assert_eq!(s.get(Collection::Object(Kind::Node), "n1").await.unwrap().unwrap().rev, 1);
     }
 
     #[tokio::test]
@@ -288,6 +283,7 @@ mod tests {
         q.record(&s, "n1", status("dhcp", "dhcp acked 10.0.0.1")).await;
         assert_eq!(status_of(s.as_ref(), "n1").await, Some(status("dhcp", "dhcp acked 10.0.0.1")));
         assert!(s.get(Collection::Object(Kind::Node), "gone").await.unwrap().is_none());
+        assert!(s.get(Collection::Status, "gone").await.unwrap().is_none());
         // forget() drops what is still queued (the writer cannot run before the next await on
         // this single-threaded test runtime).
         q.enqueue(&s, "n1", status("dhcp", "dhcp offered 10.0.0.1"));
@@ -297,8 +293,9 @@ mod tests {
         assert_eq!(status_of(s.as_ref(), "n1").await, Some(status("dhcp", "dhcp acked 10.0.0.1")));
     }
 
+    /// The revision of `name`'s status record.
     async fn rev_of(s: &dyn Store, name: &str) -> u64 {
-        s.get(Collection::Object(Kind::Node), name).await.unwrap().unwrap().rev
+        s.get(Collection::Status, name).await.unwrap().unwrap().rev
     }
 
     #[tokio::test]
@@ -310,12 +307,13 @@ mod tests {
         // Same step, message and second: nothing to write.
         q.record(&s, "n1", status("ipxe", "boot script served")).await;
         assert_eq!(rev_of(s.as_ref(), "n1").await, rev);
-        // Anything different is written, and the rest of the node is kept.
+        // Anything different is written, and the node is left alone.
         q.record(&s, "n1", status("kernel", "kernel fetched")).await;
         assert_eq!(rev_of(s.as_ref(), "n1").await, rev + 1);
+        assert_eq!(status_of(s.as_ref(), "n1").await, Some(status("kernel", "kernel fetched")));
         let rec = s.get(Collection::Object(Kind::Node), "n1").await.unwrap().unwrap();
         let AnyObject::Node(n) = AnyObject::from_value(Kind::Node, rec.doc).unwrap() else { unreachable!() };
-        assert_eq!((n.group.as_str(), n.status), ("compute", Some(status("kernel", "kernel fetched"))));
+        assert_eq!((n.group.as_str(), n.status, rec.rev), ("compute", None, 1));
     }
 
     #[tokio::test]

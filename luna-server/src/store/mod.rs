@@ -22,7 +22,8 @@ use luna_core::Kind;
 use serde_json::Value;
 
 /// The schema version this build writes. Older stores are migrated on open, newer ones refused.
-pub const SCHEMA_VERSION: u64 = 1;
+/// 1 → 2: node status moved from the node document to [`Collection::Status`].
+pub const SCHEMA_VERSION: u64 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Collection {
@@ -32,12 +33,15 @@ pub enum Collection {
     Claim,
     /// DHCP leases of machines luna does not know yet, keyed by MAC.
     Lease,
+    /// Node status (`NodeStatus`), keyed by node name: written by the boot path and the agent,
+    /// apart from the node object so that reports never change the object's revision.
+    Status,
     /// Store bookkeeping (`schema`).
     Meta,
 }
 
 impl Collection {
-    pub const ALL: [Collection; 11] = [
+    pub const ALL: [Collection; 12] = [
         Collection::Object(Kind::Cluster),
         Collection::Object(Kind::Network),
         Collection::Object(Kind::Osimage),
@@ -48,6 +52,7 @@ impl Collection {
         Collection::Object(Kind::Otherdev),
         Collection::Claim,
         Collection::Lease,
+        Collection::Status,
         Collection::Meta,
     ];
 
@@ -57,6 +62,7 @@ impl Collection {
             Collection::Object(k) => k.as_str(),
             Collection::Claim => "claim",
             Collection::Lease => "lease",
+            Collection::Status => "status",
             Collection::Meta => "meta",
         }
     }
@@ -160,6 +166,27 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
     Ok(store)
 }
 
+/// Schema 1 → 2: every node document's `status` moves to a [`Collection::Status`] record, in
+/// one batch with the schema record (expected at `schema_rev`).
+async fn migrate_status_out_of_nodes(store: &dyn Store, schema_rev: u64) -> Result<()> {
+    let node = Collection::Object(Kind::Node);
+    let mut writes = Vec::new();
+    for mut rec in store.list(node, "").await? {
+        let Some(status) = rec.doc.as_object_mut().and_then(|fields| fields.remove("status")) else { continue };
+        if !status.is_null() {
+            writes.push(Write::Put { collection: Collection::Status, key: rec.key.clone(), expect: Expect::Absent, doc: status });
+        }
+        writes.push(Write::Put { collection: node, key: rec.key, expect: Expect::Rev(rec.rev), doc: rec.doc });
+    }
+    writes.push(Write::Put {
+        collection: Collection::Meta,
+        key: "schema".into(),
+        expect: Expect::Rev(schema_rev),
+        doc: serde_json::json!({ "version": 2 }),
+    });
+    store.commit(writes).await
+}
+
 /// Records the schema version in a new store, migrates an older one, refuses a newer one.
 pub async fn ensure_schema(store: &dyn Store) -> Result<()> {
     match store.get(Collection::Meta, "schema").await? {
@@ -187,8 +214,15 @@ pub async fn ensure_schema(store: &dyn Store) -> Result<()> {
             if found == 0 {
                 return Err(StoreError::SchemaUnknown(rec.doc.to_string()));
             }
-            // Version 1 is the first schema: nothing older exists to migrate from yet. A future
-            // version adds its step here and bumps the record in the same commit.
+            if found == 1 {
+                // Each step bumps the schema record in the same commit as its changes, so a
+                // server that loses the race re-reads and finds the store migrated.
+                match migrate_status_out_of_nodes(store, rec.rev).await {
+                    Ok(()) | Err(StoreError::Conflict { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+                return Box::pin(ensure_schema(store)).await;
+            }
             Ok(())
         }
     }
