@@ -361,7 +361,7 @@ mod tests {
     /// Needs root (`LUNA_TEST_PRIVILEGED=1`); runs in a private mount namespace of its own.
     #[test]
     fn unmounting_a_bind_leaves_the_shared_original_alone() {
-        if std::env::var("LUNA_TEST_PRIVILEGED").as_deref() != Ok("1") {
+        if !luna_core::test_support::gate("LUNA_TEST_PRIVILEGED") {
             return;
         }
         let dir = tempfile::tempdir().unwrap();

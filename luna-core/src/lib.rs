@@ -8,6 +8,8 @@ pub mod hostlist;
 pub mod ipalloc;
 pub mod mac;
 pub mod model;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;
 
 pub use mac::MacAddr;
 pub use model::{Kind, ModelError};

@@ -27,12 +27,10 @@ const NODE_MAC: &str = "52:54:00:aa:00:01";
 const STRANGER_MAC: &str = "52:54:00:aa:00:99";
 const OTHER_STRANGER_MAC: &str = "52:54:00:aa:00:98";
 
+/// True when tests needing root may run; otherwise reports the skip (see
+/// `luna_core::test_support`) and returns false.
 fn privileged() -> bool {
-    if std::env::var("LUNA_TEST_PRIVILEGED").as_deref() == Ok("1") {
-        return true;
-    }
-    println!("skipped: set LUNA_TEST_PRIVILEGED=1");
-    false
+    luna_core::test_support::gate("LUNA_TEST_PRIVILEGED")
 }
 
 fn run(cmd: &mut Command) -> String {

@@ -45,15 +45,16 @@ pub use vm::{Firmware, NicModel, Vm, VmBuilder};
 /// The environment variable that enables tests needing root, namespaces and qemu.
 pub const PRIVILEGED_ENV: &str = "LUNA_TEST_PRIVILEGED";
 
-/// True when privileged tests may run (`LUNA_TEST_PRIVILEGED=1`); otherwise prints the skip
-/// notice and returns false, so a test can `if !privileged() { return; }`.
+/// True when privileged tests may run (`LUNA_TEST_PRIVILEGED=1`); otherwise reports the skip
+/// (`SKIPPED: <test>: …` on stderr and in `$LUNA_TEST_SKIP_LOG`, which `scripts/test.sh`
+/// fails on) and returns false, so a test can `if !privileged() { return; }`.
 pub fn privileged() -> bool {
-    if std::env::var(PRIVILEGED_ENV).as_deref() == Ok("1") {
-        true
-    } else {
-        println!("skipped: set {PRIVILEGED_ENV}=1");
-        false
-    }
+    luna_core::test_support::gate(PRIVILEGED_ENV)
+}
+
+/// Reports that the running test skips for `reason` (see [`luna_core::test_support::skip`]).
+pub fn skip(reason: &str) {
+    luna_core::test_support::skip(reason);
 }
 
 /// Scratch directory of the tests: `$LUNA_TEST_WORK`, else `tests/work` in the source tree.

@@ -300,7 +300,7 @@ mod tests {
     #[test]
     fn network_boot_command_line() {
         if require_tool("qemu-system-x86_64").is_err() {
-            println!("skipped: qemu-system-x86_64 not installed");
+            crate::skip("qemu-system-x86_64 not installed");
             return;
         }
         let b =
@@ -322,7 +322,7 @@ mod tests {
     #[test]
     fn direct_kernel_and_uefi_command_line() {
         if require_tool("qemu-system-x86_64").is_err() || ovmf().is_err() {
-            println!("skipped: qemu-system-x86_64 or OVMF not installed");
+            crate::skip("qemu-system-x86_64 or OVMF not installed");
             return;
         }
         let b = Vm::builder("k").uefi().memory_mb(768).direct_kernel("/k", "/i", "console=ttyS0");

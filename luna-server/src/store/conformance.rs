@@ -543,8 +543,7 @@ pub async fn open_by_url(url: &str) -> Outcome {
 /// so) when off. Panics when they are on but the binary is missing: a silently skipped backend
 /// would look green.
 pub fn mongo_gate() -> Option<PathBuf> {
-    if std::env::var("LUNA_TEST_MONGO").as_deref() != Ok("1") {
-        println!("skipped: set LUNA_TEST_MONGO=1");
+    if !luna_core::test_support::gate("LUNA_TEST_MONGO") {
         return None;
     }
     let bin = PathBuf::from(std::env::var("LUNA_NX27017").unwrap_or_else(|_| "/opt/luna-venv/bin/nx-27017".into()));
@@ -755,11 +754,10 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs a real MongoDB server: set LUNA_TEST_MONGODB_URI=mongodb://host/ and run with --ignored"]
     async fn mongo_real_server() {
-        let Ok(uri) = std::env::var("LUNA_TEST_MONGODB_URI") else {
-            println!("skipped: set LUNA_TEST_MONGODB_URI=mongodb://host/ to run the suite on a real server");
-            return;
-        };
+        let uri = std::env::var("LUNA_TEST_MONGODB_URI")
+            .expect("set LUNA_TEST_MONGODB_URI=mongodb://host/ to run the suite on a real server");
         assert_clean(mongo_suite(|db| with_database(&uri, db), "real").await);
     }
 }

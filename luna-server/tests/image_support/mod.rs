@@ -21,13 +21,10 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// True when tests needing root may run (`LUNA_TEST_PRIVILEGED=1`); otherwise reports the skip
+/// (see `luna_core::test_support`) and returns false.
 pub fn privileged() -> bool {
-    if std::env::var("LUNA_TEST_PRIVILEGED").as_deref() == Ok("1") {
-        true
-    } else {
-        eprintln!("skipped: set LUNA_TEST_PRIVILEGED=1");
-        false
-    }
+    luna_core::test_support::gate("LUNA_TEST_PRIVILEGED")
 }
 
 /// A fake dracut: lists a `luna` module, and writes its arguments into the output file (the
