@@ -386,7 +386,9 @@ pub fn configure(os: &dyn Os, bmc: &PlanBmc) -> Result<Readback, BmcError> {
 }
 
 /// An in-memory BMC answering the requests above as the IPMI specification says (the
-/// [`crate::os::RecordingOs`] fake's BMC). Password tests compare for real.
+/// [`crate::os::RecordingOs`] fake's BMC). Password tests compare for real. A test double:
+/// only in tests and with the `test-support` feature.
+#[cfg(any(test, feature = "test-support"))]
 #[derive(Clone, Debug, Default)]
 pub struct FakeBmc {
     pub lan: std::collections::BTreeMap<(u8, u8), Vec<u8>>,
@@ -397,6 +399,7 @@ pub struct FakeBmc {
     pub refuse: Vec<(u8, u8, Option<u8>, u8)>,
 }
 
+#[cfg(any(test, feature = "test-support"))]
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FakeUser {
     pub name: String,
@@ -406,6 +409,7 @@ pub struct FakeUser {
     pub access: std::collections::BTreeMap<u8, u8>,
 }
 
+#[cfg(any(test, feature = "test-support"))]
 impl FakeBmc {
     /// The reply bytes (completion code first).
     pub fn handle(&mut self, netfn: u8, cmd: u8, data: &[u8]) -> Vec<u8> {

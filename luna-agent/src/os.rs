@@ -1,5 +1,6 @@
 //! Every call into the operating system that needs privileges or changes global state goes
-//! through [`Os`], so the install flow runs unprivileged in tests against [`RecordingOs`].
+//! through [`Os`], so the install flow runs unprivileged in tests against `RecordingOs` (a test
+//! double: compiled only for tests and with the `test-support` feature, never into the agent).
 //!
 //! Plain file work inside the target root (create, write, mkdir, symlink, hard link, chmod, mtime)
 //! is done with `std` directly: it needs no privileges on a directory the caller owns.
@@ -8,11 +9,16 @@ use std::ffi::CString;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(any(test, feature = "test-support"))]
+use std::path::PathBuf;
 use std::process::Command;
+#[cfg(any(test, feature = "test-support"))]
 use std::sync::Mutex;
 
-use crate::bmc::{FakeBmc, IpmiRequest};
+#[cfg(any(test, feature = "test-support"))]
+use crate::bmc::FakeBmc;
+use crate::bmc::IpmiRequest;
 
 /// Character or block device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,6 +192,7 @@ impl Os for RealOs {
 }
 
 /// One recorded call of [`RecordingOs`].
+#[cfg(any(test, feature = "test-support"))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OsCall {
     Mount {
@@ -234,6 +241,7 @@ pub enum OsCall {
 /// A fake for tests: records every call; creates an empty placeholder file for device nodes
 /// and FIFOs (so later chmod/mtime work), runs scripts with `/bin/sh` in the chroot directory
 /// (without chrooting) when `exec_scripts` is set, else pretends they succeeded.
+#[cfg(any(test, feature = "test-support"))]
 #[derive(Debug, Default)]
 pub struct RecordingOs {
     pub calls: Mutex<Vec<OsCall>>,
@@ -243,6 +251,7 @@ pub struct RecordingOs {
     pub bmc: Mutex<Option<FakeBmc>>,
 }
 
+#[cfg(any(test, feature = "test-support"))]
 impl RecordingOs {
     pub fn new(exec_scripts: bool, ipv4: Option<(Ipv4Addr, u8)>) -> Self {
         Self { calls: Mutex::new(Vec::new()), exec_scripts, ipv4, bmc: Mutex::new(None) }
@@ -269,6 +278,7 @@ impl RecordingOs {
     }
 }
 
+#[cfg(any(test, feature = "test-support"))]
 impl Os for RecordingOs {
     fn mount(
         &self,

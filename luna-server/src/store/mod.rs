@@ -10,6 +10,9 @@
 //! - every boot-path lookup (node by name, by MAC, by switch port) is a primary-key `get`.
 
 pub mod cache;
+/// The backend conformance suite and the nx-27017 test server: tests only (and the
+/// `test-support` feature, for test crates), never in the shipped server.
+#[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 pub mod mongo;
 pub mod objects;
