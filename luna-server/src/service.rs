@@ -345,7 +345,8 @@ impl Service {
                 self.store.list(Collection::Status, "").await?.into_iter().map(|r| (r.key.clone(), r)).collect();
             for o in &mut out {
                 if let AnyObject::Node(n) = o {
-                    n.status = statuses.remove(&n.name).as_ref().map(crate::store::objects::decode_status).transpose()?;
+                    n.status =
+                        statuses.remove(&n.name).as_ref().map(crate::store::objects::decode_status).transpose()?;
                 }
             }
             // Natural order: node2 before node10 when the padding differs.

@@ -177,7 +177,12 @@ async fn migrate_status_out_of_nodes(store: &dyn Store, schema_rev: u64) -> Resu
     for mut rec in store.list(node, "").await? {
         let Some(status) = rec.doc.as_object_mut().and_then(|fields| fields.remove("status")) else { continue };
         if !status.is_null() {
-            writes.push(Write::Put { collection: Collection::Status, key: rec.key.clone(), expect: Expect::Absent, doc: status });
+            writes.push(Write::Put {
+                collection: Collection::Status,
+                key: rec.key.clone(),
+                expect: Expect::Absent,
+                doc: status,
+            });
         }
         writes.push(Write::Put { collection: node, key: rec.key, expect: Expect::Rev(rec.rev), doc: rec.doc });
     }

@@ -182,7 +182,12 @@ mod tests {
         assert_eq!(object_as!(objects.get(Kind::Node, "n1").await.unwrap().unwrap(), Node).unwrap().status, None);
         // A status record that is not a status is an error naming it.
         store
-            .commit(vec![Write::Put { collection: st, key: "n1".into(), expect: Expect::Absent, doc: serde_json::json!(3) }])
+            .commit(vec![Write::Put {
+                collection: st,
+                key: "n1".into(),
+                expect: Expect::Absent,
+                doc: serde_json::json!(3),
+            }])
             .await
             .unwrap();
         let err = objects.get(Kind::Node, "n1").await.unwrap_err().to_string();
