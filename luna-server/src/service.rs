@@ -305,9 +305,7 @@ impl Batch {
             let gone = self.gone.contains(&(kind, name.clone()));
             match (gone, expect) {
                 (true, Expect::Rev(_)) => self.writes.push(Write::Delete { collection: Collection::Meta, key, expect }),
-                (true, Expect::Absent) => {
-                    self.writes.push(Write::Check { collection: Collection::Meta, key, expect })
-                }
+                (true, Expect::Absent) => self.writes.push(Write::Check { collection: Collection::Meta, key, expect }),
                 (false, _) => self.writes.push(Write::Put {
                     collection: Collection::Meta,
                     key,

@@ -79,7 +79,10 @@ async fn start(dir: &Path, name: &str, store: &str) -> Server {
             return server;
         }
         if let Some(status) = server.child.try_wait().expect("wait") {
-            panic!("luna-server {name} exited ({status}): {}", std::fs::read_to_string(&server.log).unwrap_or_default());
+            panic!(
+                "luna-server {name} exited ({status}): {}",
+                std::fs::read_to_string(&server.log).unwrap_or_default()
+            );
         }
         assert!(Instant::now() < deadline, "luna-server {name} did not answer within 60 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -146,7 +149,8 @@ async fn two_servers_one_killed_mid_batch() {
     let b = start(dir.path(), "b", &store).await;
     ok(b.port, "POST", "/network", json!({"name": "cluster", "cidr": "10.141.0.0/20"})).await;
     ok(b.port, "POST", "/osimage", json!({"name": "compute", "path": "/images/compute"})).await;
-    let group = json!({"name": "compute", "osimage": "compute", "interfaces": [{"name": "BOOTIF", "network": "cluster"}]});
+    let group =
+        json!({"name": "compute", "osimage": "compute", "interfaces": [{"name": "BOOTIF", "network": "cluster"}]});
     ok(b.port, "POST", "/group", group).await;
 
     // b adds racks the whole time; a is started, adds racks, and is killed, until one kill
@@ -166,6 +170,7 @@ async fn two_servers_one_killed_mid_batch() {
         let _ = a.child.wait();
         let _ = stop_a_tx.send(true);
         let (acked, _) = racks_a.await.expect("server a's client");
+        println!("server {prefix}: {} racks acknowledged, then killed", acked.len());
         acked_a.extend(acked.iter().map(|r| format!("{prefix}{r:03}")));
         kills += 1;
         // The abort is logged when nx-27017 sees the connection close.

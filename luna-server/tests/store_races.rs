@@ -102,7 +102,12 @@ async fn assert_consistent(service: &Service, ctx: &str) {
     let mut held = BTreeSet::new();
     for o in &objects {
         for (kind, name) in o.references() {
-            assert!(names.contains(&(kind, name.clone())), "{ctx}: {} {} names missing {kind} {name}", o.kind(), o.name());
+            assert!(
+                names.contains(&(kind, name.clone())),
+                "{ctx}: {} {} names missing {kind} {name}",
+                o.kind(),
+                o.name()
+            );
         }
         for (net, ip) in o.addresses() {
             let Ok(network) = service.network(&net).await else {

@@ -21,7 +21,9 @@ supported by this deployment"). This launcher runs nx-27017 in-process with two 
    transaction: concurrent transactions (two luna-servers) would see and roll back each
    other's writes. Here a transaction owns the server from its first command to its
    commit or abort: another session's transaction, or any command outside a transaction,
-   waits for it (so nothing reads uncommitted data). MongoDB instead lets unrelated
+   waits for it (so nothing reads uncommitted data). Transactions start in the order they
+   asked (first come, first served), and while one waits no new read starts, so neither
+   starves. MongoDB instead lets unrelated
    transactions run side by side and fails the second writer of a record with WriteConflict;
    serializing is the simplest behaviour that is at least as strict. A transaction that is
    left open is aborted when the client connection that sent its last command closes (its
@@ -36,6 +38,7 @@ Then connect with mongodb://127.0.0.1:27018/luna?replicaSet=rs0.
 """
 
 import argparse
+import collections
 import sys
 import threading
 import time
@@ -68,6 +71,7 @@ class Gate:
         self.owner_conn = None  # connection of its latest command
         self.deadline = 0.0
         self.busy = 0  # commands outside a transaction in progress
+        self.queue = collections.deque()  # sessions waiting to start a transaction, in order
 
     def _abort_owner(self, why):
         """Rolls back the open transaction (holds cv)."""
@@ -87,9 +91,10 @@ class Gate:
         print(f"nx-replset: aborted the transaction of session {sid}: {why}", file=sys.stderr, flush=True)
         self.cv.notify_all()
 
-    def _wait_free(self, allow_busy):
-        """Waits until no transaction is open (holds cv); expires an abandoned one."""
-        while self.owner is not None or (not allow_busy and self.busy):
+    def _wait_free(self, ready):
+        """Waits until no transaction is open and `ready()` (holds cv); expires an abandoned
+        transaction."""
+        while self.owner is not None or not ready():
             if self.owner is not None and time.monotonic() > self.deadline:
                 self._abort_owner("transaction lifetime exceeded")
                 continue
@@ -114,7 +119,8 @@ class Gate:
             return result
         if not in_txn:
             with self.cv:
-                self._wait_free(allow_busy=True)
+                # Queued transactions go first, so that none starves behind reads.
+                self._wait_free(lambda: not self.queue)
                 self.busy += 1
             try:
                 return orig(handler, msg, *args, **kwargs)
@@ -125,7 +131,12 @@ class Gate:
         ending = "commitTransaction" in body or "abortTransaction" in body
         with self.cv:
             if body.get("startTransaction") and self.owner != sid:
-                self._wait_free(allow_busy=False)
+                # First come, first served: a busy client cannot starve another.
+                self.queue.append(sid)
+                try:
+                    self._wait_free(lambda: not self.busy and self.queue[0] == sid)
+                finally:
+                    self.queue.remove(sid)
                 self.owner = sid
             elif self.owner != sid:
                 return msg.get("request_id", 0), {

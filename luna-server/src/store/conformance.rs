@@ -384,8 +384,10 @@ pub async fn concurrent_read_checks(store: Arc<dyn Store>) -> Outcome {
                 let g = s.get(GROUP, "g").await.map_err(|e| e.to_string())?;
                 let Some(g) = g else { return Ok::<bool, String>(false) };
                 let users = s.get(Collection::Meta, counter).await.map_err(|e| e.to_string())?;
-                let bump = put(Collection::Meta, counter, users.map_or(Expect::Absent, |u| Expect::Rev(u.rev)), json!(1));
-                let batch = vec![check(GROUP, "g", Expect::Rev(g.rev)), put(NODE, &node, Expect::Absent, json!("g")), bump];
+                let bump =
+                    put(Collection::Meta, counter, users.map_or(Expect::Absent, |u| Expect::Rev(u.rev)), json!(1));
+                let batch =
+                    vec![check(GROUP, "g", Expect::Rev(g.rev)), put(NODE, &node, Expect::Absent, json!("g")), bump];
                 match s.commit(batch).await {
                     Ok(()) => Ok(true),
                     Err(StoreError::Conflict { .. }) => Ok(false),
@@ -766,9 +768,13 @@ impl NxServer {
         std::fs::read_to_string(self.dir.join("out.log")).unwrap_or_default()
     }
 
-    /// `mongodb://127.0.0.1:<port>/<db>?replicaSet=rs0`.
+    /// `mongodb://127.0.0.1:<port>/<db>?replicaSet=rs0&maxPoolSize=100`. The pool is larger
+    /// than the driver's default (10) because the launcher serializes transactions by making
+    /// other commands wait: with more waiting commands than connections, the open
+    /// transaction's own next command would find no free connection (MongoDB itself never
+    /// makes commands wait like that).
     pub fn url(&self, db: &str) -> String {
-        format!("mongodb://127.0.0.1:{}/{db}?replicaSet={NX_SET_NAME}", self.port)
+        format!("mongodb://127.0.0.1:{}/{db}?replicaSet={NX_SET_NAME}&maxPoolSize=100", self.port)
     }
 }
 

@@ -94,11 +94,24 @@ pub enum Expect {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
-    Put { collection: Collection, key: String, expect: Expect, doc: Value },
-    Delete { collection: Collection, key: String, expect: Expect },
+    Put {
+        collection: Collection,
+        key: String,
+        expect: Expect,
+        doc: Value,
+    },
+    Delete {
+        collection: Collection,
+        key: String,
+        expect: Expect,
+    },
     /// Writes nothing: the batch applies only if the record is as `expect` says (a read the
     /// batch depends on, checked at commit).
-    Check { collection: Collection, key: String, expect: Expect },
+    Check {
+        collection: Collection,
+        key: String,
+        expect: Expect,
+    },
 }
 
 impl Write {
@@ -106,9 +119,7 @@ impl Write {
         match self {
             Write::Put { collection, key, expect, .. }
             | Write::Delete { collection, key, expect }
-            | Write::Check { collection, key, expect } => {
-                (*collection, key, *expect)
-            }
+            | Write::Check { collection, key, expect } => (*collection, key, *expect),
         }
     }
 }
@@ -123,7 +134,9 @@ pub enum StoreError {
     SchemaTooNew { found: u64, supported: u64 },
     #[error("store schema record {0} has no version this luna-server can migrate from")]
     SchemaUnknown(String),
-    #[error("store url '{0}' is not supported: use sqlite:///path/to/luna.db or mongodb://host1,host2/db?replicaSet=rs0")]
+    #[error(
+        "store url '{0}' is not supported: use sqlite:///path/to/luna.db or mongodb://host1,host2/db?replicaSet=rs0"
+    )]
     BadUrl(String),
     #[error(
         "mongodb store url '{0}' names no replica set: luna commits every batch as a multi-document transaction, which MongoDB offers only on a replica set; add ?replicaSet=<name> (a one-member replica set is fine: mongod --replSet rs0, then rs.initiate())"
