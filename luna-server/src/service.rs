@@ -122,6 +122,38 @@ struct Batch {
     touched: BTreeSet<String>,
     /// Claims of addresses we picked ourselves: if someone took one meanwhile, pick again.
     auto: BTreeSet<String>,
+    /// Read checks: records the operation read and depends on, at the revision it saw (or
+    /// absent). Committed as [`Write::Check`] unless the batch writes the record anyway.
+    reads: BTreeMap<(Collection, String), Expect>,
+    /// Objects whose referrer record ([`users_key`]) this batch must bump: someone starts or
+    /// stops referring to them (or, for a network and the cluster, an address on it changes).
+    bumps: BTreeSet<(Kind, String)>,
+    /// Objects this batch deletes or renames away: their referrer record goes with them.
+    gone: BTreeSet<(Kind, String)>,
+}
+
+/// The record whose revision changes whenever the set of objects that refer to `kind`/`name`
+/// changes, and for a network (and the cluster, [`ADDRESSES`]) whenever an address held on it
+/// changes.
+///
+/// Why: a read check can only protect a record that exists when it is read. An operation that
+/// decides from a *list* (a delete refused while users exist, a rename that rewrites every
+/// user, a network change checked against the addresses held on it, a group change that
+/// re-allocates its nodes) would miss a referrer added concurrently, whose batch only checks the
+/// referred object and does not write it. So every batch that adds or removes a referrer writes
+/// this record, and every operation that lists referrers checks it at the revision it saw
+/// before listing: one of the two batches then fails and is re-run on fresh data.
+fn users_key(kind: Kind, name: &str) -> String {
+    format!("users/{kind}/{name}")
+}
+
+/// The referrer record of every address (the cluster's DHCP range must not overlap one).
+const ADDRESSES: (Kind, &str) = (Kind::Cluster, "addresses");
+
+/// Whether `kind`/`name` can have a referrer record (nodes and other devices are referred to
+/// by nothing).
+fn has_users(kind: Kind, name: &str) -> bool {
+    !kind.referrers().is_empty() || (kind, name) == ADDRESSES
 }
 
 impl Batch {
@@ -141,6 +173,10 @@ impl Batch {
         let new_claims: Vec<Claim> = new.claims();
         let new_keys: BTreeSet<String> = new_claims.iter().map(Claim::key).collect();
         let renamed = old.is_some_and(|o| o.key() != new.key());
+        if let Some(o) = old.filter(|_| renamed) {
+            self.gone.insert((o.kind(), o.name().to_string()));
+        }
+        self.follow_references(old, Some(new));
         match old {
             Some(o) if !renamed => self.writes.push(Write::Put {
                 collection: Collection::Object(new.kind()),
@@ -225,6 +261,8 @@ impl Batch {
     }
 
     async fn delete(&mut self, store: &dyn Store, old: &AnyObject) -> Result<()> {
+        self.gone.insert((old.kind(), old.name().to_string()));
+        self.follow_references(Some(old), None);
         self.delete_record(Collection::Object(old.kind()), old.key(), Expect::Rev(old.rev()));
         if old.kind() == Kind::Node {
             self.move_status(store, old.key(), None).await?;
@@ -249,6 +287,83 @@ impl Batch {
             self.writes.extend(status_write(to, left, status.as_ref()));
         }
         Ok(())
+    }
+
+    /// Notes the referrer records a change from `old` to `new` must bump.
+    fn follow_references(&mut self, old: Option<&AnyObject>, new: Option<&AnyObject>) {
+        let refs = |o: Option<&AnyObject>| -> BTreeSet<(Kind, String)> {
+            o.map(|o| o.references().into_iter().collect()).unwrap_or_default()
+        };
+        let addrs = |o: Option<&AnyObject>| -> BTreeSet<(String, Ipv4Addr)> {
+            o.map(|o| o.addresses().into_iter().collect()).unwrap_or_default()
+        };
+        let (old_refs, new_refs) = (refs(old), refs(new));
+        self.bumps.extend(old_refs.symmetric_difference(&new_refs).cloned());
+        let (old_addrs, new_addrs) = (addrs(old), addrs(new));
+        for (net, _) in old_addrs.symmetric_difference(&new_addrs) {
+            self.bumps.insert((Kind::Network, net.clone()));
+            self.bumps.insert((ADDRESSES.0, ADDRESSES.1.to_string()));
+        }
+    }
+
+    /// The operation read `kind`/`key` at `rev` and depends on it.
+    fn read(&mut self, kind: Kind, key: &str, rev: u64) {
+        self.reads.entry((Collection::Object(kind), key.to_string())).or_insert(Expect::Rev(rev));
+    }
+
+    fn read_object(&mut self, o: &AnyObject) {
+        self.read(o.kind(), o.key(), o.rev());
+    }
+
+    /// Reads the referrer record of `kind`/`name` and checks it at commit. Call it *before*
+    /// listing the referrers.
+    async fn read_users(&mut self, store: &dyn Store, kind: Kind, name: &str) -> Result<()> {
+        if !has_users(kind, name) {
+            return Ok(());
+        }
+        let key = users_key(kind, name);
+        let expect = store.get(Collection::Meta, &key).await?.map_or(Expect::Absent, |r| Expect::Rev(r.rev));
+        self.reads.entry((Collection::Meta, key)).or_insert(expect);
+        Ok(())
+    }
+
+    /// The writes to commit: the batch's own, the referrer records it bumps or removes, and a
+    /// check of every record it read but does not write.
+    async fn finish(mut self, store: &dyn Store) -> Result<Vec<Write>> {
+        let mut users: BTreeSet<(Kind, String)> = self.bumps.clone();
+        users.extend(self.gone.iter().filter(|(k, n)| has_users(*k, n)).cloned());
+        for (kind, name) in users {
+            let key = users_key(kind, &name);
+            let expect = match self.reads.remove(&(Collection::Meta, key.clone())) {
+                Some(e) => e,
+                None => store.get(Collection::Meta, &key).await?.map_or(Expect::Absent, |r| Expect::Rev(r.rev)),
+            };
+            let gone = self.gone.contains(&(kind, name.clone()));
+            match (gone, expect) {
+                (true, Expect::Rev(_)) => self.writes.push(Write::Delete { collection: Collection::Meta, key, expect }),
+                (true, Expect::Absent) => self.writes.push(Write::Check { collection: Collection::Meta, key, expect }),
+                (false, _) => self.writes.push(Write::Put {
+                    collection: Collection::Meta,
+                    key,
+                    expect,
+                    doc: json!({ "kind": kind, "name": name }),
+                }),
+            }
+        }
+        let written: BTreeSet<(Collection, String)> = self
+            .writes
+            .iter()
+            .map(|w| {
+                let (c, k, _) = w.target();
+                (c, k.to_string())
+            })
+            .collect();
+        for ((collection, key), expect) in self.reads {
+            if !written.contains(&(collection, key.clone())) {
+                self.writes.push(Write::Check { collection, key, expect });
+            }
+        }
+        Ok(self.writes)
     }
 
     fn delete_record(&mut self, collection: Collection, key: &str, expect: Expect) {
@@ -289,6 +404,13 @@ impl Service {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Commits a batch with its read checks and referrer records.
+    async fn commit(&self, b: Batch) -> Result<()> {
+        let writes = b.finish(self.store.as_ref()).await?;
+        self.store.commit(writes).await?;
+        Ok(())
     }
 
     // -- boot-path reads: shared, decoded objects (read-only; as fresh as `get`) ----------------
@@ -430,8 +552,10 @@ impl Service {
             .join(", ")
     }
 
-    async fn network_use(&self, name: &str) -> Result<NetworkUse> {
+    /// The network and its used addresses; `b` checks the network at commit.
+    async fn network_use(&self, b: &mut Batch, name: &str) -> Result<NetworkUse> {
         let network = self.network(name).await?;
+        b.read(Kind::Network, name, network.rev);
         let used = self
             .store
             .list(Collection::Claim, &Claim::ip_prefix(name))
@@ -444,23 +568,32 @@ impl Service {
     }
 
     /// Ranges no static allocation may use: the server's own address and the discovery range.
-    async fn cluster_reserved(&self) -> Result<Vec<IpRange>> {
+    /// `b` checks the cluster at commit.
+    async fn cluster_reserved(&self, b: &mut Batch) -> Result<Vec<IpRange>> {
         let c = self.cluster().await?;
+        b.read(Kind::Cluster, Cluster::KEY, c.rev);
         let mut out: Vec<IpRange> = c.frontend_address.map(IpRange::single).into_iter().collect();
         out.extend(c.dhcp_range);
         Ok(out)
     }
 
     /// Checks that what `o` names exists and that its addresses fit their networks.
-    async fn check_references(&self, o: &AnyObject) -> Result<()> {
+    /// `b` checks every object read at commit.
+    async fn check_references(&self, b: &mut Batch, o: &AnyObject) -> Result<()> {
         for (kind, name) in o.references() {
-            if self.find(kind, &name).await?.is_none() {
-                return Err(ServiceError::NotFound { kind, name });
+            match self.find(kind, &name).await? {
+                Some(r) => b.read_object(&r),
+                None => return Err(ServiceError::NotFound { kind, name }),
             }
         }
-        let reserved = self.cluster_reserved().await?;
-        for (net, ip) in o.addresses() {
+        let addresses = o.addresses();
+        if addresses.is_empty() {
+            return Ok(());
+        }
+        let reserved = self.cluster_reserved(b).await?;
+        for (net, ip) in addresses {
             let network = self.network(&net).await?;
+            b.read(Kind::Network, &net, network.rev);
             ipalloc::check_explicit(&network, ip, &reserved)?;
         }
         Ok(())
@@ -485,10 +618,10 @@ impl Service {
         if self.find(obj.kind(), obj.name()).await?.is_some() {
             return Err(ServiceError::AlreadyExists { kind: obj.kind(), name: obj.name().to_string() });
         }
-        self.check_references(obj).await?;
         let mut b = Batch::default();
+        self.check_references(&mut b, obj).await?;
         b.put(self.store.as_ref(), None, obj).await?;
-        self.store.commit(b.writes).await?;
+        self.commit(b).await?;
         self.get(obj.kind(), obj.name()).await
     }
 
@@ -518,26 +651,28 @@ impl Service {
         let mut new = AnyObject::from_value(kind, doc)?;
         new.set_rev(old.rev());
         new.validate()?;
-        self.check_references(&new).await?;
         let mut b = Batch::default();
-        b.put(self.store.as_ref(), Some(&old), &new).await?;
+        self.check_references(&mut b, &new).await?;
         match (&old, &new) {
-            (AnyObject::Network(o), AnyObject::Network(n)) => self.check_network_change(o, n).await?,
+            (AnyObject::Network(o), AnyObject::Network(n)) => self.check_network_change(&mut b, o, n).await?,
             (AnyObject::Group(o), AnyObject::Group(n)) if o.interfaces != n.interfaces => {
                 self.follow_group_interfaces(&mut b, n).await?
             }
-            (AnyObject::Cluster(_), AnyObject::Cluster(c)) => self.check_cluster_change(c).await?,
+            (AnyObject::Cluster(_), AnyObject::Cluster(c)) => self.check_cluster_change(&mut b, c).await?,
             _ => {}
         }
-        self.store.commit(b.writes).await?;
+        b.put(self.store.as_ref(), Some(&old), &new).await?;
+        self.commit(b).await?;
         self.get(kind, name).await
     }
 
     /// A network may change only if every address held on it still fits.
-    async fn check_network_change(&self, old: &Network, new: &Network) -> Result<()> {
+    async fn check_network_change(&self, b: &mut Batch, old: &Network, new: &Network) -> Result<()> {
         if old.cidr == new.cidr && old.gateway == new.gateway && old.reserved == new.reserved {
             return Ok(());
         }
+        // Before listing: an address taken after the list is then a conflict at commit.
+        b.read_users(self.store.as_ref(), Kind::Network, &old.name).await?;
         let mut misfits = Vec::new();
         for rec in self.store.list(Collection::Claim, &Claim::ip_prefix(&old.name)).await? {
             let ip: Ipv4Addr = match rec.key.rsplit('/').next().and_then(|s| s.parse().ok()) {
@@ -556,8 +691,9 @@ impl Service {
         Ok(())
     }
 
-    async fn check_cluster_change(&self, c: &Cluster) -> Result<()> {
+    async fn check_cluster_change(&self, b: &mut Batch, c: &Cluster) -> Result<()> {
         if let Some(r) = c.dhcp_range {
+            b.read_users(self.store.as_ref(), ADDRESSES.0, ADDRESSES.1).await?;
             for rec in self.store.list(Collection::Claim, "ip/").await? {
                 let ip: Option<Ipv4Addr> = rec.key.rsplit('/').next().and_then(|s| s.parse().ok());
                 if ip.is_some_and(|ip| r.contains(ip)) {
@@ -574,6 +710,8 @@ impl Service {
 
     /// Re-allocates the interfaces of every node of a group whose interfaces changed.
     async fn follow_group_interfaces(&self, b: &mut Batch, group: &Group) -> Result<()> {
+        // Before listing: a node added to the group meanwhile is then a conflict at commit.
+        b.read_users(self.store.as_ref(), Kind::Group, &group.name).await?;
         let nodes: Vec<Node> = self
             .list(Kind::Node)
             .await?
@@ -583,8 +721,8 @@ impl Service {
                 _ => None,
             })
             .collect();
-        let mut nets = self.networks_for(group).await?;
-        let reserved = self.cluster_reserved().await?;
+        let mut nets = self.networks_for(b, group).await?;
+        let reserved = self.cluster_reserved(b).await?;
         for old in nodes {
             let mut new = old.clone();
             reconcile_interfaces(&mut new, group, &mut nets, &reserved, &BTreeMap::new(), &mut b.auto)?;
@@ -593,11 +731,11 @@ impl Service {
         Ok(())
     }
 
-    async fn networks_for(&self, group: &Group) -> Result<HashMap<String, NetworkUse>> {
+    async fn networks_for(&self, b: &mut Batch, group: &Group) -> Result<HashMap<String, NetworkUse>> {
         let mut nets = HashMap::new();
         for i in &group.interfaces {
             if !nets.contains_key(&i.network) {
-                nets.insert(i.network.clone(), self.network_use(&i.network).await?);
+                nets.insert(i.network.clone(), self.network_use(b, &i.network).await?);
             }
         }
         Ok(nets)
@@ -617,6 +755,8 @@ impl Service {
         let wanted: BTreeSet<&String> = names.iter().collect();
         for name in names {
             let obj = self.get(kind, name).await?;
+            // Before listing: a user added meanwhile is then a conflict at commit.
+            b.read_users(self.store.as_ref(), kind, name).await?;
             let users: Vec<AnyObject> = self
                 .users_of(kind, name)
                 .await?
@@ -628,7 +768,7 @@ impl Service {
             }
             b.delete(self.store.as_ref(), &obj).await?;
         }
-        self.store.commit(b.writes).await?;
+        self.commit(b).await?;
         Ok(names.to_vec())
     }
 
@@ -654,12 +794,14 @@ impl Service {
         let mut b = Batch::default();
         let store = self.store.as_ref();
         b.put(store, Some(&old), &new).await?;
+        // Before listing: a user added meanwhile is then a conflict at commit.
+        b.read_users(store, kind, name).await?;
         for user in self.users_of(kind, name).await? {
             let mut changed = user.clone();
             changed.rename_reference(kind, name, new_name);
             b.put(store, Some(&user), &changed).await?;
         }
-        self.store.commit(b.writes).await?;
+        self.commit(b).await?;
         self.get(kind, new_name).await
     }
 
@@ -687,10 +829,12 @@ impl Service {
                 let mut copy = old.clone();
                 copy.set_name(new_name);
                 let (net, _) = copy.addresses().remove(0);
-                let reserved = self.cluster_reserved().await?;
                 retrying!(
                     async {
-                        let nu = self.network_use(&net).await?;
+                        // What is read here is checked again by `create_once`.
+                        let mut b = Batch::default();
+                        let reserved = self.cluster_reserved(&mut b).await?;
+                        let nu = self.network_use(&mut b, &net).await?;
                         let ip = ipalloc::lowest_free(&nu.network, &nu.used, &reserved, 1)?[0];
                         let mut value = copy.to_value();
                         value["ip"] = json!(ip);
@@ -748,12 +892,12 @@ impl Service {
         }
         let (old, new) = (AnyObject::Network(old), AnyObject::Network(new));
         new.validate()?;
-        if let (AnyObject::Network(o), AnyObject::Network(n)) = (&old, &new) {
-            self.check_network_change(o, n).await?;
-        }
         let mut b = Batch::default();
+        if let (AnyObject::Network(o), AnyObject::Network(n)) = (&old, &new) {
+            self.check_network_change(&mut b, o, n).await?;
+        }
         b.put(self.store.as_ref(), Some(&old), &new).await?;
-        self.store.commit(b.writes).await?;
+        self.commit(b).await?;
         self.network(name).await
     }
 
@@ -776,13 +920,16 @@ impl Service {
     }
 
     async fn add_nodes_once(&self, req: &NodeCreate, names: &[String]) -> Result<Vec<Node>> {
+        let mut b = Batch::default();
         let group = self.group(&req.group).await.map_err(|e| match e {
             ServiceError::NotFound { .. } => ServiceError::NotFound { kind: Kind::Group, name: req.group.clone() },
             e => e,
         })?;
+        b.read(Kind::Group, &group.name, group.rev);
         if let Some(s) = &req.switch {
-            if self.find(Kind::Switch, s).await?.is_none() {
-                return Err(ServiceError::NotFound { kind: Kind::Switch, name: s.clone() });
+            match self.find(Kind::Switch, s).await? {
+                Some(sw) => b.read_object(&sw),
+                None => return Err(ServiceError::NotFound { kind: Kind::Switch, name: s.clone() }),
             }
         }
         // One list instead of thousands of point reads: bulk adds stay fast.
@@ -796,9 +943,8 @@ impl Service {
                 return Err(bad(format!("group {} has no interface '{ifname}'", group.name)));
             }
         }
-        let mut nets = self.networks_for(&group).await?;
-        let reserved = self.cluster_reserved().await?;
-        let mut b = Batch::default();
+        let mut nets = self.networks_for(&mut b, &group).await?;
+        let reserved = self.cluster_reserved(&mut b).await?;
         // A status record can outlive its node when a report raced the node's delete: a new
         // node of that name starts without it.
         let wanted: BTreeSet<&String> = names.iter().collect();
@@ -825,7 +971,7 @@ impl Service {
                 out.push(n);
             }
         }
-        self.store.commit(b.writes).await?;
+        self.commit(b).await?;
         Ok(out)
     }
 
@@ -843,7 +989,7 @@ impl Service {
     }
 
     async fn change_nodes_once(&self, names: &[String], patch: &NodePatch) -> Result<Vec<Node>> {
-        let reserved = self.cluster_reserved().await?;
+        let mut b = Batch::default();
         let new_group = match &patch.group {
             Some(g) => Some(self.group(g).await.map_err(|e| match e {
                 ServiceError::NotFound { .. } => ServiceError::NotFound { kind: Kind::Group, name: g.clone() },
@@ -851,12 +997,17 @@ impl Service {
             })?),
             None => None,
         };
+        if let Some(g) = &new_group {
+            b.read(Kind::Group, &g.name, g.rev);
+        }
         if let Some(Some(s)) = &patch.switch {
-            if self.find(Kind::Switch, s).await?.is_none() {
-                return Err(ServiceError::NotFound { kind: Kind::Switch, name: s.clone() });
+            match self.find(Kind::Switch, s).await? {
+                Some(sw) => b.read_object(&sw),
+                None => return Err(ServiceError::NotFound { kind: Kind::Switch, name: s.clone() }),
             }
         }
-        let mut b = Batch::default();
+        // Read (and checked at commit) only when addresses are (re)allocated or checked.
+        let mut reserved: Option<Vec<IpRange>> = None;
         let mut groups: HashMap<String, Group> = HashMap::new();
         let mut nets: HashMap<String, NetworkUse> = HashMap::new();
         let mut out = Vec::new();
@@ -891,9 +1042,14 @@ impl Service {
                 }
             }
             if new_group.is_some() || !patch.ips.is_empty() {
+                // The node's interfaces follow from the group's: a change of it must fail this.
+                b.read(Kind::Group, &group.name, group.rev);
+                if reserved.is_none() {
+                    reserved = Some(self.cluster_reserved(&mut b).await?);
+                }
                 for gi in &group.interfaces {
                     if !nets.contains_key(&gi.network) {
-                        nets.insert(gi.network.clone(), self.network_use(&gi.network).await?);
+                        nets.insert(gi.network.clone(), self.network_use(&mut b, &gi.network).await?);
                     }
                 }
                 // The node's own current addresses are free for itself.
@@ -907,7 +1063,8 @@ impl Service {
                         }
                     }
                 }
-                reconcile_interfaces(&mut new, &group, &mut nets, &reserved, &patch.ips, &mut b.auto)?;
+                let reserved = reserved.as_deref().unwrap_or_default();
+                reconcile_interfaces(&mut new, &group, &mut nets, reserved, &patch.ips, &mut b.auto)?;
             }
             if let Some(status) = &patch.status {
                 let held = self.store.get(Collection::Status, name).await?.map(|r| r.rev);
@@ -920,7 +1077,7 @@ impl Service {
                 out.push(n);
             }
         }
-        self.store.commit(b.writes).await?;
+        self.commit(b).await?;
         let mut fresh = Vec::with_capacity(out.len());
         for n in out {
             fresh.push(self.node(&n.name).await?);
@@ -1002,7 +1159,7 @@ impl Service {
         obj.validate()?;
         let mut b = Batch::default();
         b.put(self.store.as_ref(), None, &obj).await?;
-        match self.store.commit(b.writes).await {
+        match self.store.commit(b.finish(self.store.as_ref()).await?).await {
             Ok(()) | Err(StoreError::Conflict { .. }) => self.cluster().await,
             Err(e) => Err(e.into()),
         }

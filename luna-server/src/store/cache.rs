@@ -119,8 +119,9 @@ impl<S: Store> Store for CachedStore<S> {
     }
 
     async fn commit(&self, writes: Vec<Write>) -> Result<()> {
-        // What the cache will hold for each key if the commit succeeds.
-        let after: Vec<(Collection, String, Option<Arc<Record>>)> = writes
+        // What the cache will hold for each key if the commit succeeds (`None`: a check, which
+        // writes nothing).
+        let after: Vec<(Collection, String, Option<Option<Arc<Record>>>)> = writes
             .iter()
             .map(|w| match w {
                 Write::Put { collection, key, expect, doc } => {
@@ -129,9 +130,11 @@ impl<S: Store> Store for CachedStore<S> {
                         Expect::Rev(r) => r + 1,
                     };
                     let rec = Record { collection: *collection, key: key.clone(), rev, doc: doc.clone() };
-                    (*collection, key.clone(), Some(Arc::new(rec)))
+                    (*collection, key.clone(), Some(Some(Arc::new(rec))))
                 }
-                Write::Delete { collection, key, .. } => (*collection, key.clone(), None),
+                Write::Delete { collection, key, .. } => (*collection, key.clone(), Some(None)),
+                // A check changes nothing: a successful one leaves the cache as it is.
+                Write::Check { collection, key, .. } => (*collection, key.clone(), None),
             })
             .collect();
         let _one_at_a_time = self.commits.lock().await;
@@ -141,11 +144,23 @@ impl<S: Store> Store for CachedStore<S> {
         let epoch = st.epoch;
         st.make_room();
         for (collection, key, rec) in after {
-            let e = st.entry(collection, &key);
-            e.written = epoch;
-            // Also after a failure the key is dropped: an error need not mean nothing was
-            // written (a lost connection).
-            e.value = result.is_ok().then_some(rec);
+            match (rec, result.is_ok()) {
+                (Some(rec), true) => {
+                    let e = st.entry(collection, &key);
+                    e.written = epoch;
+                    e.value = Some(rec);
+                }
+                // A check that held: nothing was written, a concurrent read may still fill.
+                (None, true) => {}
+                // After a failure every key the batch named is dropped: an error need not mean
+                // nothing was written (a lost connection), and a failed check means this
+                // process read something older than the store holds.
+                (_, false) => {
+                    let e = st.entry(collection, &key);
+                    e.written = epoch;
+                    e.value = None;
+                }
+            }
         }
         result
     }

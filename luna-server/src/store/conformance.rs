@@ -1,6 +1,8 @@
 //! The store conformance suite: what every [`Store`] backend must do, as checks any backend's
 //! tests run (`run_all` with a factory of fresh, empty stores), plus [`NxServer`], which starts
-//! nx-27017 (a MongoDB wire-protocol server from PyPI) for tests of the MongoDB backend.
+//! nx-27017 (a MongoDB wire-protocol server from PyPI) for tests of the MongoDB backend, as a
+//! one-member replica set through `tests/assets/nx-replset.py` (the MongoDB store needs
+//! transactions, which drivers use only on a replica set).
 //!
 //! Each check returns `Err(description)` instead of panicking, so one run reports every broken
 //! invariant at once.
@@ -40,6 +42,8 @@ pub fn checks() -> Vec<Check> {
         ("revisions", |s| Box::pin(revisions(s))),
         ("compare_and_swap", |s| Box::pin(compare_and_swap(s))),
         ("failed_batch_changes_nothing", |s| Box::pin(failed_batch_changes_nothing(s))),
+        ("read_checks", |s| Box::pin(read_checks(s))),
+        ("concurrent_read_checks", |s| Box::pin(concurrent_read_checks(s))),
         ("doc_round_trip", |s| Box::pin(doc_round_trip(s))),
         ("concurrent_claims", |s| Box::pin(concurrent_claims(s))),
         ("concurrent_counter", |s| Box::pin(concurrent_counter(s))),
@@ -75,6 +79,10 @@ pub fn put(collection: Collection, key: &str, expect: Expect, doc: Value) -> Wri
 
 pub fn del(collection: Collection, key: &str, expect: Expect) -> Write {
     Write::Delete { collection, key: key.to_string(), expect }
+}
+
+pub fn check(collection: Collection, key: &str, expect: Expect) -> Write {
+    Write::Check { collection, key: key.to_string(), expect }
 }
 
 async fn commit(store: &dyn Store, writes: Vec<Write>, what: &str) -> Outcome {
@@ -284,6 +292,135 @@ pub async fn failed_batch_changes_nothing(store: Arc<dyn Store>) -> Outcome {
     expect_record(s, NODE, "e", 1, &json!("e1"), "fixed batch").await?;
     expect_absent(s, Collection::Claim, "mac/aa", "fixed batch").await?;
     expect_record(s, Collection::Claim, "mac/bb", 1, &json!({ "kind": "node", "owner": "d" }), "fixed batch").await?;
+    Ok(())
+}
+
+/// Read expectations: a batch applies only while what it read still holds, and a check writes
+/// nothing (no new revision, no record created or removed).
+pub async fn read_checks(store: Arc<dyn Store>) -> Outcome {
+    let s = store.as_ref();
+    commit(s, vec![put(GROUP, "g", Expect::Absent, json!("g1")), put(NODE, "n", Expect::Absent, json!("n1"))], "setup")
+        .await?;
+    // Checks that hold: the writes apply, the checked records keep their revision.
+    commit(
+        s,
+        vec![
+            check(GROUP, "g", Expect::Rev(1)),
+            put(NODE, "n", Expect::Rev(1), json!("n2")),
+            check(GROUP, "h", Expect::Absent),
+        ],
+        "holding checks",
+    )
+    .await?;
+    expect_record(s, GROUP, "g", 1, &json!("g1"), "after holding checks").await?;
+    expect_record(s, NODE, "n", 2, &json!("n2"), "after holding checks").await?;
+    expect_absent(s, GROUP, "h", "a checked absent record").await?;
+    // A batch of checks alone is a no-op that succeeds.
+    commit(s, vec![check(GROUP, "g", Expect::Rev(1)), check(NODE, "n", Expect::Rev(2))], "checks only").await?;
+    expect_record(s, GROUP, "g", 1, &json!("g1"), "after checks only").await?;
+    // A check that fails stops the batch, wherever it stands in it, and names the record.
+    expect_conflict(
+        s,
+        vec![put(NODE, "n", Expect::Rev(2), json!("n3")), check(GROUP, "g", Expect::Rev(7))],
+        (GROUP, "g", "rev 7", "rev 1"),
+        "stale check last",
+    )
+    .await?;
+    expect_conflict(
+        s,
+        vec![check(GROUP, "g", Expect::Absent), put(NODE, "m", Expect::Absent, json!("m1"))],
+        (GROUP, "g", "absent", "rev 1"),
+        "absent check on an existing record",
+    )
+    .await?;
+    expect_conflict(
+        s,
+        vec![put(NODE, "m", Expect::Absent, json!("m1")), check(GROUP, "h", Expect::Rev(1))],
+        (GROUP, "h", "rev 1", "absent"),
+        "rev check on a missing record",
+    )
+    .await?;
+    expect_record(s, NODE, "n", 2, &json!("n2"), "after failed checks").await?;
+    expect_absent(s, NODE, "m", "after failed checks").await?;
+    // The record changes after it was read: the check of the old revision fails.
+    commit(s, vec![put(GROUP, "g", Expect::Rev(1), json!("g2"))], "change g").await?;
+    expect_conflict(
+        s,
+        vec![check(GROUP, "g", Expect::Rev(1)), put(NODE, "n", Expect::Rev(2), json!("n3"))],
+        (GROUP, "g", "rev 1", "rev 2"),
+        "check of a changed record",
+    )
+    .await?;
+    commit(s, vec![del(GROUP, "g", Expect::Rev(2))], "delete g").await?;
+    expect_conflict(
+        s,
+        vec![check(GROUP, "g", Expect::Rev(2)), put(NODE, "n", Expect::Rev(2), json!("n3"))],
+        (GROUP, "g", "rev 2", "absent"),
+        "check of a deleted record",
+    )
+    .await?;
+    expect_record(s, NODE, "n", 2, &json!("n2"), "after stale checks").await?;
+    ensure!(list(s, GROUP, "").await?.is_empty(), "a failed check left a group behind");
+    Ok(())
+}
+
+/// Two kinds of batches race: one deletes `g` if nothing refers to it, the other creates a
+/// referrer of `g` with a check on it and bumps `g`'s referrer count. Whatever the order, a
+/// referrer never outlives `g` (what the service's referrer records rely on).
+pub async fn concurrent_read_checks(store: Arc<dyn Store>) -> Outcome {
+    const ROUNDS: usize = 30;
+    let counter = "users/g";
+    for round in 0..ROUNDS {
+        let s = store.as_ref();
+        commit(s, vec![put(GROUP, "g", Expect::Absent, json!(round))], "create g").await?;
+        let users = get(s, Collection::Meta, counter).await?.map(|r| r.rev);
+        let users_expect = users.map_or(Expect::Absent, Expect::Rev);
+        let node = format!("n{round}");
+        let adder = {
+            let store = store.clone();
+            let node = node.clone();
+            tokio::spawn(async move {
+                let s = store.as_ref();
+                let g = s.get(GROUP, "g").await.map_err(|e| e.to_string())?;
+                let Some(g) = g else { return Ok::<bool, String>(false) };
+                let users = s.get(Collection::Meta, counter).await.map_err(|e| e.to_string())?;
+                let bump =
+                    put(Collection::Meta, counter, users.map_or(Expect::Absent, |u| Expect::Rev(u.rev)), json!(1));
+                let batch =
+                    vec![check(GROUP, "g", Expect::Rev(g.rev)), put(NODE, &node, Expect::Absent, json!("g")), bump];
+                match s.commit(batch).await {
+                    Ok(()) => Ok(true),
+                    Err(StoreError::Conflict { .. }) => Ok(false),
+                    Err(e) => Err(format!("adder: {e}")),
+                }
+            })
+        };
+        let deleter = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let s = store.as_ref();
+                let batch = vec![check(Collection::Meta, counter, users_expect), del(GROUP, "g", Expect::Rev(1))];
+                match s.commit(batch).await {
+                    Ok(()) => Ok::<bool, String>(true),
+                    Err(StoreError::Conflict { .. }) => Ok(false),
+                    Err(e) => Err(format!("deleter: {e}")),
+                }
+            })
+        };
+        let added = adder.await.map_err(|e| format!("adder task: {e}"))??;
+        let deleted = deleter.await.map_err(|e| format!("deleter task: {e}"))??;
+        ensure!(!(added && deleted), "round {round}: node {node} was added to group g and g was deleted");
+        let g = get(s, GROUP, "g").await?;
+        let n = get(s, NODE, &node).await?;
+        ensure!(g.is_some() == !deleted, "round {round}: group present {} after delete {deleted}", g.is_some());
+        ensure!(n.is_some() == added, "round {round}: node present {} after add {added}", n.is_some());
+        if let Some(n) = n {
+            commit(s, vec![del(NODE, &node, Expect::Rev(n.rev))], "clean node").await?;
+        }
+        if let Some(g) = g {
+            commit(s, vec![del(GROUP, "g", Expect::Rev(g.rev))], "clean group").await?;
+        }
+    }
     Ok(())
 }
 
@@ -555,7 +692,16 @@ pub fn mongo_gate() -> Option<PathBuf> {
     Some(bin)
 }
 
-/// An in-memory nx-27017 on a free loopback port, killed on drop.
+/// The replica set name [`NxServer`] announces.
+pub const NX_SET_NAME: &str = "rs0";
+
+/// The launcher that makes nx-27017 a one-member replica set with isolated transactions.
+pub fn nx_replset_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/assets/nx-replset.py")
+}
+
+/// An in-memory nx-27017 on a free loopback port, announcing the one-member replica set
+/// [`NX_SET_NAME`], killed on drop.
 pub struct NxServer {
     child: std::process::Child,
     port: u16,
@@ -580,7 +726,11 @@ impl NxServer {
         let dir = std::env::temp_dir().join(format!("luna-nx27017-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let log = std::fs::File::create(dir.join("out.log"))?;
-        let child = std::process::Command::new(bin)
+        // The venv's interpreter, which has nx-27017's modules.
+        let python = bin.with_file_name("python3");
+        let child = std::process::Command::new(&python)
+            .arg(nx_replset_script())
+            .args(["--set-name", NX_SET_NAME, "--transaction-lifetime", "10"])
             .args(["--db", "memory", "--host", "127.0.0.1", "-p", &port.to_string()])
             .arg("--log-file")
             .arg(dir.join("nx.log"))
@@ -590,7 +740,7 @@ impl NxServer {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot run {}: {e}", bin.display())))?;
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot run {}: {e}", python.display())))?;
         let mut server = NxServer { child, port, dir };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -612,9 +762,18 @@ impl NxServer {
         self.port
     }
 
-    /// `mongodb://127.0.0.1:<port>/<db>`.
+    /// What the server (and its replica-set launcher) printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("out.log")).unwrap_or_default()
+    }
+
+    /// `mongodb://127.0.0.1:<port>/<db>?replicaSet=rs0&maxPoolSize=100`. The pool is larger
+    /// than the driver's default (10) because the launcher serializes transactions by making
+    /// other commands wait: with more waiting commands than connections, the open
+    /// transaction's own next command would find no free connection (MongoDB itself never
+    /// makes commands wait like that).
     pub fn url(&self, db: &str) -> String {
-        format!("mongodb://127.0.0.1:{}/{db}", self.port)
+        format!("mongodb://127.0.0.1:{}/{db}?replicaSet={NX_SET_NAME}&maxPoolSize=100", self.port)
     }
 }
 
@@ -749,8 +908,16 @@ mod tests {
         let server = NxServer::start(&bin).await.expect("nx-27017 starts");
         assert_clean(mongo_suite(|db| server.url(db), "nx").await);
         // The database defaults to `luna` when the URL names none.
-        let store = MongoStore::open(&format!("mongodb://127.0.0.1:{}", server.port())).await.expect("open");
+        let store = MongoStore::open(&format!("mongodb://127.0.0.1:{}/?replicaSet={NX_SET_NAME}", server.port()))
+            .await
+            .expect("open");
         assert_eq!(store.database_name(), "luna");
+        // The same server without replicaSet in the url is refused, naming why.
+        match MongoStore::open(&format!("mongodb://127.0.0.1:{}/luna", server.port())).await {
+            Err(StoreError::NeedsReplicaSet(_)) => {}
+            Err(e) => panic!("a standalone url: wanted NeedsReplicaSet, got {e}"),
+            Ok(_) => panic!("a standalone url was accepted"),
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

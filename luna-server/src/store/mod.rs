@@ -6,6 +6,9 @@
 //!   otherwise it fails with `StoreError::Conflict` naming the first record that did not match;
 //! - uniqueness (MACs, IPs, switch ports) is nothing but claim records in [`Collection::Claim`]
 //!   created with `Expect::Absent`, so it is race-free wherever `commit` is atomic;
+//! - a [`Write::Check`] is a read expectation: it writes nothing and leaves `rev` alone, but the
+//!   batch applies only if the record is still as the operation read it (so a batch can depend on
+//!   objects it does not change);
 //! - a batch names each record at most once (the service layer builds batches that way);
 //! - every boot-path lookup (node by name, by MAC, by switch port) is a primary-key `get`.
 
@@ -100,16 +103,32 @@ pub enum Expect {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
-    Put { collection: Collection, key: String, expect: Expect, doc: Value },
-    Delete { collection: Collection, key: String, expect: Expect },
+    Put {
+        collection: Collection,
+        key: String,
+        expect: Expect,
+        doc: Value,
+    },
+    Delete {
+        collection: Collection,
+        key: String,
+        expect: Expect,
+    },
+    /// Writes nothing: the batch applies only if the record is as `expect` says (a read the
+    /// batch depends on, checked at commit).
+    Check {
+        collection: Collection,
+        key: String,
+        expect: Expect,
+    },
 }
 
 impl Write {
     pub fn target(&self) -> (Collection, &str, Expect) {
         match self {
-            Write::Put { collection, key, expect, .. } | Write::Delete { collection, key, expect } => {
-                (*collection, key, *expect)
-            }
+            Write::Put { collection, key, expect, .. }
+            | Write::Delete { collection, key, expect }
+            | Write::Check { collection, key, expect } => (*collection, key, *expect),
         }
     }
 }
@@ -124,8 +143,14 @@ pub enum StoreError {
     SchemaTooNew { found: u64, supported: u64 },
     #[error("store schema record {0} has no version this luna-server can migrate from")]
     SchemaUnknown(String),
-    #[error("store url '{0}' is not supported: use sqlite:///path/to/luna.db or mongodb://host/db")]
+    #[error(
+        "store url '{0}' is not supported: use sqlite:///path/to/luna.db or mongodb://host1,host2/db?replicaSet=rs0"
+    )]
     BadUrl(String),
+    #[error(
+        "mongodb store url '{0}' names no replica set: luna commits every batch as a multi-document transaction, which MongoDB offers only on a replica set; add ?replicaSet=<name> (a one-member replica set is fine: mongod --replSet rs0, then rs.initiate())"
+    )]
+    NeedsReplicaSet(String),
     #[error("sqlite store: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("mongodb store: {0}")]

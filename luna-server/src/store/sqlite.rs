@@ -149,6 +149,9 @@ impl Store for SqliteStore {
                         tx.prepare_cached("DELETE FROM records WHERE collection = ?1 AND key = ?2")?
                             .execute(params![collection.as_str(), key])?;
                     }
+                    // Checked above, inside this `BEGIN IMMEDIATE` transaction: no other writer
+                    // can change the record before the commit.
+                    Write::Check { .. } => {}
                 }
             }
             tx.commit()?;
