@@ -8,8 +8,9 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use luna_server::api::{router, AppState};
-use luna_server::netboot::{self, BootContext, BootTokens};
+use luna_server::api::router;
+use luna_server::boot::{self, BootContext, BootTokens};
+use luna_server::http::AppState;
 use luna_server::service::Service;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -28,8 +29,8 @@ async fn env() -> Env {
     let service = Service::new(store);
     service.ensure_cluster("test").await.unwrap();
     let boot = BootContext { tokens: BootTokens::new(TOKEN.as_bytes()), data_dir: dir.path().to_path_buf() };
-    let state = Arc::new(AppState { service: service.clone(), admin_token: TOKEN.into(), boot });
-    let app = router(state.clone()).merge(netboot::router(state));
+    let state = Arc::new(AppState { service: service.clone(), admin_token: TOKEN.into() });
+    let app = router(state.clone()).merge(boot::router(state, boot));
     let e = Env { app, service, _dir: dir };
     for (path, body) in [
         (

@@ -1,3 +1,6 @@
-//! Network boot: what luna tells a node's iPXE to do.
+//! Network boot: what luna tells a node's iPXE to do, and what the node's agent may fetch.
 
+pub mod handlers;
 pub mod ipxe;
+
+pub use handlers::{boot_plan, install_plan, router, BootContext, BootPlan, BootTokens};

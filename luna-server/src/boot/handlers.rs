@@ -29,8 +29,8 @@ use serde::Deserialize;
 use sha2::Sha256;
 use tower::ServiceExt;
 
-use crate::api::{error_response, ApiError, AppState};
 use crate::boot::ipxe::{self, MenuInput, NodeBoot};
+use crate::http::{error_response, is_admin, ApiError, AppState};
 use crate::object_as;
 use crate::service::{unix_now, Service, ServiceError};
 
@@ -79,6 +79,12 @@ impl BootTokens {
 pub struct BootContext {
     pub tokens: BootTokens,
     pub data_dir: PathBuf,
+}
+
+/// The boot routes' state: the shared HTTP state and the boot context.
+pub struct BootState {
+    pub app: Arc<AppState>,
+    pub boot: BootContext,
 }
 
 /// What a MAC gets at the iPXE stage.
@@ -218,18 +224,9 @@ fn parse_mac(mac: Option<&str>) -> Result<MacAddr, String> {
     raw.parse().map_err(|e: luna_core::mac::MacParseError| e.to_string())
 }
 
-fn is_admin(st: &AppState, headers: &HeaderMap) -> bool {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    crate::api::constant_time_eq(given.as_bytes(), st.admin_token.as_bytes())
-}
-
-async fn ipxe_script(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<IpxeQuery>) -> Response {
+async fn ipxe_script(State(st): State<Arc<BootState>>, headers: HeaderMap, Query(q): Query<IpxeQuery>) -> Response {
     let preview = matches!(q.preview.as_deref(), Some("1" | "true" | "yes"));
-    let cluster = match st.service.shared(Kind::Cluster, "").await {
+    let cluster = match st.app.service.shared(Kind::Cluster, "").await {
         Ok(c) => c,
         Err(e) => return ApiError(e).into_response(),
     };
@@ -237,7 +234,7 @@ async fn ipxe_script(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(
         return ApiError(kind_error(Kind::Cluster, "cluster")).into_response();
     };
     let base = base_url(&headers, cluster.frontend_address, cluster.http_port);
-    if preview && !is_admin(&st, &headers) {
+    if preview && !is_admin(&st.app.admin_token, &headers) {
         return error_response(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
@@ -249,13 +246,13 @@ async fn ipxe_script(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(
         Err(e) if preview => return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e),
         Err(e) => return script(ipxe::render_error(&base, &e)),
     };
-    let plan = match boot_plan(&st.service, &st.boot.tokens, mac, &base).await {
+    let plan = match boot_plan(&st.app.service, &st.boot.tokens, mac, &base).await {
         Ok(p) => p,
         Err(e) => return ApiError(e).into_response(),
     };
     if !preview {
         match &plan {
-            BootPlan::Node(n) => record(&st.service, &n.name, "ipxe", "boot script served"),
+            BootPlan::Node(n) => record(&st.app.service, &n.name, "ipxe", "boot script served"),
             BootPlan::Menu(_) => tracing::info!(%mac, "unknown mac got the discovery menu"),
             BootPlan::Error(e) => tracing::warn!(%mac, error = %e, "boot refused"),
         }
@@ -263,8 +260,8 @@ async fn ipxe_script(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(
     script(render(&plan, &base))
 }
 
-async fn bind(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<BindQuery>) -> Response {
-    let cluster = match st.service.cluster().await {
+async fn bind(State(st): State<Arc<BootState>>, headers: HeaderMap, Query(q): Query<BindQuery>) -> Response {
+    let cluster = match st.app.service.cluster().await {
         Ok(c) => c,
         Err(e) => return ApiError(e).into_response(),
     };
@@ -275,15 +272,15 @@ async fn bind(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(q): Que
     };
     let name = q.node.unwrap_or_default();
     let retry = |msg: String| script(ipxe::render_error(&base, &format!("{msg}; back to the menu")));
-    let node = match st.service.bind_mac(&name, mac).await {
+    let node = match st.app.service.bind_mac(&name, mac).await {
         Ok(n) => n,
         Err(e) => return retry(e.to_string()),
     };
     tracing::info!(node = %node.name, %mac, "mac bound from the boot menu");
-    match node_plan(&st.service, &st.boot.tokens, &node, mac, &base).await {
+    match node_plan(&st.app.service, &st.boot.tokens, &node, mac, &base).await {
         Ok(plan) => {
             if let BootPlan::Node(n) = &plan {
-                record(&st.service, &n.name, "ipxe", "bound from the boot menu");
+                record(&st.app.service, &n.name, "ipxe", "bound from the boot menu");
             }
             script(render(&plan, &base))
         }
@@ -293,7 +290,7 @@ async fn bind(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(q): Que
 
 /// Serves the node's kernel or initrd (the current revision of its osimage), Range included.
 async fn node_file(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Arc<BootState>>,
     Path((name, file)): Path<(String, String)>,
     req: Request,
 ) -> Response {
@@ -303,7 +300,7 @@ async fn node_file(
     };
     // A ranged request continues a transfer: only the first fetch is a step worth recording.
     if file == "kernel" && !req.headers().contains_key(header::RANGE) {
-        record(&st.service, &name, "kernel", "kernel fetched");
+        record(&st.app.service, &name, "kernel", "kernel fetched");
     }
     match tower_http::services::ServeFile::new(path).oneshot(req).await {
         Ok(resp) => resp.into_response(),
@@ -311,10 +308,10 @@ async fn node_file(
     }
 }
 
-async fn node_file_path(st: &AppState, name: &str, file: &str) -> Result<PathBuf, ServiceError> {
-    let node = st.service.node(name).await?;
-    let group = st.service.group(&node.group).await?;
-    let image: Osimage = match st.service.get(Kind::Osimage, &group.osimage).await? {
+async fn node_file_path(st: &BootState, name: &str, file: &str) -> Result<PathBuf, ServiceError> {
+    let node = st.app.service.node(name).await?;
+    let group = st.app.service.group(&node.group).await?;
+    let image: Osimage = match st.app.service.get(Kind::Osimage, &group.osimage).await? {
         AnyObject::Osimage(o) => o,
         _ => unreachable!("kind checked by get"),
     };
@@ -354,11 +351,11 @@ pub struct NodeQuery {
 
 /// Checks that a boot-path request comes from the node it names: a valid boot token, or the
 /// request arriving from the node's own BOOTIF address.
-async fn authenticate_node(st: &AppState, q: &NodeQuery, remote: SocketAddr) -> Result<Node, Response> {
+async fn authenticate_node(st: &BootState, q: &NodeQuery, remote: SocketAddr) -> Result<Node, Response> {
     let name = q.node.as_deref().unwrap_or("");
     let denied =
         || error_response(StatusCode::FORBIDDEN, ErrorCode::Forbidden, format!("request is not from node '{name}'"));
-    let node = match st.service.node(name).await {
+    let node = match st.app.service.node(name).await {
         Ok(n) => n,
         Err(ServiceError::NotFound { .. }) => return Err(denied()),
         Err(e) => return Err(ApiError(e).into_response()),
@@ -452,7 +449,7 @@ pub async fn install_plan(service: &Service, node: &Node, base: &str) -> Result<
 }
 
 async fn plan(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Arc<BootState>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(q): Query<NodeQuery>,
@@ -461,15 +458,15 @@ async fn plan(
         Ok(n) => n,
         Err(r) => return r,
     };
-    let cluster = match st.service.cluster().await {
+    let cluster = match st.app.service.cluster().await {
         Ok(c) => c,
         Err(e) => return ApiError(e).into_response(),
     };
     let base = base_url(&headers, cluster.frontend_address, cluster.http_port);
-    match install_plan(&st.service, &node, &base).await {
+    match install_plan(&st.app.service, &node, &base).await {
         Ok(p) => {
             // Waits: the agent's next report must not be overtaken by this one.
-            st.service.record_node_status(&node.name, "plan", "install plan fetched".into(), true).await;
+            st.app.service.record_node_status(&node.name, "plan", "install plan fetched".into(), true).await;
             axum::Json(p).into_response()
         }
         Err(e) => ApiError(e).into_response(),
@@ -477,7 +474,7 @@ async fn plan(
 }
 
 async fn status(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Arc<BootState>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     Query(q): Query<NodeQuery>,
     body: Bytes,
@@ -508,13 +505,14 @@ async fn status(
         let detail = report.message.as_deref().unwrap_or("");
         tracing::info!(node = %node.name, step = %report.step, detail, "node status");
     }
-    match st.service.set_node_status(&node.name, &report.step, report.progress, report.message).await {
+    match st.app.service.set_node_status(&node.name, &report.step, report.progress, report.message).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => ApiError(e).into_response(),
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(app: Arc<AppState>, boot: BootContext) -> Router {
+    let state = Arc::new(BootState { app, boot });
     Router::new()
         .route("/boot/plan", get(plan))
         .route("/boot/status", post(status))
