@@ -125,7 +125,8 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     let service = Service::new(store.clone());
     service.ensure_cluster(&config.cluster_name).await?;
     let admin_token = read_token(&config.token_file)?;
-    let boot = BootContext { tokens: BootTokens::new(admin_token.as_bytes()), data_dir: config.data_dir.clone() };
+    let boot =
+        BootContext::new(BootTokens::new(admin_token.as_bytes()), config.data_dir.clone(), crate::service::unix_now());
     let state = Arc::new(AppState { service: service.clone(), admin_token });
 
     let topology = Arc::new(crate::wiring::StoreTopology::default());

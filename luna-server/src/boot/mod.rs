@@ -2,5 +2,7 @@
 
 pub mod handlers;
 pub mod ipxe;
+pub mod token;
 
-pub use handlers::{boot_plan, install_plan, router, BootContext, BootPlan, BootTokens};
+pub use handlers::{bind_node, boot_plan, install_plan, router, BootContext, BootPlan};
+pub use token::BootTokens;
