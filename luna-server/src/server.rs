@@ -37,14 +37,13 @@ pub enum ServerError {
     Tftp(#[from] crate::tftp::TftpError),
     #[error("cannot start the seeder: {0}")]
     Seeder(String),
-    #[error("cannot create data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("data directory: {0}")]
+    DataDir(#[from] crate::fsperm::PermError),
 }
 
 /// Creates the store and the cluster object, and the admin token file if there is none.
 pub async fn init(config: &Config) -> Result<InitReport, ServerError> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
+    crate::fsperm::secure_dir(&config.data_dir)?;
     let store = store::open(&config.store).await?;
     let service = Service::new(store);
     let cluster = service.ensure_cluster(&config.cluster_name).await?;
@@ -120,6 +119,8 @@ impl DhcpStatusSink for StatusToService {
 
 /// Runs every service of the server until `shutdown` turns true.
 pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
+    // Published images and the embedded store live here; nobody but luna reads them.
+    crate::fsperm::secure_dir(&config.data_dir)?;
     let store = store::open(&config.store).await?;
     tracing::info!(backend = store.backend(), "store opened");
     let service = Service::new(store.clone());
