@@ -375,8 +375,17 @@ pub struct BmcsetupFields {
     /// BMC user name.
     #[arg(long)]
     pub user: Option<String>,
-    /// BMC password (`@FILE` or `-` reads it, which keeps it out of `ps`).
-    #[arg(long)]
+    /// Read the BMC password from FILE (`-`: stdin; the first line counts).
+    #[arg(long, value_name = "FILE", group = "bmc_password")]
+    pub password_file: Option<String>,
+    /// Prompt for the BMC password (twice, not echoed).
+    #[arg(long, group = "bmc_password")]
+    pub ask_password: bool,
+    /// Take the BMC password from the environment variable LUNA_BMC_PASSWORD.
+    #[arg(long, group = "bmc_password")]
+    pub password_from_env: bool,
+    /// Refused with an explanation: a password on the command line shows in `ps`.
+    #[arg(long, hide = true, group = "bmc_password")]
     pub password: Option<String>,
     /// BMC user id slot.
     #[arg(long, value_name = "N")]
@@ -395,7 +404,7 @@ pub struct BmcsetupFields {
 }
 
 #[derive(Debug, Clone, Args)]
-#[command(mut_arg("user", |a| a.required(true)), mut_arg("password", |a| a.required(true)))]
+#[command(mut_arg("user", |a| a.required(true)))]
 pub struct BmcsetupAdd {
     pub name: String,
     #[command(flatten)]
@@ -906,8 +915,8 @@ mod tests {
             "b",
             "--user",
             "admin",
-            "--password",
-            "@/p",
+            "--password-file",
+            "/p",
             "--userid",
             "3",
             "--netchannel",
@@ -921,8 +930,10 @@ mod tests {
         };
         assert_eq!(a.fields.protocol, Some(BmcProtocol::Redfish));
         assert_eq!((a.fields.userid, a.fields.netchannel, a.fields.mgmtchannel), (Some(3), Some(2), Some(4)));
-        assert!(err(&["bmcsetup", "add", "b", "--user", "u"]).contains("--password"));
-        assert!(err(&["bmcsetup", "add", "b", "--user", "u", "--password", "p", "--protocol", "snmp"]).contains("snmp"));
+        assert_eq!(a.fields.password_file.as_deref(), Some("/p"));
+        let two = err(&["bmcsetup", "add", "b", "--user", "u", "--password-file", "/p", "--ask-password"]);
+        assert!(two.contains("--ask-password"), "{two}");
+        assert!(err(&["bmcsetup", "add", "b", "--user", "u", "--ask-password", "--protocol", "snmp"]).contains("snmp"));
         let Command::Bmcsetup(BmcsetupCmd::Show(s)) = ok(&["bmcsetup", "show", "b", "--show-secrets"]) else {
             panic!()
         };
