@@ -504,6 +504,7 @@ impl<R: Read> Ctx<R> {
         if let Some(p) = self.bmc_password(f)? {
             m.insert("password".into(), json!(p));
         }
+        put(&mut m, "per_node_password", f.per_node_password);
         put(&mut m, "userid", f.userid);
         put(&mut m, "netchannel", f.netchannel);
         put(&mut m, "mgmtchannel", f.mgmtchannel);
@@ -520,10 +521,12 @@ impl<R: Read> Ctx<R> {
             BmcsetupCmd::Add(a) => {
                 check_name(k, &a.name)?;
                 let f = &a.fields;
-                if f.password.is_none() && f.password_file.is_none() && !f.ask_password && !f.password_from_env {
+                let given = f.password.is_some() || f.password_file.is_some() || f.ask_password || f.password_from_env;
+                if !given && f.per_node_password != Some(true) {
                     bail!(
                         "bmcsetup add needs the BMC password: --password-file FILE (or - for stdin), \
-                         --ask-password, or --password-from-env with {BMC_PASSWORD_ENV} set"
+                         --ask-password, or --password-from-env with {BMC_PASSWORD_ENV} set \
+                         (or --per-node-password yes)"
                     );
                 }
                 let mut m = self.bmcsetup_fields(&a.fields)?;
@@ -619,7 +622,7 @@ impl<R: Read> Ctx<R> {
                 })
             }
             NodeCmd::Show(a) => match a.script {
-                None => self.show(k, &a.show, false),
+                None => self.show(k, &a.show, a.secrets.show_secrets),
                 Some(NodeScript::Boot) => {
                     let node = self.fetch(k, &a.show.name, false)?;
                     let Some(mac) = node.get("mac").and_then(Value::as_str) else {

@@ -339,6 +339,44 @@ async fn the_plan_carries_the_bmc_only_for_setupbmc_nodes() {
     assert_eq!((&v["setupbmc"], &v["bmc"]), (&json!(false), &Value::Null), "no password for nodes not asked");
 }
 
+#[tokio::test]
+async fn per_node_bmc_passwords_are_generated_once_and_kept_secret() {
+    let e = env().await;
+    let bmc = json!({"name": "base", "user": "admin", "per_node_password": true});
+    let (s, v) = e.call("POST", "/api/v1/bmcsetup", Some(bmc), true, None).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = e.call("PATCH", "/api/v1/group/compute", Some(json!({"bmcsetup": "base"})), true, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    for (name, mac) in [("node001", "52:54:00:00:00:01"), ("node002", "52:54:00:00:00:02")] {
+        let node = json!({"name": name, "group": "compute", "mac": mac, "setupbmc": true});
+        let (s, v) = e.call("POST", "/api/v1/node", Some(node), true, None).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    let plan = |mac: &'static str, name: &'static str, ip: &'static str| {
+        let e = &e;
+        async move {
+            let token = e.token(mac, ip).await;
+            let (s, v) = e.call("GET", &format!("/boot/plan?node={name}&token={token}"), None, false, Some(ip)).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v["bmc"]["password"].as_str().unwrap().to_string()
+        }
+    };
+    let p1 = plan("52:54:00:00:00:01", "node001", "10.141.0.1").await;
+    let p2 = plan("52:54:00:00:00:02", "node002", "10.141.0.2").await;
+    assert_eq!((p1.len(), p2.len()), (16, 16));
+    assert_ne!(p1, p2, "each node has its own");
+    assert!(p1.chars().all(|c| c.is_ascii_alphanumeric()), "{p1}");
+    // Kept: the next boot gets the same one; shown only with ?secrets=1.
+    assert_eq!(plan("52:54:00:00:00:01", "node001", "10.141.0.1").await, p1);
+    let (_, v) = e.call("GET", "/api/v1/node/node001", None, true, None).await;
+    assert_eq!(v["bmc_password"], "********");
+    let (_, v) = e.call("GET", "/api/v1/node/node001?secrets=1", None, true, None).await;
+    assert_eq!(v["bmc_password"], p1);
+    // Not settable through the API.
+    let (s, _) = e.call("PATCH", "/api/v1/node/node001", Some(json!({"bmc_password": "mine"})), true, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
 /// Boot-path steps are recorded without the answer waiting for them (`status.rs`): the store
 /// has them within about one group-commit round.
 async fn wait_for_step(service: &luna_server::service::Service, node: &str, step: &str) {

@@ -461,7 +461,7 @@ pub async fn install_plan(service: &Service, node: &Node, base: &str) -> Result<
                 protocol: b.protocol,
                 userid: b.userid,
                 user: b.user,
-                password: b.password,
+                password: if b.per_node_password { service.node_bmc_password(&node.name).await? } else { b.password },
                 netchannel: b.netchannel,
                 mgmtchannel: b.mgmtchannel,
                 ip: bmc_if.as_ref().and_then(|i| i.ip),
