@@ -17,6 +17,9 @@ use crate::progress::{JobView, Progress};
 use crate::render;
 use crate::text::TextSource;
 
+/// Where `--password-from-env` reads the BMC password.
+pub const BMC_PASSWORD_ENV: &str = "LUNA_BMC_PASSWORD";
+
 pub struct Ctx<R> {
     pub client: Client,
     pub text: TextSource<R>,
@@ -460,12 +463,48 @@ impl<R: Read> Ctx<R> {
 
     // ---- bmcsetup ---------------------------------------------------------------------------
 
+    /// The BMC password from wherever the flags say (never from the command line itself), or
+    /// `None` if none was given.
+    fn bmc_password(&mut self, f: &BmcsetupFields) -> Result<Option<String>> {
+        let password = if f.password.is_some() {
+            bail!(
+                "--password would show the BMC password in `ps` and the shell history: use \
+                 --password-file FILE (or - for stdin), --ask-password, or --password-from-env with \
+                 LUNA_BMC_PASSWORD set"
+            );
+        } else if let Some(file) = &f.password_file {
+            let arg = if file == "-" { "-".to_string() } else { format!("@{file}") };
+            self.text.read_line("--password-file", &arg)?
+        } else if f.ask_password {
+            let first = rpassword::prompt_password("BMC password: ")
+                .context("--ask-password: cannot read the password from the terminal")?;
+            let again = rpassword::prompt_password("BMC password again: ")
+                .context("--ask-password: cannot read the password from the terminal")?;
+            if first != again {
+                bail!("--ask-password: the two passwords differ; nothing was changed");
+            }
+            first
+        } else if f.password_from_env {
+            match std::env::var(BMC_PASSWORD_ENV) {
+                Ok(p) => p,
+                Err(_) => bail!("--password-from-env: {BMC_PASSWORD_ENV} is not set (or not UTF-8)"),
+            }
+        } else {
+            return Ok(None);
+        };
+        if password.is_empty() {
+            bail!("the BMC password is empty: give a non-empty one");
+        }
+        Ok(Some(password))
+    }
+
     fn bmcsetup_fields(&mut self, f: &BmcsetupFields) -> Result<Map<String, Value>> {
         let mut m = Map::new();
         put(&mut m, "user", f.user.clone());
-        if let Some(p) = &f.password {
-            m.insert("password".into(), json!(self.text.read_line("--password", p)?));
+        if let Some(p) = self.bmc_password(f)? {
+            m.insert("password".into(), json!(p));
         }
+        put(&mut m, "per_node_password", f.per_node_password);
         put(&mut m, "userid", f.userid);
         put(&mut m, "netchannel", f.netchannel);
         put(&mut m, "mgmtchannel", f.mgmtchannel);
@@ -481,6 +520,15 @@ impl<R: Read> Ctx<R> {
             BmcsetupCmd::Show(a) => self.show(k, &a.show, a.secrets.show_secrets),
             BmcsetupCmd::Add(a) => {
                 check_name(k, &a.name)?;
+                let f = &a.fields;
+                let given = f.password.is_some() || f.password_file.is_some() || f.ask_password || f.password_from_env;
+                if !given && f.per_node_password != Some(true) {
+                    bail!(
+                        "bmcsetup add needs the BMC password: --password-file FILE (or - for stdin), \
+                         --ask-password, or --password-from-env with {BMC_PASSWORD_ENV} set \
+                         (or --per-node-password yes)"
+                    );
+                }
                 let mut m = self.bmcsetup_fields(&a.fields)?;
                 m.insert("name".into(), json!(a.name));
                 validate_new(k, &m)?;
@@ -574,7 +622,7 @@ impl<R: Read> Ctx<R> {
                 })
             }
             NodeCmd::Show(a) => match a.script {
-                None => self.show(k, &a.show, false),
+                None => self.show(k, &a.show, a.secrets.show_secrets),
                 Some(NodeScript::Boot) => {
                     let node = self.fetch(k, &a.show.name, false)?;
                     let Some(mac) = node.get("mac").and_then(Value::as_str) else {

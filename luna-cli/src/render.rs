@@ -180,9 +180,18 @@ fn key_order(kind: Kind) -> &'static [&'static str] {
             "comment",
             "rev",
         ],
-        Kind::Bmcsetup => {
-            &["name", "user", "password", "userid", "netchannel", "mgmtchannel", "protocol", "comment", "rev"]
-        }
+        Kind::Bmcsetup => &[
+            "name",
+            "user",
+            "password",
+            "per_node_password",
+            "userid",
+            "netchannel",
+            "mgmtchannel",
+            "protocol",
+            "comment",
+            "rev",
+        ],
         Kind::Group => &[
             "name",
             "osimage",
@@ -206,6 +215,7 @@ fn key_order(kind: Kind) -> &'static [&'static str] {
             "localboot",
             "service",
             "setupbmc",
+            "bmc_password",
             "status",
             "comment",
             "rev",

@@ -20,7 +20,8 @@ fn setup(s: &Server) {
     s.ok(&["network", "add", "cluster", "--cidr", "10.141.0.0/16", "--gateway", "10.141.255.254"]);
     s.ok(&["network", "add", "ipmi", "--cidr", "10.148.0.0/16"]);
     s.ok(&["osimage", "add", "rocky9", "--path", "/images/rocky9", "--kernel-version", "6.1.0-28-amd64"]);
-    s.ok(&["bmcsetup", "add", "base", "--user", "admin", "--password", "s3cret"]);
+    let r = s.run_stdin(&["bmcsetup", "add", "base", "--user", "admin", "--password-file", "-"], "s3cret\n");
+    assert_eq!(r.code, 0, "{r:?}");
     s.ok(&[
         "group",
         "add",
@@ -213,10 +214,29 @@ fn admin_flow() {
     // Secrets show only when asked for.
     assert_eq!(s.json(&["bmcsetup", "show", "base"])["password"], "********");
     assert_eq!(s.json(&["bmcsetup", "show", "base", "--show-secrets"])["password"], "s3cret");
-    let r = s.run_stdin(&["bmcsetup", "change", "base", "--password", "-", "--userid", "3"], "n3w\n");
+    let r = s.run_stdin(&["bmcsetup", "change", "base", "--password-file", "-", "--userid", "3"], "n3w\n");
     assert_eq!(r.code, 0, "{r:?}");
     let b = s.json(&["bmcsetup", "list", "--show-secrets"]);
     assert_eq!((b[0]["password"].as_str(), b[0]["userid"].as_u64()), (Some("n3w"), Some(3)));
+    // From a file, from the environment; never from the command line, never empty.
+    let file = s.dir.path().join("bmc-password");
+    std::fs::write(&file, "fr0m-file\n").unwrap();
+    s.ok(&["bmcsetup", "change", "base", "--password-file", file.to_str().unwrap()]);
+    assert_eq!(s.json(&["bmcsetup", "show", "base", "--show-secrets"])["password"], "fr0m-file");
+    let r = s.run_env(&["bmcsetup", "change", "base", "--password-from-env"], &[("LUNA_BMC_PASSWORD", "fr0m-env")]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(s.json(&["bmcsetup", "show", "base", "--show-secrets"])["password"], "fr0m-env");
+    let r = s.run(&["bmcsetup", "change", "base", "--password", "on-the-command-line"]);
+    assert!(r.code != 0 && r.stderr.contains("--password-file"), "{r:?}");
+    let r = s.run_env(&["bmcsetup", "change", "base", "--password-from-env"], &[("LUNA_BMC_PASSWORD", "")]);
+    assert!(r.code != 0 && r.stderr.contains("empty"), "{r:?}");
+    let r = s.run(&["bmcsetup", "add", "nopw", "--user", "admin"]);
+    assert!(r.code != 0 && r.stderr.contains("LUNA_BMC_PASSWORD"), "{r:?}");
+    assert_eq!(
+        s.json(&["bmcsetup", "show", "base", "--show-secrets"])["password"],
+        "fr0m-env",
+        "refusals change nothing"
+    );
 
     // Switches and other devices.
     s.ok(&[
@@ -315,7 +335,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         (&["node", "change", "node001", "--localboot", "maybe"], &["'maybe'"]),
         (&["group", "add", "g2", "--osimage", "rocky9", "--interface", "ib0"], &["'ib0'", "IF=NET"]),
         (&["osimage", "add", "img", "--path", "relative/dir"], &["relative/dir"]),
-        (&["bmcsetup", "add", "b2", "--user", "admin", "--password", "p", "--protocol", "snmp"], &["'snmp'"]),
+        (&["bmcsetup", "add", "b2", "--user", "admin", "--password-from-env", "--protocol", "snmp"], &["'snmp'"]),
         (&["network", "reserve", "cluster", "10.141.0.9-10.141.0.1"], &["10.141.0.9-10.141.0.1"]),
         (&["node", "rename", "node001", "node_x"], &["node_x"]),
     ];

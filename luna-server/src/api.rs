@@ -7,72 +7,19 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use luna_core::api::{Deleted, ErrorBody, ErrorCode, NodeCreate, NodePatch, RangeRequest, RenameRequest, API_PREFIX};
+use luna_core::api::{Deleted, ErrorCode, NodeCreate, NodePatch, RangeRequest, RenameRequest, API_PREFIX};
 use luna_core::model::{AnyObject, Kind};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::service::{Service, ServiceError};
-use crate::store::StoreError;
-
-/// What every HTTP handler can reach.
-pub struct AppState {
-    pub service: Service,
-    pub admin_token: String,
-    pub boot: crate::netboot::BootContext,
-}
-
-/// An error on its way to the client.
-#[derive(Debug)]
-pub struct ApiError(pub ServiceError);
-
-impl From<ServiceError> for ApiError {
-    fn from(e: ServiceError) -> Self {
-        ApiError(e)
-    }
-}
-
-/// The one mapping from service errors to HTTP statuses and error codes.
-pub fn status_of(e: &ServiceError) -> (StatusCode, ErrorCode) {
-    match e {
-        ServiceError::NotFound { .. } => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
-        ServiceError::AlreadyExists { .. } => (StatusCode::CONFLICT, ErrorCode::AlreadyExists),
-        ServiceError::InUse { .. } => (StatusCode::CONFLICT, ErrorCode::InUse),
-        ServiceError::Taken { .. } => (StatusCode::CONFLICT, ErrorCode::AlreadyExists),
-        ServiceError::Stale { .. } => (StatusCode::CONFLICT, ErrorCode::Conflict),
-        ServiceError::Alloc(luna_core::ipalloc::AllocError::Exhausted { .. }) => {
-            (StatusCode::CONFLICT, ErrorCode::Exhausted)
-        }
-        ServiceError::Invalid(_) | ServiceError::Alloc(_) | ServiceError::Hostlist(_) | ServiceError::BadRequest(_) => {
-            (StatusCode::BAD_REQUEST, ErrorCode::BadRequest)
-        }
-        ServiceError::Busy(_) | ServiceError::Store(StoreError::Conflict { .. }) => {
-            (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable)
-        }
-        ServiceError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code) = status_of(&self.0);
-        if status.is_server_error() {
-            tracing::error!(error = %self.0, "request failed");
-        }
-        error_response(status, code, self.0.to_string())
-    }
-}
-
-pub fn error_response(status: StatusCode, code: ErrorCode, error: String) -> Response {
-    (status, Json(ErrorBody { code, error })).into_response()
-}
+use crate::http::{error_response, require_token, ApiError, AppState};
+use crate::service::ServiceError;
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -103,30 +50,6 @@ impl ListQuery {
     fn secrets(&self) -> bool {
         matches!(self.secrets.as_deref(), Some("1" | "true" | "yes"))
     }
-}
-
-pub async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !constant_time_eq(given.as_bytes(), state.admin_token.as_bytes()) {
-        return error_response(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
-            "missing or wrong admin token: set LUNA_TOKEN or read the token file".into(),
-        );
-    }
-    next.run(req).await
-}
-
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() || b.is_empty() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub fn router(state: Arc<AppState>) -> Router {

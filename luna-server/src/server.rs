@@ -7,10 +7,11 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, AppState};
+use crate::api;
+use crate::boot::{self, BootContext, BootTokens};
 use crate::config::Config;
 use crate::dhcp::{self, DhcpError, DhcpEvent, DhcpStatusSink};
-use crate::netboot::{self, BootContext, BootTokens};
+use crate::http::{self, AppState};
 use crate::service::{Service, ServiceError};
 use crate::store::{self, StoreError};
 
@@ -36,14 +37,13 @@ pub enum ServerError {
     Tftp(#[from] crate::tftp::TftpError),
     #[error("cannot start the seeder: {0}")]
     Seeder(String),
-    #[error("cannot create data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("data directory: {0}")]
+    DataDir(#[from] crate::fsperm::PermError),
 }
 
 /// Creates the store and the cluster object, and the admin token file if there is none.
 pub async fn init(config: &Config) -> Result<InitReport, ServerError> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
+    crate::fsperm::secure_dir(&config.data_dir)?;
     let store = store::open(&config.store).await?;
     let service = Service::new(store);
     let cluster = service.ensure_cluster(&config.cluster_name).await?;
@@ -119,13 +119,16 @@ impl DhcpStatusSink for StatusToService {
 
 /// Runs every service of the server until `shutdown` turns true.
 pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
+    // Published images and the embedded store live here; nobody but luna reads them.
+    crate::fsperm::secure_dir(&config.data_dir)?;
     let store = store::open(&config.store).await?;
     tracing::info!(backend = store.backend(), "store opened");
     let service = Service::new(store.clone());
     service.ensure_cluster(&config.cluster_name).await?;
     let admin_token = read_token(&config.token_file)?;
-    let boot = BootContext { tokens: BootTokens::new(admin_token.as_bytes()), data_dir: config.data_dir.clone() };
-    let state = Arc::new(AppState { service: service.clone(), admin_token, boot });
+    let boot =
+        BootContext::new(BootTokens::new(admin_token.as_bytes()), config.data_dir.clone(), crate::service::unix_now());
+    let state = Arc::new(AppState { service: service.clone(), admin_token });
 
     let topology = Arc::new(crate::wiring::StoreTopology::default());
     let cluster = service.cluster().await?;
@@ -137,12 +140,12 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
             .with_stats(Arc::new(crate::wiring::TrackerStats(tracker.clone()))),
     );
     let image_api = crate::image::http::router(images.clone())
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), api::require_token));
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), http::require_token));
     let app = api::router(state.clone())
         .merge(image_api)
         .merge(crate::image::http::files_router(images.clone()))
         .merge(crate::tracker::router(tracker.clone()))
-        .merge(netboot::router(state));
+        .merge(boot::router(state, boot));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Listen { addr: config.listen, source })?;

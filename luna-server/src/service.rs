@@ -19,7 +19,7 @@ use luna_core::hostlist::{self, HostlistError};
 use luna_core::ipalloc::{self, AllocError};
 use luna_core::model::{
     validate_name, AnyObject, Claim, Cluster, Group, IpRange, Kind, ModelError, Network, Node, NodeInterface,
-    NodeStatus, BOOTIF,
+    NodeStatus, Secret, BOOTIF,
 };
 use luna_core::MacAddr;
 use serde_json::{json, Value};
@@ -1134,6 +1134,28 @@ impl Service {
         self.status.enqueue(&self.store, name, status)
     }
 
+    /// The node's own BMC password (bmcsetup `per_node_password`): the stored one, or a new
+    /// random one stored first (compare-and-swap, so two concurrent plans agree on one).
+    pub async fn node_bmc_password(&self, name: &str) -> Result<Secret> {
+        retrying!(
+            async {
+                let old = self.node(name).await?;
+                if let Some(p) = &old.bmc_password {
+                    return Ok(p.clone());
+                }
+                let password = Secret(random_bmc_password());
+                let mut new = old.clone();
+                new.bmc_password = Some(password.clone());
+                let (old, new) = (AnyObject::Node(old), AnyObject::Node(new));
+                let mut b = Batch::default();
+                b.put(self.store.as_ref(), Some(&old), &new).await?;
+                self.store.commit(b.writes).await?;
+                Ok(password)
+            }
+            .await
+        )
+    }
+
     /// Binds a MAC to a node that has none (the boot menu's "choose a node").
     pub async fn bind_mac(&self, name: &str, mac: MacAddr) -> Result<Node> {
         retrying!(
@@ -1284,4 +1306,11 @@ fn natural_key(s: &str) -> Vec<(String, u64)> {
     }
     out.push((text, num.parse().unwrap_or(0)));
     out
+}
+
+/// A BMC password luna generates: 16 characters from [A-Za-z0-9] (about 95 bits), within
+/// IPMI 1.5's 16-byte limit and free of characters a BMC's web UI or shell might mangle.
+pub fn random_bmc_password() -> String {
+    use rand::distributions::{Alphanumeric, DistString};
+    Alphanumeric.sample_string(&mut rand::rngs::OsRng, 16)
 }

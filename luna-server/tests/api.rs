@@ -5,7 +5,8 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use luna_server::api::{router, AppState};
+use luna_server::api::router;
+use luna_server::http::AppState;
 use luna_server::service::Service;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -16,11 +17,7 @@ async fn app() -> Router {
     let store = luna_server::store::open("sqlite://:memory:").await.unwrap();
     let service = Service::new(store);
     service.ensure_cluster("test").await.unwrap();
-    let boot = luna_server::netboot::BootContext {
-        tokens: luna_server::netboot::BootTokens::new(TOKEN.as_bytes()),
-        data_dir: std::env::temp_dir(),
-    };
-    router(Arc::new(AppState { service, admin_token: TOKEN.into(), boot }))
+    router(Arc::new(AppState { service, admin_token: TOKEN.into() }))
 }
 
 async fn call(app: &Router, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {

@@ -8,9 +8,10 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use axum::Router;
-use luna_server::api::{router, AppState};
-use luna_server::netboot::{self, BootContext, BootTokens};
-use luna_server::service::Service;
+use luna_server::api::router;
+use luna_server::boot::{self, BootContext, BootTokens};
+use luna_server::http::AppState;
+use luna_server::service::{unix_now, Service};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -27,9 +28,9 @@ async fn env() -> Env {
     let store = luna_server::store::open("sqlite://:memory:").await.unwrap();
     let service = Service::new(store);
     service.ensure_cluster("test").await.unwrap();
-    let boot = BootContext { tokens: BootTokens::new(TOKEN.as_bytes()), data_dir: dir.path().to_path_buf() };
-    let state = Arc::new(AppState { service: service.clone(), admin_token: TOKEN.into(), boot });
-    let app = router(state.clone()).merge(netboot::router(state));
+    let boot = BootContext::new(BootTokens::new(TOKEN.as_bytes()), dir.path().to_path_buf(), unix_now());
+    let state = Arc::new(AppState { service: service.clone(), admin_token: TOKEN.into() });
+    let app = router(state.clone()).merge(boot::router(state, boot));
     let e = Env { app, service, _dir: dir };
     for (path, body) in [
         (
@@ -64,6 +65,14 @@ impl Env {
         let node = json!({"name": name, "group": "compute", "mac": mac});
         let (s, v) = self.call("POST", "/api/v1/node", Some(node), true, None).await;
         assert_eq!(s, StatusCode::CREATED, "add {name}: {v}");
+    }
+
+    /// The node's token, as its iPXE gets it: the script fetched from the node's own address.
+    async fn token(&self, mac: &str, from: &str) -> String {
+        let (s, script) = self.raw("GET", &format!("/boot/ipxe?mac={mac}"), None, false, Some(from), None).await;
+        assert_eq!(s, StatusCode::OK);
+        let token = script.split("luna.token=").nth(1).unwrap_or_else(|| panic!("no token in {script}"));
+        token.split_whitespace().next().unwrap().to_string()
     }
 
     async fn call(
@@ -111,7 +120,7 @@ impl Env {
 async fn known_node_gets_its_kernel_command_line() {
     let e = env().await;
     e.add_node("node001", "52:54:00:00:00:01").await;
-    let (s, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, None, None).await;
+    let (s, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, Some("10.141.0.1"), None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(script.starts_with("#!ipxe\n"), "{script}");
     assert!(script.contains("kernel http://10.141.255.254:7050/boot/node/node001/kernel "), "{script}");
@@ -134,16 +143,23 @@ async fn known_node_gets_its_kernel_command_line() {
     assert_eq!(s, StatusCode::OK);
     let strip = |t: &str| t.lines().map(|l| l.split(" luna.token=").next().unwrap().to_string()).collect::<Vec<_>>();
     assert_eq!(strip(&preview), strip(&script));
+    assert!(preview.contains("luna.token=PER-BOOT-TOKEN"), "a preview carries no real token: {preview}");
     assert_eq!(e.service.node("node001").await.unwrap().status.unwrap().step, "booted");
     let (s, _) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01&preview=1", None, false, None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 
     e.call("PATCH", "/api/v1/node/node001", Some(json!({"localboot": true})), true, None).await;
-    let (_, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, None, None).await;
+    let (_, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, Some("10.141.0.1"), None).await;
     assert!(script.contains("exit") && !script.contains("kernel http"), "{script}");
     e.call("PATCH", "/api/v1/node/node001", Some(json!({"localboot": false, "service": true})), true, None).await;
-    let (_, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, None, None).await;
+    let (_, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, Some("10.141.0.1"), None).await;
     assert!(script.contains("luna.service=1"), "{script}");
+
+    // From any other address the MAC gets no script and no token.
+    let (s, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, Some("10.141.0.9"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(script.contains("boot refused") && !script.contains("luna.token"), "{script}");
+    assert!(!script.contains("node001") && !script.contains("10.141.0.1"), "names nothing: {script}");
 }
 
 #[tokio::test]
@@ -156,13 +172,63 @@ async fn unknown_mac_gets_the_menu_and_can_bind() {
     assert!(menu.contains("menu ") && menu.contains("node001") && menu.contains("node002"), "{menu}");
     assert!(!menu.contains("node003"), "nodes with a MAC are not offered: {menu}");
 
-    let (_, script) = e.raw("GET", "/boot/ipxe/bind?mac=52:54:00:00:00:99&node=node002", None, false, None, None).await;
-    assert!(script.contains("luna.node=node002"), "{script}");
+    let bind = |mac: &'static str, node: &'static str, from: &'static str| {
+        let e = &e;
+        async move {
+            let path = format!("/boot/ipxe/bind?mac={mac}&node={node}");
+            e.raw("GET", &path, None, false, Some(from), None).await.1
+        }
+    };
+    // Discovery off (no dhcp_range): nobody binds anything.
+    let script = bind("52:54:00:00:00:99", "node002", "10.141.200.1").await;
+    assert!(script.contains("discovery is off"), "{script}");
+    assert!(e.service.node("node002").await.unwrap().mac.is_none());
+
+    let (s, v) =
+        e.call("PATCH", "/api/v1/cluster", Some(json!({"dhcp_range": "10.141.200.1-10.141.200.50"})), true, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // Discovery on, but the request does not come from the address DHCP leased to that MAC.
+    lease(&e.service, "52:54:00:00:00:99", "10.141.200.1").await;
+    let script = bind("52:54:00:00:00:99", "node002", "10.141.200.2").await;
+    assert!(script.contains("does not come from the address DHCP leased"), "{script}");
+    let script = bind("52:54:00:00:00:98", "node002", "10.141.200.1").await;
+    assert!(script.contains("does not come from the address DHCP leased"), "{script}");
+    assert!(e.service.node("node002").await.unwrap().mac.is_none());
+
+    // The machine itself binds: it is told to DHCP again, with no token yet.
+    let script = bind("52:54:00:00:00:99", "node002", "10.141.200.1").await;
+    assert!(script.contains("dhcp ") && script.contains("/boot/ipxe?mac="), "{script}");
+    assert!(!script.contains("luna.token"), "{script}");
     assert_eq!(e.service.node("node002").await.unwrap().mac.unwrap().to_string(), "52:54:00:00:00:99");
     // Binding a node that already has a MAC is refused, and changes nothing.
-    let (_, script) = e.raw("GET", "/boot/ipxe/bind?mac=52:54:00:00:00:98&node=node003", None, false, None, None).await;
+    lease(&e.service, "52:54:00:00:00:98", "10.141.200.3").await;
+    let script = bind("52:54:00:00:00:98", "node003", "10.141.200.3").await;
     assert!(script.contains("already has mac 52:54:00:00:00:03"), "{script}");
     assert_eq!(e.service.node("node003").await.unwrap().mac.unwrap().to_string(), "52:54:00:00:00:03");
+    // With its own address now, node002 gets its script and token.
+    let token = e.token("52:54:00:00:00:99", "10.141.0.2").await;
+    assert!(!token.is_empty());
+}
+
+/// A bound DHCP lease of `ip` to `mac`, as the DHCP server writes it.
+async fn lease(service: &Service, mac: &str, ip: &str) {
+    use luna_server::dhcp::lease::{Lease, LeaseState};
+    use luna_server::store::{Collection, Expect, Write};
+    let l = Lease {
+        mac: mac.parse().unwrap(),
+        ip: ip.parse().unwrap(),
+        network: "cluster".into(),
+        expires: unix_now() + 3600,
+        state: LeaseState::Bound,
+        hostname: None,
+    };
+    let w = Write::Put {
+        collection: Collection::Lease,
+        key: Lease::ip_key(l.ip),
+        expect: Expect::Absent,
+        doc: l.to_value(),
+    };
+    service.store().commit(vec![w]).await.unwrap();
 }
 
 #[tokio::test]
@@ -184,44 +250,56 @@ async fn kernel_is_served_with_ranges() {
 async fn only_the_node_itself_gets_its_plan() {
     let e = env().await;
     e.add_node("node001", "52:54:00:00:00:01").await;
-    let (s, v) = e.call("GET", "/boot/plan?node=node001", None, false, Some("10.141.0.1")).await;
+    // The node's own address alone unlocks nothing.
+    let (s, _) = e.call("GET", "/boot/plan?node=node001", None, false, Some("10.141.0.1")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = e.call("GET", "/boot/plan?node=node001&token=1.abc", None, false, Some("10.141.0.1")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    let token = e.token("52:54:00:00:00:01", "10.141.0.1").await;
+    let plan_path = format!("/boot/plan?node=node001&token={token}");
+    // Not from another address, not for another node.
+    let (s, _) = e.call("GET", &plan_path, None, false, Some("10.141.0.9")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) =
+        e.call("GET", &format!("/boot/plan?node=node002&token={token}"), None, false, Some("10.141.0.1")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // A +- or 0-prefixed issue time is not the token.
+    for bad in [format!("+{token}"), format!("0{token}")] {
+        let (s, _) =
+            e.call("GET", &format!("/boot/plan?node=node001&token={bad}"), None, false, Some("10.141.0.1")).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{bad}");
+    }
+    let (s, v) = e.call("GET", &plan_path, None, false, Some("10.141.0.1")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["hostname"], "node001");
     assert_eq!(v["interfaces"][0]["ip"], "10.141.0.1");
     assert_eq!(v["interfaces"][0]["prefix"], 16);
     assert_eq!(v["image"]["http_url"], "http://10.141.255.254:7050/images/compute/1/compute.tar.zst");
-    let (s, _) = e.call("GET", "/boot/plan?node=node001", None, false, Some("10.141.0.2")).await;
-    assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, _) = e.call("GET", "/boot/plan?node=node001&token=1.abc", None, false, Some("10.141.0.2")).await;
-    assert_eq!(s, StatusCode::FORBIDDEN);
-
-    // The token from the iPXE command line works from any address.
-    let (_, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:01", None, false, None, None).await;
-    let token = script.split("luna.token=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
-    let (s, _) =
-        e.call("GET", &format!("/boot/plan?node=node001&token={token}"), None, false, Some("10.141.0.9")).await;
-    assert_eq!(s, StatusCode::OK);
-    let (s, _) =
-        e.call("GET", &format!("/boot/plan?node=node002&token={token}"), None, false, Some("10.141.0.9")).await;
+    // Once.
+    let (s, _) = e.call("GET", &plan_path, None, false, Some("10.141.0.1")).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 
+    let status = format!("/boot/status?node=node001&token={token}");
     let report = json!({"step": "download", "progress": 42, "message": "swarm"});
-    let (s, v) = e
-        .call("POST", &format!("/boot/status?node=node001&token={token}"), Some(report), false, Some("10.141.0.9"))
-        .await;
+    let (s, v) = e.call("POST", &status, Some(report.clone()), false, Some("10.141.0.9")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, v) = e.call("POST", &status, Some(report), false, Some("10.141.0.1")).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     let st = e.service.node("node001").await.unwrap().status.unwrap();
     assert_eq!((st.step.as_str(), st.progress), ("download", Some(42)));
-    let (s, _) = e
-        .call(
-            "POST",
-            "/boot/status?node=node001",
-            Some(json!({"step": "x", "progress": 101})),
-            false,
-            Some("10.141.0.1"),
-        )
-        .await;
+    let (s, _) = e.call("POST", &status, Some(json!({"step": "x", "progress": 101})), false, Some("10.141.0.1")).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    // `installed` spends the token: afterwards it reports `booted` and nothing else.
+    let (s, _) = e.call("POST", &status, Some(json!({"step": "installed"})), false, Some("10.141.0.1")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = e.call("POST", &status, Some(json!({"step": "download"})), false, Some("10.141.0.1")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = e.call("GET", &plan_path, None, false, Some("10.141.0.1")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = e.call("POST", &status, Some(json!({"step": "booted"})), false, Some("10.141.0.1")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(e.service.node("node001").await.unwrap().status.unwrap().step, "booted");
 }
 
 #[tokio::test]
@@ -242,7 +320,9 @@ async fn the_plan_carries_the_bmc_only_for_setupbmc_nodes() {
         let (s, v) = e.call("POST", "/api/v1/node", Some(node), true, None).await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
     }
-    let (s, v) = e.call("GET", "/boot/plan?node=node001", None, false, Some("10.141.0.1")).await;
+    let token = e.token("52:54:00:00:00:01", "10.141.0.1").await;
+    let (s, v) =
+        e.call("GET", &format!("/boot/plan?node=node001&token={token}"), None, false, Some("10.141.0.1")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["setupbmc"], true);
     let bmc = &v["bmc"];
@@ -252,9 +332,49 @@ async fn the_plan_carries_the_bmc_only_for_setupbmc_nodes() {
     );
     // The BMC interface is not one the node's OS configures.
     assert!(v["interfaces"].as_array().unwrap().iter().all(|i| i["name"] != "BMC"), "{v}");
-    let (s, v) = e.call("GET", "/boot/plan?node=node002", None, false, Some("10.141.0.2")).await;
+    let token = e.token("52:54:00:00:00:02", "10.141.0.2").await;
+    let (s, v) =
+        e.call("GET", &format!("/boot/plan?node=node002&token={token}"), None, false, Some("10.141.0.2")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!((&v["setupbmc"], &v["bmc"]), (&json!(false), &Value::Null), "no password for nodes not asked");
+}
+
+#[tokio::test]
+async fn per_node_bmc_passwords_are_generated_once_and_kept_secret() {
+    let e = env().await;
+    let bmc = json!({"name": "base", "user": "admin", "per_node_password": true});
+    let (s, v) = e.call("POST", "/api/v1/bmcsetup", Some(bmc), true, None).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = e.call("PATCH", "/api/v1/group/compute", Some(json!({"bmcsetup": "base"})), true, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    for (name, mac) in [("node001", "52:54:00:00:00:01"), ("node002", "52:54:00:00:00:02")] {
+        let node = json!({"name": name, "group": "compute", "mac": mac, "setupbmc": true});
+        let (s, v) = e.call("POST", "/api/v1/node", Some(node), true, None).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    let plan = |mac: &'static str, name: &'static str, ip: &'static str| {
+        let e = &e;
+        async move {
+            let token = e.token(mac, ip).await;
+            let (s, v) = e.call("GET", &format!("/boot/plan?node={name}&token={token}"), None, false, Some(ip)).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v["bmc"]["password"].as_str().unwrap().to_string()
+        }
+    };
+    let p1 = plan("52:54:00:00:00:01", "node001", "10.141.0.1").await;
+    let p2 = plan("52:54:00:00:00:02", "node002", "10.141.0.2").await;
+    assert_eq!((p1.len(), p2.len()), (16, 16));
+    assert_ne!(p1, p2, "each node has its own");
+    assert!(p1.chars().all(|c| c.is_ascii_alphanumeric()), "{p1}");
+    // Kept: the next boot gets the same one; shown only with ?secrets=1.
+    assert_eq!(plan("52:54:00:00:00:01", "node001", "10.141.0.1").await, p1);
+    let (_, v) = e.call("GET", "/api/v1/node/node001", None, true, None).await;
+    assert_eq!(v["bmc_password"], "********");
+    let (_, v) = e.call("GET", "/api/v1/node/node001?secrets=1", None, true, None).await;
+    assert_eq!(v["bmc_password"], p1);
+    // Not settable through the API.
+    let (s, _) = e.call("PATCH", "/api/v1/node/node001", Some(json!({"bmc_password": "mine"})), true, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
 }
 
 /// Boot-path steps are recorded without the answer waiting for them (`status.rs`): the store

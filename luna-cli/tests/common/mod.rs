@@ -187,6 +187,16 @@ impl Server {
         self.cmd().args(args).stdin(Stdio::null()).output().expect("run luna").into()
     }
 
+    /// Runs `luna` with extra environment variables.
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut c = self.cmd();
+        c.args(args).stdin(Stdio::null());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().expect("run luna").into()
+    }
+
     /// Runs `luna` with `input` on stdin.
     pub fn run_stdin(&self, args: &[&str], input: &str) -> Run {
         use std::io::Write;

@@ -4,7 +4,7 @@
 //! A node's iPXE fetches [`boot_url`] (`<base>/boot/ipxe?mac=${netX/mac}`): the HTTP layer
 //! answers with [`render_node_script`] for a known MAC, [`render_menu`] for an unknown one and
 //! [`render_error`] when it cannot decide. [`bind_url`] (`<base>/boot/ipxe/bind?mac=…&node=…`)
-//! binds the MAC to a node and answers like `boot_url`. The MAC is `${netX/mac}`, not
+//! binds the MAC to a node and answers with [`render_rebound`] (DHCP again, then `boot_url`). The MAC is `${netX/mac}`, not
 //! `${net0/mac}`: `netX` is the interface iPXE last opened, i.e. the one it booted from, which
 //! is not net0 on a machine that PXE-boots from its second port.
 //!
@@ -280,6 +280,24 @@ pub fn render_menu(m: &MenuInput) -> String {
          sleep {RETRY_SECS}\ngoto menu\n"
     ));
     s
+}
+
+/// What a machine gets once the menu bound its MAC: it still has its discovery address, so it asks
+/// DHCP again (now for the node's own address) and fetches its script from there; only a request
+/// from that address gets the node's token.
+pub fn render_rebound(base_url: &str) -> String {
+    format!(
+        "#!ipxe\n\
+         echo luna: mac bound, asking DHCP for the node's address\n\
+         :retry\n\
+         dhcp || goto failed\n\
+         chain --replace --autofree {again} || goto failed\n\
+         :failed\n\
+         echo luna: asking again in {RETRY_SECS} seconds\n\
+         sleep {RETRY_SECS}\n\
+         goto retry\n",
+        again = boot_url(base_url),
+    )
 }
 
 /// A script that shows `msg`, waits and asks the server again.

@@ -18,7 +18,7 @@ use tower::ServiceExt;
 use tower_http::services::ServeFile;
 
 use super::{ImageError, ImageState, JobId, PackRequest, RollbackRequest};
-use crate::api::{error_response, status_of};
+use crate::http::{error_response, status_of};
 
 impl ImageError {
     pub fn status(&self) -> (StatusCode, ErrorCode) {

@@ -159,6 +159,8 @@ pub enum StoreError {
     Corrupt { collection: Collection, key: String, reason: String },
     #[error("store task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Permissions(#[from] crate::fsperm::PermError),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -17,10 +17,8 @@ impl SqliteStore {
         let conn = if path == ":memory:" {
             Connection::open_in_memory()?
         } else {
-            if let Some(dir) = Path::new(path).parent() {
-                // The directory may already exist; a real failure surfaces when SQLite opens the file.
-                let _ = std::fs::create_dir_all(dir);
-            }
+            // It holds BMC passwords: owner-only directory and files (created so, or tightened).
+            crate::fsperm::secure_sqlite(Path::new(path))?;
             Connection::open(path)?
         };
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -35,6 +33,10 @@ impl SqliteStore {
                  PRIMARY KEY (collection, key)
              ) WITHOUT ROWID;",
         )?;
+        if path != ":memory:" {
+            // The WAL and shm files exist now; one left loose by an older luna is tightened too.
+            crate::fsperm::secure_sqlite(Path::new(path))?;
+        }
         Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)) })
     }
 

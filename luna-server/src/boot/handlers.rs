@@ -1,17 +1,18 @@
-//! The HTTP side of a network boot: iPXE scripts, the discovery menu, kernel and initrd.
+//! The HTTP side of a network boot: iPXE scripts, the discovery menu, kernel and initrd, and the
+//! agent's install plan and status reports.
 //!
 //! Invariants:
 //! - a node is identified by its BOOTIF MAC; an unknown MAC gets the menu, never another node's script;
 //! - what a node is served is computed by [`boot_plan`] from the store alone, so
-//!   `luna node show NAME --script boot` (a preview, no status change) prints exactly that;
+//!   `luna node show NAME --script boot` (a preview, no status change, no token) prints exactly that;
 //! - script rendering is `boot::ipxe` (pure); this module only gathers values and does I/O;
 //! - kernel and initrd are the node's osimage's *current* revision, served with Range support;
-//! - the per-boot token handed to the agent is an HMAC over node name and issue time, so the server
-//!   can check "this request comes from the node it claims to be" without storing anything.
-
+//! - the per-boot token is issued only to a request from the address DHCP gives the node's MAC,
+//!   and what it unlocks (the plan once, reports until `installed`, then `booted` only) is
+//!   decided by `boot::token` (sans-IO); a source address alone unlocks nothing.
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use std::net::SocketAddr;
 
@@ -21,64 +22,42 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use hmac::{Hmac, Mac};
 use luna_core::api::{ErrorCode, InstallPlan, PlanBmc, PlanImage, PlanInterface, StatusReport};
 use luna_core::model::{AnyObject, Kind, Node, Osimage, BOOTIF};
 use luna_core::MacAddr;
 use serde::Deserialize;
-use sha2::Sha256;
 use tower::ServiceExt;
 
-use crate::api::{error_response, ApiError, AppState};
 use crate::boot::ipxe::{self, MenuInput, NodeBoot};
+use crate::boot::token::{Binding, BootTokens, Ledger, Refusal};
+use crate::http::{error_response, is_admin, ApiError, AppState};
 use crate::object_as;
 use crate::service::{unix_now, Service, ServiceError};
 
-/// How long a boot token stays valid: an install that takes longer has bigger problems.
-pub const BOOT_TOKEN_TTL_SECS: u64 = 24 * 3600;
-
-/// Signs and checks per-boot tokens.
-#[derive(Clone)]
-pub struct BootTokens {
-    key: Vec<u8>,
-}
-
-impl BootTokens {
-    pub fn new(secret: &[u8]) -> Self {
-        // Derived, so the admin token itself never travels on a kernel command line.
-        let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("hmac takes any key length");
-        mac.update(b"luna boot token v1");
-        BootTokens { key: mac.finalize().into_bytes().to_vec() }
-    }
-
-    fn sign(&self, node: &str, issued: u64) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("hmac takes any key length");
-        mac.update(node.as_bytes());
-        mac.update(b"\0");
-        mac.update(issued.to_string().as_bytes());
-        hex::encode(mac.finalize().into_bytes())
-    }
-
-    pub fn issue(&self, node: &str, now: u64) -> String {
-        format!("{now}.{}", self.sign(node, now))
-    }
-
-    /// Whether `token` was issued for `node` and is still fresh.
-    pub fn verify(&self, node: &str, token: &str, now: u64) -> bool {
-        let Some((ts, sig)) = token.split_once('.') else { return false };
-        let Ok(issued) = ts.parse::<u64>() else { return false };
-        if issued > now + 300 || now.saturating_sub(issued) > BOOT_TOKEN_TTL_SECS {
-            return false;
-        }
-        let want = self.sign(node, issued);
-        want.len() == sig.len() && want.bytes().zip(sig.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
-    }
-}
-
 /// What the boot path needs besides the service.
 pub struct BootContext {
-    pub tokens: BootTokens,
+    ledger: Mutex<Ledger>,
     pub data_dir: PathBuf,
+}
+
+impl BootContext {
+    /// The boot path of a server that started at `started` (unix seconds): tokens issued
+    /// before then fetch no plan.
+    pub fn new(tokens: BootTokens, data_dir: PathBuf, started: u64) -> Self {
+        BootContext { ledger: Mutex::new(Ledger::new(tokens, started)), data_dir }
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        // A panic while holding the lock cannot leave the ledger half-updated (every update is
+        // one assignment), so a poisoned lock is still usable.
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The boot routes' state: the shared HTTP state and the boot context.
+pub struct BootState {
+    pub app: Arc<AppState>,
+    pub boot: BootContext,
 }
 
 /// What a MAC gets at the iPXE stage.
@@ -103,12 +82,7 @@ pub fn base_url(headers: &HeaderMap, frontend: Option<Ipv4Addr>, http_port: u16)
 }
 
 /// Decides what `mac` is served: its node's script, the discovery menu, or an explanation.
-pub async fn boot_plan(
-    service: &Service,
-    tokens: &BootTokens,
-    mac: MacAddr,
-    base: &str,
-) -> Result<BootPlan, ServiceError> {
+pub async fn boot_plan(service: &Service, mac: MacAddr, base: &str) -> Result<BootPlan, ServiceError> {
     let Some(node) = service.shared_node_by_mac(mac).await? else {
         let mut unbound: Vec<String> = service
             .list(Kind::Node)
@@ -127,7 +101,7 @@ pub async fn boot_plan(
         }));
     };
     let node = object_as!(node, Node).ok_or_else(|| ServiceError::BadRequest("not a node".into()))?;
-    node_plan(service, tokens, node, mac, base).await
+    node_plan(service, node, mac, base).await
 }
 
 /// What kind `k` of a shared object is, or an internal error (the store returned another kind).
@@ -135,13 +109,9 @@ fn kind_error(kind: Kind, name: &str) -> ServiceError {
     ServiceError::BadRequest(format!("{kind} '{name}' is not stored as a {kind}"))
 }
 
-async fn node_plan(
-    service: &Service,
-    tokens: &BootTokens,
-    node: &Node,
-    mac: MacAddr,
-    base: &str,
-) -> Result<BootPlan, ServiceError> {
+/// The node's boot script values; `token` is left empty for the caller to fill in (a real token
+/// only for the node's own request, see [`ipxe_script`]).
+async fn node_plan(service: &Service, node: &Node, mac: MacAddr, base: &str) -> Result<BootPlan, ServiceError> {
     // Shared, decoded objects: the boot path reads these for every request.
     let (cluster, group) =
         tokio::try_join!(service.shared(Kind::Cluster, ""), service.shared(Kind::Group, &node.group))?;
@@ -181,7 +151,7 @@ async fn node_plan(
         kernel_opts: image.kernel_opts.clone(),
         localboot: node.localboot,
         service: node.service,
-        token: tokens.issue(&node.name, unix_now()),
+        token: String::new(),
     })))
 }
 
@@ -218,18 +188,30 @@ fn parse_mac(mac: Option<&str>) -> Result<MacAddr, String> {
     raw.parse().map_err(|e: luna_core::mac::MacParseError| e.to_string())
 }
 
-fn is_admin(st: &AppState, headers: &HeaderMap) -> bool {
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    crate::api::constant_time_eq(given.as_bytes(), st.admin_token.as_bytes())
+/// The IPv4 address a request came from (an IPv4-mapped IPv6 peer counts as IPv4).
+pub fn remote_ipv4(remote: SocketAddr) -> Option<Ipv4Addr> {
+    match remote {
+        SocketAddr::V4(v4) => Some(*v4.ip()),
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped(),
+    }
 }
 
-async fn ipxe_script(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<IpxeQuery>) -> Response {
+/// What the node's token is checked against: its name, MAC and BOOTIF address now.
+fn binding(node: &Node) -> Option<Binding<'_>> {
+    Some(Binding { node: &node.name, mac: node.mac?, ip: node.boot_ip()? })
+}
+
+/// Text of the script a refused boot request gets: it names neither the node nor its address.
+const NOT_FROM_NODE: &str = "boot refused: this request does not come from the address DHCP gives this mac";
+
+async fn ipxe_script(
+    State(st): State<Arc<BootState>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<IpxeQuery>,
+) -> Response {
     let preview = matches!(q.preview.as_deref(), Some("1" | "true" | "yes"));
-    let cluster = match st.service.shared(Kind::Cluster, "").await {
+    let cluster = match st.app.service.shared(Kind::Cluster, "").await {
         Ok(c) => c,
         Err(e) => return ApiError(e).into_response(),
     };
@@ -237,7 +219,7 @@ async fn ipxe_script(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(
         return ApiError(kind_error(Kind::Cluster, "cluster")).into_response();
     };
     let base = base_url(&headers, cluster.frontend_address, cluster.http_port);
-    if preview && !is_admin(&st, &headers) {
+    if preview && !is_admin(&st.app.admin_token, &headers) {
         return error_response(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
@@ -249,22 +231,85 @@ async fn ipxe_script(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(
         Err(e) if preview => return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e),
         Err(e) => return script(ipxe::render_error(&base, &e)),
     };
-    let plan = match boot_plan(&st.service, &st.boot.tokens, mac, &base).await {
+    let mut plan = match boot_plan(&st.app.service, mac, &base).await {
         Ok(p) => p,
         Err(e) => return ApiError(e).into_response(),
     };
-    if !preview {
-        match &plan {
-            BootPlan::Node(n) => record(&st.service, &n.name, "ipxe", "boot script served"),
-            BootPlan::Menu(_) => tracing::info!(%mac, "unknown mac got the discovery menu"),
-            BootPlan::Error(e) => tracing::warn!(%mac, error = %e, "boot refused"),
+    if preview {
+        if let BootPlan::Node(n) = &mut plan {
+            n.token = PREVIEW_TOKEN.into();
         }
+        return script(render(&plan, &base));
+    }
+    match &mut plan {
+        BootPlan::Node(n) => {
+            let b = Binding { node: &n.name, mac: n.mac, ip: n.ip };
+            let from = remote_ipv4(remote).unwrap_or(Ipv4Addr::UNSPECIFIED);
+            let issued = st.boot.ledger().issue(&b, from, unix_now(), rand::random());
+            match issued {
+                Ok(token) => n.token = token,
+                Err(why) => {
+                    tracing::warn!(node = %n.name, %mac, %remote, reason = %why, "boot script refused");
+                    return script(ipxe::render_error(&base, NOT_FROM_NODE));
+                }
+            }
+            record(&st.app.service, &n.name, "ipxe", "boot script served");
+        }
+        BootPlan::Menu(_) => tracing::info!(%mac, "unknown mac got the discovery menu"),
+        BootPlan::Error(e) => tracing::warn!(%mac, error = %e, "boot refused"),
     }
     script(render(&plan, &base))
 }
 
-async fn bind(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<BindQuery>) -> Response {
-    let cluster = match st.service.cluster().await {
+/// What an admin preview shows where the node's script has its per-boot token.
+pub const PREVIEW_TOKEN: &str = "PER-BOOT-TOKEN";
+
+/// Why a MAC may not be bound to a node from the boot menu.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("discovery is off (the cluster has no dhcp_range): an admin sets the node's mac")]
+    DiscoveryOff,
+    #[error("request from {from} does not come from the address DHCP leased to mac {mac}")]
+    NotLeased { mac: MacAddr, from: String },
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+}
+
+/// Binds `mac` to the unbound node `name` for a machine in the discovery menu, and logs it.
+/// Allowed only while discovery is on (the cluster has a `dhcp_range`), only for a node without a
+/// MAC (`Service::bind_mac`), and only from the address DHCP leased to `mac` right now, so a
+/// machine can bind its own MAC and nobody else's. The one place binding is decided.
+pub async fn bind_node(service: &Service, name: &str, mac: MacAddr, remote: SocketAddr) -> Result<Node, BindError> {
+    let cluster = service.cluster().await?;
+    if cluster.dhcp_range.is_none() {
+        return Err(BindError::DiscoveryOff);
+    }
+    let not_leased = || BindError::NotLeased { mac, from: remote.ip().to_string() };
+    let from = remote_ipv4(remote).ok_or_else(not_leased)?;
+    let lease = service
+        .store()
+        .get(crate::store::Collection::Lease, &crate::dhcp::lease::Lease::ip_key(from))
+        .await
+        .map_err(ServiceError::from)?
+        .map(crate::dhcp::lease::Versioned::from_record)
+        .transpose()
+        .map_err(ServiceError::from)?;
+    let now = unix_now();
+    if !lease.is_some_and(|l| l.value.held_by(&mac) && l.value.expires > now) {
+        return Err(not_leased());
+    }
+    let node = service.bind_mac(name, mac).await?;
+    tracing::warn!(node = %node.name, %mac, %remote, "mac bound to node from the boot menu");
+    Ok(node)
+}
+
+async fn bind(
+    State(st): State<Arc<BootState>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<BindQuery>,
+) -> Response {
+    let cluster = match st.app.service.cluster().await {
         Ok(c) => c,
         Err(e) => return ApiError(e).into_response(),
     };
@@ -274,26 +319,23 @@ async fn bind(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(q): Que
         Err(e) => return script(ipxe::render_error(&base, &e)),
     };
     let name = q.node.unwrap_or_default();
-    let retry = |msg: String| script(ipxe::render_error(&base, &format!("{msg}; back to the menu")));
-    let node = match st.service.bind_mac(&name, mac).await {
-        Ok(n) => n,
-        Err(e) => return retry(e.to_string()),
-    };
-    tracing::info!(node = %node.name, %mac, "mac bound from the boot menu");
-    match node_plan(&st.service, &st.boot.tokens, &node, mac, &base).await {
-        Ok(plan) => {
-            if let BootPlan::Node(n) = &plan {
-                record(&st.service, &n.name, "ipxe", "bound from the boot menu");
-            }
-            script(render(&plan, &base))
+    match bind_node(&st.app.service, &name, mac, remote).await {
+        Ok(node) => {
+            record(&st.app.service, &node.name, "ipxe", "bound from the boot menu");
+            // The machine still has its discovery address: it asks DHCP again for the node's own
+            // address and then fetches its script (and token) from there.
+            script(ipxe::render_rebound(&base))
         }
-        Err(e) => retry(e.to_string()),
+        Err(e) => {
+            tracing::warn!(node = %name, %mac, %remote, error = %e, "boot menu binding refused");
+            script(ipxe::render_error(&base, &format!("{e}; back to the menu")))
+        }
     }
 }
 
 /// Serves the node's kernel or initrd (the current revision of its osimage), Range included.
 async fn node_file(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Arc<BootState>>,
     Path((name, file)): Path<(String, String)>,
     req: Request,
 ) -> Response {
@@ -303,7 +345,7 @@ async fn node_file(
     };
     // A ranged request continues a transfer: only the first fetch is a step worth recording.
     if file == "kernel" && !req.headers().contains_key(header::RANGE) {
-        record(&st.service, &name, "kernel", "kernel fetched");
+        record(&st.app.service, &name, "kernel", "kernel fetched");
     }
     match tower_http::services::ServeFile::new(path).oneshot(req).await {
         Ok(resp) => resp.into_response(),
@@ -311,10 +353,10 @@ async fn node_file(
     }
 }
 
-async fn node_file_path(st: &AppState, name: &str, file: &str) -> Result<PathBuf, ServiceError> {
-    let node = st.service.node(name).await?;
-    let group = st.service.group(&node.group).await?;
-    let image: Osimage = match st.service.get(Kind::Osimage, &group.osimage).await? {
+async fn node_file_path(st: &BootState, name: &str, file: &str) -> Result<PathBuf, ServiceError> {
+    let node = st.app.service.node(name).await?;
+    let group = st.app.service.group(&node.group).await?;
+    let image: Osimage = match st.app.service.get(Kind::Osimage, &group.osimage).await? {
         AnyObject::Osimage(o) => o,
         _ => unreachable!("kind checked by get"),
     };
@@ -352,27 +394,35 @@ pub struct NodeQuery {
     token: Option<String>,
 }
 
-/// Checks that a boot-path request comes from the node it names: a valid boot token, or the
-/// request arriving from the node's own BOOTIF address.
-async fn authenticate_node(st: &AppState, q: &NodeQuery, remote: SocketAddr) -> Result<Node, Response> {
+/// The node a boot-path request names, with the token and address it came with; the ledger
+/// decides what that unlocks.
+async fn requesting_node(
+    st: &BootState,
+    q: &NodeQuery,
+    remote: SocketAddr,
+) -> Result<(Node, String, Ipv4Addr), Response> {
     let name = q.node.as_deref().unwrap_or("");
-    let denied =
-        || error_response(StatusCode::FORBIDDEN, ErrorCode::Forbidden, format!("request is not from node '{name}'"));
-    let node = match st.service.node(name).await {
+    let node = match st.app.service.node(name).await {
         Ok(n) => n,
-        Err(ServiceError::NotFound { .. }) => return Err(denied()),
+        Err(ServiceError::NotFound { .. }) => return Err(denied(name)),
         Err(e) => return Err(ApiError(e).into_response()),
     };
-    let token_ok = q.token.as_deref().is_some_and(|t| st.boot.tokens.verify(name, t, unix_now()));
-    let ip_ok = match remote {
-        SocketAddr::V4(v4) => node.boot_ip() == Some(*v4.ip()),
-        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some_and(|ip| node.boot_ip() == Some(ip)),
-    };
-    if token_ok || ip_ok {
-        Ok(node)
-    } else {
-        Err(denied())
-    }
+    let token = q.token.clone().unwrap_or_default();
+    let from = remote_ipv4(remote).unwrap_or(Ipv4Addr::UNSPECIFIED);
+    Ok((node, token, from))
+}
+
+fn denied(name: &str) -> Response {
+    error_response(
+        StatusCode::FORBIDDEN,
+        ErrorCode::Forbidden,
+        format!("request is not from node '{name}' or its token is spent"),
+    )
+}
+
+fn refused(node: &str, remote: SocketAddr, why: Refusal) -> Response {
+    tracing::warn!(node, %remote, reason = %why, "boot request refused");
+    denied(node)
 }
 
 /// Everything the agent needs, from the store alone.
@@ -411,7 +461,7 @@ pub async fn install_plan(service: &Service, node: &Node, base: &str) -> Result<
                 protocol: b.protocol,
                 userid: b.userid,
                 user: b.user,
-                password: b.password,
+                password: if b.per_node_password { service.node_bmc_password(&node.name).await? } else { b.password },
                 netchannel: b.netchannel,
                 mgmtchannel: b.mgmtchannel,
                 ip: bmc_if.as_ref().and_then(|i| i.ip),
@@ -452,40 +502,49 @@ pub async fn install_plan(service: &Service, node: &Node, base: &str) -> Result<
 }
 
 async fn plan(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Arc<BootState>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(q): Query<NodeQuery>,
 ) -> Response {
-    let node = match authenticate_node(&st, &q, remote).await {
+    let (node, token, from) = match requesting_node(&st, &q, remote).await {
         Ok(n) => n,
         Err(r) => return r,
     };
-    let cluster = match st.service.cluster().await {
+    let Some(b) = binding(&node) else { return refused(&node.name, remote, Refusal::Invalid) };
+    // Checked before the plan is built (no work for a stranger) and taken after (a plan that
+    // failed to build does not use the token up).
+    if let Err(why) = st.boot.ledger().check_plan(&b, &token, from, unix_now()) {
+        return refused(&node.name, remote, why);
+    }
+    let cluster = match st.app.service.cluster().await {
         Ok(c) => c,
         Err(e) => return ApiError(e).into_response(),
     };
     let base = base_url(&headers, cluster.frontend_address, cluster.http_port);
-    match install_plan(&st.service, &node, &base).await {
-        Ok(p) => {
-            // Waits: the agent's next report must not be overtaken by this one.
-            st.service.record_node_status(&node.name, "plan", "install plan fetched".into(), true).await;
-            axum::Json(p).into_response()
-        }
-        Err(e) => ApiError(e).into_response(),
+    let p = match install_plan(&st.app.service, &node, &base).await {
+        Ok(p) => p,
+        Err(e) => return ApiError(e).into_response(),
+    };
+    if let Err(why) = st.boot.ledger().take_plan(&b, &token, from, unix_now()) {
+        return refused(&node.name, remote, why);
     }
+    // Waits: the agent's next report must not be overtaken by this one.
+    st.app.service.record_node_status(&node.name, "plan", "install plan fetched".into(), true).await;
+    axum::Json(p).into_response()
 }
 
 async fn status(
-    State(st): State<Arc<AppState>>,
+    State(st): State<Arc<BootState>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     Query(q): Query<NodeQuery>,
     body: Bytes,
 ) -> Response {
-    let node = match authenticate_node(&st, &q, remote).await {
+    let (node, token, from) = match requesting_node(&st, &q, remote).await {
         Ok(n) => n,
         Err(r) => return r,
     };
+    let Some(b) = binding(&node) else { return refused(&node.name, remote, Refusal::Invalid) };
     let report: StatusReport = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -503,18 +562,22 @@ async fn status(
             format!("invalid status step '{}'", report.step),
         );
     }
+    if let Err(why) = st.boot.ledger().report(&b, &token, &report.step, from, unix_now()) {
+        return refused(&node.name, remote, why);
+    }
     if report.progress.is_none() {
         // The log is the node's boot history: the store keeps only the latest step.
         let detail = report.message.as_deref().unwrap_or("");
         tracing::info!(node = %node.name, step = %report.step, detail, "node status");
     }
-    match st.service.set_node_status(&node.name, &report.step, report.progress, report.message).await {
+    match st.app.service.set_node_status(&node.name, &report.step, report.progress, report.message).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => ApiError(e).into_response(),
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(app: Arc<AppState>, boot: BootContext) -> Router {
+    let state = Arc::new(BootState { app, boot });
     Router::new()
         .route("/boot/plan", get(plan))
         .route("/boot/status", post(status))
@@ -527,18 +590,6 @@ pub fn router(state: Arc<AppState>) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tokens_bind_node_and_time() {
-        let t = BootTokens::new(b"admin");
-        let tok = t.issue("node001", 1_000_000);
-        assert!(t.verify("node001", &tok, 1_000_100));
-        assert!(!t.verify("node002", &tok, 1_000_100));
-        assert!(!t.verify("node001", &tok, 1_000_000 + BOOT_TOKEN_TTL_SECS + 1));
-        assert!(!BootTokens::new(b"other").verify("node001", &tok, 1_000_100));
-        assert!(!t.verify("node001", "garbage", 1_000_100));
-        assert!(!t.verify("node001", &tok.replace('.', ""), 1_000_100));
-    }
 
     #[test]
     fn base_url_prefers_host_header() {
