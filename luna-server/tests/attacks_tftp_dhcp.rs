@@ -332,7 +332,7 @@ fn tftp_netascii_requests_keep_memory_bounded() {
     // 1 MiB like ipxe.efi, with line ends to convert.
     let mut raw = pattern(1 << 20);
     for (i, b) in raw.iter_mut().enumerate() {
-        if i % 61 == 0 {
+        if i.is_multiple_of(61) {
             *b = b'\n';
         }
     }
@@ -524,7 +524,7 @@ fn dhcp_random_mac_flood_keeps_leases_bounded() {
         while start.elapsed() < Duration::from_secs(4) {
             let mut mac = rand::random::<[u8; 6]>();
             mac[0] = (mac[0] & 0xfe) | 0x02;
-            let bad: &[&[u8]] = if sent % 2 == 0 { &[] } else { &BAD_OPTIONS[sent as usize % 8..][..1] };
+            let bad: &[&[u8]] = if sent.is_multiple_of(2) { &[] } else { &BAD_OPTIONS[sent as usize % 8..][..1] };
             sock.send_to(&discover(mac, sent, bad), to).unwrap();
             sent += 1;
             drain(&mut offers);
