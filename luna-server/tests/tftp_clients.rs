@@ -61,6 +61,8 @@ impl Env {
             bind: "127.0.0.1:0".parse().unwrap(),
             ipxe_files: [("undionly.kpxe".to_string(), virt.join("undionly.kpxe"))].into_iter().collect(),
             timeout_ms: 300,
+            // All clients here talk from 127.0.0.1, standing in for many nodes at once.
+            max_transfers_per_client: 512,
             ..TftpConfig::default()
         };
         let server = TftpServer::bind(cfg).await.unwrap();

@@ -90,6 +90,10 @@ pub struct Candidate {
     /// Whether a concurrent request of this server is giving it to another machine right now
     /// (saves a doomed commit; the store's compare-and-swap is what guarantees uniqueness).
     pub busy: bool,
+    /// The `mac/<mac>` record of the machine `lease` names, when that is another machine: it
+    /// is deleted in the same batch when the address is taken over from it, so the records of
+    /// machines that came once and went (a flood of random MACs) do not pile up.
+    pub holder: Option<Versioned<Lease>>,
 }
 
 impl Candidate {
@@ -456,19 +460,22 @@ impl Dhcp<'_> {
         match self.kind {
             MessageType::Discover => {
                 if let Some(h) = held {
-                    let keep = h.value.state == LeaseState::Bound && h.value.expires > now;
+                    // Nothing is written for a repeated DISCOVER while the hold is fresh: a
+                    // chatty or hostile client costs no store writes (per-MAC churn cap).
+                    let fresh_offer = h.value.state == LeaseState::Offered
+                        && h.value.expires >= now + u64::from(self.cfg.offer_time).div_ceil(2);
+                    let keep = (h.value.state == LeaseState::Bound && h.value.expires > now) || fresh_offer;
                     let writes = if keep {
                         Vec::new()
                     } else {
-                        self.lease_writes(u, h.value.ip, Some(h), net, LeaseState::Offered)
+                        self.lease_writes(u, h.value.ip, Some(&own(h)), net, LeaseState::Offered)
                     };
                     let reply = self.reply(MessageType::Offer, &offer(h.value.ip));
                     return Decision::Act(Action { writes, reply: Some(reply), ..Action::default() });
                 }
                 match self.choose(&pool, u) {
                     Choice::Free(ip) => {
-                        let existing = u.candidates.get(&ip).and_then(|c| c.lease.as_ref());
-                        let writes = self.lease_writes(u, ip, existing, net, LeaseState::Offered);
+                        let writes = self.lease_writes(u, ip, u.candidates.get(&ip), net, LeaseState::Offered);
                         let reply = self.reply(MessageType::Offer, &offer(ip));
                         Decision::Act(Action { writes, reply: Some(reply), allocated: Some(ip), ..Action::default() })
                     }
@@ -495,12 +502,18 @@ impl Dhcp<'_> {
                     return ignore(format!("request from {mac} names no address"));
                 };
                 if let Some(h) = held.filter(|h| h.value.ip == wanted) {
-                    let writes = self.lease_writes(u, wanted, Some(h), net, LeaseState::Bound);
+                    let writes = self.lease_writes(u, wanted, Some(&own(h)), net, LeaseState::Bound);
                     let reply = self.reply(MessageType::Ack, &offer(wanted));
                     return Decision::Act(Action { writes, reply: Some(reply), ..Action::default() });
                 }
                 if sid.is_some() {
                     return self.nak(server, format!("address {wanted} was not offered to {mac}"));
+                }
+                // Per-MAC churn cap: a machine holding a live address here does not hop to
+                // another one by asking (each hop rewrote three records); it is told no and
+                // gets its own address back on its next DISCOVER (RFC 2131 4.3.2).
+                if let Some(h) = held.filter(|h| h.value.expires > now) {
+                    return self.nak(server, format!("{mac} holds {} and may not move to {wanted}", h.value.ip));
                 }
                 if !pool.allows(wanted) {
                     return self.nak(server, format!("address {wanted} is not ours to give on network {}", net.name));
@@ -510,7 +523,7 @@ impl Dhcp<'_> {
                 match u.candidates.get(&wanted) {
                     None => Decision::Probe { network: net.name.clone(), ips: vec![wanted] },
                     Some(c) if c.free_for(&mac, now) => {
-                        let writes = self.lease_writes(u, wanted, c.lease.as_ref(), net, LeaseState::Bound);
+                        let writes = self.lease_writes(u, wanted, Some(c), net, LeaseState::Bound);
                         let reply = self.reply(MessageType::Ack, &offer(wanted));
                         Decision::Act(Action {
                             writes,
@@ -589,15 +602,18 @@ impl Dhcp<'_> {
     }
 
     /// The batch that gives `ip` to this MAC in `state`: its `ip/` and `mac/` records (each by
-    /// revision, or created), and the removal of the address it held before, if another.
+    /// revision, or created), the removal of the address it held before, if another, and the
+    /// removal of the `mac/` record of the machine it takes the address over from, if that
+    /// record still names the address.
     fn lease_writes(
         &self,
         u: &Unknown,
         ip: Ipv4Addr,
-        existing: Option<&Versioned<Lease>>,
+        target: Option<&Candidate>,
         net: &Network,
         state: LeaseState,
     ) -> Vec<Write> {
+        let existing = target.and_then(|c| c.lease.as_ref());
         let now = self.ctx.now;
         let expires = match state {
             LeaseState::Offered => now + u64::from(self.cfg.offer_time),
@@ -622,8 +638,22 @@ impl Dhcp<'_> {
                 });
             }
         }
+        if let (Some(e), Some(holder)) = (existing, target.and_then(|c| c.holder.as_ref())) {
+            if e.value.mac != self.mac && holder.value.mac == e.value.mac && holder.value.ip == ip {
+                writes.push(Write::Delete {
+                    collection: Collection::Lease,
+                    key: Lease::mac_key(&holder.value.mac),
+                    expect: Expect::Rev(holder.rev),
+                });
+            }
+        }
         writes
     }
+}
+
+/// This MAC's own `ip/` record as a candidate (nobody to take it over from).
+fn own(h: &Versioned<Lease>) -> Candidate {
+    Candidate { lease: Some(h.clone()), ..Candidate::default() }
 }
 
 fn put(key: String, existing: Option<&Versioned<Lease>>, doc: &Lease) -> Write {
@@ -803,8 +833,12 @@ mod tests {
                 Decision::Probe { ips, network } => {
                     assert_eq!(network, "cluster");
                     for i in ips {
-                        let c =
-                            Candidate { lease: records.get(&i).cloned(), claimed: claimed.contains(&i), busy: false };
+                        let c = Candidate {
+                            lease: records.get(&i).cloned(),
+                            claimed: claimed.contains(&i),
+                            busy: false,
+                            holder: None,
+                        };
                         assert!(unknown_mut(view).candidates.insert(i, c).is_none(), "{i} probed twice");
                     }
                 }
@@ -1220,7 +1254,7 @@ mod tests {
         assert_eq!(ips, [ip("10.141.200.7")]);
         unknown_mut(&mut view)
             .candidates
-            .insert(ip("10.141.200.7"), Candidate { lease: None, claimed: true, busy: false });
+            .insert(ip("10.141.200.7"), Candidate { lease: None, claimed: true, busy: false, holder: None });
         assert_eq!(reply(run(req, &view)).msg_type(), Some(MessageType::Nak));
         // Discovering: a new address, and the old record goes.
         let mut view = holding(LeaseState::Bound, 4000);
@@ -1241,6 +1275,57 @@ mod tests {
         assert_eq!(a.allocated, Some(ip("10.141.200.1")));
         assert_eq!(a.writes.len(), 2, "the other machine's record is left alone: {:?}", a.writes);
         assert!(matches!(&a.writes[1], Write::Put { expect: Expect::Rev(3), .. }));
+    }
+
+    #[test]
+    fn taking_over_an_expired_address_deletes_the_old_holders_mac_record() {
+        let mut view = unknown_view(Some("10.141.200.1-10.141.200.20"));
+        let old = lease(mac(7), "10.141.200.1", LeaseState::Offered, 900);
+        let holder = |ip_: &str, rev| Some(v(rev, lease(mac(7), ip_, LeaseState::Offered, 900)));
+        unknown_mut(&mut view).candidates.insert(
+            ip("10.141.200.1"),
+            Candidate { lease: Some(v(4, old.clone())), holder: holder("10.141.200.1", 6), ..Candidate::default() },
+        );
+        let a = act(run(client::discover(mac(9), 1), &view));
+        assert_eq!(a.allocated, Some(ip("10.141.200.1")));
+        assert_eq!(a.writes.len(), 3, "{:?}", a.writes);
+        assert!(matches!(&a.writes[0], Write::Put { key, expect: Expect::Rev(4), .. } if key == "ip/10.141.200.1"));
+        assert!(
+            matches!(&a.writes[1], Write::Put { key, expect: Expect::Absent, .. } if key == "mac/52:54:00:00:00:09")
+        );
+        assert_eq!(
+            a.writes[2],
+            Write::Delete {
+                collection: Collection::Lease,
+                key: "mac/52:54:00:00:00:07".into(),
+                expect: Expect::Rev(6)
+            }
+        );
+        // The old holder's record names another address by now: it is left alone.
+        unknown_mut(&mut view).candidates.get_mut(&ip("10.141.200.1")).unwrap().holder = holder("10.141.200.5", 8);
+        assert_eq!(act(run(client::discover(mac(9), 1), &view)).writes.len(), 2);
+    }
+
+    #[test]
+    fn per_mac_churn_is_capped() {
+        let server = ip("10.141.255.254");
+        // A fresh offer (expires 1060, now 1000, offer_time 60): a repeated DISCOVER writes nothing.
+        let a = act(run(client::discover(mac(9), 1), &holding(LeaseState::Offered, 1060)));
+        assert_eq!(a.reply.unwrap().message.yiaddr(), ip("10.141.200.7"));
+        assert!(a.writes.is_empty(), "{:?}", a.writes);
+        // Half of it gone: the hold is renewed.
+        let a = act(run(client::discover(mac(9), 1), &holding(LeaseState::Offered, 1029)));
+        assert_eq!(a.writes.len(), 2);
+        // Holding a live lease, asking for another address: NAK, nothing written, no lookups.
+        let view = holding(LeaseState::Bound, 4000);
+        let d = run(client::request_init_reboot(mac(9), 1, ip("10.141.200.11")), &view);
+        assert_eq!(reply(d).msg_type(), Some(MessageType::Nak));
+        // Once that lease has expired the machine may move.
+        let mut view = holding(LeaseState::Bound, 999);
+        unknown_mut(&mut view).candidates.insert(ip("10.141.200.11"), Candidate::default());
+        let a = act(run(client::request_init_reboot(mac(9), 1, ip("10.141.200.11")), &view));
+        assert_eq!(a.reply.unwrap().msg_type(), Some(MessageType::Ack));
+        let _ = server;
     }
 
     #[test]
@@ -1284,7 +1369,7 @@ mod tests {
         let other = v(2, lease(mac(7), "10.141.200.11", LeaseState::Bound, 5000));
         unknown_mut(&mut view)
             .candidates
-            .insert(ip("10.141.200.11"), Candidate { lease: Some(other), claimed: false, busy: false });
+            .insert(ip("10.141.200.11"), Candidate { lease: Some(other), claimed: false, busy: false, holder: None });
         assert_eq!(reply(run(req, &view)).msg_type(), Some(MessageType::Nak));
     }
 

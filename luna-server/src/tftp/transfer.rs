@@ -50,6 +50,11 @@ pub struct Limits {
     pub default_timeout: Duration,
     /// Timeouts in a row before the transfer is given up.
     pub max_retries: u32,
+    /// Longest `timeout` (RFC 2349) accepted; a longer one is declined (left out of the
+    /// OACK: the RFC lets the server accept the value only unchanged) and `default_timeout`
+    /// is used. Why: a client asking for 255 s would otherwise hold a slot for
+    /// 255 s × (retries + 1) without sending a single ACK.
+    pub max_timeout: Duration,
 }
 
 /// The largest block that fits one unfragmented datagram on a link with this MTU.
@@ -89,8 +94,9 @@ pub fn negotiate(req: &Request, file_len: u64, limits: &Limits) -> Negotiated {
             }
             "tsize" => n.oack.push((name.clone(), file_len.to_string())),
             "timeout" => {
-                // RFC 2349: 1..=255 seconds, and the server may only accept it unchanged.
-                if !(1..=255).contains(&v) {
+                // RFC 2349: 1..=255 seconds, and the server may only accept it unchanged; above
+                // our cap it is declined.
+                if !(1..=255).contains(&v) || Duration::from_secs(v) > limits.max_timeout {
                     continue;
                 }
                 n.timeout = Duration::from_secs(v);
@@ -115,6 +121,9 @@ pub fn negotiate(req: &Request, file_len: u64, limits: &Limits) -> Negotiated {
 pub enum Failure {
     /// `max_retries` timeouts in a row.
     TimedOut,
+    /// No ACK moved the transfer on for the configured lifetime (see
+    /// [`Transfer::give_up_after`]).
+    Abandoned,
     /// The client sent an ERROR (code 8 after an OACK means it refused our options).
     ClientError { code: ErrorCode, message: String },
     /// The client sent something that has no place in a read transfer.
@@ -167,6 +176,10 @@ pub struct Transfer {
     highest_sent: u64,
     retries: u32,
     deadline: Option<Instant>,
+    /// When the transfer last moved on (start, ACK 0, an ACK of new blocks).
+    progress_at: Instant,
+    /// How long it may go without moving on, whatever the retransmission timer says.
+    idle_limit: Option<Duration>,
     oack_pending: bool,
     error_pending: Option<(ErrorCode, String)>,
     stats: Stats,
@@ -196,9 +209,28 @@ impl Transfer {
             highest_sent: 0,
             retries: 0,
             deadline: Some(now + neg.timeout),
+            progress_at: now,
+            idle_limit: None,
             oack_pending: negotiating,
             error_pending: None,
             stats: Stats::default(),
+        }
+    }
+
+    /// Abandons the transfer when no ACK moves it on for `limit` (counted from the start and
+    /// from each ACK that acknowledges something new), even while retries are left. Bounds how
+    /// long a client that never answers holds a transfer slot.
+    pub fn give_up_after(mut self, limit: Duration) -> Transfer {
+        self.idle_limit = Some(limit);
+        self.deadline = self.deadline.map(|d| self.cap(d));
+        self
+    }
+
+    /// `deadline`, or the moment the idle limit runs out if that comes first.
+    fn cap(&self, deadline: Instant) -> Instant {
+        match self.idle_limit {
+            Some(l) => deadline.min(self.progress_at + l),
+            None => deadline,
         }
     }
 
@@ -235,7 +267,7 @@ impl Transfer {
     fn start_window(&mut self, now: Instant) {
         self.next = self.acked + 1;
         self.window_end = (self.acked + self.windowsize).min(self.last_block);
-        self.deadline = Some(now + self.timeout);
+        self.deadline = Some(self.cap(now + self.timeout));
     }
 
     /// Feeds one datagram received from the client's TID.
@@ -272,6 +304,7 @@ impl Transfer {
                     self.phase = Phase::Sending;
                     self.oack_pending = false;
                     self.retries = 0;
+                    self.progress_at = now;
                     self.start_window(now);
                 }
             }
@@ -285,6 +318,7 @@ impl Transfer {
                 }
                 self.acked += delta;
                 self.retries = 0;
+                self.progress_at = now;
                 if self.acked == self.last_block {
                     self.phase = Phase::Finished;
                     self.status = Status::Done;
@@ -309,6 +343,11 @@ impl Transfer {
             return;
         }
         self.stats.timeouts += 1;
+        if self.idle_limit.is_some_and(|l| now >= self.progress_at + l) {
+            let msg = format!("abandoned after {} s without progress", self.idle_limit.unwrap_or_default().as_secs());
+            self.fail(Failure::Abandoned, Some((ErrorCode::NotDefined, msg)));
+            return;
+        }
         self.retries += 1;
         if self.retries > self.max_retries {
             let msg = format!("timed out after {} retransmissions", self.max_retries);
@@ -318,7 +357,7 @@ impl Transfer {
         match self.phase {
             Phase::Negotiating => {
                 self.oack_pending = true;
-                self.deadline = Some(now + self.timeout);
+                self.deadline = Some(self.cap(now + self.timeout));
             }
             Phase::Sending => {
                 self.stats.retransmitted += self.highest_sent - self.acked;
@@ -380,7 +419,13 @@ mod tests {
     use crate::tftp::packet::{encode_ack, encode_error, Mode};
 
     fn limits() -> Limits {
-        Limits { max_blksize: 1468, max_windowsize: 16, default_timeout: Duration::from_secs(1), max_retries: 3 }
+        Limits {
+            max_blksize: 1468,
+            max_windowsize: 16,
+            default_timeout: Duration::from_secs(1),
+            max_retries: 3,
+            max_timeout: Duration::from_secs(10),
+        }
     }
 
     fn req(opts: &[(&str, &str)]) -> Request {
@@ -463,6 +508,46 @@ mod tests {
         let n = negotiate(&req(&[("timeout", "256"), ("blksize", "8")]), 10, &limits());
         assert_eq!(n.oack, vec![("blksize".to_string(), "8".to_string())]);
         assert_eq!(n.timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn timeouts_above_the_cap_are_declined() {
+        let n = negotiate(&req(&[("timeout", "255"), ("tsize", "0")]), 10, &limits());
+        assert_eq!(n.timeout, Duration::from_secs(1));
+        assert_eq!(n.oack, vec![("tsize".to_string(), "10".to_string())]);
+        let n = negotiate(&req(&[("timeout", "10")]), 10, &limits());
+        assert_eq!(n.timeout, Duration::from_secs(10));
+        assert_eq!(n.oack, vec![("timeout".to_string(), "10".to_string())]);
+    }
+
+    #[test]
+    fn a_silent_client_is_abandoned_after_the_idle_limit() {
+        let t0 = Instant::now();
+        // Timeout 10 s with 3 retries would hold the slot 40 s; the limit cuts it at 15 s.
+        let neg = negotiate(&req(&[("timeout", "10"), ("blksize", "512")]), 5000, &limits());
+        let mut t = Transfer::new(neg, 5000, 3, t0).give_up_after(Duration::from_secs(15));
+        assert!(matches!(drain(&mut t, &file(5000))[..], [Out::Oack(_)]));
+        assert_eq!(t.poll_timeout(), Some(t0 + Duration::from_secs(10)));
+        t.handle_timeout(t0 + Duration::from_secs(10));
+        assert!(matches!(drain(&mut t, &file(5000))[..], [Out::Oack(_)]));
+        assert_eq!(t.poll_timeout(), Some(t0 + Duration::from_secs(15)));
+        t.handle_timeout(t0 + Duration::from_secs(15));
+        assert_eq!(t.status(), &Status::Failed(Failure::Abandoned));
+        assert_eq!(drain(&mut t, &file(5000)), vec![Out::Error(0, "abandoned after 15 s without progress".into())]);
+        assert!(t.is_finished());
+
+        // A client that acknowledges keeps the transfer alive past the limit.
+        let neg = negotiate(&req(&[("blksize", "512")]), 5000, &limits());
+        let mut t = Transfer::new(neg, 5000, 3, t0).give_up_after(Duration::from_secs(15));
+        drain(&mut t, &file(5000));
+        ack(&mut t, t0 + Duration::from_secs(9), 0);
+        for (i, block) in (1..=9u16).enumerate() {
+            drain(&mut t, &file(5000));
+            ack(&mut t, t0 + Duration::from_secs(10 + i as u64 * 2), block);
+        }
+        drain(&mut t, &file(5000));
+        ack(&mut t, t0 + Duration::from_secs(30), 10);
+        assert_eq!(t.status(), &Status::Done);
     }
 
     #[test]

@@ -176,6 +176,8 @@ fn serve_luna(root: &Path, file: &Path) -> Result<()> {
             bind: "127.0.0.1:0".parse()?,
             ipxe_files: [("undionly.kpxe".to_string(), file.to_path_buf())].into_iter().collect(),
             max_transfers: 4096,
+            // Every simulated client talks from 127.0.0.1: one address, all the concurrency.
+            max_transfers_per_client: 4096,
             ..TftpConfig::default()
         };
         let server = TftpServer::bind(cfg).await?;
