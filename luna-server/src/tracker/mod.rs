@@ -78,6 +78,12 @@ pub enum TrackerError {
     Invalid { param: String, reason: String },
     #[error("cannot tell the peer's ipv4 address: the request came from {0} and carries no usable ipv4 ip parameter")]
     NoIpv4(IpAddr),
+    #[error("peer_id is registered from another address")]
+    PeerIdElsewhere,
+    #[error("peer address {0} is registered from another address")]
+    AddressElsewhere(SocketAddrV4),
+    #[error("tracker follows its maximum of {0} torrents; unknown info_hash refused")]
+    TooManyTorrents(usize),
 }
 
 impl TrackerError {
