@@ -280,7 +280,7 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
         Ok(f) => f,
         Err(e) => {
             if let Some(s) = swarm {
-                s.stop().await;
+                s.stop(false).await;
             }
             return Err(e.into());
         }
@@ -308,7 +308,7 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
     }
     .await;
     if let Some(s) = swarm {
-        s.stop().await;
+        s.stop(true).await;
     }
     rest?;
     // "booted" is the booted OS's to say (the image's boot-time hook); until then the node is

@@ -212,7 +212,7 @@ fn fetch(mut args: Args) -> anyhow::Result<()> {
         let fetched = download::fetch(&job, swarm.as_ref()).await;
         let peak = swarm.as_ref().map(|s| s.window.peak_bytes());
         if let Some(s) = swarm {
-            s.stop().await;
+            s.stop(fetched.is_ok()).await;
         }
         let f = fetched?;
         println!(

@@ -383,15 +383,19 @@ pub struct Swarm {
     session: Arc<Session>,
     handle: Arc<ManagedTorrent>,
     pub window: Arc<Window>,
+    /// Ours, not librqbit's random one: [`Swarm::stop`] announces with it.
+    peer_id: librqbit::dht::Id20,
 }
 
 impl Swarm {
     pub async fn start(torrent: Bytes, scratch: &Path, opts: SwarmOptions) -> anyhow::Result<Swarm> {
         let window = Window::new(opts.window.max(4 << 20));
         let listen_addr = SocketAddr::from((opts.listen_ip.unwrap_or(Ipv4Addr::UNSPECIFIED), 0));
+        let peer_id = librqbit_core::peer_id::generate_peer_id(b"-LU0001-");
         let session = Session::new_with_opts(
             scratch.to_path_buf(),
             SessionOptions {
+                peer_id: Some(peer_id),
                 dht: None,
                 disable_local_service_discovery: true,
                 persistence: None,
@@ -440,7 +444,7 @@ impl Swarm {
                 t.wake_piece_requesters();
             }
         }));
-        Ok(Swarm { session, handle, window })
+        Ok(Swarm { session, handle, window, peer_id })
     }
 
     /// The archive in order (librqbit's `FileStream`, which is not nameable from outside).
@@ -453,14 +457,85 @@ impl Swarm {
         self.session.listen_addr().map(|a| a.port())
     }
 
-    pub async fn stop(self) {
+    /// Ends the session and tells the trackers: `completed` when the node got the whole
+    /// image (`finished`, from peers or over HTTP), then `stopped`, so the tracker counts the
+    /// node once and stops listing it at once. librqbit itself sends neither.
+    pub async fn stop(self, finished: bool) {
+        let stats = self.handle.stats();
+        let port = self.listen_port();
+        let trackers: Vec<String> = self.handle.shared().trackers.iter().map(|u| u.to_string()).collect();
+        let info_hash = self.handle.info_hash().0;
         self.session.stop().await;
+        let Some(port) = port else { return };
+        let left = if finished { 0 } else { stats.total_bytes.saturating_sub(stats.progress_bytes) };
+        let client = match reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).build() {
+            Ok(c) => c,
+            Err(e) => return tracing::warn!(error = %e, "cannot announce the end of the download"),
+        };
+        let events: &[&str] = if finished { &["completed", "stopped"] } else { &["stopped"] };
+        for tracker in trackers.iter().filter(|u| u.starts_with("http://") || u.starts_with("https://")) {
+            for event in events {
+                let query = announce_query(
+                    &info_hash,
+                    &self.peer_id.0,
+                    port,
+                    stats.uploaded_bytes,
+                    stats.progress_bytes,
+                    left,
+                    event,
+                );
+                let sep = if tracker.contains('?') { '&' } else { '?' };
+                let url = format!("{tracker}{sep}{query}");
+                match client.get(&url).send().await {
+                    Ok(r) => tracing::debug!(%tracker, event, status = %r.status(), "announced"),
+                    Err(e) => tracing::warn!(%tracker, event, error = %e, "cannot announce"),
+                }
+            }
+        }
     }
+}
+
+/// The query of a BitTorrent announce (BEP 3), binary values percent-encoded.
+fn announce_query(
+    info_hash: &[u8; 20],
+    peer_id: &[u8; 20],
+    port: u16,
+    uploaded: u64,
+    downloaded: u64,
+    left: u64,
+    event: &str,
+) -> String {
+    fn enc(bytes: &[u8]) -> String {
+        let mut out = String::with_capacity(bytes.len() * 3);
+        for &b in bytes {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        out
+    }
+    format!(
+        "info_hash={}&peer_id={}&port={port}&uploaded={uploaded}&downloaded={downloaded}&left={left}&event={event}&compact=1",
+        enc(info_hash),
+        enc(peer_id)
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn announce_query_encodes_binary_values() {
+        let q = announce_query(&[0xff; 20], b"-LU0001-abcdefghij+ ", 6881, 1, 2, 0, "completed");
+        assert!(q.starts_with("info_hash=%FF%FF"), "{q}");
+        assert!(
+            q.contains("&peer_id=-LU0001-abcdefghij%2B%20&port=6881&uploaded=1&downloaded=2&left=0&event=completed"),
+            "{q}"
+        );
+    }
 
     fn window(cap: u64, plen: u64) -> Arc<Window> {
         let w = Window::new(cap);

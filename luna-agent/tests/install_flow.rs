@@ -808,7 +808,7 @@ async fn agents_booting_together_get_a_big_image_from_the_swarm() {
     }
     assert!(server.image_requests.lock().unwrap().is_empty());
     for s in swarms {
-        s.stop().await;
+        s.stop(true).await;
     }
     seed.stop().await;
 }

@@ -22,6 +22,8 @@ pub struct Config {
     pub dhcp: crate::dhcp::DhcpConfig,
     pub tftp: crate::tftp::TftpConfig,
     pub image: crate::image::ImageConfig,
+    pub http: crate::httpd::HttpConfig,
+    pub tracker: crate::tracker::TrackerSettings,
 }
 
 impl Default for Config {
@@ -35,6 +37,8 @@ impl Default for Config {
             dhcp: crate::dhcp::DhcpConfig::default(),
             tftp: crate::tftp::TftpConfig::default(),
             image: crate::image::ImageConfig::default(),
+            http: crate::httpd::HttpConfig::default(),
+            tracker: crate::tracker::TrackerSettings::default(),
         }
     }
 }
@@ -85,7 +89,7 @@ cluster_name = "{cluster}"
 [dhcp]
 {dhcp}
 {tftp}
-{image}"#,
+{image}{http}{tracker}"#,
         store = d.store,
         listen = d.listen,
         token = d.token_file.display(),
@@ -94,6 +98,8 @@ cluster_name = "{cluster}"
         dhcp = toml::to_string(&d.dhcp).expect("dhcp config serialises"),
         tftp = crate::tftp::TftpConfig::documented_defaults(),
         image = crate::image::documented_defaults(),
+        http = crate::httpd::HttpConfig::documented_defaults(),
+        tracker = crate::tracker::TrackerSettings::documented_defaults(),
     )
 }
 

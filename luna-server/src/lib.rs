@@ -6,6 +6,7 @@ pub mod config;
 pub mod dhcp;
 pub mod fsperm;
 pub mod http;
+pub mod httpd;
 pub mod image;
 pub mod server;
 pub mod service;

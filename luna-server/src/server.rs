@@ -39,6 +39,8 @@ pub enum ServerError {
     Seeder(String),
     #[error("data directory: {0}")]
     DataDir(#[from] crate::fsperm::PermError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 /// Creates the store and the cluster object, and the admin token file if there is none.
@@ -121,6 +123,13 @@ impl DhcpStatusSink for StatusToService {
 pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
     // Published images and the embedded store live here; nobody but luna reads them.
     crate::fsperm::secure_dir(&config.data_dir)?;
+    config.http.validate().map_err(ServerError::Config)?;
+    // Connections, TFTP transfers and the seeder's files all take descriptors: let the caps in
+    // [http] and [tftp], not the usual soft limit of 1024, decide.
+    match crate::httpd::raise_open_file_limit() {
+        Ok(limit) => tracing::info!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let store = store::open(&config.store).await?;
     tracing::info!(backend = store.backend(), "store opened");
     let service = Service::new(store.clone());
@@ -133,7 +142,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     let topology = Arc::new(crate::wiring::StoreTopology::default());
     let cluster = service.cluster().await?;
     // interval and max_peers follow the cluster object (see wiring::follow_store).
-    let tracker_config = crate::tracker::TrackerConfig::from_cluster(&cluster);
+    let tracker_config = config.tracker.config(&cluster);
     let tracker = Arc::new(crate::tracker::TrackerHandle::new(tracker_config, topology.clone()));
     let images = Arc::new(
         crate::image::ImageState::new(service.clone(), &config.data_dir, config.image.clone())
@@ -148,9 +157,6 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         .merge(boot::router(state, boot));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
-    // Announces (one TCP connection each) are answered before hyper; the rest goes to axum.
-    let listener = crate::tracker::fast::listener(listener, tracker.clone())
         .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
     tracing::info!(addr = %config.listen, "http listening");
 
@@ -191,9 +197,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         let _ = tftp_tx.send(true);
     });
     let tftp_task = tokio::spawn(crate::tftp::serve(config.tftp.clone(), tftp_rx));
-    let http_stop = cancel.clone();
-    let http = axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-        .with_graceful_shutdown(async move { http_stop.cancelled().await });
+    let http = crate::httpd::serve(listener, app, &config.http, cancel.clone());
     // A listener that fails takes the whole server down: half a boot service is worse than none.
     let result = tokio::select! {
         r = http => r.map_err(ServerError::Http),

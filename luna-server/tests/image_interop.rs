@@ -1,7 +1,7 @@
 //! Interop proof (LUNA_TEST_PRIVILEGED=1; needs `aria2c` and `transmission-cli`): in a server
 //! network namespace run luna's tracker and seeder, in a client namespace (joined by a veth pair)
-//! run aria2c and then transmission-cli on a packed image's `.torrent`. The web seed URL in the
-//! torrent answers 404 (only the tracker is served) and the torrent is private (no DHT, PEX or
+//! run aria2c and then transmission-cli on a packed image's `.torrent`. The torrent has no web
+//! seed (packing leaves `url-list` out) and is private (no DHT, PEX or
 //! LSD), so the bytes can only come from our seeder, found through our tracker. Both downloads
 //! must match the revision's SHA-256.
 

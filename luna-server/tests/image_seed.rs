@@ -107,8 +107,21 @@ async fn a_damaged_archive_is_found_at_restart() {
     seeder.stop().await;
     drop(seeder);
 
-    // flip one byte in the middle of the archive
+    // three more restarts in a row: nothing is re-hashed (librqbit leaves the complete
+    // archive, and so its mtime, alone; the marker keeps matching)
     let path = env.rev_dir(1).join(&rev.archive);
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    for round in 1..=3 {
+        env.state.seeding.write().unwrap().clear();
+        let seeder = Seeder::start(env.state.clone(), None).await.unwrap();
+        wait_status(&seeder, &rev.info_hash, |s| s.healthy).await;
+        assert_eq!(seeder.full_checks(), 0, "restart {round} re-hashed the archive");
+        seeder.stop().await;
+        drop(seeder);
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), mtime, "restart {round} touched the archive");
+    }
+
+    // flip one byte in the middle of the archive
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
@@ -118,6 +131,7 @@ async fn a_damaged_archive_is_found_at_restart() {
     let seeder = Seeder::start(env.state.clone(), None).await.unwrap();
     let st = wait_status(&seeder, &rev.info_hash, |s| s.state == "live").await;
     assert!(!st.healthy, "{st:?}");
+    assert_eq!(seeder.full_checks(), 1);
     assert!(st.have_bytes < st.total_bytes && st.total_bytes - st.have_bytes <= rev.piece_length, "{st:?}");
     assert!(st.error.as_deref().unwrap_or_default().contains("damaged"), "{st:?}");
     seeder.stop().await;

@@ -257,12 +257,11 @@ pub async fn osimage(service: &Service, name: &str) -> Result<Osimage, ImageErro
     }
 }
 
-/// The tracker URL and the base of download URLs, from the cluster object.
-async fn urls(service: &Service) -> Result<(String, String), ImageError> {
+/// The tracker URL, from the cluster object.
+async fn announce_url(service: &Service) -> Result<String, ImageError> {
     let c = service.cluster().await?;
     let fe = c.frontend_address.ok_or(ImageError::NoFrontend)?;
-    let base = format!("http://{fe}:{}", c.http_port);
-    Ok((format!("{base}/announce"), base))
+    Ok(format!("http://{fe}:{}/announce", c.http_port))
 }
 
 /// Starts packing `name` in the background; fails at once (no job) when the image cannot be
@@ -304,7 +303,7 @@ struct Prepared {
 async fn prepare(state: &Arc<ImageState>, name: &str, req: PackRequest) -> Result<Prepared, ImageError> {
     let mode = req.mode()?;
     let image = osimage(&state.service, name).await?;
-    let (announce, base) = urls(&state.service).await?;
+    let announce = announce_url(&state.service).await?;
     let layout = &state.layout;
     let lock = publish::try_pack_lock(layout, name)
         .map_err(|source| ImageError::Io { what: "cannot lock", path: layout.pack_lock(name), source })?
@@ -331,7 +330,10 @@ async fn prepare(state: &Arc<ImageState>, name: &str, req: PackRequest) -> Resul
         revision,
         previous,
         announce,
-        web_seed: Some(format!("{base}{}", file_path(name, revision, &archive))),
+        // No `url-list`: a standard client told of the HTTP URL pulls the whole image from the
+        // server at LAN speed, past the seeder's upload slots. Only luna agents get the URL
+        // (in their plan, as the fallback); see ARCHITECTURE.md (seeder).
+        web_seed: None,
         dracut: state.config.dracut.clone(),
         archive: archive::ArchiveOptions {
             zstd_level: state.config.zstd_level,

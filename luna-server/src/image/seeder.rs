@@ -69,6 +69,8 @@ pub struct Seeder {
     listen: SocketAddr,
     register: Option<PeerRegistrar>,
     seeded: Mutex<HashMap<[u8; 20], Seeded>>,
+    /// Revisions added with every piece to be checked (their marker did not match).
+    full_checks: std::sync::atomic::AtomicUsize,
 }
 
 /// A revision that should be seeded.
@@ -124,7 +126,9 @@ impl Seeder {
             fastresume: true,
             persistence: Some(SessionPersistenceConfig::Json { folder: Some(state_dir.clone()) }),
             listen: Some(ListenerOptions {
-                mode: ListenerMode::TcpOnly,
+                // uTP too, on the same port: transmission tries uTP first and, refused with ICMP
+                // port-unreachable, never falls back to TCP.
+                mode: ListenerMode::TcpAndUtp,
                 listen_addr: listen,
                 enable_upnp_port_forwarding: false,
                 ipv4_only: listen.is_ipv4(),
@@ -140,9 +144,23 @@ impl Seeder {
             .map_err(|e| SeederError::Start { addr: listen, reason: format!("{e:#}") })?;
         let listen = session.listen_addr().unwrap_or(listen);
         tracing::info!(%listen, upload_slots = state.config.seeder_peer_slots, "seeder listening");
-        let s = Arc::new(Seeder { session, state, state_dir, listen, register, seeded: Mutex::new(HashMap::new()) });
+        let s = Arc::new(Seeder {
+            session,
+            state,
+            state_dir,
+            listen,
+            register,
+            seeded: Mutex::new(HashMap::new()),
+            full_checks: Default::default(),
+        });
         s.reconcile().await?;
         Ok(s)
+    }
+
+    /// How many revisions this seeder had to check piece by piece since it started (their
+    /// archive did not match its `.verified` marker).
+    pub fn full_checks(&self) -> usize {
+        self.full_checks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The address peers connect to (the port is the real one when 0 was configured).
@@ -231,6 +249,7 @@ impl Seeder {
                 }
             }
         } else {
+            self.full_checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(
                 image = %w.image, rev = w.rev,
                 "archive differs from what was packed (size, mtime or inode changed); checking every piece"

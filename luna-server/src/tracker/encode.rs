@@ -12,7 +12,7 @@ fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// The announce answer: `complete`, `incomplete`, `interval` and `peers`, the peers as one
+/// The announce answer: `complete`, `incomplete`, `interval`, `min interval` and `peers`, the peers as one
 /// string of 6-byte IPv4+port entries (`compact`, BEP 23) or as a list of dictionaries with
 /// `ip`, `port` and (unless `no_peer_id`, and if the peer has one) `peer id`.
 pub fn encode_announce(resp: &AnnounceResponse, compact: bool, no_peer_id: bool) -> Vec<u8> {
@@ -41,6 +41,7 @@ pub fn encode_announce(resp: &AnnounceResponse, compact: bool, no_peer_id: bool)
         "complete" => int(resp.complete),
         "incomplete" => int(resp.incomplete),
         "interval" => int(resp.interval),
+        "min interval" => int(resp.min_interval),
         "peers" => peers
     })
     .encode()
@@ -81,6 +82,7 @@ mod tests {
     fn resp() -> AnnounceResponse {
         AnnounceResponse {
             interval: 30,
+            min_interval: 30,
             complete: 2,
             incomplete: 1,
             peers: vec![
@@ -96,7 +98,7 @@ mod tests {
     #[test]
     fn compact_peers_exact_bytes() {
         let got = encode_announce(&resp(), true, false);
-        let mut want = b"d8:completei2e10:incompletei1e8:intervali30e5:peers12:".to_vec();
+        let mut want = b"d8:completei2e10:incompletei1e8:intervali30e12:min intervali30e5:peers12:".to_vec();
         want.extend_from_slice(&[10, 1, 2, 3, 0x1a, 0xe1, 192, 168, 255, 0, 0x1f, 0x90]);
         want.push(b'e');
         assert_eq!(got, want);
@@ -104,20 +106,26 @@ mod tests {
 
     #[test]
     fn empty_compact_peer_list() {
-        let r = AnnounceResponse { interval: 45, complete: 0, incomplete: 1, peers: vec![] };
-        assert_eq!(encode_announce(&r, true, false), b"d8:completei0e10:incompletei1e8:intervali45e5:peers0:e");
-        assert_eq!(encode_announce(&r, false, false), b"d8:completei0e10:incompletei1e8:intervali45e5:peerslee");
+        let r = AnnounceResponse { interval: 45, min_interval: 45, complete: 0, incomplete: 1, peers: vec![] };
+        assert_eq!(
+            encode_announce(&r, true, false),
+            b"d8:completei0e10:incompletei1e8:intervali45e12:min intervali45e5:peers0:e"
+        );
+        assert_eq!(
+            encode_announce(&r, false, false),
+            b"d8:completei0e10:incompletei1e8:intervali45e12:min intervali45e5:peerslee"
+        );
     }
 
     #[test]
     fn dictionary_peers_exact_bytes() {
         let got = encode_announce(&resp(), false, false);
-        let want: &[u8] = b"d8:completei2e10:incompletei1e8:intervali30e5:peersl\
+        let want: &[u8] = b"d8:completei2e10:incompletei1e8:intervali30e12:min intervali30e5:peersl\
             d2:ip8:10.1.2.37:peer id20:-LR0001-abcdefghijkl4:porti6881ee\
             d2:ip13:192.168.255.04:porti8080eeee";
         assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(want));
         let no_id = encode_announce(&resp(), false, true);
-        let want: &[u8] = b"d8:completei2e10:incompletei1e8:intervali30e5:peersl\
+        let want: &[u8] = b"d8:completei2e10:incompletei1e8:intervali30e12:min intervali30e5:peersl\
             d2:ip8:10.1.2.34:porti6881eed2:ip13:192.168.255.04:porti8080eeee";
         assert_eq!(String::from_utf8_lossy(&no_id), String::from_utf8_lossy(want));
     }

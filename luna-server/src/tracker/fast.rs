@@ -522,12 +522,13 @@ mod tests {
             &format!("{}{}GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n", announce(1, false), announce(2, false)),
         )
         .await;
-        let body = "d8:completei0e10:incompletei1e8:intervali30e5:peers0:e";
+        let body = "d8:completei0e10:incompletei1e8:intervali30e12:min intervali30e5:peers0:e";
         let first =
             format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}", body.len());
         assert!(out.starts_with(&first), "{out}");
         // The second announce sees the first peer (127.0.0.1:6001).
-        let second = "d8:completei0e10:incompletei2e8:intervali30e5:peers6:\x7f\x00\x00\x01\x17\x71e";
+        let second =
+            "d8:completei0e10:incompletei2e8:intervali30e12:min intervali30e5:peers6:\x7f\x00\x00\x01\x17\x71e";
         assert!(out.contains(second), "{out:?}");
         assert!(out.ends_with("hello 127.0.0.1"), "{out}");
         assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 3, "{out}");

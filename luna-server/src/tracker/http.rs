@@ -32,7 +32,8 @@ impl std::fmt::Debug for TrackerHandle {
 
 impl TrackerHandle {
     pub fn new(config: TrackerConfig, topology: Arc<dyn Topology>) -> Self {
-        let shards = (0..SHARDS).map(|_| Mutex::new(Tracker::new(config.clone(), topology.clone()))).collect();
+        let shards =
+            (0..SHARDS).map(|_| Mutex::new(Tracker::sharded(config.clone(), topology.clone(), SHARDS))).collect();
         TrackerHandle { shards }
     }
 
@@ -186,8 +187,12 @@ mod tests {
         0x09, 0x0a,
     ];
 
+    /// A tracker that trusts `ip=` (most tests give addresses that way).
     fn handle() -> Arc<TrackerHandle> {
-        Arc::new(TrackerHandle::new(TrackerConfig::default(), Arc::new(NoTopology)))
+        Arc::new(TrackerHandle::new(
+            TrackerConfig { trust_ip_param: true, ..TrackerConfig::default() },
+            Arc::new(NoTopology),
+        ))
     }
 
     fn announce_uri(hash: &InfoHash, n: u8, left: u64, extra: &str) -> String {
@@ -225,11 +230,11 @@ mod tests {
         let app = router(handle());
         let (status, body) = get(&app, &announce_uri(&HASH, 1, 100, "&event=started"), from(1)).await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(body, b"d8:completei0e10:incompletei1e8:intervali30e5:peers0:e");
+        assert_eq!(body, b"d8:completei0e10:incompletei1e8:intervali30e12:min intervali30e5:peers0:e");
 
         let (_, body) = get(&app, &announce_uri(&HASH, 2, 0, ""), from(2)).await;
         // Peer 1 from its connection's address, port from its query.
-        let mut want = b"d8:completei1e10:incompletei1e8:intervali30e5:peers6:".to_vec();
+        let mut want = b"d8:completei1e10:incompletei1e8:intervali30e12:min intervali30e5:peers6:".to_vec();
         want.extend_from_slice(&[192, 0, 2, 1, 0x17, 0x71]);
         want.push(b'e');
         assert_eq!(body, want);
@@ -250,8 +255,8 @@ mod tests {
 
     #[tokio::test]
     async fn untrusted_ip_parameter_is_ignored() {
-        let h = handle();
-        h.set_config(TrackerConfig { trust_ip_param: false, ..TrackerConfig::default() });
+        assert!(!TrackerConfig::default().trust_ip_param, "ip= is ignored unless configured");
+        let h = Arc::new(TrackerHandle::new(TrackerConfig::default(), Arc::new(NoTopology)));
         let app = router(h);
         get(&app, &announce_uri(&HASH, 1, 100, "&ip=10.9.8.7"), from(1)).await;
         let (_, body) = get(&app, &announce_uri(&HASH, 2, 100, ""), from(2)).await;
@@ -291,9 +296,17 @@ mod tests {
         want.extend_from_slice(&HASH);
         want.extend_from_slice(b"d8:completei1e10:downloadedi0e10:incompletei1eeee");
         assert_eq!(body, want);
-        // A full scrape lists both.
+        // A full scrape lists only the server's torrents: none yet, then both.
+        let (_, none) = get(&app, "/scrape", None).await;
+        assert_eq!(none, b"d5:filesdee");
+        h.register_torrent(HASH);
+        h.register_torrent(other);
         let (_, all) = get(&app, "/scrape", None).await;
         assert_eq!(all, want);
+        // Asking for too many at once is refused.
+        let many: String = (0..=64u8).map(|n| format!("info_hash={}&", percent_encode(&[n; 20]))).collect();
+        let (_, too_many) = get(&app, &format!("/scrape?{many}"), None).await;
+        assert_eq!(too_many, failure("invalid info_hash: at most 64 different ones per scrape"));
         let (_, bad) = get(&app, "/scrape?info_hash=abc", None).await;
         assert_eq!(bad, failure("invalid info_hash: must be 20 bytes, got 3"));
     }
@@ -301,7 +314,7 @@ mod tests {
     #[tokio::test]
     async fn handle_stats_and_permanent_seeder() {
         let h = Arc::new(TrackerHandle::new(
-            TrackerConfig::default(),
+            TrackerConfig { trust_ip_param: true, ..TrackerConfig::default() },
             Arc::new(|ip: Ipv4Addr| -> Option<SwitchId> { Some(if ip.octets()[2] == 1 { "a" } else { "b" }.into()) }),
         ));
         let seeder = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 7000);
@@ -310,7 +323,7 @@ mod tests {
         h.set_limits(60, 10);
         let app = router(h.clone());
         let (_, body) = get(&app, &announce_uri(&HASH, 1, 100, "&ip=10.0.1.5"), None).await;
-        let mut want = b"d8:completei1e10:incompletei1e8:intervali60e5:peers6:".to_vec();
+        let mut want = b"d8:completei1e10:incompletei1e8:intervali60e12:min intervali60e5:peers6:".to_vec();
         want.extend_from_slice(&[10, 0, 0, 1, 0x1b, 0x58]);
         want.push(b'e');
         assert_eq!(body, want);

@@ -64,6 +64,64 @@ pub use self::swarm::{
     TrackerConfig,
 };
 
+/// The `[tracker]` section of the configuration (the announce interval and peer limit are the
+/// cluster object's `tracker_interval` and `tracker_max_peers`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackerSettings {
+    /// Take a peer's address from the announce's `ip` parameter instead of the connection.
+    /// Default false: trusting it lets anyone register any address as a seeder.
+    pub trust_ip_param: bool,
+    /// Seconds a peer is kept after its last announce, at least (two intervals if longer).
+    pub min_peer_lifetime_s: u32,
+    /// Torrents followed at most; the server's own images always are.
+    pub max_torrents: usize,
+}
+
+impl Default for TrackerSettings {
+    fn default() -> Self {
+        let c = TrackerConfig::default();
+        TrackerSettings {
+            trust_ip_param: c.trust_ip_param,
+            min_peer_lifetime_s: c.min_peer_lifetime,
+            max_torrents: c.max_torrents,
+        }
+    }
+}
+
+impl TrackerSettings {
+    /// The tracker's configuration: these settings and the cluster's interval and peer limit.
+    pub fn config(&self, cluster: &luna_core::model::Cluster) -> TrackerConfig {
+        TrackerConfig {
+            trust_ip_param: self.trust_ip_param,
+            min_peer_lifetime: self.min_peer_lifetime_s,
+            max_torrents: self.max_torrents,
+            ..TrackerConfig::from_cluster(cluster)
+        }
+    }
+
+    /// The `[tracker]` section for `--print-config`.
+    pub fn documented_defaults() -> String {
+        let d = TrackerSettings::default();
+        format!(
+            r#"
+# The BitTorrent tracker (interval and peer limit: the cluster object's tracker_interval and
+# tracker_max_peers).
+[tracker]
+# Take a peer's address from the announce's ip= parameter instead of the connection
+# (lets anyone on the network register any address as a seeder).
+trust_ip_param = {}
+# Seconds a peer is listed after its last announce, at least (libtorrent clients such as
+# qBittorrent announce only every 300 s; two intervals if that is longer).
+min_peer_lifetime_s = {}
+# Torrents followed at most; announces of more unknown info hashes are refused.
+max_torrents = {}
+"#,
+            d.trust_ip_param, d.min_peer_lifetime_s, d.max_torrents
+        )
+    }
+}
+
 /// A torrent's SHA-1 info hash.
 pub type InfoHash = [u8; 20];
 /// A client's self-chosen 20-byte identity.
@@ -78,6 +136,12 @@ pub enum TrackerError {
     Invalid { param: String, reason: String },
     #[error("cannot tell the peer's ipv4 address: the request came from {0} and carries no usable ipv4 ip parameter")]
     NoIpv4(IpAddr),
+    #[error("peer_id is registered from another address")]
+    PeerIdElsewhere,
+    #[error("peer address {0} is registered from another address")]
+    AddressElsewhere(SocketAddrV4),
+    #[error("tracker follows its maximum of {0} torrents; unknown info_hash refused")]
+    TooManyTorrents(usize),
 }
 
 impl TrackerError {

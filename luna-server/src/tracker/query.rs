@@ -173,12 +173,22 @@ pub fn parse_scrape(raw_query: &str) -> Result<Vec<InfoHash>, TrackerError> {
         if name == b"info_hash" {
             let h = hash20("info_hash", &value)?;
             if !hashes.contains(&h) {
+                if hashes.len() == MAX_SCRAPE_HASHES {
+                    return Err(TrackerError::invalid(
+                        "info_hash",
+                        format!("at most {MAX_SCRAPE_HASHES} different ones per scrape"),
+                    ));
+                }
                 hashes.push(h);
             }
         }
     }
     Ok(hashes)
 }
+
+/// The most info hashes one scrape may ask for: a scrape answers in one go under the tracker's
+/// locks, so its cost must stay small (a client scrapes the few torrents it has).
+pub const MAX_SCRAPE_HASHES: usize = 64;
 
 /// Percent-encodes every byte that is not unreserved (RFC 3986), as BitTorrent clients do.
 pub fn percent_encode(bytes: &[u8]) -> String {

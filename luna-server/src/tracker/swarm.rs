@@ -2,7 +2,7 @@
 //! Requests and the current `Instant` go in, responses come out; no sockets, no clock, no store.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,17 +44,33 @@ impl Topology for NoTopology {
     }
 }
 
+/// The shortest peer lifetime by default: libtorrent (qBittorrent, Deluge) announces at most
+/// every 300 s whatever interval a tracker asks for (its `min_announce_interval`), so a peer must
+/// outlive that plus a minute of slack (a slow announce, a retry) or a seeding libtorrent client
+/// is listed only part of the time.
+pub const DEFAULT_MIN_PEER_LIFETIME: u32 = 360;
+
+/// The most torrents one tracker follows by default. Torrents the server registers (its images)
+/// are always followed; beyond this, announces of unknown info hashes are refused, so random
+/// info hashes cannot grow the tracker's memory without bound (a tracked torrent with one peer
+/// costs a few hundred bytes: 10 000 of them a few MB).
+pub const DEFAULT_MAX_TORRENTS: usize = 10_000;
+
 /// Tracker settings. `interval` and `max_peers` come from the cluster object
 /// ([`TrackerConfig::from_cluster`]); the caller updates them when the cluster changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrackerConfig {
-    /// Seconds between announces asked of clients; peers expire after twice this.
+    /// Seconds between announces asked of clients (also sent as `min interval`).
     pub interval: u32,
     /// The most peers one announce returns, whatever `numwant` says.
     pub max_peers: u32,
-    /// Take the peer's address from the `ip` parameter (nodes announce their provisioning
-    /// address); otherwise from the connection.
+    /// Take the peer's address from the `ip` parameter; otherwise (the default) from the
+    /// connection. Trusting it lets anyone on the network register any address as a peer.
     pub trust_ip_param: bool,
+    /// A peer is kept `max(2 × interval, min_peer_lifetime)` seconds after its last announce.
+    pub min_peer_lifetime: u32,
+    /// The most torrents followed (the server's registered torrents always are).
+    pub max_torrents: usize,
     /// The server's own seeder: a permanent peer of every torrent registered with
     /// [`Tracker::register_torrent`].
     pub seeder: Option<SocketAddrV4>,
@@ -66,7 +82,9 @@ impl Default for TrackerConfig {
         TrackerConfig {
             interval: cluster.tracker_interval,
             max_peers: cluster.tracker_max_peers,
-            trust_ip_param: true,
+            trust_ip_param: false,
+            min_peer_lifetime: DEFAULT_MIN_PEER_LIFETIME,
+            max_torrents: DEFAULT_MAX_TORRENTS,
             seeder: None,
         }
     }
@@ -78,9 +96,10 @@ impl TrackerConfig {
         TrackerConfig { interval: cluster.tracker_interval, max_peers: cluster.tracker_max_peers, ..Default::default() }
     }
 
-    /// How long a peer lives without announcing.
+    /// How long a peer lives without announcing: two intervals, but never less than
+    /// `min_peer_lifetime` (real clients announce less often than asked).
     pub fn peer_ttl(&self) -> Duration {
-        Duration::from_secs(2 * u64::from(self.interval.max(1)))
+        Duration::from_secs((2 * u64::from(self.interval.max(1))).max(u64::from(self.min_peer_lifetime)))
     }
 }
 
@@ -96,6 +115,8 @@ pub struct Peer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnnounceResponse {
     pub interval: u32,
+    /// Sent as `min interval`: clients should not announce more often than this.
+    pub min_interval: u32,
     /// Seeders, permanent peers included.
     pub complete: u32,
     pub incomplete: u32,
@@ -155,6 +176,9 @@ struct PeerEntry {
     switch: Option<SwitchId>,
     /// Already counted in `Torrent::completed`.
     counted_complete: bool,
+    /// Where the announce that registered this peer id came from (the connection's address,
+    /// whatever `ip` said): only announces from there may change or stop it.
+    source: IpAddr,
 }
 
 #[derive(Debug, Default)]
@@ -175,6 +199,24 @@ struct Torrent {
 }
 
 impl Torrent {
+    /// A peer id belongs to the address that registered it, and so does a peer address: an
+    /// announce from elsewhere may neither change, stop nor replace them.
+    fn check_owner(&self, req: &AnnounceRequest, addr: SocketAddrV4, source: IpAddr) -> Result<(), TrackerError> {
+        if let Some(p) = self.peers.get(&req.peer_id) {
+            if p.source != source {
+                return Err(TrackerError::PeerIdElsewhere);
+            }
+        }
+        if req.event != Event::Stopped {
+            if let Some(holder) = self.by_addr.get(&addr).filter(|id| **id != req.peer_id) {
+                if self.peers.get(holder).is_some_and(|p| p.source != source) {
+                    return Err(TrackerError::AddressElsewhere(addr));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn expire(&mut self, now: Instant, ttl: Duration) {
         match self.oldest {
             Some(oldest) if now.saturating_duration_since(oldest) >= ttl => {}
@@ -275,6 +317,8 @@ pub struct Tracker {
     topology: Arc<dyn Topology>,
     torrents: HashMap<InfoHash, Torrent>,
     rng: StdRng,
+    /// How many trackers share `config.max_torrents` (the shards of a [`super::TrackerHandle`]).
+    share_of: usize,
     /// When every torrent is next checked for expired peers (torrents nobody announces to
     /// would otherwise keep their dead peers).
     next_sweep: Option<Instant>,
@@ -288,7 +332,24 @@ impl std::fmt::Debug for Tracker {
 
 impl Tracker {
     pub fn new(config: TrackerConfig, topology: Arc<dyn Topology>) -> Self {
-        Tracker { config, topology, torrents: HashMap::new(), rng: StdRng::from_entropy(), next_sweep: None }
+        Self::sharded(config, topology, 1)
+    }
+
+    /// One of `shards` trackers that together follow at most `config.max_torrents` torrents.
+    pub fn sharded(config: TrackerConfig, topology: Arc<dyn Topology>, shards: usize) -> Self {
+        Tracker {
+            config,
+            topology,
+            torrents: HashMap::new(),
+            rng: StdRng::from_entropy(),
+            share_of: shards.max(1),
+            next_sweep: None,
+        }
+    }
+
+    /// The most torrents this tracker follows.
+    fn torrent_cap(&self) -> usize {
+        self.config.max_torrents.div_ceil(self.share_of)
     }
 
     pub fn config(&self) -> &TrackerConfig {
@@ -335,22 +396,31 @@ impl Tracker {
     }
 
     /// Handles one announce: records the requester (or forgets it on `stopped`) and picks peers
-    /// for it. Fails only when the peer's IPv4 address cannot be told.
+    /// for it. Fails, changing nothing, when the peer's IPv4 address cannot be told, when the
+    /// peer id or the address belongs to a peer registered from another address, or when the
+    /// torrent is unknown and the tracker follows as many torrents as it may.
     pub fn announce(&mut self, req: &AnnounceRequest, now: Instant) -> Result<AnnounceResponse, TrackerError> {
         let addr = req.peer_addr(self.config.trust_ip_param)?;
+        let source = req.remote.ip().to_canonical();
         self.sweep_if_due(now);
         let ttl = self.config.peer_ttl();
         let seeder = self.config.seeder;
         let interval = self.config.interval;
+        let mut resp =
+            AnnounceResponse { interval, min_interval: interval, complete: 0, incomplete: 0, peers: Vec::new() };
 
         if req.event == Event::Stopped {
-            let mut resp = AnnounceResponse { interval, complete: 0, incomplete: 0, peers: Vec::new() };
             if let Some(t) = self.torrents.get_mut(&req.info_hash) {
                 t.expire(now, ttl);
+                t.check_owner(req, addr, source)?;
                 if let Some(p) = t.remove(&req.peer_id) {
-                    // The final report still counts.
+                    // The final report still counts, a finish included (aria2 sends only
+                    // `started` and then `stopped` with left=0).
                     t.uploaded = t.uploaded.saturating_sub(p.uploaded).saturating_add(req.uploaded);
                     t.downloaded = t.downloaded.saturating_sub(p.downloaded).saturating_add(req.downloaded);
+                    if p.left > 0 && req.left == 0 && !p.counted_complete {
+                        t.completed += 1;
+                    }
                 }
                 resp.complete = t.seeders.saturating_add(t.permanent_count(seeder));
                 resp.incomplete = t.leechers();
@@ -361,23 +431,35 @@ impl Tracker {
             return Ok(resp);
         }
 
+        if !self.torrents.contains_key(&req.info_hash) && self.torrents.len() >= self.torrent_cap() {
+            // Dead peers may have left room.
+            self.sweep(now);
+            if self.torrents.len() >= self.torrent_cap() {
+                return Err(TrackerError::TooManyTorrents(self.config.max_torrents));
+            }
+        }
         let switch = self.topology.switch_of(*addr.ip());
         let t = self.torrents.entry(req.info_hash).or_default();
         t.expire(now, ttl);
-        upsert(t, req, addr, switch.clone(), now);
+        if let Err(e) = t.check_owner(req, addr, source) {
+            if t.forgettable() {
+                self.torrents.remove(&req.info_hash);
+            }
+            return Err(e);
+        }
+        upsert(t, req, addr, source, switch.clone(), now);
 
         let want = req.numwant.unwrap_or(DEFAULT_NUMWANT).min(self.config.max_peers);
-        let peers = select(t, req, addr, switch.as_ref(), want as usize, seeder, &mut self.rng);
-        Ok(AnnounceResponse {
-            interval,
-            complete: t.seeders.saturating_add(t.permanent_count(seeder)),
-            incomplete: t.leechers(),
-            peers,
-        })
+        resp.peers = select(t, req, addr, switch.as_ref(), want as usize, seeder, &mut self.rng);
+        resp.complete = t.seeders.saturating_add(t.permanent_count(seeder));
+        resp.incomplete = t.leechers();
+        Ok(resp)
     }
 
-    /// Counters for the given torrents, or for every torrent when `info_hashes` is empty.
-    /// Unknown torrents get zeros and are not tracked because of a scrape.
+    /// Counters for the given torrents, or for every torrent the server registered when
+    /// `info_hashes` is empty (a full scrape never lists what strangers announced, so its size
+    /// is the server's own images, not what anyone made up). Unknown torrents get zeros and
+    /// are not tracked because of a scrape.
     pub fn scrape(&mut self, info_hashes: &[InfoHash], now: Instant) -> ScrapeResponse {
         self.sweep_if_due(now);
         let ttl = self.config.peer_ttl();
@@ -395,7 +477,7 @@ impl Tracker {
             None => ScrapeEntry { info_hash: h, complete: 0, incomplete: 0, downloaded: 0 },
         };
         let files = if info_hashes.is_empty() {
-            self.torrents.iter_mut().map(|(h, t)| entry(*h, Some(t))).collect()
+            self.torrents.iter_mut().filter(|(_, t)| t.registered).map(|(h, t)| entry(*h, Some(t))).collect()
         } else {
             info_hashes.iter().map(|h| entry(*h, self.torrents.get_mut(h))).collect()
         };
@@ -430,7 +512,14 @@ impl Tracker {
 }
 
 /// Records the requester's announce in its torrent.
-fn upsert(t: &mut Torrent, req: &AnnounceRequest, addr: SocketAddrV4, switch: Option<SwitchId>, now: Instant) {
+fn upsert(
+    t: &mut Torrent,
+    req: &AnnounceRequest,
+    addr: SocketAddrV4,
+    source: IpAddr,
+    switch: Option<SwitchId>,
+    now: Instant,
+) {
     let completed_event = req.event == Event::Completed;
     if let Some(p) = t.peers.get_mut(&req.peer_id) {
         let finished = p.left > 0 && req.left == 0;
@@ -487,6 +576,7 @@ fn upsert(t: &mut Torrent, req: &AnnounceRequest, addr: SocketAddrV4, switch: Op
             last_seen: now,
             switch,
             counted_complete: completed_event,
+            source,
         },
     );
     t.by_addr.insert(addr, req.peer_id);
@@ -584,7 +674,15 @@ mod tests {
     }
 
     fn config() -> TrackerConfig {
-        TrackerConfig { interval: 30, max_peers: 50, trust_ip_param: true, seeder: None }
+        // Two intervals are the lifetime here (min_peer_lifetime 0) unless a test says otherwise.
+        TrackerConfig {
+            interval: 30,
+            max_peers: 50,
+            trust_ip_param: true,
+            min_peer_lifetime: 0,
+            max_torrents: 100,
+            seeder: None,
+        }
     }
 
     fn tracker() -> Tracker {
@@ -680,6 +778,135 @@ mod tests {
         // Re-announcing keeps a peer alive.
         let r = t.announce(&req(hash(1), 2, 10), t0 + Duration::from_secs(95)).unwrap();
         assert_eq!(addrs(&r), vec![addr(3)]);
+    }
+
+    #[test]
+    fn peers_outlive_a_libtorrent_announce_cycle() {
+        let mut t = tracker();
+        t.set_config(TrackerConfig { min_peer_lifetime: DEFAULT_MIN_PEER_LIFETIME, ..config() });
+        assert_eq!(t.config().peer_ttl(), Duration::from_secs(360));
+        let t0 = Instant::now();
+        // qBittorrent announces every 300 s even when asked for 30 s.
+        let first = t.announce(&req(hash(1), 1, 0), t0).unwrap();
+        assert_eq!((first.interval, first.min_interval), (30, 30));
+        for k in 1..=3u64 {
+            let at = t0 + Duration::from_secs(300 * k - 1);
+            let r = t.announce(&req(hash(1), 2, 10), at).unwrap();
+            assert_eq!(addrs(&r), vec![addr(1)], "listed {} s after its last announce", 299);
+            t.announce(&req(hash(1), 1, 0), at).unwrap();
+        }
+        // Two long intervals win over the minimum.
+        t.set_config(TrackerConfig { interval: 600, min_peer_lifetime: DEFAULT_MIN_PEER_LIFETIME, ..config() });
+        assert_eq!(t.config().peer_ttl(), Duration::from_secs(1200));
+        let late = t0 + Duration::from_secs(900 - 1 + 1000);
+        let r = t.announce(&req(hash(1), 2, 10), late).unwrap();
+        assert_eq!(addrs(&r), vec![addr(1)]);
+    }
+
+    #[test]
+    fn stopped_with_left_zero_counts_a_finish_once() {
+        let mut t = tracker();
+        let now = Instant::now();
+        // aria2: started, then stopped with left=0 and nothing in between.
+        let mut a = req(hash(1), 1, 1000);
+        a.event = Event::Started;
+        t.announce(&a, now).unwrap();
+        a.event = Event::Stopped;
+        a.left = 0;
+        t.announce(&a, now).unwrap();
+        assert_eq!(t.torrent_stats(&hash(1)), None, "nobody left");
+        t.register_torrent(hash(1));
+        // luna's agent: started, completed, stopped: one completion.
+        let mut b = req(hash(1), 2, 1000);
+        b.event = Event::Started;
+        t.announce(&b, now).unwrap();
+        b.event = Event::Completed;
+        b.left = 0;
+        t.announce(&b, now).unwrap();
+        b.event = Event::Stopped;
+        t.announce(&b, now).unwrap();
+        // A seeder that stops never counts.
+        let mut c = req(hash(1), 3, 0);
+        t.announce(&c, now).unwrap();
+        c.event = Event::Stopped;
+        t.announce(&c, now).unwrap();
+        // A leecher that gives up does not count either.
+        let mut d = req(hash(1), 4, 10);
+        t.announce(&d, now).unwrap();
+        d.event = Event::Stopped;
+        t.announce(&d, now).unwrap();
+        let s = t.torrent_stats(&hash(1)).unwrap();
+        assert_eq!((s.completed, s.seeders, s.leechers), (1, 0, 0));
+        // The first torrent's count went with it, but a torrent that stays counts aria2 too.
+        let mut e = req(hash(1), 5, 10);
+        t.announce(&e, now).unwrap();
+        e.event = Event::Stopped;
+        e.left = 0;
+        t.announce(&e, now).unwrap();
+        assert_eq!(t.torrent_stats(&hash(1)).unwrap().completed, 2);
+    }
+
+    #[test]
+    fn a_peer_id_belongs_to_the_address_that_registered_it() {
+        let mut t = tracker();
+        t.set_config(TrackerConfig { trust_ip_param: false, ..config() });
+        let now = Instant::now();
+        let mut victim = req(hash(1), 1, 10);
+        victim.ip = None;
+        victim.remote = SocketAddr::from(([192, 0, 2, 1], 1000));
+        t.announce(&victim, now).unwrap();
+        // Someone else stopping, completing or moving the victim's id is refused and changes nothing.
+        for event in [Event::Stopped, Event::Completed, Event::None] {
+            let mut evil = victim.clone();
+            evil.remote = SocketAddr::from(([192, 0, 2, 66], 1000));
+            evil.event = event;
+            evil.left = 0;
+            assert_eq!(t.announce(&evil, now).unwrap_err(), TrackerError::PeerIdElsewhere, "{event:?}");
+        }
+        let s = t.torrent_stats(&hash(1)).unwrap();
+        assert_eq!((s.leechers, s.seeders, s.completed), (1, 0, 0));
+        // The owner itself may, also from another port of its address.
+        let mut own = victim.clone();
+        own.remote = SocketAddr::from(([192, 0, 2, 1], 2000));
+        own.event = Event::Stopped;
+        t.announce(&own, now).unwrap();
+        assert_eq!(t.torrent_stats(&hash(1)), None);
+    }
+
+    #[test]
+    fn a_trusted_ip_parameter_cannot_take_over_another_sources_address() {
+        let mut t = tracker();
+        let now = Instant::now();
+        let mut victim = req(hash(1), 1, 10);
+        victim.remote = SocketAddr::from(([192, 0, 2, 1], 1000));
+        t.announce(&victim, now).unwrap();
+        let mut evil = req(hash(1), 2, 0);
+        evil.ip = victim.ip;
+        evil.remote = SocketAddr::from(([192, 0, 2, 66], 1000));
+        assert_eq!(t.announce(&evil, now).unwrap_err(), TrackerError::AddressElsewhere(addr(1)));
+        let s = t.torrent_stats(&hash(1)).unwrap();
+        assert_eq!((s.leechers, s.seeders), (1, 0));
+    }
+
+    #[test]
+    fn unknown_torrents_are_capped_but_the_servers_are_not() {
+        let mut t = tracker();
+        t.set_config(TrackerConfig { max_torrents: 3, ..config() });
+        t.register_torrent(hash(200));
+        let now = Instant::now();
+        t.announce(&req(hash(1), 1, 10), now).unwrap();
+        t.announce(&req(hash(2), 1, 10), now).unwrap();
+        assert_eq!(t.announce(&req(hash(3), 1, 10), now).unwrap_err(), TrackerError::TooManyTorrents(3));
+        assert!(t.torrent_stats(&hash(3)).is_none());
+        // Known torrents and the server's own still work.
+        t.announce(&req(hash(1), 2, 10), now).unwrap();
+        t.announce(&req(hash(200), 2, 10), now).unwrap();
+        // Once peers expire, there is room again.
+        let later = now + Duration::from_secs(61);
+        t.announce(&req(hash(3), 1, 10), later).unwrap();
+        // A full scrape lists only the server's torrents.
+        let all = t.scrape(&[], later).files;
+        assert_eq!(all.iter().map(|e| e.info_hash).collect::<Vec<_>>(), vec![hash(200)]);
     }
 
     #[test]
@@ -991,6 +1218,8 @@ mod tests {
             ]
         );
         assert!(t.torrent_stats(&hash(3)).is_none(), "scrape does not start tracking");
+        t.register_torrent(hash(1));
+        t.register_torrent(hash(2));
         let mut all = t.scrape(&[], now).files;
         all.sort_by_key(|e| e.info_hash);
         assert_eq!(all.iter().map(|e| e.info_hash).collect::<Vec<_>>(), vec![hash(1), hash(2)]);

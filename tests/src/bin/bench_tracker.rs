@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use luna_server::httpd::{self, HttpConfig};
 use luna_server::tracker::{fast, query::percent_encode, router, NoTopology, TrackerConfig, TrackerHandle};
 use luna_tests::{free_port, ChildGuard};
 
@@ -189,11 +190,14 @@ fn main() -> Result<()> {
     let seconds = arg(0, 10)?;
     let connections = arg(1, 300)?;
     let rounds = arg(2, 2)?.max(1);
-    // "axum": serve the router with plain axum::serve (no fast path), for comparison.
-    let plain_axum = match args.get(3).map(String::as_str) {
-        None | Some("fast") => false,
-        Some("axum") => true,
-        Some(other) => bail!("argument 4: 'fast' or 'axum', not {other:?}"),
+    // How luna's side is served: "luna" as luna-server does (`httpd::serve`: hyper with a
+    // header timeout and connection caps), "axum" with plain axum::serve, "fast" with the
+    // announce fast path in front of axum.
+    let served_by = match args.get(3).map(String::as_str) {
+        None | Some("luna") => "luna",
+        Some("axum") => "axum",
+        Some("fast") => "fast",
+        Some(other) => bail!("argument 4: 'luna', 'axum' or 'fast', not {other:?}"),
     };
     for tool in ["wrk", "opentracker"] {
         if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output()?.stdout.is_empty() {
@@ -218,14 +222,18 @@ fn main() -> Result<()> {
             Ok(l) => l,
             Err(e) => return eprintln!("luna tracker listener: {e}"),
         };
-        let app = router(handle.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let served = if plain_axum {
-            axum::serve(listener, app).await
-        } else {
-            // As luna-server listens: tracker requests on the fast path, the rest through axum.
-            match fast::listener(listener, handle) {
+        let router = router(handle.clone());
+        let app = router.clone().into_make_service_with_connect_info::<SocketAddr>();
+        let served = match served_by {
+            "axum" => axum::serve(listener, app).await,
+            "fast" => match fast::listener(listener, handle) {
                 Ok(l) => axum::serve(l, app).await,
                 Err(e) => Err(e),
+            },
+            _ => {
+                // Every connection comes from 127.0.0.1: lift the per-address cap.
+                let config = HttpConfig { max_connections_per_address: 1 << 20, ..HttpConfig::default() };
+                httpd::serve(listener, router, &config, tokio_util::sync::CancellationToken::new()).await
             }
         };
         if let Err(e) = served {
@@ -263,7 +271,11 @@ fn main() -> Result<()> {
     let url = |a: SocketAddr| format!("http://{a}");
     println!(
         "{PEERS} peers over {TORRENTS} torrents, wrk -t2 -c{connections} -d{seconds}s, {rounds} round(s), luna via {}",
-        if plain_axum { "plain axum::serve" } else { "the fast path" }
+        match served_by {
+            "axum" => "plain axum::serve",
+            "fast" => "the fast path",
+            _ => "luna-server's httpd::serve",
+        }
     );
     // Warm-up: fills both swarms so every measured announce hands out a full peer list.
     let (our_pid, their_pid) = (std::process::id(), opentracker.pid());

@@ -95,7 +95,14 @@ impl TorrentStorage for FilesystemStorage {
         let f = &self.opened_files.get(file_id).context("no such file")?;
         #[cfg(windows)]
         f.try_mark_sparse()?;
-        Ok(f.lock_read()?.set_len(len)?)
+        let file = f.lock_read()?;
+        // luna patch: a file that already has its length is left alone. set_len (ftruncate)
+        // updates the mtime even when the size does not change, so every start made a complete,
+        // seeded file look modified to anyone who checks the mtime.
+        if file.metadata()?.len() == len {
+            return Ok(());
+        }
+        Ok(file.set_len(len)?)
     }
 
     fn take(&self) -> anyhow::Result<Box<dyn TorrentStorage>> {

@@ -41,7 +41,11 @@ impl PeerStates {
     pub fn add_if_not_seen(&self, addr: SocketAddr) -> Option<PeerHandle> {
         use dashmap::mapref::entry::Entry;
         match self.states.entry(addr) {
-            Entry::Occupied(_) => None,
+            // luna patch: a peer we are done with (it disconnected without error, or failed
+            // while we were complete) is tried again when a tracker or PEX names it again, so a
+            // client that comes back on the same ip:port is served. The announce interval is the
+            // back-off; a peer in backoff (Dead) keeps its own timer.
+            Entry::Occupied(mut occ) => occ.get_mut().reconnect_not_needed_peer(self),
             Entry::Vacant(vac) => {
                 vac.insert(Peer::new_with_outgoing_address(addr));
                 atomic_inc(&self.stats.queued);
