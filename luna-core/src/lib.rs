@@ -8,6 +8,7 @@ pub mod hostlist;
 pub mod ipalloc;
 pub mod mac;
 pub mod model;
+pub mod power;
 
 pub use mac::MacAddr;
 pub use model::{Kind, ModelError};

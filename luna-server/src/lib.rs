@@ -6,6 +6,7 @@ pub mod config;
 pub mod dhcp;
 pub mod image;
 pub mod netboot;
+pub mod power;
 pub mod server;
 pub mod service;
 pub mod status;

@@ -38,6 +38,8 @@ pub enum ServerError {
     Seeder(String),
     #[error("cannot create data directory {path}: {source}")]
     DataDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Power(#[from] crate::power::PowerConfigError),
 }
 
 /// Creates the store and the cluster object, and the admin token file if there is none.
@@ -138,8 +140,13 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     );
     let image_api = crate::image::http::router(images.clone())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), api::require_token));
+    let power = crate::power::Power::new(config.power.clone())?;
+    let power_api =
+        crate::power::http::router(Arc::new(crate::power::http::PowerState { service: service.clone(), power }))
+            .route_layer(axum::middleware::from_fn_with_state(state.clone(), api::require_token));
     let app = api::router(state.clone())
         .merge(image_api)
+        .merge(power_api)
         .merge(crate::image::http::files_router(images.clone()))
         .merge(crate::tracker::router(tracker.clone()))
         .merge(netboot::router(state));
