@@ -390,6 +390,9 @@ pub struct BmcsetupFields {
     /// How to talk to the BMC.
     #[arg(long, value_parser = parse_protocol, value_name = "ipmi|redfish")]
     pub protocol: Option<BmcProtocol>,
+    /// Redfish: accept the BMC's certificate unverified (self-signed BMCs).
+    #[arg(long, value_name = "BOOL")]
+    pub insecure_tls: Option<bool>,
     #[command(flatten)]
     pub comment: CommentArgs,
 }

@@ -470,6 +470,7 @@ impl<R: Read> Ctx<R> {
         put(&mut m, "netchannel", f.netchannel);
         put(&mut m, "mgmtchannel", f.mgmtchannel);
         put(&mut m, "protocol", f.protocol);
+        put(&mut m, "insecure_tls", f.insecure_tls);
         self.comment(&f.comment, &mut m)?;
         Ok(m)
     }

@@ -40,6 +40,25 @@ impl IpmiCommand for GetChassisStatus {
     }
 }
 
+/// Set Session Privilege Level (§22.18) to Administrator. An IPMI 2.0 session starts at User
+/// level whatever RAKP asked for (ipmitool sends this too); chassis control needs Operator and
+/// boot options Administrator. ipmi-rs 0.6 does not send it.
+pub struct SetSessionPrivilegeAdmin;
+
+impl From<SetSessionPrivilegeAdmin> for Message {
+    fn from(_: SetSessionPrivilegeAdmin) -> Self {
+        Message::new_request(NetFn::App, 0x3B, vec![0x04])
+    }
+}
+
+impl IpmiCommand for SetSessionPrivilegeAdmin {
+    type Output = ();
+    type Error = NotEnoughData;
+    fn parse_success_response(_: &[u8]) -> Result<(), NotEnoughData> {
+        Ok(())
+    }
+}
+
 /// Chassis Control (§28.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChassisControl {
@@ -145,7 +164,14 @@ pub fn blocking_attempt(
     let mut rmcp = Rmcp::new(addr, recv_timeout).map_err(|e| TryError::before(io_error(&e, budget)))?;
     rmcp.activate(true, Some(user), Some(password)).map_err(|e| TryError::before(activation_error(e, budget)))?;
     let mut ipmi = Ipmi::new(rmcp);
-    let result = command(&mut ipmi, op, budget);
+    let result = match op.action {
+        // Reading the power state needs no more than User.
+        PowerAction::Status => Ok(()),
+        _ => ipmi
+            .send_recv(SetSessionPrivilegeAdmin)
+            .map_err(|e| TryError::before(command_error(op.action, e, budget))),
+    }
+    .and_then(|()| command(&mut ipmi, op, budget));
     // Close Session even if the command failed; its own failure changes nothing for the node.
     if let Err(e) = ipmi.inner_mut().close() {
         tracing::debug!(%addr, error = ?e, "ipmi close session failed");
@@ -247,6 +273,7 @@ mod tests {
 
     #[test]
     fn chassis_messages_are_the_spec_bytes() {
+        assert_eq!(bytes(SetSessionPrivilegeAdmin), (0x06, 0x3B, vec![4]));
         assert_eq!(bytes(GetChassisStatus), (0x00, 0x01, vec![]));
         assert_eq!(bytes(ChassisControl::PowerDown), (0x00, 0x02, vec![0]));
         assert_eq!(bytes(ChassisControl::PowerUp), (0x00, 0x02, vec![1]));
