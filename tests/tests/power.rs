@@ -7,11 +7,11 @@
 //! certificate), checked through their own API with curl.
 //! Both check that the BMC password is in no CLI output, API answer or server log.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use luna_tests::{cargo_bin, privileged, require_tool, work_dir, ChildGuard, Netns};
+use luna_tests::{cargo_bin, ipmi_sim, privileged, require_tool, work_dir, ChildGuard, Netns};
 use serde_json::Value;
 
 const GOOD_PASSWORD: &str = "s3cr3t-lpw";
@@ -105,58 +105,11 @@ fn lines(nodes: std::ops::RangeInclusive<u32>, text: &str) -> String {
     nodes.map(|i| format!("node{i:02}: {text}\n")).collect()
 }
 
-/// One ipmi_sim BMC at `addr` with user admin/GOOD_PASSWORD; its chassis program keeps
-/// `power` and `boot` as files in `dir/state` and logs every call to `dir/calls`.
-fn ipmi_sim(ns: &Netns, dir: &Path, addr: &str) -> ChildGuard {
-    std::fs::create_dir_all(dir.join("state")).unwrap();
-    std::fs::create_dir_all(dir.join("sim")).unwrap();
-    let chassis = dir.join("chassis");
-    let script = format!(
-        r#"#!/bin/sh
-d='{state}'
-echo "$@" >> '{calls}'
-shift
-op=$1; shift
-if [ "$op" = get ]; then
-  for p in "$@"; do
-    case $p in
-      power) echo "power:$(cat $d/power 2>/dev/null || echo 0)";;
-      boot) echo "boot:$(cat $d/boot 2>/dev/null || echo none)";;
-    esac
-  done
-elif [ "$op" = set ]; then
-  while [ $# -ge 2 ]; do echo "$2" > "$d/$1"; shift 2; done
-fi
-"#,
-        state = dir.join("state").display(),
-        calls = dir.join("calls").display()
-    );
-    std::fs::write(&chassis, script).unwrap();
-    assert!(Command::new("chmod").arg("755").arg(&chassis).status().unwrap().success());
-    let lan = format!(
-        "name \"bmc\"\nset_working_mc 0x20\n  startlan 1\n    addr {addr} 623\n    priv_limit admin\n\
-         allowed_auths_callback none md2 md5 straight\n    allowed_auths_user none md2 md5 straight\n\
-         allowed_auths_operator none md2 md5 straight\n    allowed_auths_admin none md2 md5 straight\n\
-         guid a123456789abcdefa123456789abcdef\n  endlan\n  chassis_control \"{chassis} 0x20\"\n\
-         startnow false\n  user 2 true \"admin\" \"{GOOD_PASSWORD}\" admin 10 none md2 md5 straight\n",
-        chassis = chassis.display()
-    );
-    std::fs::write(dir.join("lan.conf"), lan).unwrap();
-    std::fs::write(
-        dir.join("bmc.emu"),
-        "mc_setbmc 0x20\nmc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr\nmc_enable 0x20\n",
-    )
-    .unwrap();
-    let mut cmd = ns.command("ipmi_sim");
-    cmd.arg("-c").arg(dir.join("lan.conf")).arg("-f").arg(dir.join("bmc.emu")).arg("-s").arg(dir.join("sim")).arg("-n");
-    ChildGuard::spawn(&mut cmd, &format!("ipmi_sim-{addr}")).unwrap()
-}
-
 /// `ipmitool -I lanplus` inside the namespace: the independent view of a BMC.
 fn ipmitool(ns: &Netns, addr: &str, args: &[&str]) -> String {
     let out = ns
         .command("ipmitool")
-        .args(["-I", "lanplus", "-H", addr, "-U", "admin", "-P", GOOD_PASSWORD])
+        .args(["-I", "lanplus", "-C", "3", "-H", addr, "-U", "admin", "-P", GOOD_PASSWORD])
         .args(args)
         .output()
         .unwrap();
@@ -174,7 +127,7 @@ fn wait_bmcs_up(ns: &Netns, addrs: &[String]) {
         loop {
             let ok = ns
                 .command("ipmitool")
-                .args(["-I", "lanplus", "-H", a, "-U", "admin", "-P", GOOD_PASSWORD, "-N", "1", "-R", "1"])
+                .args(["-I", "lanplus", "-C", "3", "-H", a, "-U", "admin", "-P", GOOD_PASSWORD, "-N", "1", "-R", "1"])
                 .args(["chassis", "power", "status"])
                 .output()
                 .map(|o| o.status.success())
@@ -212,7 +165,7 @@ fn lpower_drives_eight_ipmi_bmcs() {
     let sims: Vec<ChildGuard> = all_sims
         .iter()
         .enumerate()
-        .map(|(i, a)| ipmi_sim(&server.ns, &server.dir.path().join(format!("bmc{}", i + 1)), a))
+        .map(|(i, a)| ipmi_sim(&server.ns, &server.dir.path().join(format!("bmc{}", i + 1)), a, GOOD_PASSWORD).unwrap())
         .collect();
     wait_bmcs_up(&server.ns, &all_sims);
 
