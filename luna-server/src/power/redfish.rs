@@ -73,6 +73,23 @@ pub fn reset_target(system_path: &str, system: &Value) -> String {
         .unwrap_or_else(|| format!("{system_path}/Actions/ComputerSystem.Reset"))
 }
 
+/// The reset type to send: `wanted`, or its stand-in when the system lists the types it allows
+/// and `wanted` is not one of them (`PowerCycle` → `ForceRestart`, `On` → `ForceOn`;
+/// sushy-emulator, for one, offers no `PowerCycle`).
+pub fn reset_type(wanted: &'static str, system: &Value) -> &'static str {
+    let Some(allowed) = system["Actions"]["#ComputerSystem.Reset"]["ResetType@Redfish.AllowableValues"].as_array()
+    else {
+        return wanted;
+    };
+    let allows = |t: &str| allowed.iter().any(|v| v.as_str() == Some(t));
+    match wanted {
+        w if allows(w) => w,
+        "PowerCycle" if allows("ForceRestart") => "ForceRestart",
+        "On" if allows("ForceOn") => "ForceOn",
+        w => w,
+    }
+}
+
 /// The message of a Redfish error body, if it has one.
 pub fn error_detail(status: u16, body: &str) -> String {
     let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
@@ -175,6 +192,7 @@ impl Bmc for RedfishBmc {
             Plan::Reset(kind) => {
                 let system = call.send(get, &path, None).await.map_err(TryError::before)?;
                 let action = reset_target(&path, &system);
+                let kind = reset_type(kind, &system);
                 call.send(reqwest::Method::POST, &action, Some(&json!({"ResetType": kind})))
                     .await
                     .map_err(|e| refused(op, e))?;
@@ -235,6 +253,11 @@ mod tests {
         let sys = json!({"Actions": {"#ComputerSystem.Reset": {"target": "/x/reset"}}});
         assert_eq!(reset_target("/s", &sys), "/x/reset");
         assert_eq!(reset_target("/s", &json!({})), "/s/Actions/ComputerSystem.Reset");
+        let allowed = json!({"Actions": {"#ComputerSystem.Reset": {
+            "ResetType@Redfish.AllowableValues": ["On", "ForceOff", "ForceRestart"]}}});
+        assert_eq!(reset_type("PowerCycle", &allowed), "ForceRestart");
+        assert_eq!(reset_type("On", &allowed), "On");
+        assert_eq!(reset_type("PowerCycle", &json!({})), "PowerCycle");
         let body = r#"{"error": {"message": "bad", "@Message.ExtendedInfo": [{"Message": "no such reset"}]}}"#;
         assert_eq!(error_detail(400, body), "http 400: no such reset");
         assert_eq!(error_detail(500, "<html>"), "http 500");
