@@ -89,12 +89,8 @@ pub fn reinstall(client: &Client, hostlist: &str) -> Result<Vec<PowerResult>> {
         if nodes.is_empty() {
             return Ok(Vec::new());
         }
-        let req = PowerRequest {
-            nodes: Some(luna_core::hostlist::compress(nodes)),
-            group: None,
-            action,
-            seconds: None,
-        };
+        let req =
+            PowerRequest { nodes: Some(luna_core::hostlist::compress(nodes)), group: None, action, seconds: None };
         Ok(send(client, &req)?.results)
     };
     let mut done: std::collections::HashMap<String, PowerResult> = std::collections::HashMap::new();
@@ -139,7 +135,10 @@ mod tests {
     #[test]
     fn words_become_a_request() {
         let r = req(&["node[01-08]", "on"]).unwrap();
-        assert_eq!((r.nodes.as_deref(), r.group, r.action, r.seconds), (Some("node[01-08]"), None, PowerAction::On, None));
+        assert_eq!(
+            (r.nodes.as_deref(), r.group, r.action, r.seconds),
+            (Some("node[01-08]"), None, PowerAction::On, None)
+        );
         let r = req(&["-g", "compute", "status"]).unwrap();
         assert_eq!((r.nodes, r.group.as_deref(), r.action), (None, Some("compute"), PowerAction::Status));
         assert_eq!(req(&["n1", "identify", "30"]).unwrap().seconds, Some(30));

@@ -56,4 +56,3 @@ fi
     cmd.arg("-c").arg(dir.join("lan.conf")).arg("-f").arg(dir.join("bmc.emu")).arg("-s").arg(dir.join("sim")).arg("-n");
     ChildGuard::spawn(&mut cmd, &format!("ipmi_sim-{addr}"))
 }
-

@@ -167,9 +167,9 @@ pub fn blocking_attempt(
     let result = match op.action {
         // Reading the power state needs no more than User.
         PowerAction::Status => Ok(()),
-        _ => ipmi
-            .send_recv(SetSessionPrivilegeAdmin)
-            .map_err(|e| TryError::before(command_error(op.action, e, budget))),
+        _ => {
+            ipmi.send_recv(SetSessionPrivilegeAdmin).map_err(|e| TryError::before(command_error(op.action, e, budget)))
+        }
     }
     .and_then(|()| command(&mut ipmi, op, budget));
     // Close Session even if the command failed; its own failure changes nothing for the node.

@@ -92,7 +92,19 @@ fn main() -> Result<()> {
     luna(&["network", "add", "ipmi", "--cidr", "10.83.0.0/24"])?;
     luna(&["osimage", "add", "tiny", "--path", "/srv/tiny"])?;
     luna(&["bmcsetup", "add", "b", "--user", "admin", "--password", PASSWORD])?;
-    luna(&["group", "add", "compute", "--osimage", "tiny", "--network", "prov", "--bmc-network", "ipmi", "--bmcsetup", "b"])?;
+    luna(&[
+        "group",
+        "add",
+        "compute",
+        "--osimage",
+        "tiny",
+        "--network",
+        "prov",
+        "--bmc-network",
+        "ipmi",
+        "--bmcsetup",
+        "b",
+    ])?;
     for i in 1..=a.nodes {
         luna(&["node", "add", &format!("node{i:03}"), "--group", "compute", "--ip", &format!("BMC={}", addr(i))])?;
     }
