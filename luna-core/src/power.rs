@@ -103,8 +103,8 @@ pub struct PowerRequest {
 #[serde(deny_unknown_fields)]
 pub struct PowerResult {
     pub node: String,
-    /// What the BMC reports or was told: `on`, `off`, `soft`, `reset`, `cycle`, `identify`,
-    /// `identify off`, `pxe`, `disk`.
+    /// What the BMC reports or was told: `on`, `off`, `soft`, `reset`, `cycle`, `identify 15s`,
+    /// `identify off` (Redfish: `identify on`, it has no time), `pxe`, `disk`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -200,7 +200,11 @@ impl Bmc for RedfishBmc {
             }
             Plan::Patch(body) => {
                 call.send(reqwest::Method::PATCH, &path, Some(&body)).await.map_err(|e| refused(op, e))?;
-                Ok(done_text(op))
+                Ok(match op.action {
+                    // Redfish blinks until told otherwise: no time to report.
+                    PowerAction::Identify if op.seconds > 0 => "identify on".into(),
+                    _ => done_text(op),
+                })
             }
         }
     }
