@@ -48,6 +48,8 @@ PACKAGES=(
     python3 python3-venv python3-pip python3-gdbm
     # misc used by scripts and tests
     curl ca-certificates util-linux
+    # self-signed certificates for the Redfish emulator (tests/power.rs)
+    openssl
 )
 
 # Services some of these packages would start on install: they would hold the ports the

@@ -404,6 +404,9 @@ pub struct BmcsetupFields {
     /// How to talk to the BMC.
     #[arg(long, value_parser = parse_protocol, value_name = "ipmi|redfish")]
     pub protocol: Option<BmcProtocol>,
+    /// Redfish: accept the BMC's certificate unverified (self-signed BMCs).
+    #[arg(long, value_name = "BOOL")]
+    pub insecure_tls: Option<bool>,
     #[command(flatten)]
     pub comment: CommentArgs,
 }
@@ -506,6 +509,36 @@ pub struct GroupChange {
 }
 
 // ---------------------------------------------------------------------------------------------
+// lpower (the second binary)
+
+/// Power control of nodes through their BMCs (IPMI lanplus or Redfish, as their group's
+/// bmcsetup says). The server talks to the BMCs; BMC passwords never reach this command.
+///
+/// ACTION: status, on, off, soft (ACPI shutdown), reset, cycle, identify [SECONDS|off],
+/// pxe (next boot from the network, once), disk (next boot from disk, once).
+/// One line per node in hostlist order; the exit status is 0 only if every node succeeded.
+#[derive(Debug, Parser)]
+#[command(
+    name = "lpower",
+    version,
+    max_term_width = 100,
+    override_usage = "lpower [OPTIONS] HOSTLIST ACTION [SECONDS|off]\n       lpower [OPTIONS] -g GROUP ACTION [SECONDS|off]"
+)]
+pub struct LpowerCli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// Every node of this group instead of a hostlist.
+    #[arg(short = 'g', long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// Print the per-node results as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// HOSTLIST (unless -g) ACTION [SECONDS|off].
+    #[arg(required = true, num_args = 1..=3, value_name = "ARGS")]
+    pub words: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
 // node
 
 #[derive(Debug, Subcommand)]
@@ -524,6 +557,17 @@ pub enum NodeCmd {
     Delete(DeleteArgs),
     /// Copy a node under a new name (it gets its own addresses and no MAC).
     Clone(RenameArgs),
+    /// Reinstall nodes: next boot from the network (once), then power cycle (power on if off).
+    Reinstall(NodeReinstall),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NodeReinstall {
+    /// Nodes (a hostlist like node[001-004]).
+    pub hostlist: String,
+    /// Print the per-node results as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

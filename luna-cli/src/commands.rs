@@ -51,7 +51,7 @@ fn check_name(kind: Kind, name: &str) -> Result<()> {
 }
 
 /// Expands a node hostlist locally so a typo never reaches the server; returns the names.
-fn check_hostlist(expr: &str) -> Result<Vec<String>> {
+pub(crate) fn check_hostlist(expr: &str) -> Result<Vec<String>> {
     let names = hostlist::expand(expr)?;
     for n in &names {
         validate_name(Kind::Node, n).with_context(|| format!("in hostlist '{expr}'"))?;
@@ -509,6 +509,7 @@ impl<R: Read> Ctx<R> {
         put(&mut m, "netchannel", f.netchannel);
         put(&mut m, "mgmtchannel", f.mgmtchannel);
         put(&mut m, "protocol", f.protocol);
+        put(&mut m, "insecure_tls", f.insecure_tls);
         self.comment(&f.comment, &mut m)?;
         Ok(m)
     }
@@ -699,6 +700,16 @@ impl<R: Read> Ctx<R> {
             NodeCmd::Rename(a) => self.rename(k, a, false),
             NodeCmd::Clone(a) => self.rename(k, a, true),
             NodeCmd::Delete(a) => self.delete(k, a),
+            NodeCmd::Reinstall(a) => {
+                let results = crate::power::reinstall(&self.client, &a.hostlist)?;
+                let text = crate::power::render(&results, a.json);
+                self.out.push_str(&text);
+                let failed = results.iter().filter(|r| !r.ok()).count();
+                if failed > 0 {
+                    bail!("{failed} of {} nodes were not reinstalled", results.len());
+                }
+                Ok(())
+            }
         }
     }
 

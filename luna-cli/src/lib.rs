@@ -6,6 +6,7 @@
 pub mod args;
 pub mod client;
 pub mod commands;
+pub mod power;
 pub mod progress;
 pub mod render;
 pub mod text;
@@ -50,6 +51,37 @@ pub fn manpages(dir: &std::path::Path) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot create man page directory '{}': {e}", dir.display()))?;
     clap_mangen::generate_to(Cli::command(), dir)
         .map_err(|e| anyhow::anyhow!("cannot write man pages into '{}': {e}", dir.display()))
+}
+
+/// `lpower`'s `main`: parse, run, print one line per node; exit 0 only if every node succeeded.
+pub fn lpower_main<I, T>(args: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::Parser;
+    let cli = match args::LpowerCli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { std::process::ExitCode::FAILURE } else { std::process::ExitCode::SUCCESS };
+        }
+    };
+    match power::run(&cli) {
+        Ok((out, all_ok)) => {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush());
+            if all_ok {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// What `main` does: parse, run, print `error: ...` and return the exit code (usage errors

@@ -13,6 +13,7 @@
 //! | POST   | `/{kind}/{name}/clone`             | `RenameRequest`      | object            |
 //! | POST   | `/network/{name}/reserve`, `/release` | `RangeRequest`    | network           |
 //! | GET/PATCH | `/cluster`                      |                      | cluster           |
+//! | POST   | `/power`                           | `power::PowerRequest` | `power::PowerReply` |
 //!
 //! `?secrets=1` on GET shows secrets (admin token required). Every error is an [`ErrorBody`].
 

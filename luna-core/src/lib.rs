@@ -8,6 +8,7 @@ pub mod hostlist;
 pub mod ipalloc;
 pub mod mac;
 pub mod model;
+pub mod power;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
 

@@ -582,6 +582,9 @@ pub struct Bmcsetup {
     pub mgmtchannel: u8,
     #[serde(default)]
     pub protocol: BmcProtocol,
+    /// Redfish only: accept the BMC's certificate without verifying it (self-signed BMCs).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub insecure_tls: bool,
     #[serde(default)]
     pub comment: String,
     #[serde(default)]
@@ -1198,6 +1201,7 @@ mod tests {
             netchannel: 1,
             mgmtchannel: 1,
             protocol: BmcProtocol::Ipmi,
+            insecure_tls: false,
             comment: String::new(),
             rev: 0,
         };

@@ -24,6 +24,7 @@ pub struct Config {
     pub image: crate::image::ImageConfig,
     pub http: crate::httpd::HttpConfig,
     pub tracker: crate::tracker::TrackerSettings,
+    pub power: crate::power::PowerConfig,
 }
 
 impl Default for Config {
@@ -39,6 +40,7 @@ impl Default for Config {
             image: crate::image::ImageConfig::default(),
             http: crate::httpd::HttpConfig::default(),
             tracker: crate::tracker::TrackerSettings::default(),
+            power: crate::power::PowerConfig::default(),
         }
     }
 }
@@ -89,7 +91,8 @@ cluster_name = "{cluster}"
 [dhcp]
 {dhcp}
 {tftp}
-{image}{http}{tracker}"#,
+{image}{http}{tracker}
+{power}"#,
         store = d.store,
         listen = d.listen,
         token = d.token_file.display(),
@@ -100,6 +103,7 @@ cluster_name = "{cluster}"
         image = crate::image::documented_defaults(),
         http = crate::httpd::HttpConfig::documented_defaults(),
         tracker = crate::tracker::TrackerSettings::documented_defaults(),
+        power = crate::power::documented_defaults(),
     )
 }
 

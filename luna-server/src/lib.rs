@@ -8,6 +8,7 @@ pub mod fsperm;
 pub mod http;
 pub mod httpd;
 pub mod image;
+pub mod power;
 pub mod server;
 pub mod service;
 pub mod status;

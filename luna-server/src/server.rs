@@ -41,6 +41,8 @@ pub enum ServerError {
     DataDir(#[from] crate::fsperm::PermError),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error(transparent)]
+    Power(#[from] crate::power::PowerConfigError),
 }
 
 /// Creates the store and the cluster object, and the admin token file if there is none.
@@ -150,8 +152,13 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     );
     let image_api = crate::image::http::router(images.clone())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), http::require_token));
+    let power = crate::power::Power::new(config.power.clone())?;
+    let power_api =
+        crate::power::http::router(Arc::new(crate::power::http::PowerState { service: service.clone(), power }))
+            .route_layer(axum::middleware::from_fn_with_state(state.clone(), http::require_token));
     let app = api::router(state.clone())
         .merge(image_api)
+        .merge(power_api)
         .merge(crate::image::http::files_router(images.clone()))
         .merge(crate::tracker::router(tracker.clone()))
         .merge(boot::router(state, boot));

@@ -20,6 +20,7 @@
 mod assets;
 pub mod bench;
 mod bins;
+mod bmcsim;
 mod cluster;
 mod error;
 mod http;
@@ -33,6 +34,7 @@ use std::path::PathBuf;
 
 pub use assets::{test_assets, TestAssets, BOOTED_MARKER, DHCP_MARKER, MARKER};
 pub use bins::{agent_bin, cargo_bin, profile_dir, workspace_root};
+pub use bmcsim::ipmi_sim;
 pub use cluster::{private_dracut_base, Cluster, ClusterOptions};
 pub use error::{HarnessError, Result};
 pub use http::{read_request, StandInRequest};

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    luna_cli::lpower_main(std::env::args_os())
+}
