@@ -271,6 +271,8 @@ pub enum OsimageCmd {
     Pack(OsimagePack),
     /// Make an older kept revision the current one again (default: the one before it).
     Rollback(OsimageRollback),
+    /// List the kernels in the image's tree (`change --kernel-version` picks one).
+    Kernels(ShowArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -717,6 +719,32 @@ pub struct CompletionsArgs {
 pub struct ManpagesArgs {
     /// Directory the pages are written to (created if missing).
     pub dir: PathBuf,
+}
+
+// ---------------------------------------------------------------------------------------------
+// lchroot (its own binary)
+
+/// luna-server's `data_dir` default: where lchroot sessions take an image's lock.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/luna";
+
+/// Work inside an OS image's tree: an interactive shell, or COMMAND, in a private mount
+/// namespace with /proc, /sys, /dev, /dev/pts, /run and /tmp mounted, the host's resolv.conf,
+/// and `uname -r` reporting the image's kernel. Run it as root on the luna server. The
+/// command's exit status is lchroot's; `luna osimage pack` refuses the image while a session
+/// is open (unless --force).
+#[derive(Debug, Parser)]
+#[command(name = "lchroot", version, max_term_width = 100)]
+pub struct LchrootCli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// luna-server's data directory (its `data_dir`), where sessions lock the image.
+    #[arg(long, env = "LUNA_DATA_DIR", default_value = DEFAULT_DATA_DIR, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// The osimage to enter.
+    pub image: String,
+    /// The command and its arguments (default: the image's /bin/bash, else /bin/sh).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 // ---------------------------------------------------------------------------------------------

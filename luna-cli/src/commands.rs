@@ -370,6 +370,9 @@ impl<R: Read> Ctx<R> {
                 self.create(k, Value::Object(m))
             }
             OsimageCmd::Change(a) => {
+                if let Some(v) = &a.fields.kernel_version {
+                    self.check_kernel_in_tree(&a.name, v)?;
+                }
                 let mut m = self.osimage_fields(&a.fields)?;
                 unset(&mut m, &a.unset.unset)?;
                 self.change(k, &a.name, m)
@@ -379,7 +382,53 @@ impl<R: Read> Ctx<R> {
             OsimageCmd::Delete(a) => self.delete(k, a),
             OsimageCmd::Pack(a) => self.osimage_pack(a),
             OsimageCmd::Rollback(a) => self.osimage_rollback(a),
+            OsimageCmd::Kernels(a) => self.osimage_kernels(a),
         }
+    }
+
+    fn kernels_of(&self, name: &str) -> Result<(Vec<String>, Value)> {
+        check_name(Kind::Osimage, name)?;
+        let answer = self.client.get(&format!("{}/kernels", object_path(Kind::Osimage, name)), &[])?;
+        let kernels = answer
+            .get("kernels")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|k| k.as_str().map(String::from)).collect())
+            .ok_or_else(|| anyhow!("invalid answer from luna-server: no kernel list in {answer}"))?;
+        Ok((kernels, answer))
+    }
+
+    /// `--kernel-version V` must name a kernel the tree holds (the server lists them).
+    fn check_kernel_in_tree(&self, name: &str, version: &str) -> Result<()> {
+        let (kernels, _) = self.kernels_of(name)?;
+        if !kernels.iter().any(|k| k == version) {
+            let held = if kernels.is_empty() { "none".to_string() } else { kernels.join(", ") };
+            bail!(
+                "osimage {name} has no kernel {version} in its tree (/boot/vmlinuz-{version} and /lib/modules/{version}/); \
+                 it holds: {held}"
+            );
+        }
+        Ok(())
+    }
+
+    fn osimage_kernels(&mut self, a: &ShowArgs) -> Result<()> {
+        let (kernels, answer) = self.kernels_of(&a.name)?;
+        if a.json {
+            self.print_json(&answer);
+            return Ok(());
+        }
+        let selected = answer.get("selected").and_then(Value::as_str);
+        let mut text = String::new();
+        for k in &kernels {
+            let mark = if Some(k.as_str()) == selected { "  (boots)" } else { "" };
+            text.push_str(&format!("{k}{mark}\n"));
+        }
+        if kernels.is_empty() {
+            text.push_str(&format!("osimage {} has no kernel in its tree\n", a.name));
+        } else if selected.is_none() {
+            text.push_str("no kernel_version set: pick one with luna osimage change NAME --kernel-version V\n");
+        }
+        self.print(text.trim_end());
+        Ok(())
     }
 
     /// The object, then its kept revisions with the tracker's and the seeder's counters.
