@@ -1,0 +1,249 @@
+//! `lchroot` against a real luna-server on 127.0.0.1: the image's kernel from `uname -r` for a
+//! dynamic (coreutils) and a static (busybox) binary and in /proc/sys/kernel/osrelease, the
+//! mounts inside, exit status passed through, `luna osimage kernels` and `change
+//! --kernel-version`, pack refused while a session is open, and no mount anywhere on the host
+//! after the lchroot process is SIGKILLed. Privileged (root: namespaces, mounts, chroot);
+//! needs busybox (static).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use luna_tests::{cargo_bin, free_port, privileged, work_dir, ChildGuard};
+
+const KVER: &str = "6.1.0-99-lchroot";
+const OLD_KVER: &str = "5.10.0-1-lchroot";
+
+struct Server {
+    _guard: ChildGuard,
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Server {
+    fn start() -> Server {
+        std::fs::create_dir_all(work_dir()).unwrap();
+        let dir = tempfile::Builder::new().prefix("lchroot-").tempdir_in(work_dir()).unwrap();
+        let d = dir.path();
+        let port = free_port().unwrap();
+        let config = format!(
+            "store = \"sqlite://{d}/luna.db\"\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{d}/token\"\n\
+             data_dir = \"{d}/data\"\n[tftp]\nenabled = false\n[image]\nseed = false\ndracut = \"/bin/false\"\n",
+            d = d.display()
+        );
+        std::fs::write(d.join("luna.toml"), config).unwrap();
+        let server = cargo_bin("luna-server").unwrap();
+        let init = Command::new(&server).arg("--config").arg(d.join("luna.toml")).arg("init").output().unwrap();
+        assert!(init.status.success(), "init: {}", String::from_utf8_lossy(&init.stderr));
+        let mut cmd = Command::new(&server);
+        cmd.arg("--config").arg(d.join("luna.toml")).arg("serve");
+        let guard = ChildGuard::spawn(&mut cmd, "lchroot-luna-server").unwrap();
+        guard.wait_for("http listening", Duration::from_secs(60)).unwrap();
+        let s = Server { _guard: guard, url: format!("http://127.0.0.1:{port}"), dir };
+        s.luna_ok(&["cluster", "change", "--frontend-address", "127.0.0.1"]);
+        s
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn env(&self, cmd: &mut Command) {
+        cmd.env("LUNA_SERVER", &self.url)
+            .env("LUNA_TOKEN_FILE", self.dir.path().join("token"))
+            .env("LUNA_DATA_DIR", self.data_dir())
+            .env_remove("LUNA_TOKEN");
+    }
+
+    fn luna(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(cargo_bin("luna").unwrap());
+        self.env(&mut cmd);
+        cmd.args(args).output().unwrap()
+    }
+
+    fn luna_ok(&self, args: &[&str]) -> String {
+        let out = self.luna(args);
+        assert!(out.status.success(), "luna {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn lchroot(&self, image: &str, command: &[&str]) -> Command {
+        let mut cmd = Command::new(cargo_bin("lchroot").unwrap());
+        self.env(&mut cmd);
+        cmd.arg(image).args(command);
+        cmd
+    }
+
+    fn lchroot_out(&self, image: &str, command: &[&str]) -> (i32, String, String) {
+        let out = self.lchroot(image, command).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// Copies `program` and the libraries `ldd` names into `root` at the same paths.
+fn copy_with_libs(root: &Path, program: &str, to: &str) {
+    let dst = root.join(to.trim_start_matches('/'));
+    std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+    std::fs::copy(program, &dst).unwrap();
+    let ldd = Command::new("ldd").arg(program).output().unwrap();
+    for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
+        if word.starts_with('/') {
+            let lib = root.join(word.trim_start_matches('/'));
+            std::fs::create_dir_all(lib.parent().unwrap()).unwrap();
+            std::fs::copy(word, &lib).unwrap();
+        }
+    }
+}
+
+/// A tiny image: busybox (static) as /bin/sh and friends, coreutils' dynamic `uname` as
+/// /usr/bin/uname-dyn with its libraries, and two kernels.
+fn build_image(root: &Path) {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).is_file());
+    let busybox = busybox.expect("busybox is needed (apt-get install busybox)");
+    let file = Command::new("file").arg(busybox).output().map(|o| o.stdout).unwrap_or_default();
+    assert!(String::from_utf8_lossy(&file).contains("statically linked"), "{busybox} must be static");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    for tool in ["sh", "cat", "sleep", "echo", "hostname", "touch", "ls", "uname"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).unwrap();
+    }
+    copy_with_libs(root, "/usr/bin/uname", "/usr/bin/uname-dyn");
+    for v in [KVER, OLD_KVER] {
+        std::fs::create_dir_all(root.join("boot")).unwrap();
+        std::fs::write(root.join(format!("boot/vmlinuz-{v}")), b"not a kernel").unwrap();
+        std::fs::create_dir_all(root.join(format!("lib/modules/{v}/kernel"))).unwrap();
+    }
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/resolv.conf"), b"nameserver 192.0.2.1\n").unwrap();
+}
+
+fn host_mounts_under(root: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = root.to_string_lossy().into_owned();
+    text.lines().filter(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&root))).map(String::from).collect()
+}
+
+#[test]
+fn lchroot_reports_the_image_kernel_mounts_and_exit_status() {
+    if !privileged() {
+        return;
+    }
+    let s = Server::start();
+    let root = s.dir.path().join("img-a");
+    build_image(&root);
+    s.luna_ok(&["osimage", "add", "lt-lchroot-a", "--path", root.to_str().unwrap()]);
+
+    // kernels: both listed, in version order; a version the tree lacks is refused
+    let k = s.luna_ok(&["osimage", "kernels", "lt-lchroot-a"]);
+    assert!(k.starts_with(&format!("{OLD_KVER}\n{KVER}\n")), "{k}");
+    let bad = s.luna(&["osimage", "change", "lt-lchroot-a", "--kernel-version", "7.7.7"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("no kernel 7.7.7") && err.contains(KVER), "{err}");
+    let shown = s.luna_ok(&["osimage", "show", "lt-lchroot-a", "--json"]);
+    assert!(!shown.contains("7.7.7"), "a refused change changes nothing: {shown}");
+    s.luna_ok(&["osimage", "change", "lt-lchroot-a", "--kernel-version", KVER]);
+    assert!(s.luna_ok(&["osimage", "kernels", "lt-lchroot-a"]).contains(&format!("{KVER}  (boots)")));
+
+    let host_release = String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
+    assert_ne!(host_release.trim(), KVER);
+    for (what, cmd) in [
+        ("dynamic coreutils uname", &["/usr/bin/uname-dyn", "-r"][..]),
+        ("static busybox uname", &["/bin/busybox", "uname", "-r"][..]),
+        ("osrelease", &["/bin/cat", "/proc/sys/kernel/osrelease"][..]),
+    ] {
+        let (code, out, err) = s.lchroot_out("lt-lchroot-a", cmd);
+        assert_eq!((code, out.trim()), (0, KVER), "{what}: {err}");
+    }
+    let (code, out, err) = s.lchroot_out("lt-lchroot-a", &["/usr/bin/uname-dyn", "-a"]);
+    assert!(code == 0 && out.contains(KVER) && out.contains("lt-lchroot-a"), "uname -a: {out} {err}");
+
+    // the mounts inside, the image name as hostname, the host's resolver
+    let (code, out, err) = s.lchroot_out("lt-lchroot-a", &["/bin/cat", "/proc/self/mountinfo"]);
+    assert_eq!(code, 0, "{err}");
+    let points: Vec<&str> = out.lines().filter_map(|l| l.split(' ').nth(4)).collect();
+    for p in ["/proc", "/sys", "/dev", "/dev/pts", "/run", "/tmp", "/etc/resolv.conf"] {
+        assert!(points.contains(&p), "{p} not mounted inside: {points:?}");
+    }
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let (_, out, _) = s.lchroot_out("lt-lchroot-a", &["/bin/cat", "/etc/resolv.conf"]);
+    assert_eq!(out, host_resolv);
+    assert_eq!(std::fs::read_to_string(root.join("etc/resolv.conf")).unwrap(), "nameserver 192.0.2.1\n");
+    let (_, out, _) = s.lchroot_out("lt-lchroot-a", &["/bin/hostname"]);
+    assert_eq!(out.trim(), "lt-lchroot-a");
+
+    // exit status, a signal, a command that does not exist
+    let (code, _, _) = s.lchroot_out("lt-lchroot-a", &["/bin/sh", "-c", "exit 7"]);
+    assert_eq!(code, 7);
+    let (code, _, _) = s.lchroot_out("lt-lchroot-a", &["/bin/sh", "-c", "kill -TERM $$"]);
+    assert_eq!(code, 128 + 15);
+    let (code, _, err) = s.lchroot_out("lt-lchroot-a", &["/no/such/program"]);
+    assert!(code == 125 && err.contains("/no/such/program") && err.contains("lt-lchroot-a"), "{code} {err}");
+    let (code, _, err) = s.lchroot_out("lt-lchroot-nope", &["/bin/sh"]);
+    assert!(code == 125 && err.contains("lt-lchroot-nope"), "{code} {err}");
+    assert!(host_mounts_under(&root).is_empty(), "{:?}", host_mounts_under(&root));
+}
+
+#[test]
+fn lchroot_blocks_pack_and_leaves_no_mount_when_killed() {
+    if !privileged() {
+        return;
+    }
+    let s = Server::start();
+    let root = s.dir.path().join("img-b");
+    build_image(&root);
+    s.luna_ok(&["osimage", "add", "lt-lchroot-b", "--path", root.to_str().unwrap(), "--kernel-version", KVER]);
+
+    let mut cmd = s.lchroot("lt-lchroot-b", &["/bin/sh", "-c", "echo ready $$; exec /bin/sleep 120"]);
+    let mut session = ChildGuard::spawn(&mut cmd, "lt-lchroot-session").unwrap();
+    let line = session.wait_for("ready", Duration::from_secs(30)).unwrap();
+    let inner: i32 = line.split_whitespace().last().unwrap().parse().unwrap();
+    let lchroot_pid = session.pid() as i32;
+
+    // the session's mounts exist in its own mount namespace only (paths there are seen from
+    // inside the chroot)
+    let inside = std::fs::read_to_string(format!("/proc/{inner}/mountinfo")).unwrap();
+    assert!(inside.contains(" /proc/sys/kernel/osrelease "), "{inside}");
+    let ns = std::fs::read_link(format!("/proc/{inner}/ns/mnt")).unwrap();
+    assert_ne!(ns, std::fs::read_link("/proc/self/ns/mnt").unwrap());
+    assert!(host_mounts_under(&root).is_empty(), "{:?}", host_mounts_under(&root));
+
+    // pack is refused, naming the holder
+    let out = s.luna(&["osimage", "pack", "lt-lchroot-b"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains(&format!("osimage 'lt-lchroot-b' is open in lchroot (pid {lchroot_pid})")),
+        "{err}"
+    );
+    assert!(err.contains("--force"), "{err}");
+    // a second session shares the lock
+    let (code, out2, e2) = s.lchroot_out("lt-lchroot-b", &["/bin/echo", "second"]);
+    assert_eq!((code, out2.trim()), (0, "second"), "{e2}");
+
+    // SIGKILL to lchroot alone: the command dies with it, and nothing is left mounted
+    // SAFETY: kill(2) on the pid of a child we spawned.
+    assert_eq!(unsafe { libc::kill(lchroot_pid, libc::SIGKILL) }, 0);
+    session.wait_timeout(Duration::from_secs(10)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{inner}")).exists() {
+        assert!(Instant::now() < deadline, "the session's command outlived lchroot");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(host_mounts_under(&root).is_empty(), "{:?}", host_mounts_under(&root));
+    // no process is left in the session's mount namespace, so the kernel dropped its mounts
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(other) = std::fs::read_link(entry.path().join("ns/mnt")) {
+            assert_ne!(other, ns, "{} is still in the session's mount namespace", entry.path().display());
+        }
+    }
+    // the lock went with the process: pack is no longer refused for lchroot (it fails later,
+    // on the stand-in image's kernel)
+    let out = s.luna(&["osimage", "pack", "lt-lchroot-b"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("open in lchroot"), "{err}");
+    assert!(!root.join("proc/self").exists(), "nothing mounted in the tree");
+}
