@@ -265,8 +265,8 @@ pub enum OsimageCmd {
     Rename(RenameArgs),
     /// Delete an OS image no group uses.
     Delete(DeleteArgs),
-    /// Copy an OS image under a new name.
-    Clone(RenameArgs),
+    /// Copy an OS image under a new name (with --path, its tree too).
+    Clone(OsimageClone),
     /// Pack the chroot into a new published revision: archive, kernel, initramfs, torrent.
     Pack(OsimagePack),
     /// Make an older kept revision the current one again (default: the one before it).
@@ -290,6 +290,16 @@ pub struct OsimagePack {
     /// Start the pack job, print its id and return without waiting.
     #[arg(long)]
     pub no_wait: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OsimageClone {
+    pub name: String,
+    pub new_name: String,
+    /// Copy the tree into DIR too (must not exist; hard links, xattrs, ACLs, device nodes and
+    /// sparse files kept); run as root on the server host.
+    #[arg(long, value_name = "DIR")]
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

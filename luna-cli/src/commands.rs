@@ -2,6 +2,7 @@
 //! merged into the current object), print the answer.
 
 use std::io::{IsTerminal as _, Read, Write};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -378,12 +379,43 @@ impl<R: Read> Ctx<R> {
                 self.change(k, &a.name, m)
             }
             OsimageCmd::Rename(a) => self.rename(k, a, false),
-            OsimageCmd::Clone(a) => self.rename(k, a, true),
+            OsimageCmd::Clone(a) => self.osimage_clone(a),
             OsimageCmd::Delete(a) => self.delete(k, a),
             OsimageCmd::Pack(a) => self.osimage_pack(a),
             OsimageCmd::Rollback(a) => self.osimage_rollback(a),
             OsimageCmd::Kernels(a) => self.osimage_kernels(a),
         }
+    }
+
+    /// The object (server-side clone), and with `--path` the tree first: copied into a staging
+    /// directory, renamed into place, and only then recorded (removed again if that fails).
+    fn osimage_clone(&mut self, a: &OsimageClone) -> Result<()> {
+        let k = Kind::Osimage;
+        let plain = RenameArgs { name: a.name.clone(), new_name: a.new_name.clone() };
+        let Some(dst) = &a.path else { return self.rename(k, &plain, true) };
+        check_name(k, &a.name)?;
+        check_name(k, &a.new_name)?;
+        let dst_str = dst.to_str().ok_or_else(|| anyhow!("--path {}: not UTF-8", dst.display()))?;
+        match self.client.get(&object_path(k, &a.new_name), &[]) {
+            Ok(_) => bail!("osimage {} already exists", a.new_name),
+            Err(e) if e.code() == Some(luna_core::api::ErrorCode::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let src = self.fetch(k, &a.name, false)?;
+        let src_path =
+            src.get("path").and_then(Value::as_str).ok_or_else(|| anyhow!("osimage {} has no path", a.name))?;
+        crate::tree::copy_tree(Path::new(src_path), dst)?;
+        let recorded = self
+            .client
+            .write("POST", &format!("{}/clone", object_path(k, &a.name)), Some(&json!({"new_name": a.new_name})))
+            .and_then(|_| self.client.write("PATCH", &object_path(k, &a.new_name), Some(&json!({"path": dst_str}))));
+        if let Err(e) = recorded {
+            let _ = self.client.write("DELETE", &object_path(k, &a.new_name), None);
+            let _ = std::fs::remove_dir_all(dst);
+            return Err(e.into());
+        }
+        self.print(&format!("cloned osimage {} as {} with its tree in {dst_str}", a.name, a.new_name));
+        Ok(())
     }
 
     fn kernels_of(&self, name: &str) -> Result<(Vec<String>, Value)> {

@@ -10,6 +10,7 @@ pub mod lchroot;
 pub mod progress;
 pub mod render;
 pub mod text;
+pub mod tree;
 
 use std::io::Write;
 

@@ -247,3 +247,78 @@ fn lchroot_blocks_pack_and_leaves_no_mount_when_killed() {
     assert!(!err.contains("open in lchroot"), "{err}");
     assert!(!root.join("proc/self").exists(), "nothing mounted in the tree");
 }
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C strings and a buffer with its length.
+    let r = unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    assert_eq!(r, 0, "setxattr {}: {}", path.display(), std::io::Error::last_os_error());
+}
+
+fn get_xattr(path: &Path, name: &str) -> Vec<u8> {
+    let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = [0u8; 256];
+    // SAFETY: valid C strings and a buffer with its length.
+    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(r >= 0, "getxattr {}: {}", path.display(), std::io::Error::last_os_error());
+    buf[..r as usize].to_vec()
+}
+
+#[test]
+fn clone_with_path_copies_the_tree_exactly() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    if !privileged() {
+        return;
+    }
+    let s = Server::start();
+    let src = s.dir.path().join("img-c");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/a"), b"hard linked").unwrap();
+    std::fs::hard_link(src.join("etc/a"), src.join("etc/b")).unwrap();
+    set_xattr(&src.join("etc/a"), "user.luna", b"kept");
+    set_xattr(&src.join("etc"), "trusted.luna", b"dir too");
+    std::fs::create_dir_all(src.join("dev")).unwrap();
+    let null = std::ffi::CString::new(src.join("dev/null").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid path; makes a character device 1:3 like /dev/null.
+    assert_eq!(unsafe { libc::mknod(null.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) }, 0);
+    let sparse = std::fs::File::create(src.join("sparse")).unwrap();
+    sparse.set_len(64 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"end", (64 << 20) - 3).unwrap();
+    drop(sparse);
+    std::os::unix::fs::symlink("etc/a", src.join("link")).unwrap();
+    s.luna_ok(&["osimage", "add", "lt-lchroot-c", "--path", src.to_str().unwrap(), "--kernel-opts", "quiet"]);
+
+    let dst = s.dir.path().join("img-c2");
+    let out = s.luna_ok(&["osimage", "clone", "lt-lchroot-c", "lt-lchroot-c2", "--path", dst.to_str().unwrap()]);
+    assert!(out.contains("lt-lchroot-c2"), "{out}");
+    let a = std::fs::metadata(dst.join("etc/a")).unwrap();
+    assert_eq!(a.ino(), std::fs::metadata(dst.join("etc/b")).unwrap().ino(), "hard link kept");
+    assert_eq!(a.nlink(), 2);
+    assert_eq!(get_xattr(&dst.join("etc/a"), "user.luna"), b"kept");
+    assert_eq!(get_xattr(&dst.join("etc"), "trusted.luna"), b"dir too");
+    let dev = std::fs::symlink_metadata(dst.join("dev/null")).unwrap();
+    assert!(dev.file_type().is_char_device() && dev.rdev() == libc::makedev(1, 3), "device node kept");
+    let sp = std::fs::metadata(dst.join("sparse")).unwrap();
+    assert_eq!(sp.len(), 64 << 20);
+    assert!(sp.blocks() * 512 < 1 << 20, "sparse file stays sparse: {} blocks", sp.blocks());
+    assert_eq!(std::fs::read_link(dst.join("link")).unwrap(), Path::new("etc/a"));
+    let obj = s.luna_ok(&["osimage", "show", "lt-lchroot-c2", "--json"]);
+    let obj: serde_json::Value = serde_json::from_str(&obj).unwrap();
+    assert_eq!(obj["path"], dst.to_str().unwrap());
+    assert_eq!(obj["kernel_opts"], "quiet", "settings copied");
+    // no staging directory left
+    let left: Vec<_> = std::fs::read_dir(s.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("luna-tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // an existing destination is refused and nothing is recorded
+    let out = s.luna(&["osimage", "clone", "lt-lchroot-c", "lt-lchroot-c3", "--path", dst.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("already exists") && err.contains("img-c2"), "{err}");
+    assert!(!s.luna(&["osimage", "show", "lt-lchroot-c3"]).status.success());
+}
