@@ -273,6 +273,9 @@ pub enum OsimageCmd {
     Rollback(OsimageRollback),
     /// List the kernels in the image's tree (`change --kernel-version` picks one).
     Kernels(ShowArgs),
+    /// Make a new OS image from a container image: an OCI layout directory, or a `docker save`
+    /// or OCI archive (no container runtime needed; run as root on the server host).
+    Import(OsimageImport),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -290,6 +293,17 @@ pub struct OsimagePack {
     /// Start the pack job, print its id and return without waiting.
     #[arg(long)]
     pub no_wait: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OsimageImport {
+    pub name: String,
+    /// The container image: an OCI image layout directory or a tar archive of one (or of `docker save`).
+    #[arg(long, value_name = "SOURCE")]
+    pub from: PathBuf,
+    /// Where the image tree is written (absolute; must not exist).
+    #[arg(long, value_name = "DIR")]
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -384,7 +384,36 @@ impl<R: Read> Ctx<R> {
             OsimageCmd::Pack(a) => self.osimage_pack(a),
             OsimageCmd::Rollback(a) => self.osimage_rollback(a),
             OsimageCmd::Kernels(a) => self.osimage_kernels(a),
+            OsimageCmd::Import(a) => self.osimage_import(a),
         }
+    }
+
+    fn require_absent(&self, name: &str) -> Result<()> {
+        match self.client.get(&object_path(Kind::Osimage, name), &[]) {
+            Ok(_) => bail!("osimage {name} already exists"),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The tree first (staged, verified, renamed into place), then the object; the tree is
+    /// removed again if the object cannot be created.
+    fn osimage_import(&mut self, a: &OsimageImport) -> Result<()> {
+        let k = Kind::Osimage;
+        check_name(k, &a.name)?;
+        let dst = a.path.to_str().ok_or_else(|| anyhow!("--path {}: not UTF-8", a.path.display()))?;
+        let mut m = Map::new();
+        m.insert("name".into(), json!(a.name));
+        m.insert("path".into(), json!(dst));
+        validate_new(k, &m)?;
+        self.require_absent(&a.name)?;
+        crate::import::import(&a.from, &a.path)?;
+        if let Err(e) = self.client.write("POST", &kind_path(k), Some(&Value::Object(m))) {
+            let _ = std::fs::remove_dir_all(&a.path);
+            return Err(e.into());
+        }
+        self.print(&format!("imported osimage {} from {} into {dst}", a.name, a.from.display()));
+        Ok(())
     }
 
     /// The object (server-side clone), and with `--path` the tree first: copied into a staging
@@ -396,11 +425,7 @@ impl<R: Read> Ctx<R> {
         check_name(k, &a.name)?;
         check_name(k, &a.new_name)?;
         let dst_str = dst.to_str().ok_or_else(|| anyhow!("--path {}: not UTF-8", dst.display()))?;
-        match self.client.get(&object_path(k, &a.new_name), &[]) {
-            Ok(_) => bail!("osimage {} already exists", a.new_name),
-            Err(e) if e.code() == Some(luna_core::api::ErrorCode::NotFound) => {}
-            Err(e) => return Err(e.into()),
-        }
+        self.require_absent(&a.new_name)?;
         let src = self.fetch(k, &a.name, false)?;
         let src_path =
             src.get("path").and_then(Value::as_str).ok_or_else(|| anyhow!("osimage {} has no path", a.name))?;

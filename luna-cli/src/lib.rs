@@ -6,6 +6,7 @@
 pub mod args;
 pub mod client;
 pub mod commands;
+pub mod import;
 pub mod lchroot;
 pub mod progress;
 pub mod render;

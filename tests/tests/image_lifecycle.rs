@@ -322,3 +322,175 @@ fn clone_with_path_copies_the_tree_exactly() {
     assert!(!out.status.success() && err.contains("already exists") && err.contains("img-c2"), "{err}");
     assert!(!s.luna(&["osimage", "show", "lt-lchroot-c3"]).status.success());
 }
+
+/// Writes `bytes` as a blob of the OCI layout; returns its descriptor fields.
+fn put_blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
+    use sha2::Digest as _;
+    let hex = hex::encode(sha2::Sha256::digest(bytes));
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    std::fs::write(layout.join("blobs/sha256").join(&hex), bytes).unwrap();
+    (format!("sha256:{hex}"), bytes.len())
+}
+
+fn tar_of(dir: &Path, out: &Path) -> Vec<u8> {
+    let st =
+        Command::new("tar").arg("-C").arg(dir).arg("--numeric-owner").arg("-cf").arg(out).arg(".").status().unwrap();
+    assert!(st.success());
+    std::fs::read(out).unwrap()
+}
+
+/// An OCI image layout with two layers: the first (gzip) a base with busybox, the second
+/// (plain tar) removes etc/gone with a whiteout and empties opq/ with an opaque marker.
+fn build_oci_layout(work: &Path) -> PathBuf {
+    use sha2::Digest as _;
+    let l1 = work.join("l1");
+    for d in ["etc", "opq/sub", "bin"] {
+        std::fs::create_dir_all(l1.join(d)).unwrap();
+    }
+    std::fs::write(l1.join("etc/keep"), b"keep\n").unwrap();
+    std::fs::write(l1.join("etc/gone"), b"gone\n").unwrap();
+    std::fs::write(l1.join("opq/old1"), b"old\n").unwrap();
+    std::fs::write(l1.join("opq/sub/old2"), b"old\n").unwrap();
+    std::fs::copy("/bin/busybox", l1.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", l1.join("bin/sh")).unwrap();
+    let l2 = work.join("l2");
+    std::fs::create_dir_all(l2.join("etc")).unwrap();
+    std::fs::create_dir_all(l2.join("opq")).unwrap();
+    std::fs::write(l2.join("etc/.wh.gone"), b"").unwrap();
+    std::fs::write(l2.join("opq/.wh..wh..opq"), b"").unwrap();
+    std::fs::write(l2.join("opq/new"), b"new\n").unwrap();
+    std::fs::write(l2.join("etc/added"), b"added\n").unwrap();
+
+    let layer1_tar = tar_of(&l1, &work.join("l1.tar"));
+    let st = Command::new("gzip").arg("-n").arg("-f").arg(work.join("l1.tar")).status().unwrap();
+    assert!(st.success());
+    let layer1 = std::fs::read(work.join("l1.tar.gz")).unwrap();
+    let layer2 = tar_of(&l2, &work.join("l2.tar"));
+
+    let layout = work.join("layout");
+    let (d1, s1) = put_blob(&layout, &layer1);
+    let (d2, s2) = put_blob(&layout, &layer2);
+    let diff1 = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&layer1_tar)));
+    let diff2 = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&layer2)));
+    let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [diff1, diff2]}});
+    let (dc, sc) = put_blob(&layout, config.to_string().as_bytes());
+    let manifest = serde_json::json!({"schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": dc, "size": sc},
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d1, "size": s1},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d2, "size": s2}]});
+    let (dm, sm) = put_blob(&layout, manifest.to_string().as_bytes());
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": dm, "size": sm}]});
+    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    layout
+}
+
+fn tree_listing(root: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            if e.file_type().unwrap().is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".luna-"))
+        .collect()
+}
+
+#[test]
+fn import_applies_oci_layers_with_whiteouts_and_refuses_a_corrupt_digest() {
+    if !privileged() {
+        return;
+    }
+    let s = Server::start();
+    let work = s.dir.path().join("oci");
+    std::fs::create_dir_all(&work).unwrap();
+    let layout = build_oci_layout(&work);
+    let expected = ["bin", "bin/busybox", "bin/sh", "etc", "etc/added", "etc/keep", "opq", "opq/new"];
+
+    // from the layout directory
+    let dst = s.dir.path().join("img-oci");
+    let out = s.luna(&[
+        "osimage",
+        "import",
+        "lt-lchroot-oci",
+        "--from",
+        layout.to_str().unwrap(),
+        "--path",
+        dst.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("layer 1/2") && err.contains("layer 2/2"), "progress: {err}");
+    assert_eq!(tree_listing(&dst), expected);
+    assert_eq!(std::fs::read_to_string(dst.join("etc/keep")).unwrap(), "keep\n");
+    let obj: serde_json::Value =
+        serde_json::from_str(&s.luna_ok(&["osimage", "show", "lt-lchroot-oci", "--json"])).unwrap();
+    assert_eq!(obj["path"], dst.to_str().unwrap());
+
+    // from an archive of it (what docker save and skopeo oci-archive write)
+    let archive = work.join("image.tar");
+    tar_of(&layout, &archive);
+    let dst2 = s.dir.path().join("img-oci-tar");
+    s.luna_ok(&[
+        "osimage",
+        "import",
+        "lt-lchroot-oci2",
+        "--from",
+        archive.to_str().unwrap(),
+        "--path",
+        dst2.to_str().unwrap(),
+    ]);
+    assert_eq!(tree_listing(&dst2), expected);
+
+    // the imported image works in lchroot: install a file
+    let (code, _, e) = s.lchroot_out("lt-lchroot-oci", &["/bin/sh", "-c", "echo from-lchroot > /etc/installed"]);
+    assert_eq!(code, 0, "{e}");
+    assert_eq!(std::fs::read_to_string(dst.join("etc/installed")).unwrap(), "from-lchroot\n");
+
+    // a layer whose bytes do not match its digest: a named error, nothing left
+    let manifest_layers: Vec<PathBuf> =
+        std::fs::read_dir(layout.join("blobs/sha256")).unwrap().flatten().map(|e| e.path()).collect();
+    let l2 = manifest_layers
+        .iter()
+        .find(|p| std::fs::read(p).unwrap().windows(6).any(|w| w == b"opq/ne"))
+        .expect("the second layer's blob")
+        .clone();
+    let mut bytes = std::fs::read(&l2).unwrap();
+    let at = bytes.windows(6).position(|w| w == b"added\n").unwrap();
+    bytes[at] = b'X';
+    std::fs::write(&l2, bytes).unwrap();
+    let dst3 = s.dir.path().join("img-bad");
+    let out = s.luna(&[
+        "osimage",
+        "import",
+        "lt-lchroot-bad",
+        "--from",
+        layout.to_str().unwrap(),
+        "--path",
+        dst3.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let name = l2.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(!out.status.success() && err.contains("digest mismatch") && err.contains(&name), "{err}");
+    assert!(!dst3.exists(), "no tree");
+    assert!(leftovers(s.dir.path()).is_empty(), "{:?}", leftovers(s.dir.path()));
+    assert!(!s.luna(&["osimage", "show", "lt-lchroot-bad"]).status.success(), "no object");
+}
