@@ -276,6 +276,9 @@ pub enum OsimageCmd {
     /// Make a new OS image from a container image: an OCI layout directory, or a `docker save`
     /// or OCI archive (no container runtime needed; run as root on the server host).
     Import(OsimageImport),
+    /// Replace the image's tree with a running node's (rsync over ssh as root), except the
+    /// image's grab_exclude paths.
+    Grab(OsimageGrab),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -293,6 +296,17 @@ pub struct OsimagePack {
     /// Start the pack job, print its id and return without waiting.
     #[arg(long)]
     pub no_wait: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OsimageGrab {
+    pub name: String,
+    /// The node to copy from (its first interface with an address; ssh as root).
+    #[arg(long, value_name = "NODE")]
+    pub from: String,
+    /// List what would change (rsync's itemized list) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -385,7 +385,34 @@ impl<R: Read> Ctx<R> {
             OsimageCmd::Rollback(a) => self.osimage_rollback(a),
             OsimageCmd::Kernels(a) => self.osimage_kernels(a),
             OsimageCmd::Import(a) => self.osimage_import(a),
+            OsimageCmd::Grab(a) => self.osimage_grab(a),
         }
+    }
+
+    fn osimage_grab(&mut self, a: &OsimageGrab) -> Result<()> {
+        let k = Kind::Osimage;
+        check_name(k, &a.name)?;
+        check_name(Kind::Node, &a.from)?;
+        let image = self.fetch(k, &a.name, false)?;
+        let path =
+            image.get("path").and_then(Value::as_str).ok_or_else(|| anyhow!("osimage {} has no path", a.name))?;
+        let excludes: Vec<String> = image
+            .get("grab_exclude")
+            .and_then(Value::as_array)
+            .map(|l| l.iter().filter_map(|p| p.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        let node = self.fetch(Kind::Node, &a.from, false)?;
+        let addr = node
+            .get("interfaces")
+            .and_then(Value::as_array)
+            .and_then(|ifs| ifs.iter().find_map(|i| i.get("ip").and_then(Value::as_str)))
+            .ok_or_else(|| anyhow!("node {} has no interface with an address to grab from", a.from))?
+            .to_string();
+        crate::tree::grab(&addr, Path::new(path), &excludes, a.dry_run)?;
+        if !a.dry_run {
+            self.print(&format!("grabbed node {} ({addr}) into osimage {} ({path})", a.from, a.name));
+        }
+        Ok(())
     }
 
     fn require_absent(&self, name: &str) -> Result<()> {

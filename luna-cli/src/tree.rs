@@ -113,6 +113,26 @@ impl Staging {
         &self.tmp
     }
 
+    /// Puts the staging directory in the place of the existing destination: the old tree is
+    /// renamed aside, the new one into place, then the old one removed.
+    pub fn replace(mut self) -> Result<(), TreeError> {
+        let mut old_name = OsString::from(".");
+        old_name.push(self.dst.file_name().unwrap_or_default());
+        old_name.push(format!(".luna-old-{}", std::process::id()));
+        let old = self.dst.with_file_name(old_name);
+        std::fs::rename(&self.dst, &old).map_err(|source| TreeError::Io {
+            what: "move the old tree aside",
+            path: self.dst.clone(),
+            source,
+        })?;
+        if let Err(source) = std::fs::rename(&self.tmp, &self.dst) {
+            let _ = std::fs::rename(&old, &self.dst);
+            return Err(TreeError::Io { what: "rename into place", path: self.dst.clone(), source });
+        }
+        self.committed = true;
+        std::fs::remove_dir_all(&old).map_err(|source| TreeError::Io { what: "remove the old tree", path: old, source })
+    }
+
     /// Renames the staging directory to the destination (which must not exist then).
     pub fn commit(mut self) -> Result<(), TreeError> {
         if self.dst.exists() {
@@ -201,6 +221,79 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), TreeError> {
     staging.commit()
 }
 
+/// rsync `--exclude` options for `grab_exclude` globs (relative to the tree's root, so
+/// anchored at the transfer's root).
+pub fn exclude_args(patterns: &[String]) -> Vec<OsString> {
+    patterns
+        .iter()
+        .map(|p| p.trim().trim_start_matches('/'))
+        .filter(|p| !p.is_empty())
+        .map(|p| OsString::from(format!("--exclude=/{p}")))
+        .collect()
+}
+
+/// rsync filter options that select exactly what `patterns` match (with the directories
+/// leading to them and everything below a matched directory): the second pass of a grab
+/// carries these paths over from the image's own tree.
+pub fn carry_args(patterns: &[String]) -> Vec<OsString> {
+    let mut out: Vec<OsString> = Vec::new();
+    let mut push = |s: String| {
+        let s = OsString::from(s);
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    };
+    for p in patterns.iter().map(|p| p.trim().trim_start_matches('/')).filter(|p| !p.is_empty()) {
+        let parts: Vec<&str> = p.split('/').collect();
+        for i in 1..parts.len() {
+            push(format!("--include=/{}/", parts[..i].join("/")));
+        }
+        push(format!("--include=/{p}"));
+        push(format!("--include=/{p}/**"));
+    }
+    out.push("--exclude=*".into());
+    out
+}
+
+/// `luna osimage grab`: the tree of the running node at `addr` (rsync over ssh as root; ssh
+/// options come from `RSYNC_RSH` or the admin's ssh configuration) replaces the image's tree.
+/// Paths matching `excludes` are not taken from the node; the image keeps its own. With
+/// `dry_run`, lists what would change (rsync's itemized list) and changes nothing.
+pub fn grab(addr: &str, image_root: &Path, excludes: &[String], dry_run: bool) -> Result<(), TreeError> {
+    if !image_root.is_dir() {
+        return Err(TreeError::Path { path: image_root.to_path_buf(), detail: "is not a directory".into() });
+    }
+    let remote = format!("root@{addr}:/");
+    let guard = InterruptGuard::new();
+    if dry_run {
+        let mut args: Vec<OsString> =
+            ["-aHAXS", "--numeric-ids", "--dry-run", "--itemize-changes", "--delete"].map(OsString::from).to_vec();
+        args.extend(exclude_args(excludes));
+        args.push(remote.clone().into());
+        args.push(contents(image_root));
+        return run_rsync(&args, &remote, image_root, &guard);
+    }
+    let staging = Staging::new(image_root)?;
+    let mut link_dest = OsString::from("--link-dest=");
+    link_dest.push(image_root);
+    // Pass 1: the node's tree, unchanged files hard-linked to the image's (no inode of the
+    // image is ever modified: rsync links only files whose data and attributes all match).
+    let mut args = rsync_base(stdout_is_tty());
+    args.extend(["--delete".into(), link_dest.clone()]);
+    args.extend(exclude_args(excludes));
+    args.push(remote.clone().into());
+    args.push(contents(staging.path()));
+    run_rsync(&args, &remote, image_root, &guard)?;
+    // Pass 2: what the node did not give (the excluded paths), from the image itself.
+    let mut args: Vec<OsString> = ["-aHAXS", "--numeric-ids", "--ignore-existing"].map(OsString::from).to_vec();
+    args.push(link_dest);
+    args.extend(carry_args(excludes));
+    args.push(contents(image_root));
+    args.push(contents(staging.path()));
+    run_rsync(&args, &image_root.display().to_string(), image_root, &guard)?;
+    staging.replace()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +316,38 @@ mod tests {
         assert!(e.contains("absolute"), "{e}");
         let e = Staging::new(&d.path().join("no/such")).err().unwrap().to_string();
         assert!(e.contains("parent"), "{e}");
+    }
+
+    #[test]
+    fn grab_filters_are_anchored_and_carry_parents() {
+        let p = vec!["proc/*".to_string(), "/etc/ssh/ssh_host_*".into(), " ".into()];
+        assert_eq!(exclude_args(&p), ["--exclude=/proc/*", "--exclude=/etc/ssh/ssh_host_*"]);
+        assert_eq!(
+            carry_args(&p),
+            [
+                "--include=/proc/",
+                "--include=/proc/*",
+                "--include=/proc/*/**",
+                "--include=/etc/",
+                "--include=/etc/ssh/",
+                "--include=/etc/ssh/ssh_host_*",
+                "--include=/etc/ssh/ssh_host_*/**",
+                "--exclude=*"
+            ]
+        );
+    }
+
+    #[test]
+    fn replace_swaps_the_trees() {
+        let d = tempfile::tempdir().unwrap();
+        let dst = d.path().join("img");
+        std::fs::create_dir(&dst).unwrap();
+        std::fs::write(dst.join("old"), b"").unwrap();
+        let s = Staging::new(&dst).unwrap();
+        std::fs::write(s.path().join("new"), b"").unwrap();
+        s.replace().unwrap();
+        assert!(dst.join("new").exists() && !dst.join("old").exists());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "nothing else left");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use luna_tests::{cargo_bin, free_port, privileged, work_dir, ChildGuard};
+use luna_tests::{cargo_bin, free_port, privileged, work_dir, ChildGuard, Netns};
 
 const KVER: &str = "6.1.0-99-lchroot";
 const OLD_KVER: &str = "5.10.0-1-lchroot";
@@ -18,10 +18,23 @@ struct Server {
     _guard: ChildGuard,
     dir: tempfile::TempDir,
     url: String,
+    /// The namespace the server and the commands run in (host's when `None`); dropped last.
+    ns: Option<Netns>,
 }
 
 impl Server {
     fn start() -> Server {
+        Server::start_in(None)
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        match &self.ns {
+            Some(ns) => ns.command(program),
+            None => Command::new(program),
+        }
+    }
+
+    fn start_in(ns: Option<Netns>) -> Server {
         std::fs::create_dir_all(work_dir()).unwrap();
         let dir = tempfile::Builder::new().prefix("lchroot-").tempdir_in(work_dir()).unwrap();
         let d = dir.path();
@@ -35,11 +48,14 @@ impl Server {
         let server = cargo_bin("luna-server").unwrap();
         let init = Command::new(&server).arg("--config").arg(d.join("luna.toml")).arg("init").output().unwrap();
         assert!(init.status.success(), "init: {}", String::from_utf8_lossy(&init.stderr));
-        let mut cmd = Command::new(&server);
+        let mut cmd = match &ns {
+            Some(ns) => ns.command(&server),
+            None => Command::new(&server),
+        };
         cmd.arg("--config").arg(d.join("luna.toml")).arg("serve");
         let guard = ChildGuard::spawn(&mut cmd, "lchroot-luna-server").unwrap();
         guard.wait_for("http listening", Duration::from_secs(60)).unwrap();
-        let s = Server { _guard: guard, url: format!("http://127.0.0.1:{port}"), dir };
+        let s = Server { _guard: guard, url: format!("http://127.0.0.1:{port}"), dir, ns };
         s.luna_ok(&["cluster", "change", "--frontend-address", "127.0.0.1"]);
         s
     }
@@ -56,7 +72,7 @@ impl Server {
     }
 
     fn luna(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(cargo_bin("luna").unwrap());
+        let mut cmd = self.command(&cargo_bin("luna").unwrap());
         self.env(&mut cmd);
         cmd.args(args).output().unwrap()
     }
@@ -68,7 +84,7 @@ impl Server {
     }
 
     fn lchroot(&self, image: &str, command: &[&str]) -> Command {
-        let mut cmd = Command::new(cargo_bin("lchroot").unwrap());
+        let mut cmd = self.command(&cargo_bin("lchroot").unwrap());
         self.env(&mut cmd);
         cmd.arg(image).args(command);
         cmd
@@ -493,4 +509,112 @@ fn import_applies_oci_layers_with_whiteouts_and_refuses_a_corrupt_digest() {
     assert!(!dst3.exists(), "no tree");
     assert!(leftovers(s.dir.path()).is_empty(), "{:?}", leftovers(s.dir.path()));
     assert!(!s.luna(&["osimage", "show", "lt-lchroot-bad"]).status.success(), "no object");
+}
+
+/// A node for `grab`: sshd (Debian's openssh-server) in its own namespace, chrooted into a
+/// small tree that has bash and rsync (what `rsync --server` over ssh needs) and some files.
+#[test]
+fn grab_copies_a_running_node_except_the_excludes() {
+    if !privileged() {
+        return;
+    }
+    for tool in ["/usr/sbin/sshd", "/usr/bin/ssh", "/usr/bin/rsync", "/usr/bin/ssh-keygen"] {
+        assert!(Path::new(tool).is_file(), "{tool} is needed (scripts/install-deps.sh installs it)");
+    }
+    let client_ns = Netns::new().unwrap();
+    let node_ns = Netns::new().unwrap();
+    client_ns.add_veth("lt-grab0", &node_ns, "lt-grab1").unwrap();
+    client_ns.add_addr("lt-grab0", "10.77.16.1/24").unwrap();
+    node_ns.add_addr("lt-grab1", "10.77.16.2/24").unwrap();
+    let s = Server::start_in(Some(client_ns));
+    let d = s.dir.path();
+
+    // the node's tree
+    let node = d.join("node");
+    copy_with_libs(&node, "/bin/bash", "/bin/bash");
+    copy_with_libs(&node, "/usr/bin/rsync", "/usr/bin/rsync");
+    for (f, text) in [
+        ("etc/app.conf", "node-app\n"),
+        ("etc/hostname", "node-host\n"),
+        ("etc/machine-id", "node-machine-id\n"),
+        ("etc/ssh/ssh_host_ed25519_key", "node-key\n"),
+        ("var/log/messages", "node-log\n"),
+        ("proc/cpuinfo", "node-proc\n"),
+        ("opt/data/big", "data\n"),
+    ] {
+        std::fs::create_dir_all(node.join(f).parent().unwrap()).unwrap();
+        std::fs::write(node.join(f), text).unwrap();
+    }
+    // the image before
+    let img = d.join("img-grab");
+    for (f, text) in [("etc/hostname", "image-host\n"), ("etc/old", "old\n"), ("var/log/image.log", "image-log\n")] {
+        std::fs::create_dir_all(img.join(f).parent().unwrap()).unwrap();
+        std::fs::write(img.join(f), text).unwrap();
+    }
+
+    // sshd for root with a key, chrooted into the node's tree
+    let keygen = |path: &Path| {
+        let st = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(path).status().unwrap();
+        assert!(st.success());
+    };
+    keygen(&d.join("host_key"));
+    keygen(&d.join("client_key"));
+    std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    let config = format!(
+        "ListenAddress 10.77.16.2\nPort 22\nHostKey {d}/host_key\nPidFile none\nUsePAM no\nStrictModes no\n\
+         PermitRootLogin prohibit-password\nAuthorizedKeysFile {d}/authorized_keys\nChrootDirectory {node}\n",
+        d = d.display(),
+        node = node.display()
+    );
+    std::fs::write(d.join("sshd_config"), config).unwrap();
+    let mut sshd_cmd = node_ns.command("/usr/sbin/sshd");
+    sshd_cmd.arg("-D").arg("-e").arg("-f").arg(d.join("sshd_config"));
+    let sshd = ChildGuard::spawn(&mut sshd_cmd, "lt-lchroot-sshd").unwrap();
+    sshd.wait_for("Server listening on 10.77.16.2", Duration::from_secs(20)).unwrap();
+
+    s.luna_ok(&["network", "add", "lt-grab", "--cidr", "10.77.16.0/24"]);
+    s.luna_ok(&["osimage", "add", "lt-lchroot-grab", "--path", img.to_str().unwrap()]);
+    s.luna_ok(&["group", "add", "lt-grab", "--osimage", "lt-lchroot-grab", "--network", "lt-grab"]);
+    s.luna_ok(&["node", "add", "lt-grab-node", "--group", "lt-grab", "--ip", "BOOTIF=10.77.16.2"]);
+    let rsh = format!(
+        "ssh -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR",
+        d.join("client_key").display()
+    );
+    let grab = |dry: bool| {
+        let mut cmd = s.command(&cargo_bin("luna").unwrap());
+        s.env(&mut cmd);
+        cmd.env("RSYNC_RSH", &rsh).args(["osimage", "grab", "lt-lchroot-grab", "--from", "lt-grab-node"]);
+        if dry {
+            cmd.arg("--dry-run");
+        }
+        cmd.output().unwrap()
+    };
+
+    // --dry-run lists the changes and makes none
+    let before = tree_listing(&img);
+    let out = grab(true);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("etc/app.conf") && text.lines().any(|l| l.contains("deleting") && l.ends_with(" etc/old")),
+        "{text}"
+    );
+    assert!(!text.contains("etc/hostname") && !text.contains("machine-id") && !text.contains("ssh_host"), "{text}");
+    assert_eq!(tree_listing(&img), before);
+
+    let out = grab(false);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let read = |f: &str| std::fs::read_to_string(img.join(f)).ok();
+    assert_eq!(read("etc/app.conf").as_deref(), Some("node-app\n"));
+    assert_eq!(read("opt/data/big").as_deref(), Some("data\n"));
+    assert_eq!(read("etc/old"), None, "gone from the node, gone from the image");
+    assert_eq!(read("etc/hostname").as_deref(), Some("image-host\n"), "excluded: the image keeps its own");
+    assert_eq!(read("var/log/image.log").as_deref(), Some("image-log\n"));
+    for excluded in ["etc/machine-id", "etc/ssh/ssh_host_ed25519_key", "var/log/messages", "proc/cpuinfo"] {
+        assert_eq!(read(excluded), None, "{excluded} must not be grabbed");
+    }
+    assert!(img.join("proc").is_dir(), "the directory itself is kept");
+    assert!(leftovers(d).is_empty(), "{:?}", leftovers(d));
+    drop(sshd);
 }
