@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use luna_tests::{cargo_bin, free_port, privileged, work_dir, ChildGuard, Netns};
+use luna_tests::{cargo_bin, free_port, privileged, test_assets, work_dir, ChildGuard, Cluster, ClusterOptions, Netns};
 
 const KVER: &str = "6.1.0-99-lchroot";
 const OLD_KVER: &str = "5.10.0-1-lchroot";
@@ -358,7 +358,6 @@ fn tar_of(dir: &Path, out: &Path) -> Vec<u8> {
 /// An OCI image layout with two layers: the first (gzip) a base with busybox, the second
 /// (plain tar) removes etc/gone with a whiteout and empties opq/ with an opaque marker.
 fn build_oci_layout(work: &Path) -> PathBuf {
-    use sha2::Digest as _;
     let l1 = work.join("l1");
     for d in ["etc", "opq/sub", "bin"] {
         std::fs::create_dir_all(l1.join(d)).unwrap();
@@ -383,11 +382,18 @@ fn build_oci_layout(work: &Path) -> PathBuf {
     let layer1 = std::fs::read(work.join("l1.tar.gz")).unwrap();
     let layer2 = tar_of(&l2, &work.join("l2.tar"));
 
-    let layout = work.join("layout");
-    let (d1, s1) = put_blob(&layout, &layer1);
-    let (d2, s2) = put_blob(&layout, &layer2);
-    let diff1 = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&layer1_tar)));
-    let diff2 = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&layer2)));
+    oci_layout_of(&work.join("layout"), &layer1, &layer1_tar, &layer2)
+}
+
+/// An OCI layout of two layers (`layer1` stored as given, `layer1_tar` its uncompressed tar;
+/// `layer2` an uncompressed tar).
+fn oci_layout_of(layout: &Path, layer1: &[u8], layer1_tar: &[u8], layer2: &[u8]) -> PathBuf {
+    use sha2::Digest as _;
+    let layout = layout.to_path_buf();
+    let (d1, s1) = put_blob(&layout, layer1);
+    let (d2, s2) = put_blob(&layout, layer2);
+    let diff1 = format!("sha256:{}", hex::encode(sha2::Sha256::digest(layer1_tar)));
+    let diff2 = format!("sha256:{}", hex::encode(sha2::Sha256::digest(layer2)));
     let config = serde_json::json!({"architecture": "amd64", "os": "linux",
         "rootfs": {"type": "layers", "diff_ids": [diff1, diff2]}});
     let (dc, sc) = put_blob(&layout, config.to_string().as_bytes());
@@ -617,4 +623,61 @@ fn grab_copies_a_running_node_except_the_excludes() {
     assert!(img.join("proc").is_dir(), "the directory itself is kept");
     assert!(leftovers(d).is_empty(), "{:?}", leftovers(d));
     drop(sshd);
+}
+
+/// The whole image life once, as an admin does it: import a container image (the busybox test
+/// tree as a base layer plus a second layer), install a file with lchroot (and a line in the
+/// image's init that prints it), pack, and PXE-boot a VM that installs the image through the
+/// agent and prints the file from the booted image. One VM (about two minutes under TCG).
+#[test]
+fn imported_image_changed_in_lchroot_boots_with_the_change() {
+    if !privileged() {
+        return;
+    }
+    const SUBNET: &str = "10.83.0";
+    let assets = test_assets().expect("test assets");
+    let c = Cluster::start(ClusterOptions { subnet: SUBNET.into(), ..ClusterOptions::default() }).unwrap();
+    let work = c.dir().join("oci");
+    std::fs::create_dir_all(work.join("l2/etc")).unwrap();
+    std::fs::write(work.join("l2/etc/lt-layer2"), b"from layer 2\n").unwrap();
+    let base = tar_of(&assets.rootfs, &work.join("base.tar"));
+    let layer2 = tar_of(&work.join("l2"), &work.join("l2.tar"));
+    let layout = oci_layout_of(&work.join("layout"), &base, &base, &layer2);
+    let tree = c.dir().join("img-e2e");
+    c.cli(&["osimage", "import", "lt-e2e", "--from", layout.to_str().unwrap(), "--path", tree.to_str().unwrap()])
+        .unwrap();
+    // dracut trimmed to what a virtio VM needs, as Cluster::add_osimage does
+    let trim = serde_json::json!({
+        "kernel_opts": "console=ttyS0 panic=-1 rd.retry=300 luna.stall=10",
+        "dracut_modules_omit": ["systemd", "systemd-initrd", "systemd-networkd", "dracut-systemd", "plymouth",
+            "i18n", "kernel-modules", "kernel-modules-extra", "qemu", "qemu-net"],
+        "dracut_drivers_add": ["virtio_net", "virtio_pci", "af_packet"],
+    });
+    c.api("PATCH", "/api/v1/osimage/lt-e2e", Some(&trim)).unwrap();
+
+    let script = "echo installed-by-lchroot > /etc/lt-lchroot-installed && \
+        sed -i 's|^/usr/sbin/luna-report-booted|echo \"LT-LCHROOT-FILE $(cat /etc/lt-lchroot-installed) $(cat /etc/lt-layer2)\" >/dev/console; &|' /sbin/init && \
+        uname -r";
+    let out =
+        c.ns.command(cargo_bin("lchroot").unwrap())
+            .env("LUNA_SERVER", c.url())
+            .env("LUNA_TOKEN_FILE", c.dir().join("token"))
+            .env("LUNA_DATA_DIR", c.dir().join("data"))
+            .env_remove("LUNA_TOKEN")
+            .args(["lt-e2e", "/bin/sh", "-c", script])
+            .output()
+            .unwrap();
+    assert!(out.status.success(), "lchroot: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), assets.kver, "uname -r inside is the image's kernel");
+
+    c.pack("lt-e2e", Duration::from_secs(600)).unwrap();
+    c.cli(&["network", "add", "prov", "--cidr", &format!("{SUBNET}.0/24"), "--gateway", &c.server_ip()]).unwrap();
+    c.cli(&["group", "add", "compute", "--osimage", "lt-e2e", "--network", "prov"]).unwrap();
+    let mac = "52:54:00:83:00:02";
+    c.cli(&["node", "add", "lt-e2e-node", "--group", "compute", "--mac", mac]).unwrap();
+    let vm = c.boot("lt-e2e-vm", mac).unwrap();
+    let line = vm.wait_for("LT-LCHROOT-FILE", Duration::from_secs(420)).unwrap_or_else(|e| {
+        panic!("the booted image did not print the file: {e}\n{}\n--- server\n{}", vm.serial().tail(40), c.server_log())
+    });
+    assert!(line.contains("installed-by-lchroot from layer 2"), "{line}");
 }
