@@ -265,12 +265,20 @@ pub enum OsimageCmd {
     Rename(RenameArgs),
     /// Delete an OS image no group uses.
     Delete(DeleteArgs),
-    /// Copy an OS image under a new name.
-    Clone(RenameArgs),
+    /// Copy an OS image under a new name (with --path, its tree too).
+    Clone(OsimageClone),
     /// Pack the chroot into a new published revision: archive, kernel, initramfs, torrent.
     Pack(OsimagePack),
     /// Make an older kept revision the current one again (default: the one before it).
     Rollback(OsimageRollback),
+    /// List the kernels in the image's tree (`change --kernel-version` picks one).
+    Kernels(ShowArgs),
+    /// Make a new OS image from a container image: an OCI layout directory, or a `docker save`
+    /// or OCI archive (no container runtime needed; run as root on the server host).
+    Import(OsimageImport),
+    /// Replace the image's tree with a running node's (rsync over ssh as root), except the
+    /// image's grab_exclude paths.
+    Grab(OsimageGrab),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -288,6 +296,38 @@ pub struct OsimagePack {
     /// Start the pack job, print its id and return without waiting.
     #[arg(long)]
     pub no_wait: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OsimageGrab {
+    pub name: String,
+    /// The node to copy from (its first interface with an address; ssh as root).
+    #[arg(long, value_name = "NODE")]
+    pub from: String,
+    /// List what would change (rsync's itemized list) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OsimageImport {
+    pub name: String,
+    /// The container image: an OCI image layout directory or a tar archive of one (or of `docker save`).
+    #[arg(long, value_name = "SOURCE")]
+    pub from: PathBuf,
+    /// Where the image tree is written (absolute; must not exist).
+    #[arg(long, value_name = "DIR")]
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OsimageClone {
+    pub name: String,
+    pub new_name: String,
+    /// Copy the tree into DIR too (must not exist; hard links, xattrs, ACLs, device nodes and
+    /// sparse files kept); run as root on the server host.
+    #[arg(long, value_name = "DIR")]
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -777,6 +817,32 @@ pub struct CompletionsArgs {
 pub struct ManpagesArgs {
     /// Directory the pages are written to (created if missing).
     pub dir: PathBuf,
+}
+
+// ---------------------------------------------------------------------------------------------
+// lchroot (its own binary)
+
+/// luna-server's `data_dir` default: where lchroot sessions take an image's lock.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/luna";
+
+/// Work inside an OS image's tree: an interactive shell, or COMMAND, in a private mount
+/// namespace with /proc, /sys, /dev, /dev/pts, /run and /tmp mounted, the host's resolv.conf,
+/// and `uname -r` reporting the image's kernel. Run it as root on the luna server. The
+/// command's exit status is lchroot's; `luna osimage pack` refuses the image while a session
+/// is open (unless --force).
+#[derive(Debug, Parser)]
+#[command(name = "lchroot", version, max_term_width = 100)]
+pub struct LchrootCli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// luna-server's data directory (its `data_dir`), where sessions lock the image.
+    #[arg(long, env = "LUNA_DATA_DIR", default_value = DEFAULT_DATA_DIR, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// The osimage to enter.
+    pub image: String,
+    /// The command and its arguments (default: the image's /bin/bash, else /bin/sh).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 // ---------------------------------------------------------------------------------------------

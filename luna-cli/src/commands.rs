@@ -2,6 +2,7 @@
 //! merged into the current object), print the answer.
 
 use std::io::{IsTerminal as _, Read, Write};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -373,16 +374,148 @@ impl<R: Read> Ctx<R> {
                 self.create(k, Value::Object(m))
             }
             OsimageCmd::Change(a) => {
+                if let Some(v) = &a.fields.kernel_version {
+                    self.check_kernel_in_tree(&a.name, v)?;
+                }
                 let mut m = self.osimage_fields(&a.fields)?;
                 unset(&mut m, &a.unset.unset)?;
                 self.change(k, &a.name, m)
             }
             OsimageCmd::Rename(a) => self.rename(k, a, false),
-            OsimageCmd::Clone(a) => self.rename(k, a, true),
+            OsimageCmd::Clone(a) => self.osimage_clone(a),
             OsimageCmd::Delete(a) => self.delete(k, a),
             OsimageCmd::Pack(a) => self.osimage_pack(a),
             OsimageCmd::Rollback(a) => self.osimage_rollback(a),
+            OsimageCmd::Kernels(a) => self.osimage_kernels(a),
+            OsimageCmd::Import(a) => self.osimage_import(a),
+            OsimageCmd::Grab(a) => self.osimage_grab(a),
         }
+    }
+
+    fn osimage_grab(&mut self, a: &OsimageGrab) -> Result<()> {
+        let k = Kind::Osimage;
+        check_name(k, &a.name)?;
+        check_name(Kind::Node, &a.from)?;
+        let image = self.fetch(k, &a.name, false)?;
+        let path =
+            image.get("path").and_then(Value::as_str).ok_or_else(|| anyhow!("osimage {} has no path", a.name))?;
+        let excludes: Vec<String> = image
+            .get("grab_exclude")
+            .and_then(Value::as_array)
+            .map(|l| l.iter().filter_map(|p| p.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        let node = self.fetch(Kind::Node, &a.from, false)?;
+        let addr = node
+            .get("interfaces")
+            .and_then(Value::as_array)
+            .and_then(|ifs| ifs.iter().find_map(|i| i.get("ip").and_then(Value::as_str)))
+            .ok_or_else(|| anyhow!("node {} has no interface with an address to grab from", a.from))?
+            .to_string();
+        crate::tree::grab(&addr, Path::new(path), &excludes, a.dry_run)?;
+        if !a.dry_run {
+            self.print(&format!("grabbed node {} ({addr}) into osimage {} ({path})", a.from, a.name));
+        }
+        Ok(())
+    }
+
+    fn require_absent(&self, name: &str) -> Result<()> {
+        match self.client.get(&object_path(Kind::Osimage, name), &[]) {
+            Ok(_) => bail!("osimage {name} already exists"),
+            Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The tree first (staged, verified, renamed into place), then the object; the tree is
+    /// removed again if the object cannot be created.
+    fn osimage_import(&mut self, a: &OsimageImport) -> Result<()> {
+        let k = Kind::Osimage;
+        check_name(k, &a.name)?;
+        let dst = a.path.to_str().ok_or_else(|| anyhow!("--path {}: not UTF-8", a.path.display()))?;
+        let mut m = Map::new();
+        m.insert("name".into(), json!(a.name));
+        m.insert("path".into(), json!(dst));
+        validate_new(k, &m)?;
+        self.require_absent(&a.name)?;
+        crate::import::import(&a.from, &a.path)?;
+        if let Err(e) = self.client.write("POST", &kind_path(k), Some(&Value::Object(m))) {
+            let _ = std::fs::remove_dir_all(&a.path);
+            return Err(e.into());
+        }
+        self.print(&format!("imported osimage {} from {} into {dst}", a.name, a.from.display()));
+        Ok(())
+    }
+
+    /// The object (server-side clone), and with `--path` the tree first: copied into a staging
+    /// directory, renamed into place, and only then recorded (removed again if that fails).
+    fn osimage_clone(&mut self, a: &OsimageClone) -> Result<()> {
+        let k = Kind::Osimage;
+        let plain = RenameArgs { name: a.name.clone(), new_name: a.new_name.clone() };
+        let Some(dst) = &a.path else { return self.rename(k, &plain, true) };
+        check_name(k, &a.name)?;
+        check_name(k, &a.new_name)?;
+        let dst_str = dst.to_str().ok_or_else(|| anyhow!("--path {}: not UTF-8", dst.display()))?;
+        self.require_absent(&a.new_name)?;
+        let src = self.fetch(k, &a.name, false)?;
+        let src_path =
+            src.get("path").and_then(Value::as_str).ok_or_else(|| anyhow!("osimage {} has no path", a.name))?;
+        crate::tree::copy_tree(Path::new(src_path), dst)?;
+        let recorded = self
+            .client
+            .write("POST", &format!("{}/clone", object_path(k, &a.name)), Some(&json!({"new_name": a.new_name})))
+            .and_then(|_| self.client.write("PATCH", &object_path(k, &a.new_name), Some(&json!({"path": dst_str}))));
+        if let Err(e) = recorded {
+            let _ = self.client.write("DELETE", &object_path(k, &a.new_name), None);
+            let _ = std::fs::remove_dir_all(dst);
+            return Err(e.into());
+        }
+        self.print(&format!("cloned osimage {} as {} with its tree in {dst_str}", a.name, a.new_name));
+        Ok(())
+    }
+
+    fn kernels_of(&self, name: &str) -> Result<(Vec<String>, Value)> {
+        check_name(Kind::Osimage, name)?;
+        let answer = self.client.get(&format!("{}/kernels", object_path(Kind::Osimage, name)), &[])?;
+        let kernels = answer
+            .get("kernels")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|k| k.as_str().map(String::from)).collect())
+            .ok_or_else(|| anyhow!("invalid answer from luna-server: no kernel list in {answer}"))?;
+        Ok((kernels, answer))
+    }
+
+    /// `--kernel-version V` must name a kernel the tree holds (the server lists them).
+    fn check_kernel_in_tree(&self, name: &str, version: &str) -> Result<()> {
+        let (kernels, _) = self.kernels_of(name)?;
+        if !kernels.iter().any(|k| k == version) {
+            let held = if kernels.is_empty() { "none".to_string() } else { kernels.join(", ") };
+            bail!(
+                "osimage {name} has no kernel {version} in its tree (/boot/vmlinuz-{version} and /lib/modules/{version}/); \
+                 it holds: {held}"
+            );
+        }
+        Ok(())
+    }
+
+    fn osimage_kernels(&mut self, a: &ShowArgs) -> Result<()> {
+        let (kernels, answer) = self.kernels_of(&a.name)?;
+        if a.json {
+            self.print_json(&answer);
+            return Ok(());
+        }
+        let selected = answer.get("selected").and_then(Value::as_str);
+        let mut text = String::new();
+        for k in &kernels {
+            let mark = if Some(k.as_str()) == selected { "  (boots)" } else { "" };
+            text.push_str(&format!("{k}{mark}\n"));
+        }
+        if kernels.is_empty() {
+            text.push_str(&format!("osimage {} has no kernel in its tree\n", a.name));
+        } else if selected.is_none() {
+            text.push_str("no kernel_version set: pick one with luna osimage change NAME --kernel-version V\n");
+        }
+        self.print(text.trim_end());
+        Ok(())
     }
 
     /// The object, then its kept revisions with the tracker's and the seeder's counters.

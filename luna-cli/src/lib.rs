@@ -7,9 +7,12 @@ pub mod args;
 pub mod client;
 pub mod commands;
 pub mod power;
+pub mod import;
+pub mod lchroot;
 pub mod progress;
 pub mod render;
 pub mod text;
+pub mod tree;
 
 use std::io::Write;
 

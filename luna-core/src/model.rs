@@ -469,8 +469,28 @@ pub struct Osimage {
     pub rev: u64,
 }
 
+/// Left out of packed archives and of `luna osimage grab`: the API filesystems' contents,
+/// scratch and caches, logs, the node's identity (machine-id, ssh host keys) and the files the
+/// agent writes on install (hostname, network configuration).
 pub fn default_grab_exclude() -> Vec<String> {
-    ["proc/*", "sys/*", "dev/*", "tmp/*", "run/*", "var/tmp/*", "var/cache/*"].map(String::from).to_vec()
+    [
+        "proc/*",
+        "sys/*",
+        "dev/*",
+        "tmp/*",
+        "run/*",
+        "var/tmp/*",
+        "var/cache/*",
+        "var/log/*",
+        "etc/machine-id",
+        "etc/ssh/ssh_host_*",
+        "etc/hostname",
+        "etc/sysconfig/network-scripts/ifcfg-*",
+        "etc/NetworkManager/system-connections/luna-*",
+        "etc/systemd/network/10-luna-*",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// One published, immutable build of an osimage.

@@ -196,6 +196,10 @@ async fn lchroot_lock_and_concurrent_packs_are_refused() {
     let lock = env.data_dir.join("lchroot/compute.lock");
     std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
     std::fs::write(&lock, format!("{}\n", std::process::id())).unwrap();
+    // what an lchroot session holds (luna-cli's lchroot/lock.rs): a shared flock
+    let session = std::fs::File::open(&lock).unwrap();
+    // SAFETY: flock on a descriptor we own.
+    assert_eq!(unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&session), libc::LOCK_SH) }, 0);
     let e = image::start_pack(&env.state, "compute", PackRequest::default()).await.unwrap_err().to_string();
     assert_eq!(
         e,
@@ -210,8 +214,8 @@ async fn lchroot_lock_and_concurrent_packs_are_refused() {
     assert!(matches!(e, ImageError::AlreadyPacking { job: Some(j), .. } if j == job), "{e}");
     let done = wait_job(&env, job).await;
     assert_eq!(done.revision, Some(1));
-    // a stale lock (dead pid) is ignored
-    std::fs::write(&lock, "99999999\n").unwrap();
+    // a session that ended (its flock gone) is no session, whatever the file lists
+    drop(session);
     let r = image::pack_now(&env.state, "compute", PackRequest::default()).await.unwrap();
     assert_eq!(r.id, 2);
 }

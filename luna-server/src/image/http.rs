@@ -52,13 +52,14 @@ fn body<T: DeserializeOwned + Default>(what: &str, b: &Bytes) -> Result<T, Image
 }
 
 /// The API routes, with full paths: `POST /api/v1/osimage/{name}/pack`,
-/// `POST /api/v1/osimage/{name}/rollback`, `GET /api/v1/osimage/{name}/revisions`,
+/// `POST /api/v1/osimage/{name}/rollback`, `GET /api/v1/osimage/{name}/revisions`, `GET /api/v1/osimage/{name}/kernels`,
 /// `GET /api/v1/jobs/{id}`. Put them behind the admin-token middleware.
 pub fn router(state: Arc<ImageState>) -> Router {
     Router::new()
         .route("/api/v1/osimage/{name}/pack", post(pack))
         .route("/api/v1/osimage/{name}/rollback", post(rollback))
         .route("/api/v1/osimage/{name}/revisions", get(revisions))
+        .route("/api/v1/osimage/{name}/kernels", get(kernels))
         .route("/api/v1/jobs/{id}", get(job))
         .with_state(state)
 }
@@ -87,6 +88,11 @@ async fn rollback(
 async fn revisions(State(st): State<Arc<ImageState>>, Path(name): Path<String>) -> Result<Json<Value>, ImageError> {
     let list = super::revisions(&st, &name).await?;
     Ok(Json(serde_json::to_value(list).unwrap_or(Value::Null)))
+}
+
+async fn kernels(State(st): State<Arc<ImageState>>, Path(name): Path<String>) -> Result<Json<Value>, ImageError> {
+    let k = super::kernels(&st, &name).await?;
+    Ok(Json(serde_json::to_value(k).unwrap_or(Value::Null)))
 }
 
 async fn job(State(st): State<Arc<ImageState>>, Path(id): Path<String>) -> Result<Json<Value>, ImageError> {

@@ -141,6 +141,48 @@ pub fn detect(image: &Osimage) -> Result<KernelFiles> {
     }
 }
 
+/// Orders kernel versions as people read them (`6.1.0-9` before `6.1.0-10`): runs of digits
+/// compare as numbers.
+pub fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(s: &str) -> Vec<Result<u64, &str>> {
+        let mut out = Vec::new();
+        let mut rest = s;
+        while !rest.is_empty() {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            let n = if digits > 0 { digits } else { rest.bytes().take_while(|b| !b.is_ascii_digit()).count() };
+            let (head, tail) = rest.split_at(n);
+            out.push(if digits > 0 { head.parse::<u64>().map_err(|_| head) } else { Err(head) });
+            rest = tail;
+        }
+        out
+    }
+    let order = |p: &Result<u64, &str>, q: &Result<u64, &str>| match (p, q) {
+        (Ok(x), Ok(y)) => x.cmp(y),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Greater,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Less,
+        (Err(x), Err(y)) => x.cmp(y),
+    };
+    let (pa, pb) = (parts(a), parts(b));
+    for (p, q) in pa.iter().zip(&pb) {
+        match order(p, q) {
+            std::cmp::Ordering::Equal => continue,
+            o => return o,
+        }
+    }
+    pa.len().cmp(&pb.len())
+}
+
+/// The kernel versions the image's tree holds (both `/boot/vmlinuz-<v>` and
+/// `/lib/modules/<v>/`), oldest first.
+pub fn list(image: &Osimage) -> Vec<String> {
+    let root = Path::new(&image.path);
+    let kernels = names_in(&resolve_in_root(root, Path::new("boot")), "vmlinuz-");
+    let modules = names_in(&resolve_in_root(root, Path::new("lib/modules")), "");
+    let mut both: Vec<String> = kernels.into_iter().filter(|k| modules.contains(k)).collect();
+    both.sort_by(|a, b| version_order(a, b));
+    both
+}
+
 /// The dracut invocation for an image (without running it).
 pub fn dracut_args(image: &Osimage, k: &KernelFiles, out: &Path) -> Vec<String> {
     let mut a = vec![
@@ -278,6 +320,18 @@ mod tests {
         img.kernel_version = Some("6.9".into());
         let e = detect(&img).unwrap_err().to_string();
         assert!(e.contains("vmlinuz-6.9"), "{e}");
+    }
+
+    #[test]
+    fn lists_kernels_in_version_order() {
+        let d = tempfile::tempdir().unwrap();
+        symlink("usr/lib", d.path().join("lib")).unwrap();
+        add_kernel(d.path(), "6.1.0-10-amd64");
+        add_kernel(d.path(), "6.1.0-9-amd64");
+        std::fs::create_dir_all(d.path().join("usr/lib/modules/7.0")).unwrap();
+        assert_eq!(list(&image(d.path())), ["6.1.0-9-amd64", "6.1.0-10-amd64"], "modules alone do not count");
+        assert_eq!(list(&image(&d.path().join("missing"))), Vec::<String>::new());
+        assert_eq!(version_order("5.14.0-427.el9", "5.14.0-70.el9"), std::cmp::Ordering::Greater);
     }
 
     #[test]

@@ -114,12 +114,20 @@ seeder_peer_slots = {slots}
     )
 }
 
+fn pid_list(pids: &[i32]) -> String {
+    if pids.is_empty() {
+        return "pid unknown".into();
+    }
+    let list: Vec<String> = pids.iter().map(i32::to_string).collect();
+    format!("pid {}", list.join(", "))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error(transparent)]
     Service(#[from] ServiceError),
-    #[error("osimage '{image}' is open in lchroot (pid {pid}); close it or use --force")]
-    InLchroot { image: String, pid: i32 },
+    #[error("osimage '{image}' is open in lchroot ({}); close it or use --force", pid_list(pids))]
+    InLchroot { image: String, pids: Vec<i32> },
     #[error("osimage '{image}' is already being packed{}", job.map(|j| format!(" (job {j})")).unwrap_or_default())]
     AlreadyPacking { image: String, job: Option<JobId> },
     #[error("{0}")]
@@ -245,6 +253,27 @@ pub struct RevisionUrls {
     pub initrd: String,
 }
 
+/// `GET /api/v1/osimage/{name}/kernels`: the kernels of the image's tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelList {
+    /// Versions with both `/boot/vmlinuz-<v>` and `/lib/modules/<v>/`, oldest first.
+    pub kernels: Vec<String>,
+    /// The one a pack boots: `kernel_version` if the tree holds it, else the only one.
+    pub selected: Option<String>,
+    pub kernel_version: Option<String>,
+}
+
+pub async fn kernels(state: &Arc<ImageState>, name: &str) -> Result<KernelList, ImageError> {
+    let image = osimage(&state.service, name).await?;
+    tokio::task::spawn_blocking(move || {
+        let kernels = kernel::list(&image);
+        let selected = kernel::detect(&image).ok().map(|k| k.version);
+        KernelList { kernels, selected, kernel_version: image.kernel_version }
+    })
+    .await
+    .map_err(|e| ImageError::BadRequest(format!("kernel listing task died: {e}")))
+}
+
 /// The HTTP path of a revision's file.
 pub fn file_path(image: &str, rev: u32, file: &str) -> String {
     format!("/images/{image}/{rev}/{file}")
@@ -296,6 +325,8 @@ pub async fn pack_now(state: &Arc<ImageState>, name: &str, req: PackRequest) -> 
 struct Prepared {
     image: Osimage,
     lock: publish::PackLock,
+    /// Keeps lchroot sessions out while the pack runs (none when packing with --force).
+    _lchroot: Option<publish::LchrootExclusion>,
     opts: pack::PackOptions,
     warning: Option<String>,
 }
@@ -309,14 +340,26 @@ async fn prepare(state: &Arc<ImageState>, name: &str, req: PackRequest) -> Resul
         .map_err(|source| ImageError::Io { what: "cannot lock", path: layout.pack_lock(name), source })?
         .ok_or_else(|| ImageError::AlreadyPacking { image: name.into(), job: state.jobs.running_for(name) })?;
     let mut warning = None;
-    if let Some(pid) = publish::lchroot_holder(layout, name) {
-        if !req.force {
-            return Err(ImageError::InLchroot { image: name.into(), pid });
+    let lchroot_path = layout.lchroot_lock(name);
+    let lchroot = match publish::lchroot_state(layout, name).map_err(|source| ImageError::Io {
+        what: "cannot check the lchroot lock",
+        path: lchroot_path,
+        source,
+    })? {
+        publish::LchrootState::Closed(x) => Some(x),
+        publish::LchrootState::Open { pids } => {
+            if !req.force {
+                return Err(ImageError::InLchroot { image: name.into(), pids });
+            }
+            let w = format!(
+                "osimage '{name}' is open in lchroot ({}); packing anyway (--force): files changing now may be inconsistent",
+                pid_list(&pids)
+            );
+            tracing::warn!("{w}");
+            warning = Some(w);
+            None
         }
-        let w = format!("osimage '{name}' is open in lchroot (pid {pid}); packing anyway (--force): files changing now may be inconsistent");
-        tracing::warn!("{w}");
-        warning = Some(w);
-    }
+    };
     publish::remove_stale_tmp(layout, name);
     let revision = publish::next_revision(layout, &image);
     let previous = image
@@ -342,11 +385,11 @@ async fn prepare(state: &Arc<ImageState>, name: &str, req: PackRequest) -> Resul
         },
         now: crate::service::unix_now(),
     };
-    Ok(Prepared { image, lock, opts, warning })
+    Ok(Prepared { image, lock, _lchroot: lchroot, opts, warning })
 }
 
 async fn run(state: &Arc<ImageState>, p: Prepared, job: JobId) -> Result<ImageRevision, ImageError> {
-    let Prepared { image, lock, opts, .. } = p;
+    let Prepared { image, lock, opts, _lchroot, .. } = p;
     let tmp = opts.out_dir.clone();
     std::fs::create_dir_all(&tmp).map_err(|source| ImageError::Io {
         what: "cannot create",

@@ -83,18 +83,55 @@ pub fn try_pack_lock(layout: &Layout, image: &str) -> io::Result<Option<PackLock
     }
 }
 
-/// The pid of a live `lchroot` session holding `image` open, if any. A lock file whose pid is
-/// gone (a crashed lchroot) does not count.
-pub fn lchroot_holder(layout: &Layout, image: &str) -> Option<i32> {
-    let text = std::fs::read_to_string(layout.lchroot_lock(image)).ok()?;
-    let pid: i32 = text.split_whitespace().next()?.parse().ok()?;
-    if pid <= 0 {
-        return None;
-    }
+/// Whether lchroot sessions have an image open (the protocol is in `luna-cli`'s
+/// `lchroot/lock.rs`: each session holds a shared `flock` on the lock file and appends its pid).
+#[derive(Debug)]
+pub enum LchrootState {
+    /// No session: the lock is ours, exclusively, until this is dropped, so no session can
+    /// start while the pack runs.
+    Closed(LchrootExclusion),
+    /// Sessions hold the lock: the live pids written in the file (empty if none is known).
+    Open { pids: Vec<i32> },
+}
+
+/// Keeps lchroot sessions out of an image while a pack runs.
+#[derive(Debug)]
+pub struct LchrootExclusion {
+    _file: File,
+}
+
+fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     let r = unsafe { libc::kill(pid, 0) };
-    let alive = r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    alive.then_some(pid)
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Checks for open lchroot sessions of `image` and, when there are none, takes the image's
+/// lchroot lock exclusively. A lock file nobody holds (its sessions ended or were killed)
+/// means no session, whatever pids it lists; it is emptied then.
+pub fn lchroot_state(layout: &Layout, image: &str) -> io::Result<LchrootState> {
+    let path = layout.lchroot_lock(image);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let f = File::options().create(true).truncate(false).read(true).write(true).open(&path)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        f.set_len(0)?;
+        return Ok(LchrootState::Closed(LchrootExclusion { _file: f }));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+        return Err(e);
+    }
+    let text = std::fs::read_to_string(&path)?;
+    let mut pids: Vec<i32> = Vec::new();
+    for pid in text.split_whitespace().filter_map(|w| w.parse::<i32>().ok()) {
+        if pid > 0 && !pids.contains(&pid) && alive(pid) {
+            pids.push(pid);
+        }
+    }
+    Ok(LchrootState::Open { pids })
 }
 
 /// Removes half-built revision directories left by a crashed pack (caller holds the pack lock).
@@ -225,16 +262,26 @@ mod tests {
     }
 
     #[test]
-    fn lchroot_lock_counts_only_live_pids() {
+    fn lchroot_sessions_are_the_lock_holders_and_their_live_pids() {
         let d = tempfile::tempdir().unwrap();
         let l = Layout::new(d.path());
-        assert_eq!(lchroot_holder(&l, "c"), None);
-        std::fs::create_dir_all(d.path().join("lchroot")).unwrap();
+        let LchrootState::Closed(x) = lchroot_state(&l, "c").unwrap() else { panic!("no session yet") };
+        drop(x);
+        // a file nobody holds lists pids of sessions that are gone: no session
         std::fs::write(l.lchroot_lock("c"), format!("{}\n", std::process::id())).unwrap();
-        assert_eq!(lchroot_holder(&l, "c"), Some(std::process::id() as i32));
-        // a pid that cannot exist (above pid_max)
-        std::fs::write(l.lchroot_lock("c"), "99999999\n").unwrap();
-        assert_eq!(lchroot_holder(&l, "c"), None);
+        assert!(matches!(lchroot_state(&l, "c").unwrap(), LchrootState::Closed(_)));
+        assert_eq!(std::fs::read_to_string(l.lchroot_lock("c")).unwrap(), "", "emptied");
+        // a session: shared lock, its pid appended (a dead one listed too)
+        let session = File::options().append(true).open(l.lchroot_lock("c")).unwrap();
+        // SAFETY: flock on a descriptor we own.
+        assert_eq!(unsafe { libc::flock(session.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) }, 0);
+        std::fs::write(l.lchroot_lock("c"), format!("99999999\n{0}\n{0}\n", std::process::id())).unwrap();
+        match lchroot_state(&l, "c").unwrap() {
+            LchrootState::Open { pids } => assert_eq!(pids, [std::process::id() as i32]),
+            other => panic!("{other:?}"),
+        }
+        drop(session);
+        assert!(matches!(lchroot_state(&l, "c").unwrap(), LchrootState::Closed(_)));
     }
 
     #[test]
