@@ -39,17 +39,7 @@ flock 9
 build_tree() {
     command -v debootstrap >/dev/null || die "debootstrap not found (run scripts/install-deps.sh)"
 
-    # The first Debian mirror of apt's sources (deb822 `URIs:` or one-line `deb` entries).
-    find_mirror() {
-        local f
-        for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-            [ -f "$f" ] || continue
-            awk '/^URIs:/ {for (i = 2; i <= NF; i++) print $i}
-                 /^deb / {for (i = 2; i <= NF; i++) if ($i ~ /^http/) print $i}' "$f"
-        done | sed 's#/*$##' | grep -m1 '/debian$' || true
-    }
-    MIRROR=${LUNA_DEBIAN_MIRROR:-$(find_mirror)}
-    [ -n "$MIRROR" ] || die "no Debian mirror in /etc/apt/sources.list*; set LUNA_DEBIAN_MIRROR"
+    MIRROR="$(bash "$here/debian-mirror.sh")" || die "no Debian mirror (see scripts/debian-mirror.sh)"
 
     rm -f "$OUT"/root.v*
     rm -rf "$ROOT"

@@ -110,12 +110,8 @@ PIDS+=($!)
 for _ in $(seq 100); do grep -q "http listening" "$WORK/server.log" && break; sleep 0.2; done
 
 luna() { ip netns exec "$NS" env LUNA_SERVER="http://$SERVER_IP:7050" LUNA_TOKEN_FILE="$WORK/token" "$BIN/luna" "$@"; }
-api() {
-    local method=$1 path=$2
-    shift 2
-    ip netns exec "$NS" curl -sS --fail-with-body -X "$method" -H "Authorization: Bearer $(cat "$WORK/token")" \
-        -H "Content-Type: application/json" "http://$SERVER_IP:7050/api/v1$path" "$@"
-}
+# the image's kept revisions with their swarm and seeder counters, as JSON
+revisions() { luna osimage show "$IMAGE" --json | json 'json.dumps(d["revisions"])'; }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 
 say "creating the cluster's objects with the luna CLI"
@@ -123,9 +119,8 @@ luna cluster change --frontend-address "$SERVER_IP" --dhcp-interfaces br0 >/dev/
 luna network add prov --cidr 10.88.0.0/24 --gateway "$SERVER_IP"
 luna osimage add "$IMAGE" --path "$ROOTFS" --kernel-opts "$KERNEL_OPTS"
 # a VM needs the virtio drivers, not every module set
-api PATCH "/osimage/$IMAGE" --data '{"dracut_drivers_add":["virtio_net","virtio_pci","af_packet"],
-    "dracut_modules_omit":["systemd","systemd-initrd","systemd-networkd","dracut-systemd","plymouth","i18n",
-    "kernel-modules","kernel-modules-extra","qemu","qemu-net"]}' >/dev/null
+luna osimage change "$IMAGE" --dracut-drivers-add virtio_net,virtio_pci,af_packet \
+    --dracut-modules-omit systemd,systemd-initrd,systemd-networkd,dracut-systemd,plymouth,i18n,kernel-modules,kernel-modules-extra,qemu,qemu-net
 luna group add compute --osimage "$IMAGE" --network prov
 MACS=()
 for i in $(seq "$VMS"); do MACS+=("52:54:00:88:00:$(printf %02x "$i")"); done
@@ -134,19 +129,11 @@ for i in $(seq "$VMS"); do luna node change "node$(printf %03d "$i")" --mac "${M
 
 say "packing osimage $IMAGE: tar.zst + torrent, kernel, initramfs by dracut with luna's module"
 PACK_START=$(date +%s)
-JOB=$(api POST "/osimage/$IMAGE/pack" --data '{}' | json 'd["job"]')
-while :; do
-    STATE=$(api GET "/jobs/$JOB")
-    case "$(echo "$STATE" | json 'd["state"]')" in
-        done) break ;;
-        failed) echo "pack failed: $STATE" >&2; exit 1 ;;
-    esac
-    sleep 1
-done
-echo "packed revision $(echo "$STATE" | json 'd["revision"]') in $(($(date +%s) - PACK_START)) s"
-api GET "/osimage/$IMAGE/revisions" | json '"\n".join("revision %s: %s bytes, sha256 %s, info hash %s" % (r["id"], r["archive_size"], r["sha256"][:16], r["info_hash"]) for r in d)'
+luna osimage pack "$IMAGE"
+echo "packed in $(($(date +%s) - PACK_START)) s"
+luna osimage show "$IMAGE"
 for _ in $(seq 600); do
-    api GET "/osimage/$IMAGE/revisions" | json 'd[-1]["seeder"] and d[-1]["seeder"]["healthy"]' | grep -q True && break
+    revisions | json 'd[-1]["seeder"] and d[-1]["seeder"]["healthy"]' | grep -q True && break
     sleep 0.5
 done
 luna node list
@@ -182,7 +169,7 @@ while [ $(($(date +%s) - START)) -lt "$WAIT_S" ]; do
             fi
         fi
     done
-    L=$(api GET "/osimage/$IMAGE/revisions" | json '(d[-1]["tracker"] or {}).get("leechers", 0)' 2>/dev/null || echo 0)
+    L=$(revisions | json '(d[-1]["tracker"] or {}).get("leechers", 0)' 2>/dev/null || echo 0)
     [ "$L" -gt "$MAX_LEECHERS" ] && MAX_LEECHERS=$L
     [ "${#DONE[@]}" -eq "$VMS" ] && break
     sleep 1

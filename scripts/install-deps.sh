@@ -48,6 +48,8 @@ PACKAGES=(
     iproute2 iputils-ping procps psmisc
     # python test doubles (Redfish, SNMP, MongoDB wire protocol)
     python3 python3-venv python3-pip python3-gdbm
+    # the Debian package: build (dpkg-shlibdeps, strip), check, and boot it under systemd
+    dpkg-dev binutils lintian systemd-container
     # misc used by scripts and tests
     curl ca-certificates util-linux
     # self-signed certificates for the Redfish emulator (tests/power.rs)

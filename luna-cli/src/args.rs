@@ -351,6 +351,18 @@ pub struct OsimageFields {
     /// Paths left out of the packed image (comma-separated globs; replaces the list).
     #[arg(long, value_name = "GLOB,...", value_delimiter = ',')]
     pub grab_exclude: Option<Vec<String>>,
+    /// dracut modules added to the nodes' initramfs (comma-separated; replaces the list).
+    #[arg(long, value_name = "MOD,...", value_delimiter = ',')]
+    pub dracut_modules_add: Option<Vec<String>>,
+    /// dracut modules left out of the nodes' initramfs (comma-separated; replaces the list).
+    #[arg(long, value_name = "MOD,...", value_delimiter = ',')]
+    pub dracut_modules_omit: Option<Vec<String>>,
+    /// Kernel drivers added to the nodes' initramfs, like virtio_net (comma-separated; replaces the list).
+    #[arg(long, value_name = "DRV,...", value_delimiter = ',')]
+    pub dracut_drivers_add: Option<Vec<String>>,
+    /// Kernel drivers left out of the nodes' initramfs (comma-separated; replaces the list).
+    #[arg(long, value_name = "DRV,...", value_delimiter = ',')]
+    pub dracut_drivers_omit: Option<Vec<String>>,
     #[command(flatten)]
     pub comment: CommentArgs,
 }
@@ -1016,6 +1028,20 @@ mod tests {
         assert_eq!(a.fields.kernel_opts.as_deref(), Some("-- quiet"));
         assert_eq!(a.fields.grab_exclude.unwrap(), ["a/*", "b/*"]);
         assert!(err(&["osimage", "add", "x"]).contains("--path"));
+        let Command::Osimage(OsimageCmd::Change(c)) = ok(&[
+            "osimage",
+            "change",
+            "rocky9",
+            "--dracut-drivers-add",
+            "virtio_net,virtio_pci",
+            "--dracut-modules-omit",
+            "plymouth",
+        ]) else {
+            panic!()
+        };
+        assert_eq!(c.fields.dracut_drivers_add.unwrap(), ["virtio_net", "virtio_pci"]);
+        assert_eq!(c.fields.dracut_modules_omit.unwrap(), ["plymouth"]);
+        assert!(c.fields.dracut_modules_add.is_none() && c.fields.dracut_drivers_omit.is_none());
         let Command::Osimage(OsimageCmd::Pack(p)) = ok(&["osimage", "pack", "rocky9", "--boot-only"]) else { panic!() };
         assert!(p.boot_only && !p.image_only && !p.force && !p.no_wait);
         assert!(err(&["osimage", "pack", "x", "--boot-only", "--image-only"]).contains("--image-only"));

@@ -357,6 +357,10 @@ impl<R: Read> Ctx<R> {
         let opts = self.text.read_opt("--kernel-opts", f.kernel_opts.as_ref())?;
         put(&mut m, "kernel_opts", opts.map(|o| o.trim().to_string()));
         put(&mut m, "grab_exclude", f.grab_exclude.clone());
+        put(&mut m, "dracut_modules_add", f.dracut_modules_add.clone());
+        put(&mut m, "dracut_modules_omit", f.dracut_modules_omit.clone());
+        put(&mut m, "dracut_drivers_add", f.dracut_drivers_add.clone());
+        put(&mut m, "dracut_drivers_omit", f.dracut_drivers_omit.clone());
         self.comment(&f.comment, &mut m)?;
         Ok(m)
     }

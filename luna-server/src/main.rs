@@ -32,7 +32,40 @@ enum Command {
     Serve,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Exit status for a refusal that a restart cannot cure (sysexits' EX_CONFIG): a bad
+/// configuration file or a store written by a newer luna-server. The systemd unit lists it in
+/// `RestartPreventExitStatus=`, so the service stays down instead of looping.
+const EX_CONFIG: u8 = 78;
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            if refused_for_good(&e) {
+                std::process::ExitCode::from(EX_CONFIG)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn refused_for_good(e: &anyhow::Error) -> bool {
+    use luna_server::store::StoreError;
+    let schema = |s: &StoreError| matches!(s, StoreError::SchemaTooNew { .. } | StoreError::SchemaUnknown(_));
+    e.chain().any(|cause| {
+        cause.is::<config::ConfigError>()
+            || cause.downcast_ref::<StoreError>().is_some_and(schema)
+            || match cause.downcast_ref::<server::ServerError>() {
+                Some(server::ServerError::Store(s)) => schema(s),
+                Some(server::ServerError::Config(_) | server::ServerError::Power(_)) => true,
+                _ => false,
+            }
+    })
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if cli.print_config {
         print!("{}", config::documented_defaults());

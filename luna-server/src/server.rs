@@ -110,6 +110,21 @@ pub async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
+/// Tells systemd (`Type=notify`, `NOTIFY_SOCKET` set) that every listener is bound. Outside
+/// systemd there is no socket and nothing is sent.
+fn notify_ready() {
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot tell systemd that the server is ready");
+    }
+}
+
+/// Tells systemd that a shutdown began (queued status is flushed before the process exits).
+fn notify_stopping() {
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
+        tracing::warn!(error = %e, "cannot tell systemd that the server is stopping");
+    }
+}
+
 /// Routes DHCP events into node status without blocking the packet path.
 struct StatusToService(Service);
 
@@ -191,7 +206,14 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         });
         tokio::spawn(seeder.run(seed_rx));
     }
-    let dhcp_task = tokio::spawn(dhcp::serve(
+    // Every socket is bound before systemd hears READY=1 (a bind that fails ends `serve` first).
+    let dhcp_sockets = dhcp::bind_all(&config.dhcp)?;
+    let tftp_server = match config.tftp.enabled {
+        true => Some(crate::tftp::TftpServer::bind(config.tftp.clone()).await?),
+        false => None,
+    };
+    let dhcp_task = tokio::spawn(dhcp::serve_on(
+        dhcp_sockets,
         config.dhcp.clone(),
         store,
         Arc::new(StatusToService(service.clone())),
@@ -203,8 +225,12 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         tftp_stop.cancelled().await;
         let _ = tftp_tx.send(true);
     });
-    let tftp_task = tokio::spawn(crate::tftp::serve(config.tftp.clone(), tftp_rx));
+    let tftp_task = match tftp_server {
+        Some(server) => tokio::spawn(server.run(tftp_rx)),
+        None => tokio::spawn(crate::tftp::serve(config.tftp.clone(), tftp_rx)),
+    };
     let http = crate::httpd::serve(listener, app, &config.http, cancel.clone());
+    notify_ready();
     // A listener that fails takes the whole server down: half a boot service is worse than none.
     let result = tokio::select! {
         r = http => r.map_err(ServerError::Http),
@@ -219,6 +245,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
             Err(e) => Err(ServerError::Http(std::io::Error::other(e.to_string()))),
         },
     };
+    notify_stopping();
     cancel.cancel();
     // Boot-path status reports are queued without the answer waiting: write what is left.
     if tokio::time::timeout(std::time::Duration::from_secs(5), service.flush_node_status()).await.is_err() {

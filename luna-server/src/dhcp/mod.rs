@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 pub use self::engine::{handle, Action, Candidate, Client, Decision, Known, RequestContext, Unknown, View};
 pub use self::lease::{Lease, LeaseState, Versioned};
 pub use self::packet::{encode_reply, Destination, Reply, Request};
-pub use self::server::{serve, Handler, Outcome};
+pub use self::server::{bind_all, serve, serve_on, DhcpSockets, Handler, Outcome};
 
 /// The `[dhcp]` section of luna-server's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

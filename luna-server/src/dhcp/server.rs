@@ -379,6 +379,24 @@ pub async fn load_candidates(
     join_all(reads).await.into_iter().collect()
 }
 
+/// The sockets of every configured interface, bound and ready: [`bind_all`] then [`serve_on`] is
+/// [`serve`] with a point in between where the server knows DHCP is listening (its readiness
+/// signal to systemd waits for that).
+pub struct DhcpSockets(Vec<(String, Arc<UdpSocket>)>);
+
+/// Checks the configuration and binds one socket per configured interface (none when DHCP is
+/// off). Fails when an interface cannot be bound (missing device, port taken).
+pub fn bind_all(cfg: &DhcpConfig) -> Result<DhcpSockets, DhcpError> {
+    cfg.validate()?;
+    let mut sockets = Vec::new();
+    for iface in &cfg.interfaces {
+        let sock = bind(iface, cfg.port).map_err(|source| DhcpError::Interface { interface: iface.clone(), source })?;
+        tracing::info!(interface = %iface, port = cfg.port, "dhcp: listening");
+        sockets.push((iface.clone(), Arc::new(sock)));
+    }
+    Ok(DhcpSockets(sockets))
+}
+
 /// Answers DHCP on `cfg.interfaces` until `shutdown` is cancelled. With no interfaces DHCP is
 /// off and this just waits. Fails at start when an interface cannot be bound (missing device,
 /// port taken); per-request errors are logged, not fatal.
@@ -388,17 +406,22 @@ pub async fn serve(
     status: Arc<dyn DhcpStatusSink>,
     shutdown: CancellationToken,
 ) -> Result<(), DhcpError> {
-    cfg.validate()?;
-    if cfg.interfaces.is_empty() {
+    let sockets = bind_all(&cfg)?;
+    serve_on(sockets, cfg, store, status, shutdown).await
+}
+
+/// [`serve`] on sockets that [`bind_all`] bound with the same `cfg`.
+pub async fn serve_on(
+    sockets: DhcpSockets,
+    cfg: DhcpConfig,
+    store: Arc<dyn Store>,
+    status: Arc<dyn DhcpStatusSink>,
+    shutdown: CancellationToken,
+) -> Result<(), DhcpError> {
+    if sockets.0.is_empty() {
         tracing::info!("dhcp: off (no interfaces configured)");
         shutdown.cancelled().await;
         return Ok(());
-    }
-    let mut sockets = Vec::new();
-    for iface in &cfg.interfaces {
-        let sock = bind(iface, cfg.port).map_err(|source| DhcpError::Interface { interface: iface.clone(), source })?;
-        tracing::info!(interface = %iface, port = cfg.port, "dhcp: listening");
-        sockets.push((iface.clone(), Arc::new(sock)));
     }
     let shared = Arc::new(Shared {
         handler: Handler::new(cfg.clone(), store),
@@ -407,7 +430,7 @@ pub async fn serve(
         permits: Arc::new(Semaphore::new(cfg.max_in_flight)),
     });
     let mut loops = JoinSet::new();
-    for (iface, sock) in sockets {
+    for (iface, sock) in sockets.0 {
         loops.spawn(receive_loop(shared.clone(), iface, sock, shutdown.clone()));
     }
     while let Some(r) = loops.join_next().await {
