@@ -550,9 +550,9 @@ pub struct NodeFields {
     /// Switch the boot interface is cabled to.
     #[arg(long, value_name = "S")]
     pub switch: Option<String>,
-    /// Port on that switch.
+    /// Port on that switch: its number (bridge port) or its name as the switch reports it (Gi1/0/7).
     #[arg(long, value_name = "P")]
-    pub port: Option<u32>,
+    pub port: Option<luna_core::model::SwitchPort>,
     /// Boot from the local disk instead of the network.
     #[arg(long, value_parser = parse_yes_no, value_name = "yes|no")]
     pub localboot: Option<bool>,
@@ -1025,7 +1025,7 @@ mod tests {
             panic!()
         };
         assert_eq!((c.fields.localboot, c.fields.service, c.fields.setupbmc), (Some(true), Some(false), Some(true)));
-        assert_eq!((c.fields.switch.as_deref(), c.fields.port), (Some("sw1"), Some(7)));
+        assert_eq!((c.fields.switch.as_deref(), c.fields.port), (Some("sw1"), Some(luna_core::model::SwitchPort::Number(7))));
         assert_eq!(c.unset.unset, ["mac"]);
         assert!(err(&["node", "change", "n", "--localboot", "maybe"]).contains("'maybe'"));
 

@@ -22,6 +22,7 @@ pub struct Config {
     pub dhcp: crate::dhcp::DhcpConfig,
     pub tftp: crate::tftp::TftpConfig,
     pub image: crate::image::ImageConfig,
+    pub discovery: crate::discovery::DiscoveryConfig,
 }
 
 impl Default for Config {
@@ -35,6 +36,7 @@ impl Default for Config {
             dhcp: crate::dhcp::DhcpConfig::default(),
             tftp: crate::tftp::TftpConfig::default(),
             image: crate::image::ImageConfig::default(),
+            discovery: crate::discovery::DiscoveryConfig::default(),
         }
     }
 }
@@ -85,7 +87,7 @@ cluster_name = "{cluster}"
 [dhcp]
 {dhcp}
 {tftp}
-{image}"#,
+{image}{discovery}"#,
         store = d.store,
         listen = d.listen,
         token = d.token_file.display(),
@@ -94,6 +96,7 @@ cluster_name = "{cluster}"
         dhcp = toml::to_string(&d.dhcp).expect("dhcp config serialises"),
         tftp = crate::tftp::TftpConfig::documented_defaults(),
         image = crate::image::documented_defaults(),
+        discovery = crate::discovery::DiscoveryConfig::documented_defaults(),
     )
 }
 

@@ -4,6 +4,7 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod dhcp;
+pub mod discovery;
 pub mod image;
 pub mod netboot;
 pub mod server;

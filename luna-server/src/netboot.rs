@@ -79,6 +79,8 @@ impl BootTokens {
 pub struct BootContext {
     pub tokens: BootTokens,
     pub data_dir: PathBuf,
+    /// Switch-port autodiscovery (learned tables, binding of unknown MACs).
+    pub discovery: Arc<crate::discovery::Discovery>,
 }
 
 /// What a MAC gets at the iPXE stage.
@@ -124,6 +126,8 @@ pub async fn boot_plan(
             base_url: base.to_string(),
             unbound_nodes: unbound,
             timeout_secs: ipxe::MENU_TIMEOUT_SECS,
+            discover_url: None,
+            note: None,
         }));
     };
     let node = object_as!(node, Node).ok_or_else(|| ServiceError::BadRequest("not a node".into()))?;
@@ -135,7 +139,7 @@ fn kind_error(kind: Kind, name: &str) -> ServiceError {
     ServiceError::BadRequest(format!("{kind} '{name}' is not stored as a {kind}"))
 }
 
-async fn node_plan(
+pub async fn node_plan(
     service: &Service,
     tokens: &BootTokens,
     node: &Node,
@@ -252,6 +256,11 @@ async fn ipxe_script(State(st): State<Arc<AppState>>, headers: HeaderMap, Query(
     let plan = match boot_plan(&st.service, &st.boot.tokens, mac, &base).await {
         Ok(p) => p,
         Err(e) => return ApiError(e).into_response(),
+    };
+    // An unknown MAC: switch-port discovery may know which node it is.
+    let plan = match plan {
+        BootPlan::Menu(m) if !preview => crate::discovery::http::on_unknown_mac(&st, mac, &base, m).await,
+        other => other,
     };
     if !preview {
         match &plan {

@@ -124,7 +124,13 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     let service = Service::new(store.clone());
     service.ensure_cluster(&config.cluster_name).await?;
     let admin_token = read_token(&config.token_file)?;
-    let boot = BootContext { tokens: BootTokens::new(admin_token.as_bytes()), data_dir: config.data_dir.clone() };
+    let discovery =
+        crate::discovery::Discovery::new(service.clone(), config.discovery.clone(), Arc::new(crate::discovery::transport::Udp));
+    let boot = BootContext {
+        tokens: BootTokens::new(admin_token.as_bytes()),
+        data_dir: config.data_dir.clone(),
+        discovery: discovery.clone(),
+    };
     let state = Arc::new(AppState { service: service.clone(), admin_token, boot });
 
     let topology = Arc::new(crate::wiring::StoreTopology::default());
@@ -142,6 +148,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         .merge(image_api)
         .merge(crate::image::http::files_router(images.clone()))
         .merge(crate::tracker::router(tracker.clone()))
+        .merge(crate::discovery::http::router(state.clone()))
         .merge(netboot::router(state));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -162,6 +169,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         stop.cancel();
     });
 
+    tokio::spawn(discovery.run(cancel.clone()));
     tokio::spawn(crate::wiring::follow_store(service.clone(), tracker.clone(), topology, cancel.clone()));
     if config.image.seed {
         let seeder = crate::image::seeder::Seeder::start(images, Some(crate::wiring::registrar(tracker)))

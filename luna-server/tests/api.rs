@@ -19,6 +19,11 @@ async fn app() -> Router {
     let boot = luna_server::netboot::BootContext {
         tokens: luna_server::netboot::BootTokens::new(TOKEN.as_bytes()),
         data_dir: std::env::temp_dir(),
+        discovery: luna_server::discovery::Discovery::new(
+            service.clone(),
+            Default::default(),
+            Arc::new(luna_server::discovery::transport::Udp),
+        ),
     };
     router(Arc::new(AppState { service, admin_token: TOKEN.into(), boot }))
 }

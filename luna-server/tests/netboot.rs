@@ -27,7 +27,13 @@ async fn env() -> Env {
     let store = luna_server::store::open("sqlite://:memory:").await.unwrap();
     let service = Service::new(store);
     service.ensure_cluster("test").await.unwrap();
-    let boot = BootContext { tokens: BootTokens::new(TOKEN.as_bytes()), data_dir: dir.path().to_path_buf() };
+    let discovery = luna_server::discovery::Discovery::new(
+        service.clone(),
+        Default::default(),
+        Arc::new(luna_server::discovery::transport::Udp),
+    );
+    let boot =
+        BootContext { tokens: BootTokens::new(TOKEN.as_bytes()), data_dir: dir.path().to_path_buf(), discovery };
     let state = Arc::new(AppState { service: service.clone(), admin_token: TOKEN.into(), boot });
     let app = router(state.clone()).merge(netboot::router(state));
     let e = Env { app, service, _dir: dir };
