@@ -605,6 +605,18 @@ pub enum SwitchCmd {
     Delete(DeleteArgs),
     /// Copy a switch under a new name (it gets the next free address).
     Clone(RenameArgs),
+    /// MACs the switches reported on their ports (switch-port autodiscovery), with the node
+    /// configured for each port.
+    Listmacs(SwitchListmacs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SwitchListmacs {
+    /// Only this switch.
+    pub name: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -693,6 +693,22 @@ impl<R: Read> Ctx<R> {
             SwitchCmd::Rename(a) => self.rename(k, a, false),
             SwitchCmd::Clone(a) => self.rename(k, a, true),
             SwitchCmd::Delete(a) => self.delete(k, a),
+            SwitchCmd::Listmacs(a) => {
+                let mut query = Vec::new();
+                if let Some(n) = &a.name {
+                    check_name(k, n)?;
+                    query.push(("switch", n.as_str()));
+                }
+                let v = self.client.get("/discovery/macs", &query)?;
+                if a.json {
+                    self.print_json(&v);
+                } else {
+                    let switches: Vec<luna_core::api::SwitchMacs> = serde_json::from_value(v)
+                        .map_err(|e| anyhow::anyhow!("unexpected answer to /discovery/macs: {e}"))?;
+                    self.print(&render::listmacs(&switches));
+                }
+                Ok(())
+            }
         }
     }
 
