@@ -1037,7 +1037,10 @@ mod tests {
             panic!()
         };
         assert_eq!((c.fields.localboot, c.fields.service, c.fields.setupbmc), (Some(true), Some(false), Some(true)));
-        assert_eq!((c.fields.switch.as_deref(), c.fields.port), (Some("sw1"), Some(luna_core::model::SwitchPort::Number(7))));
+        assert_eq!(
+            (c.fields.switch.as_deref(), c.fields.port),
+            (Some("sw1"), Some(luna_core::model::SwitchPort::Number(7)))
+        );
         assert_eq!(c.unset.unset, ["mac"]);
         assert!(err(&["node", "change", "n", "--localboot", "maybe"]).contains("'maybe'"));
 

@@ -611,7 +611,10 @@ impl<R: Read> Ctx<R> {
                     comment: self.text.read_opt("--comment", f.comment.comment.as_ref())?.unwrap_or_default(),
                 };
                 if create.port.is_some() && create.switch.is_none() {
-                    bail!("--port {} needs --switch", create.port.as_ref().map(ToString::to_string).unwrap_or_default());
+                    bail!(
+                        "--port {} needs --switch",
+                        create.port.as_ref().map(ToString::to_string).unwrap_or_default()
+                    );
                 }
                 self.create(k, serde_json::to_value(create)?)
             }

@@ -124,8 +124,11 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     let service = Service::new(store.clone());
     service.ensure_cluster(&config.cluster_name).await?;
     let admin_token = read_token(&config.token_file)?;
-    let discovery =
-        crate::discovery::Discovery::new(service.clone(), config.discovery.clone(), Arc::new(crate::discovery::transport::Udp));
+    let discovery = crate::discovery::Discovery::new(
+        service.clone(),
+        config.discovery.clone(),
+        Arc::new(crate::discovery::transport::Udp),
+    );
     let boot = BootContext {
         tokens: BootTokens::new(admin_token.as_bytes()),
         data_dir: config.data_dir.clone(),

@@ -32,8 +32,7 @@ async fn env() -> Env {
         Default::default(),
         Arc::new(luna_server::discovery::transport::Udp),
     );
-    let boot =
-        BootContext { tokens: BootTokens::new(TOKEN.as_bytes()), data_dir: dir.path().to_path_buf(), discovery };
+    let boot = BootContext { tokens: BootTokens::new(TOKEN.as_bytes()), data_dir: dir.path().to_path_buf(), discovery };
     let state = Arc::new(AppState { service: service.clone(), admin_token: TOKEN.into(), boot });
     let app = router(state.clone()).merge(netboot::router(state));
     let e = Env { app, service, _dir: dir };

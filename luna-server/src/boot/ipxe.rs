@@ -555,6 +555,11 @@ chain --replace --autofree http://s:7050/boot/ipxe?mac=${netX/mac} || goto retry
         assert!(s.contains(":node0\n") && s.contains("item name Type a node name"));
         let w = render_discover_wait(&discover_url("http://s:7050", 3), 2, 5, 2);
         assert!(w.contains("(try 2 of 5)") && w.contains("sleep 2\n"));
-        assert!(w.contains("chain --replace --autofree http://s:7050/boot/ipxe/discover?mac=${netX/mac}&try=3 || goto retry\n"), "{w}");
+        assert!(
+            w.contains(
+                "chain --replace --autofree http://s:7050/boot/ipxe/discover?mac=${netX/mac}&try=3 || goto retry\n"
+            ),
+            "{w}"
+        );
     }
 }

@@ -36,9 +36,9 @@ async fn macs(State(st): State<Arc<AppState>>, Query(q): Query<MacsQuery>) -> Re
 
 /// `/api/v1/discovery/macs` (behind the admin token) and `/boot/ipxe/discover`.
 pub fn router(state: Arc<AppState>) -> Router {
-    let api = Router::new().route(&format!("{API_PREFIX}/discovery/macs"), get(macs)).route_layer(
-        axum::middleware::from_fn_with_state(state.clone(), crate::api::require_token),
-    );
+    let api = Router::new()
+        .route(&format!("{API_PREFIX}/discovery/macs"), get(macs))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), crate::api::require_token));
     Router::new().route("/boot/ipxe/discover", get(discover)).with_state(state.clone()).merge(api.with_state(state))
 }
 
@@ -79,7 +79,13 @@ fn note(o: &BindOutcome) -> Option<String> {
     }
 }
 
-async fn plan_or_menu(st: &AppState, node: &luna_core::model::Node, mac: MacAddr, base: &str, menu: MenuInput) -> BootPlan {
+async fn plan_or_menu(
+    st: &AppState,
+    node: &luna_core::model::Node,
+    mac: MacAddr,
+    base: &str,
+    menu: MenuInput,
+) -> BootPlan {
     match netboot::node_plan(&st.service, &st.boot.tokens, node, mac, base).await {
         Ok(p) => p,
         Err(e) => {

@@ -74,11 +74,8 @@ fn as_text(v: &Value) -> Option<String> {
 /// Builds the table. Rows that do not fit their column (wrong type, short index, port 0 — the
 /// switch itself) are skipped: one odd row must not cost the whole switch.
 pub fn build(cols: &Columns, listed_uplinks: &[u32], uplink_threshold: usize) -> SwitchTable {
-    let if_index: BTreeMap<u32, u32> = cols
-        .base_port_if_index
-        .iter()
-        .filter_map(|(idx, v)| Some((*single(idx)?, as_u32(v)?)))
-        .collect();
+    let if_index: BTreeMap<u32, u32> =
+        cols.base_port_if_index.iter().filter_map(|(idx, v)| Some((*single(idx)?, as_u32(v)?))).collect();
     let names = |col: &[(Vec<u32>, Value)]| -> BTreeMap<u32, String> {
         col.iter().filter_map(|(idx, v)| Some((*single(idx)?, as_text(v)?))).collect()
     };
@@ -172,7 +169,10 @@ mod tests {
                 (vec![8], Value::Integer(1008)),
                 (vec![48], Value::Integer(1048)),
             ],
-            if_name: vec![(vec![1007], Value::OctetString(b"Gi1/0/7".to_vec())), (vec![1048], Value::OctetString(vec![]))],
+            if_name: vec![
+                (vec![1007], Value::OctetString(b"Gi1/0/7".to_vec())),
+                (vec![1048], Value::OctetString(vec![])),
+            ],
             if_descr: vec![
                 (vec![1008], Value::OctetString(b"GigabitEthernet1/0/8\0".to_vec())),
                 (vec![1048], Value::OctetString(b"Te1/1/1".to_vec())),

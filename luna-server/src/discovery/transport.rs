@@ -138,7 +138,9 @@ impl Session<'_> {
         }
         Err(match garbage {
             Some(error) => PollError::Garbage { target, error },
-            None => PollError::Timeout { target, timeout_ms: self.client.timeout.as_millis(), tries: self.client.tries },
+            None => {
+                PollError::Timeout { target, timeout_ms: self.client.timeout.as_millis(), tries: self.client.tries }
+            }
         })
     }
 }
