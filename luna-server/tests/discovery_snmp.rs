@@ -355,10 +355,9 @@ async fn discover_entry_polls_now_then_offers_the_manual_choices() {
     let e = env(config()).await;
     e.add_node("node004", "sw2", json!("swp4")).await;
     e.add_node("spare", "sw2", json!(9)).await;
-    // Nothing polled yet: the menu offers discovery as its default entry... once a switch is
-    // known; before any poll the plain menu.
+    // Nothing polled yet: the menu's default entry is discovery, chosen after 3 s.
     let (_, menu) = e.call_text("GET", "/boot/ipxe?mac=52:54:00:bb:00:04", None).await;
-    assert!(menu.contains("choose --default again"), "{menu}");
+    assert!(menu.contains("choose --default discover --timeout 3000"), "{menu}");
     // The discover entry polls now and binds.
     let start = Instant::now();
     let script = loop {

@@ -56,7 +56,7 @@ pub async fn on_unknown_mac(st: &AppState, mac: MacAddr, base: &str, menu: MenuI
     match outcome {
         BindOutcome::Bound(node, _) => plan_or_menu(st, &node, mac, base, menu).await,
         BindOutcome::NotLearned => {
-            if d.has_switches() {
+            if d.has_switches().await {
                 BootPlan::Menu(MenuInput {
                     discover_url: Some(ipxe::discover_url(base, 1)),
                     timeout_secs: ipxe::DISCOVER_MENU_SECS,

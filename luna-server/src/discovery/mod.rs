@@ -156,9 +156,12 @@ impl Discovery {
         })
     }
 
-    /// Whether any switch has been polled (discovery has something to offer).
-    pub fn has_switches(&self) -> bool {
-        !self.state.lock().expect("discovery state lock").is_empty()
+    /// Whether any switch is configured (discovery has something to offer).
+    pub async fn has_switches(&self) -> bool {
+        if !self.state.lock().expect("discovery state lock").is_empty() {
+            return true;
+        }
+        self.switches().await.is_ok_and(|s| !s.is_empty())
     }
 
     pub fn config(&self) -> &DiscoveryConfig {
