@@ -24,7 +24,7 @@ fn arcs(mac: &str) -> String {
 
 /// The switch: Q-BRIDGE dot1qTpFdbPort (VLAN 1), ports 7 and 8 with ifName Gi1/0/N.
 fn snmprec() -> String {
-    let mut rows = vec![
+    let mut rows = [
         "1.3.6.1.2.1.17.1.4.1.2.7|2|1007".to_string(),
         "1.3.6.1.2.1.17.1.4.1.2.8|2|1008".to_string(),
         format!("1.3.6.1.2.1.17.7.1.2.2.1.2.1.{}|2|7", arcs(MAC7)),
