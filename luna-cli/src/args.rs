@@ -1099,4 +1099,18 @@ mod tests {
         assert_eq!(parse_yes_no("No"), Ok(false));
         assert_eq!(parse_yes_no("yes"), Ok(true));
     }
+
+    #[test]
+    fn port_by_name_and_listmacs() {
+        let Command::Node(NodeCmd::Change(c)) = ok(&["node", "change", "n1", "--switch", "sw1", "--port", "Gi1/0/8"])
+        else {
+            panic!()
+        };
+        assert_eq!(c.fields.port, Some(luna_core::model::SwitchPort::Name("Gi1/0/8".into())));
+        assert!(err(&["node", "change", "n1", "--switch", "sw1", "--port", "Gi 1"]).contains("Gi 1"));
+        let Command::Switch(SwitchCmd::Listmacs(l)) = ok(&["switch", "listmacs", "sw1", "--json"]) else { panic!() };
+        assert_eq!((l.name.as_deref(), l.json), (Some("sw1"), true));
+        let Command::Switch(SwitchCmd::Listmacs(l)) = ok(&["switch", "listmacs"]) else { panic!() };
+        assert_eq!((l.name, l.json), (None, false));
+    }
 }

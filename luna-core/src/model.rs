@@ -1262,4 +1262,25 @@ mod tests {
         assert!("10.0.0.9-10.0.0.5".parse::<IpRange>().is_err());
         assert_eq!("10.0.0.7".parse::<IpRange>().unwrap().to_string(), "10.0.0.7");
     }
+
+    #[test]
+    fn switch_ports_are_numbers_or_names() {
+        assert_eq!("7".parse::<SwitchPort>().unwrap(), SwitchPort::Number(7));
+        assert_eq!("Gi1/0/7".parse::<SwitchPort>().unwrap(), SwitchPort::Name("Gi1/0/7".into()));
+        assert!("".parse::<SwitchPort>().is_err());
+        assert!("Gi 1".parse::<SwitchPort>().unwrap_err().to_string().contains("'Gi 1'"));
+        assert!("99999999999".parse::<SwitchPort>().is_err());
+        let p: Option<SwitchPort> = serde_json::from_str("7").unwrap();
+        assert_eq!(p, Some(SwitchPort::Number(7)));
+        let p: SwitchPort = serde_json::from_str("\"swp7\"").unwrap();
+        assert_eq!(serde_json::to_string(&p).unwrap(), "\"swp7\"");
+        let mut n = Node::new("node001", "g");
+        n.switch = Some("sw1".into());
+        n.port = Some(SwitchPort::Name("7".into()));
+        assert!(n.validate().unwrap_err().to_string().contains("is a number"));
+        n.port = Some(SwitchPort::Name("Gi1/0/7".into()));
+        n.validate().unwrap();
+        let keys: Vec<String> = AnyObject::Node(n).claims().iter().map(Claim::key).collect();
+        assert!(keys.contains(&"port/sw1/Gi1/0/7".to_string()), "{keys:?}");
+    }
 }
