@@ -662,9 +662,9 @@ pub struct NodeFields {
     /// Switch the boot interface is cabled to.
     #[arg(long, value_name = "S")]
     pub switch: Option<String>,
-    /// Port on that switch.
+    /// Port on that switch: its number (bridge port) or its name as the switch reports it (Gi1/0/7).
     #[arg(long, value_name = "P")]
-    pub port: Option<u32>,
+    pub port: Option<luna_core::model::SwitchPort>,
     /// Boot from the local disk instead of the network.
     #[arg(long, value_parser = parse_yes_no, value_name = "yes|no")]
     pub localboot: Option<bool>,
@@ -717,6 +717,18 @@ pub enum SwitchCmd {
     Delete(DeleteArgs),
     /// Copy a switch under a new name (it gets the next free address).
     Clone(RenameArgs),
+    /// MACs the switches reported on their ports (switch-port autodiscovery), with the node
+    /// configured for each port.
+    Listmacs(SwitchListmacs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SwitchListmacs {
+    /// Only this switch.
+    pub name: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -1179,7 +1191,10 @@ mod tests {
             panic!()
         };
         assert_eq!((c.fields.localboot, c.fields.service, c.fields.setupbmc), (Some(true), Some(false), Some(true)));
-        assert_eq!((c.fields.switch.as_deref(), c.fields.port), (Some("sw1"), Some(7)));
+        assert_eq!(
+            (c.fields.switch.as_deref(), c.fields.port),
+            (Some("sw1"), Some(luna_core::model::SwitchPort::Number(7)))
+        );
         assert_eq!(c.unset.unset, ["mac"]);
         assert!(err(&["node", "change", "n", "--localboot", "maybe"]).contains("'maybe'"));
 
@@ -1237,5 +1252,19 @@ mod tests {
         assert!(parse_if_ip("BOOTIF=").is_err());
         assert_eq!(parse_yes_no("No"), Ok(false));
         assert_eq!(parse_yes_no("yes"), Ok(true));
+    }
+
+    #[test]
+    fn port_by_name_and_listmacs() {
+        let Command::Node(NodeCmd::Change(c)) = ok(&["node", "change", "n1", "--switch", "sw1", "--port", "Gi1/0/8"])
+        else {
+            panic!()
+        };
+        assert_eq!(c.fields.port, Some(luna_core::model::SwitchPort::Name("Gi1/0/8".into())));
+        assert!(err(&["node", "change", "n1", "--switch", "sw1", "--port", "Gi 1"]).contains("Gi 1"));
+        let Command::Switch(SwitchCmd::Listmacs(l)) = ok(&["switch", "listmacs", "sw1", "--json"]) else { panic!() };
+        assert_eq!((l.name.as_deref(), l.json), (Some("sw1"), true));
+        let Command::Switch(SwitchCmd::Listmacs(l)) = ok(&["switch", "listmacs"]) else { panic!() };
+        assert_eq!((l.name, l.json), (None, false));
     }
 }

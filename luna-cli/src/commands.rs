@@ -790,14 +790,17 @@ impl<R: Read> Ctx<R> {
                     mac: f.mac,
                     ips: f.ips.iter().cloned().collect(),
                     switch: f.switch.clone(),
-                    port: f.port,
+                    port: f.port.clone(),
                     localboot: f.localboot.unwrap_or(false),
                     service: f.service.unwrap_or(false),
                     setupbmc: f.setupbmc.unwrap_or(false),
                     comment: self.text.read_opt("--comment", f.comment.comment.as_ref())?.unwrap_or_default(),
                 };
                 if create.port.is_some() && create.switch.is_none() {
-                    bail!("--port {} needs --switch", create.port.unwrap_or_default());
+                    bail!(
+                        "--port {} needs --switch",
+                        create.port.as_ref().map(ToString::to_string).unwrap_or_default()
+                    );
                 }
                 self.create(k, serde_json::to_value(create)?)
             }
@@ -810,7 +813,7 @@ impl<R: Read> Ctx<R> {
                     mac: f.mac.map(Some),
                     ips: f.ips.iter().cloned().collect(),
                     switch: f.switch.clone().map(Some),
-                    port: f.port.map(Some),
+                    port: f.port.clone().map(Some),
                     localboot: f.localboot,
                     service: f.service,
                     setupbmc: f.setupbmc,
@@ -889,6 +892,22 @@ impl<R: Read> Ctx<R> {
             SwitchCmd::Rename(a) => self.rename(k, a, false),
             SwitchCmd::Clone(a) => self.rename(k, a, true),
             SwitchCmd::Delete(a) => self.delete(k, a),
+            SwitchCmd::Listmacs(a) => {
+                let mut query = Vec::new();
+                if let Some(n) = &a.name {
+                    check_name(k, n)?;
+                    query.push(("switch", n.as_str()));
+                }
+                let v = self.client.get("/discovery/macs", &query)?;
+                if a.json {
+                    self.print_json(&v);
+                } else {
+                    let switches: Vec<luna_core::api::SwitchMacs> = serde_json::from_value(v)
+                        .map_err(|e| anyhow::anyhow!("unexpected answer to /discovery/macs: {e}"))?;
+                    self.print(&render::listmacs(&switches));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -958,7 +977,7 @@ fn single_node_only(expr: &str, count: usize, f: &NodeFields) -> Result<()> {
     if let Some((iface, ip)) = f.ips.first() {
         bail!("--ip {iface}={ip} is one node's address, but '{expr}' names {count} nodes");
     }
-    if let Some(port) = f.port {
+    if let Some(port) = &f.port {
         bail!("--port {port} is one node's switch port, but '{expr}' names {count} nodes");
     }
     Ok(())

@@ -234,6 +234,46 @@ fn pairs(o: &serde_json::Map<String, Value>) -> String {
 }
 
 /// Unix seconds as `YYYY-MM-DD HH:MM:SS` UTC.
+/// `luna switch listmacs`: one row per learned MAC, then one line per switch whose last poll
+/// failed or that has not answered yet.
+pub fn listmacs(switches: &[luna_core::api::SwitchMacs]) -> String {
+    let dash = || "-".to_string();
+    let mut rows = Vec::new();
+    for s in switches {
+        for m in &s.macs {
+            let mut note = match &m.uplink {
+                Some(u) => format!("uplink ({u})"),
+                None => String::new(),
+            };
+            if let Some(n) = &m.note {
+                if !note.is_empty() {
+                    note.push_str("; ");
+                }
+                note.push_str(n);
+            }
+            rows.push(vec![
+                s.switch.clone(),
+                m.port.to_string(),
+                m.port_name.clone().unwrap_or_else(dash),
+                m.mac.to_string(),
+                format!("{}s", m.seen_secs),
+                m.node.clone().unwrap_or_else(dash),
+                if note.is_empty() { dash() } else { note },
+            ]);
+        }
+    }
+    let mut out = table(&["switch", "port", "name", "mac", "seen", "node", "note"], &rows);
+    for s in switches {
+        let age = s.age_secs.map(|a| format!("table {a}s old")).unwrap_or_else(|| "no table yet".into());
+        match &s.error {
+            Some(e) => out.push_str(&format!("switch {}: {age}; last poll failed: {e}\n", s.switch)),
+            None if s.polled_at.is_none() => out.push_str(&format!("switch {}: not polled yet\n", s.switch)),
+            None => {}
+        }
+    }
+    out
+}
+
 pub fn utc_seconds(secs: u64) -> String {
     format!("{}:{:02}", utc_minutes(secs), secs % 60)
 }
@@ -435,5 +475,26 @@ mod tests {
             show(Kind::Group, &group),
             "name:       g\nprescript:  -\npostscript:\n    #!/bin/sh\n    echo hi\n"
         );
+    }
+
+    #[test]
+    fn listmacs_shows_uplinks_nodes_and_failed_switches() {
+        let sw: Vec<luna_core::api::SwitchMacs> = serde_json::from_value(json!([
+            {"switch": "sw1", "polled_at": 100, "age_secs": 3, "error": null, "macs": [
+                {"port": 7, "port_name": "Gi1/0/7", "if_index": 1007, "mac": "52:54:00:aa:00:07", "seen_secs": 40,
+                 "uplink": null, "node": "node007", "note": null},
+                {"port": 48, "port_name": "Te1/1/1", "if_index": 1048, "mac": "52:54:00:aa:00:64", "seen_secs": 1,
+                 "uplink": "threshold", "node": null, "note": null}]},
+            {"switch": "sw2", "polled_at": 50, "age_secs": 90, "error": "no answer from 127.0.0.1:161", "macs": []},
+            {"switch": "sw3", "polled_at": null, "age_secs": null, "error": null, "macs": []}
+        ]))
+        .unwrap();
+        let out = listmacs(&sw);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "switch  port  name     mac                seen  node     note");
+        assert_eq!(lines[1], "sw1     7     Gi1/0/7  52:54:00:aa:00:07  40s   node007  -");
+        assert_eq!(lines[2], "sw1     48    Te1/1/1  52:54:00:aa:00:64  1s    -        uplink (threshold)");
+        assert_eq!(lines[3], "switch sw2: table 90s old; last poll failed: no answer from 127.0.0.1:161");
+        assert_eq!(lines[4], "switch sw3: not polled yet");
     }
 }

@@ -14,6 +14,7 @@
 //! | POST   | `/network/{name}/reserve`, `/release` | `RangeRequest`    | network           |
 //! | GET/PATCH | `/cluster`                      |                      | cluster           |
 //! | POST   | `/power`                           | `power::PowerRequest` | `power::PowerReply` |
+//! | GET    | `/discovery/macs[?switch=NAME]`    |                      | `[SwitchMacs]`    |
 //!
 //! `?secrets=1` on GET shows secrets (admin token required). Every error is an [`ErrorBody`].
 
@@ -80,7 +81,7 @@ pub struct NodeCreate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switch: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<u32>,
+    pub port: Option<crate::model::SwitchPort>,
     #[serde(default)]
     pub localboot: bool,
     #[serde(default)]
@@ -104,7 +105,7 @@ pub struct NodePatch {
     #[serde(default, deserialize_with = "some", skip_serializing_if = "Option::is_none")]
     pub switch: Option<Option<String>>,
     #[serde(default, deserialize_with = "some", skip_serializing_if = "Option::is_none")]
-    pub port: Option<Option<u32>>,
+    pub port: Option<Option<crate::model::SwitchPort>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub localboot: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -238,4 +239,36 @@ pub struct StatusReport {
     pub progress: Option<u8>,
     #[serde(default)]
     pub message: Option<String>,
+}
+
+/// `GET /discovery/macs`: what switch-port autodiscovery learned from one switch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchMacs {
+    pub switch: String,
+    /// Unix seconds of the last poll that succeeded (its table is the one shown).
+    pub polled_at: Option<u64>,
+    /// Seconds since then.
+    pub age_secs: Option<u64>,
+    /// Why the last poll failed, if it did (the table is then the last good one).
+    pub error: Option<String>,
+    pub macs: Vec<LearnedMac>,
+}
+
+/// One MAC a switch reported on one of its ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LearnedMac {
+    /// Bridge port number (dot1dBasePort).
+    pub port: u32,
+    /// ifName (or ifDescr) of the port.
+    pub port_name: Option<String>,
+    pub if_index: Option<u32>,
+    pub mac: MacAddr,
+    /// Seconds since this MAC was first seen on this port.
+    pub seen_secs: u64,
+    /// `listed` or `threshold` when the port is an uplink (its MACs are never bound).
+    pub uplink: Option<String>,
+    /// The node configured for this port, if any.
+    pub node: Option<String>,
+    /// Something the admin should know (a second MAC on a bound port…).
+    pub note: Option<String>,
 }

@@ -784,8 +784,9 @@ pub struct Node {
     pub interfaces: Vec<NodeInterface>,
     #[serde(default)]
     pub switch: Option<String>,
+    /// The port on `switch`: its bridge port number or its name (see [`SwitchPort`]).
     #[serde(default)]
-    pub port: Option<u32>,
+    pub port: Option<SwitchPort>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub localboot: bool,
     #[serde(default, skip_serializing_if = "is_false")]
@@ -848,8 +849,11 @@ impl Node {
                 }
             }
         }
-        if self.port.is_some() && self.switch.is_none() {
-            return Err(ModelError::invalid("port", self.port.unwrap_or_default(), "needs a switch"));
+        if let Some(p) = &self.port {
+            if self.switch.is_none() {
+                return Err(ModelError::invalid("port", p, "needs a switch"));
+            }
+            p.validate()?;
         }
         if let Some(s) = &self.status {
             if s.progress.is_some_and(|p| p > 100) {
@@ -862,6 +866,56 @@ impl Node {
 
 // ---------------------------------------------------------------------------------------------
 // switch, otherdev
+
+/// A node's port on its switch: the bridge port number (`7`, dot1dBasePort) or the port's name
+/// as the switch reports it in IF-MIB ifName/ifDescr (`Gi1/0/7`, `swp7`). A name is never all
+/// digits (that is a number).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SwitchPort {
+    Number(u32),
+    Name(String),
+}
+
+impl fmt::Display for SwitchPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SwitchPort::Number(n) => write!(f, "{n}"),
+            SwitchPort::Name(s) => f.write_str(s),
+        }
+    }
+}
+
+impl std::str::FromStr for SwitchPort {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, ModelError> {
+        let p = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            SwitchPort::Number(
+                s.parse().map_err(|_| ModelError::invalid("port", s, "must be a port number or a port name"))?,
+            )
+        } else {
+            SwitchPort::Name(s.to_string())
+        };
+        p.validate()?;
+        Ok(p)
+    }
+}
+
+impl SwitchPort {
+    fn validate(&self) -> Result<(), ModelError> {
+        let SwitchPort::Name(s) = self else { return Ok(()) };
+        if s.is_empty() || s.len() > 64 {
+            return Err(ModelError::invalid("port", s, "a port name must be 1 to 64 characters"));
+        }
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ModelError::invalid("port", s, "is a number: give it as a number, not a string"));
+        }
+        if let Some(c) = s.chars().find(|c| !c.is_ascii_graphic()) {
+            return Err(ModelError::invalid("port", s, format!("character {c:?} is not allowed in a port name")));
+        }
+        Ok(())
+    }
+}
 
 /// dot1qTpFdbPort from Q-BRIDGE-MIB: MAC → bridge port, per VLAN.
 pub const DEFAULT_FDB_OID: &str = "1.3.6.1.2.1.17.7.1.2.2.1.2";
@@ -966,7 +1020,7 @@ macro_rules! each {
 pub enum Claim {
     Mac(MacAddr),
     Ip { network: String, ip: Ipv4Addr },
-    SwitchPort { switch: String, port: u32 },
+    SwitchPort { switch: String, port: SwitchPort },
 }
 
 impl Claim {
@@ -1107,8 +1161,8 @@ impl AnyObject {
                     out.extend(i.mac.map(Claim::Mac));
                     out.extend(i.ip.map(|ip| Claim::Ip { network: i.network.clone(), ip }));
                 }
-                if let (Some(switch), Some(port)) = (&n.switch, n.port) {
-                    out.push(Claim::SwitchPort { switch: switch.clone(), port });
+                if let (Some(switch), Some(port)) = (&n.switch, &n.port) {
+                    out.push(Claim::SwitchPort { switch: switch.clone(), port: port.clone() });
                 }
             }
             AnyObject::Switch(s) => out.push(Claim::Ip { network: s.network.clone(), ip: s.ip }),
@@ -1189,7 +1243,7 @@ mod tests {
             mac: None,
         });
         n.switch = Some("sw1".into());
-        n.port = Some(7);
+        n.port = Some(SwitchPort::Number(7));
         let o = AnyObject::Node(n);
         let keys: Vec<String> = o.claims().iter().map(Claim::key).collect();
         assert_eq!(keys, ["mac/52:54:00:00:00:01", "ip/cluster/10.141.0.1", "port/sw1/7"]);
@@ -1252,5 +1306,26 @@ mod tests {
         assert_eq!(r.len(), 5);
         assert!("10.0.0.9-10.0.0.5".parse::<IpRange>().is_err());
         assert_eq!("10.0.0.7".parse::<IpRange>().unwrap().to_string(), "10.0.0.7");
+    }
+
+    #[test]
+    fn switch_ports_are_numbers_or_names() {
+        assert_eq!("7".parse::<SwitchPort>().unwrap(), SwitchPort::Number(7));
+        assert_eq!("Gi1/0/7".parse::<SwitchPort>().unwrap(), SwitchPort::Name("Gi1/0/7".into()));
+        assert!("".parse::<SwitchPort>().is_err());
+        assert!("Gi 1".parse::<SwitchPort>().unwrap_err().to_string().contains("'Gi 1'"));
+        assert!("99999999999".parse::<SwitchPort>().is_err());
+        let p: Option<SwitchPort> = serde_json::from_str("7").unwrap();
+        assert_eq!(p, Some(SwitchPort::Number(7)));
+        let p: SwitchPort = serde_json::from_str("\"swp7\"").unwrap();
+        assert_eq!(serde_json::to_string(&p).unwrap(), "\"swp7\"");
+        let mut n = Node::new("node001", "g");
+        n.switch = Some("sw1".into());
+        n.port = Some(SwitchPort::Name("7".into()));
+        assert!(n.validate().unwrap_err().to_string().contains("is a number"));
+        n.port = Some(SwitchPort::Name("Gi1/0/7".into()));
+        n.validate().unwrap();
+        let keys: Vec<String> = AnyObject::Node(n).claims().iter().map(Claim::key).collect();
+        assert!(keys.contains(&"port/sw1/Gi1/0/7".to_string()), "{keys:?}");
     }
 }

@@ -25,6 +25,7 @@ pub struct Config {
     pub http: crate::httpd::HttpConfig,
     pub tracker: crate::tracker::TrackerSettings,
     pub power: crate::power::PowerConfig,
+    pub discovery: crate::discovery::DiscoveryConfig,
 }
 
 impl Default for Config {
@@ -41,6 +42,7 @@ impl Default for Config {
             http: crate::httpd::HttpConfig::default(),
             tracker: crate::tracker::TrackerSettings::default(),
             power: crate::power::PowerConfig::default(),
+            discovery: crate::discovery::DiscoveryConfig::default(),
         }
     }
 }
@@ -91,7 +93,7 @@ cluster_name = "{cluster}"
 [dhcp]
 {dhcp}
 {tftp}
-{image}{http}{tracker}
+{image}{http}{tracker}{discovery}
 {power}"#,
         store = d.store,
         listen = d.listen,
@@ -104,6 +106,7 @@ cluster_name = "{cluster}"
         http = crate::httpd::HttpConfig::documented_defaults(),
         tracker = crate::tracker::TrackerSettings::documented_defaults(),
         power = crate::power::documented_defaults(),
+        discovery = crate::discovery::DiscoveryConfig::documented_defaults(),
     )
 }
 

@@ -4,6 +4,7 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod dhcp;
+pub mod discovery;
 pub mod fsperm;
 pub mod http;
 pub mod httpd;

@@ -152,8 +152,14 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     let service = Service::new(store.clone());
     service.ensure_cluster(&config.cluster_name).await?;
     let admin_token = read_token(&config.token_file)?;
+    let discovery = crate::discovery::Discovery::new(
+        service.clone(),
+        config.discovery.clone(),
+        Arc::new(crate::discovery::transport::Udp),
+    );
     let boot =
-        BootContext::new(BootTokens::new(admin_token.as_bytes()), config.data_dir.clone(), crate::service::unix_now());
+        BootContext::new(BootTokens::new(admin_token.as_bytes()), config.data_dir.clone(), crate::service::unix_now())
+            .with_discovery(discovery.clone());
     let state = Arc::new(AppState { service: service.clone(), admin_token });
 
     let topology = Arc::new(crate::wiring::StoreTopology::default());
@@ -176,6 +182,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         .merge(power_api)
         .merge(crate::image::http::files_router(images.clone()))
         .merge(crate::tracker::router(tracker.clone()))
+        .merge(crate::discovery::http::router(discovery.clone(), state.clone()))
         .merge(boot::router(state, boot));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -193,6 +200,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         stop.cancel();
     });
 
+    tokio::spawn(discovery.run(cancel.clone()));
     tokio::spawn(crate::wiring::follow_store(service.clone(), tracker.clone(), topology, cancel.clone()));
     if config.image.seed {
         let seeder = crate::image::seeder::Seeder::start(images, Some(crate::wiring::registrar(tracker)))

@@ -19,7 +19,7 @@ use luna_core::hostlist::{self, HostlistError};
 use luna_core::ipalloc::{self, AllocError};
 use luna_core::model::{
     validate_name, AnyObject, Claim, Cluster, Group, IpRange, Kind, ModelError, Network, Node, NodeInterface,
-    NodeStatus, Secret, BOOTIF,
+    NodeStatus, Secret, SwitchPort, BOOTIF,
 };
 use luna_core::MacAddr;
 use serde_json::{json, Value};
@@ -511,8 +511,8 @@ impl Service {
     }
 
     /// The node configured for a switch port.
-    pub async fn node_by_switch_port(&self, switch: &str, port: u32) -> Result<Option<Node>> {
-        self.node_by_claim(&Claim::SwitchPort { switch: switch.to_string(), port }.key()).await
+    pub async fn node_by_switch_port(&self, switch: &str, port: &SwitchPort) -> Result<Option<Node>> {
+        self.node_by_claim(&Claim::SwitchPort { switch: switch.to_string(), port: port.clone() }.key()).await
     }
 
     async fn node_by_claim(&self, key: &str) -> Result<Option<Node>> {
@@ -958,7 +958,7 @@ impl Service {
             let mut node = Node::new(name, &group.name);
             node.mac = req.mac;
             node.switch = req.switch.clone();
-            node.port = req.port;
+            node.port = req.port.clone();
             node.localboot = req.localboot;
             node.service = req.service;
             node.setupbmc = req.setupbmc;
@@ -1201,8 +1201,8 @@ fn apply_node_patch(n: &mut Node, p: &NodePatch) {
             n.port = None;
         }
     }
-    if let Some(port) = p.port {
-        n.port = port;
+    if let Some(port) = &p.port {
+        n.port = port.clone();
     }
     if let Some(v) = p.localboot {
         n.localboot = v;

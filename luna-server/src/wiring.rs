@@ -116,7 +116,7 @@ mod tests {
             name: name.into(),
             group: "g".into(),
             switch: switch.map(String::from),
-            port: switch.map(|_| 1),
+            port: switch.map(|_| luna_core::model::SwitchPort::Number(1)),
             ..Default::default()
         };
         service.add_nodes(add("n1", Some("rack1"))).await.unwrap();

@@ -38,13 +38,21 @@ use crate::service::{unix_now, Service, ServiceError};
 pub struct BootContext {
     ledger: Mutex<Ledger>,
     pub data_dir: PathBuf,
+    /// Switch-port autodiscovery (learned tables, binding of unknown MACs); none: off.
+    pub discovery: Option<Arc<crate::discovery::Discovery>>,
 }
 
 impl BootContext {
     /// The boot path of a server that started at `started` (unix seconds): tokens issued
     /// before then fetch no plan.
     pub fn new(tokens: BootTokens, data_dir: PathBuf, started: u64) -> Self {
-        BootContext { ledger: Mutex::new(Ledger::new(tokens, started)), data_dir }
+        BootContext { ledger: Mutex::new(Ledger::new(tokens, started)), data_dir, discovery: None }
+    }
+
+    /// Unknown MACs are looked up in `discovery`'s learned switch tables.
+    pub fn with_discovery(mut self, discovery: Arc<crate::discovery::Discovery>) -> Self {
+        self.discovery = Some(discovery);
+        self
     }
 
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
@@ -98,6 +106,8 @@ pub async fn boot_plan(service: &Service, mac: MacAddr, base: &str) -> Result<Bo
             base_url: base.to_string(),
             unbound_nodes: unbound,
             timeout_secs: ipxe::MENU_TIMEOUT_SECS,
+            discover_url: None,
+            note: None,
         }));
     };
     let node = object_as!(node, Node).ok_or_else(|| ServiceError::BadRequest("not a node".into()))?;
@@ -176,7 +186,7 @@ pub struct BindQuery {
     node: Option<String>,
 }
 
-fn script(body: String) -> Response {
+pub(crate) fn script(body: String) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
@@ -235,6 +245,18 @@ async fn ipxe_script(
         Ok(p) => p,
         Err(e) => return ApiError(e).into_response(),
     };
+    // An unknown MAC: switch-port discovery may know which node it is (then it asks DHCP again).
+    let plan = match plan {
+        BootPlan::Menu(m) if !preview => match super::discover::on_unknown_mac(&st, mac, &base, m).await {
+            Ok(rebound) => {
+                tracing::info!(%mac, "unknown mac bound by switch-port discovery");
+                return script(rebound);
+            }
+            Err(menu) => BootPlan::Menu(menu),
+        },
+        other => other,
+    };
+    let mut plan = plan;
     if preview {
         if let BootPlan::Node(n) = &mut plan {
             n.token = PREVIEW_TOKEN.into();
@@ -583,6 +605,7 @@ pub fn router(app: Arc<AppState>, boot: BootContext) -> Router {
         .route("/boot/status", post(status))
         .route("/boot/ipxe", get(ipxe_script))
         .route("/boot/ipxe/bind", get(bind))
+        .route("/boot/ipxe/discover", get(super::discover::discover))
         .route("/boot/node/{name}/{file}", get(node_file))
         .with_state(state)
 }

@@ -83,8 +83,34 @@ pub struct MenuInput {
     pub base_url: String,
     /// Nodes without a MAC, offered for binding, in display order.
     pub unbound_nodes: Vec<String>,
-    /// Seconds before "ask again" is chosen by itself; 0 waits for a key forever.
+    /// Seconds before the default entry is chosen by itself; 0 waits for a key forever.
     pub timeout_secs: u32,
+    /// Switch-port discovery's "look for this machine now" (see [`discover_url`]): the default
+    /// entry when set, else "ask again" is.
+    pub discover_url: Option<String>,
+    /// A line shown above the menu (why the machine was not recognised).
+    pub note: Option<String>,
+}
+
+/// Seconds the menu waits before switch-port discovery's entry is chosen by itself.
+pub const DISCOVER_MENU_SECS: u32 = 3;
+
+/// The URL that asks the server to poll the switches now and bind this machine by its port;
+/// `attempt` counts the tries (the server answers with the next one or the menu).
+pub fn discover_url(base_url: &str, attempt: u32) -> String {
+    format!("{}/boot/ipxe/discover?mac=${{netX/mac}}&try={attempt}", url(base_url.trim_end_matches('/')))
+}
+
+/// A script that says the switches have not learned this machine yet, waits `pause_secs` and
+/// asks again (`next` is a [`discover_url`]).
+pub fn render_discover_wait(next: &str, attempt: u32, tries: u32, pause_secs: u32) -> String {
+    format!(
+        "#!ipxe\n\
+         :retry\n\
+         echo luna: no switch has learned this machine's port yet (try {attempt} of {tries}), looking again in {pause_secs} s\n\
+         sleep {pause_secs}\n\
+         chain --replace --autofree {next} || goto retry\n"
+    )
 }
 
 /// The URL a node's iPXE chains to; the server answers with one of the scripts here.
@@ -242,9 +268,16 @@ pub fn render_node_script(n: &NodeBoot) -> String {
 /// its switch port.
 pub fn render_menu(m: &MenuInput) -> String {
     let again = boot_url(&m.base_url);
-    let mut s = String::from("#!ipxe\n# luna: this MAC address is not known\n:menu\n");
+    let mut s = String::from("#!ipxe\n# luna: this MAC address is not known\n");
+    if let Some(note) = &m.note {
+        s.push_str(&format!("echo luna: {}\n", display(note)));
+    }
+    s.push_str(":menu\n");
     s.push_str("menu luna: unknown machine ${netX/mac}\n");
     s.push_str("item --gap luna does not know this machine yet\n");
+    if m.discover_url.is_some() {
+        s.push_str("item discover Find this machine by its switch port\n");
+    }
     s.push_str("item again Ask luna again\n");
     if !m.unbound_nodes.is_empty() {
         s.push_str("item --gap Boot as one of the nodes without a MAC address:\n");
@@ -258,8 +291,12 @@ pub fn render_menu(m: &MenuInput) -> String {
     s.push_str("item reboot Reboot\n");
     s.push_str("item exit Exit to the firmware (next boot device)\n");
     let timeout = if m.timeout_secs == 0 { String::new() } else { format!(" --timeout {}", m.timeout_secs * 1000) };
-    s.push_str(&format!("choose --default again{timeout} target || goto menu\n"));
+    let default = if m.discover_url.is_some() { "discover" } else { "again" };
+    s.push_str(&format!("choose --default {default}{timeout} target || goto menu\n"));
     s.push_str("goto ${target}\n");
+    if let Some(d) = &m.discover_url {
+        s.push_str(&format!(":discover\nchain --replace --autofree {d} || goto failed\n"));
+    }
     s.push_str(&format!(":again\nchain --replace --autofree {again} || goto failed\n"));
     for (i, node) in m.unbound_nodes.iter().enumerate() {
         let bind = bind_url(&m.base_url, &query_value(node));
@@ -430,6 +467,8 @@ exit
             base_url: "http://10.141.255.254:7050".into(),
             unbound_nodes: vec!["node002".into(), "odd name&x=${y}".into()],
             timeout_secs: 60,
+            discover_url: None,
+            note: None,
         };
         let expected = "#!ipxe
 # luna: this MAC address is not known
@@ -475,7 +514,13 @@ goto menu
 
     #[test]
     fn menu_without_unbound_nodes_or_timeout() {
-        let m = MenuInput { base_url: "http://s:7050/".into(), unbound_nodes: vec![], timeout_secs: 0 };
+        let m = MenuInput {
+            base_url: "http://s:7050/".into(),
+            unbound_nodes: vec![],
+            timeout_secs: 0,
+            discover_url: None,
+            note: None,
+        };
         let s = render_menu(&m);
         assert!(!s.contains("without a MAC"));
         assert!(!s.contains(":node0"));
@@ -509,5 +554,30 @@ chain --replace --autofree http://s:7050/boot/ipxe?mac=${netX/mac} || goto retry
         assert_eq!(boot_url("http://h:1/"), "http://h:1/boot/ipxe?mac=${netX/mac}");
         assert_eq!(bind_url("http://h:1", "n%201"), "http://h:1/boot/ipxe/bind?mac=${netX/mac}&node=n%201");
         assert_eq!(query_value("a b/c~d"), "a%20b%2Fc~d");
+    }
+
+    #[test]
+    fn menu_with_discovery_defaults_to_it() {
+        let m = MenuInput {
+            base_url: "http://s:7050".into(),
+            unbound_nodes: vec!["node002".into()],
+            timeout_secs: DISCOVER_MENU_SECS,
+            discover_url: Some(discover_url("http://s:7050", 1)),
+            note: Some("mac learned on switch sw1 port 9; no node is configured for it ${x}".into()),
+        };
+        let s = render_menu(&m);
+        assert!(s.contains("\nitem discover Find this machine by its switch port\n"), "{s}");
+        assert!(s.contains("\nchoose --default discover --timeout 3000 target || goto menu\n"), "{s}");
+        assert!(s.contains("\n:discover\nchain --replace --autofree http://s:7050/boot/ipxe/discover?mac=${netX/mac}&try=1 || goto failed\n"), "{s}");
+        assert!(s.contains("\necho luna: mac learned on switch sw1 port 9; no node is configured for it {x}\n"), "{s}");
+        assert!(s.contains(":node0\n") && s.contains("item name Type a node name"));
+        let w = render_discover_wait(&discover_url("http://s:7050", 3), 2, 5, 2);
+        assert!(w.contains("(try 2 of 5)") && w.contains("sleep 2\n"));
+        assert!(
+            w.contains(
+                "chain --replace --autofree http://s:7050/boot/ipxe/discover?mac=${netX/mac}&try=3 || goto retry\n"
+            ),
+            "{w}"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Network boot: what luna tells a node's iPXE to do, and what the node's agent may fetch.
 
+pub mod discover;
 pub mod handlers;
 pub mod ipxe;
 pub mod token;
