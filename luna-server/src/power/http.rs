@@ -10,7 +10,7 @@ use luna_core::api::API_PREFIX;
 use luna_core::power::{PowerReply, PowerRequest};
 
 use super::Power;
-use crate::api::ApiError;
+use crate::http::ApiError;
 use crate::service::{Service, ServiceError};
 
 pub struct PowerState {
