@@ -412,7 +412,7 @@ pub async fn concurrent_read_checks(store: Arc<dyn Store>) -> Outcome {
         ensure!(!(added && deleted), "round {round}: node {node} was added to group g and g was deleted");
         let g = get(s, GROUP, "g").await?;
         let n = get(s, NODE, &node).await?;
-        ensure!(g.is_some() == !deleted, "round {round}: group present {} after delete {deleted}", g.is_some());
+        ensure!(g.is_none() == deleted, "round {round}: group present {} after delete {deleted}", g.is_some());
         ensure!(n.is_some() == added, "round {round}: node present {} after add {added}", n.is_some());
         if let Some(n) = n {
             commit(s, vec![del(NODE, &node, Expect::Rev(n.rev))], "clean node").await?;

@@ -35,7 +35,8 @@ pub enum Collection {
     Claim,
     /// DHCP leases of machines luna does not know yet, keyed by MAC.
     Lease,
-    /// Store bookkeeping (`schema`).
+    /// Store bookkeeping: `schema`, and the service's referrer records (`users/<kind>/<name>`,
+    /// whose revision changes whenever what refers to that object changes).
     Meta,
 }
 
