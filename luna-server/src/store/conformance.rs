@@ -732,6 +732,8 @@ impl NxServer {
         let child = std::process::Command::new(&python)
             .arg(nx_replset_script())
             .args(["--set-name", NX_SET_NAME, "--transaction-lifetime", "10"])
+            .arg("--owner-file")
+            .arg(dir.join("owner"))
             .args(["--db", "memory", "--host", "127.0.0.1", "-p", &port.to_string()])
             .arg("--log-file")
             .arg(dir.join("nx.log"))
@@ -761,6 +763,11 @@ impl NxServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Whether a transaction is open right now (the launcher's `--owner-file`).
+    pub fn transaction_open(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("owner")).is_ok_and(|s| !s.trim().is_empty())
     }
 
     /// What the server (and its replica-set launcher) printed so far.
