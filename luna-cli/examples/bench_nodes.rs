@@ -72,10 +72,14 @@ impl Drop for Mongo {
     }
 }
 
+/// nx-27017 as a one-member replica set (the MongoDB store needs transactions), through the
+/// launcher in `tests/assets/nx-replset.py` run by nx-27017's own interpreter.
 fn start_mongo(bin: &Path) -> Result<(Mongo, String), String> {
     let port = common::free_port();
-    let child = Command::new(bin)
-        .args(["--db", "memory", "-p", &port.to_string()])
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/assets/nx-replset.py");
+    let child = Command::new(bin.with_file_name("python3"))
+        .arg(script)
+        .args(["--set-name", "rs0", "--db", "memory", "--host", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -88,7 +92,7 @@ fn start_mongo(bin: &Path) -> Result<(Mongo, String), String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Ok((mongo, format!("mongodb://127.0.0.1:{port}/luna")))
+    Ok((mongo, format!("mongodb://127.0.0.1:{port}/luna?replicaSet=rs0&maxPoolSize=100")))
 }
 
 fn mark(d: Duration) -> &'static str {

@@ -15,6 +15,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use luna_server::store::conformance::{mongo_gate, unique_db_name, with_database, NxServer};
@@ -114,10 +116,27 @@ async fn ok(port: u16, method: &str, path: &str, body: Value) {
 
 /// Adds racks `<prefix>000, <prefix>001, …` one batch each until told to stop; returns the
 /// racks acknowledged and the longest a request took.
-async fn add_racks(port: u16, prefix: char, stop: tokio::sync::watch::Receiver<bool>) -> (Vec<usize>, Duration) {
+/// Lets the test hold the survivor's client between two requests.
+#[derive(Default)]
+struct Pause {
+    paused: AtomicBool,
+    idle: AtomicBool,
+}
+
+async fn add_racks(
+    port: u16,
+    prefix: char,
+    stop: tokio::sync::watch::Receiver<bool>,
+    pause: Arc<Pause>,
+) -> (Vec<usize>, Duration) {
     let mut acked = Vec::new();
     let mut slowest = Duration::ZERO;
     for rack in 0.. {
+        while pause.paused.load(Ordering::SeqCst) {
+            pause.idle.store(true, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        pause.idle.store(false, Ordering::SeqCst);
         if *stop.borrow() {
             break;
         }
@@ -156,17 +175,29 @@ async fn two_servers_one_killed_mid_batch() {
     // b adds racks the whole time; a is started, adds racks, and is killed, until one kill
     // lands inside one of its transactions (nx-27017 logs the abort of its open transaction).
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let racks_b = tokio::spawn(add_racks(b.port, 'b', stop_rx));
+    let pause_b = Arc::new(Pause::default());
+    let racks_b = tokio::spawn(add_racks(b.port, 'b', stop_rx, pause_b.clone()));
     let mut acked_a: Vec<String> = Vec::new();
     let mut kills = 0;
     for attempt in 0..8 {
         let prefix = char::from(b'c' + attempt);
         let mut a = start(dir.path(), &format!("{prefix}"), &store).await;
         let (stop_a_tx, stop_a_rx) = tokio::sync::watch::channel(false);
-        let racks_a = tokio::spawn(add_racks(a.port, prefix, stop_a_rx));
+        let racks_a = tokio::spawn(add_racks(a.port, prefix, stop_a_rx, Arc::default()));
         let before = nx.log().matches("its client connection closed").count();
-        tokio::time::sleep(Duration::from_millis(1500 + rand::random::<u64>() % 1500)).await;
+        tokio::time::sleep(Duration::from_millis(1000 + rand::random::<u64>() % 1000)).await;
+        // Hold b between two requests for a moment, so that the next transaction to open is
+        // a's, and kill a while it is open.
+        pause_b.paused.store(true, Ordering::SeqCst);
+        while !pause_b.idle.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let waiting = Instant::now();
+        while !nx.transaction_open() && waiting.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         a.child.kill().expect("SIGKILL server a");
+        pause_b.paused.store(false, Ordering::SeqCst);
         let _ = a.child.wait();
         let _ = stop_a_tx.send(true);
         let (acked, _) = racks_a.await.expect("server a's client");

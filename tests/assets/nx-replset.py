@@ -31,8 +31,10 @@ supported by this deployment"). This launcher runs nx-27017 in-process with two 
    without a command (MongoDB's transactionLifetimeLimitSeconds, 60 s by default); a later
    command of it gets NoSuchTransaction labelled TransientTransactionError, as from MongoDB.
 
-Usage (the nx-27017 arguments are passed through; --threaded is added, the gate blocks threads):
+Usage (the nx-27017 arguments are passed through; --threaded is added, the gate blocks threads;
+--owner-file names a file that holds the session id of the open transaction, empty when none):
     /opt/luna-venv/bin/python3 nx-replset.py [--set-name rs0] [--transaction-lifetime 60] \
+        [--owner-file PATH] \
         --db memory --host 127.0.0.1 -p 27018
 Then connect with mongodb://127.0.0.1:27018/luna?replicaSet=rs0.
 """
@@ -63,8 +65,9 @@ def body_of(msg):
 class Gate:
     """One transaction at a time; commands outside it wait (see the module doc)."""
 
-    def __init__(self, handler, lifetime):
+    def __init__(self, handler, lifetime, owner_file):
         self.handler = handler
+        self.owner_file = owner_file
         self.lifetime = lifetime
         self.cv = threading.Condition()
         self.owner = None  # session id of the open transaction
@@ -73,11 +76,20 @@ class Gate:
         self.busy = 0  # commands outside a transaction in progress
         self.queue = collections.deque()  # sessions waiting to start a transaction, in order
 
+    def _set_owner(self, sid):
+        """Records the session whose transaction is open (holds cv); with --owner-file, also
+        in that file (empty: none), so a test can act while a transaction is open."""
+        self.owner = sid
+        if sid is None:
+            self.owner_conn = None
+        if self.owner_file:
+            with open(self.owner_file, "w") as f:
+                f.write(sid or "")
+
     def _abort_owner(self, why):
         """Rolls back the open transaction (holds cv)."""
         sid = self.owner
-        self.owner = None
-        self.owner_conn = None
+        self._set_owner(None)
         h = self.handler
         with h._sessions_lock:
             sessions = [(scope, s) for (s_id, scope), s in h._sessions.items() if s_id == sid]
@@ -137,7 +149,7 @@ class Gate:
                     self._wait_free(lambda: not self.busy and self.queue[0] == sid)
                 finally:
                     self.queue.remove(sid)
-                self.owner = sid
+                self._set_owner(sid)
             elif self.owner != sid:
                 return msg.get("request_id", 0), {
                     "ok": 0,
@@ -154,8 +166,7 @@ class Gate:
             if ending:
                 with self.cv:
                     if self.owner == sid:
-                        self.owner = None
-                        self.owner_conn = None
+                        self._set_owner(None)
                     self.cv.notify_all()
 
     def connection_closed(self, conn):
@@ -189,6 +200,7 @@ def main():
     ours = argparse.ArgumentParser(add_help=False)
     ours.add_argument("--set-name", default="rs0")
     ours.add_argument("--transaction-lifetime", type=float, default=60.0)
+    ours.add_argument("--owner-file", default=None)
     ours.add_argument("--host", default="127.0.0.1")
     ours.add_argument("-p", "--port", default="27017")
     args, rest = ours.parse_known_args()
@@ -199,7 +211,7 @@ def main():
 
     def init(self, *a, **kw):
         original_init(self, *a, **kw)
-        gates[id(self)] = Gate(self, args.transaction_lifetime)
+        gates[id(self)] = Gate(self, args.transaction_lifetime, args.owner_file)
 
     nx_handler.NeoSQLiteHandler.__init__ = init
 

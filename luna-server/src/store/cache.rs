@@ -218,6 +218,26 @@ mod tests {
         assert_eq!(s.get(Collection::Meta, "x").await.unwrap(), None);
     }
 
+    #[tokio::test]
+    async fn checks_keep_the_cache_and_a_failed_one_drops_the_key() {
+        let s = CachedStore::new(SqliteStore::open(":memory:").unwrap());
+        s.commit(vec![put("a", Expect::Absent, 1)]).await.unwrap();
+        let before = s.get_shared(Collection::Meta, "a").await.unwrap().unwrap();
+        let check = |expect| Write::Check { collection: Collection::Meta, key: "a".into(), expect };
+        s.commit(vec![check(Expect::Rev(1)), put("b", Expect::Absent, 2)]).await.unwrap();
+        // A check that held wrote nothing: the same shared record, same revision.
+        let after = s.get_shared(Collection::Meta, "a").await.unwrap().unwrap();
+        assert!(Arc::ptr_eq(&before, &after));
+        assert_eq!(after.rev, 1);
+        // Written behind the cache's back: the cached record is now stale, and a check of it
+        // fails in the store...
+        raw(&s).commit(vec![put("a", Expect::Rev(1), 5)]).await.unwrap();
+        assert!(s.commit(vec![check(Expect::Rev(1))]).await.is_err());
+        // ...which drops the key, so the next read sees what the store holds.
+        let a = s.get(Collection::Meta, "a").await.unwrap().unwrap();
+        assert_eq!((a.rev, a.doc), (2, json!({"v": 5})));
+    }
+
     /// A store whose reads pause after reading until released, to interleave a commit.
     struct Gated {
         inner: SqliteStore,

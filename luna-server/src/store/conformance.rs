@@ -412,7 +412,7 @@ pub async fn concurrent_read_checks(store: Arc<dyn Store>) -> Outcome {
         ensure!(!(added && deleted), "round {round}: node {node} was added to group g and g was deleted");
         let g = get(s, GROUP, "g").await?;
         let n = get(s, NODE, &node).await?;
-        ensure!(g.is_some() == !deleted, "round {round}: group present {} after delete {deleted}", g.is_some());
+        ensure!(g.is_none() == deleted, "round {round}: group present {} after delete {deleted}", g.is_some());
         ensure!(n.is_some() == added, "round {round}: node present {} after add {added}", n.is_some());
         if let Some(n) = n {
             commit(s, vec![del(NODE, &node, Expect::Rev(n.rev))], "clean node").await?;
@@ -731,6 +731,8 @@ impl NxServer {
         let child = std::process::Command::new(&python)
             .arg(nx_replset_script())
             .args(["--set-name", NX_SET_NAME, "--transaction-lifetime", "10"])
+            .arg("--owner-file")
+            .arg(dir.join("owner"))
             .args(["--db", "memory", "--host", "127.0.0.1", "-p", &port.to_string()])
             .arg("--log-file")
             .arg(dir.join("nx.log"))
@@ -760,6 +762,11 @@ impl NxServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Whether a transaction is open right now (the launcher's `--owner-file`).
+    pub fn transaction_open(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("owner")).is_ok_and(|s| !s.trim().is_empty())
     }
 
     /// What the server (and its replica-set launcher) printed so far.

@@ -42,7 +42,8 @@ pub enum Collection {
     /// Node status (`NodeStatus`), keyed by node name: written by the boot path and the agent,
     /// apart from the node object so that reports never change the object's revision.
     Status,
-    /// Store bookkeeping (`schema`).
+    /// Store bookkeeping: `schema`, and the service's referrer records (`users/<kind>/<name>`,
+    /// whose revision changes whenever what refers to that object changes).
     Meta,
 }
 
