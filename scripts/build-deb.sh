@@ -68,6 +68,8 @@ for b in luna-server "${CLI_BINS[@]}"; do
 done
 [ -x "$AGENT" ] || die "$AGENT missing (cargo build -p luna-agent --profile agent --target x86_64-unknown-linux-musl)"
 
+# who the package names as its maintainer: $DEBFULLNAME <$DEBEMAIL>, as dch has it
+MAINTAINER="${DEBFULLNAME:-luna developers} <${DEBEMAIL:-luna-devel@example.org}>"
 OUT="${OUT:-$TARGET_DIR/deb}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -112,9 +114,10 @@ install -D -m 0644 packaging/debian/copyright "$DOC/copyright"
 install -m 0644 README.md "$DOC/README.md"
 install -D -m 0644 packaging/debian/lintian-overrides "$ROOT/usr/share/lintian/overrides/luna"
 DATE="$(date -R -d "@${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}")"
-printf 'luna (%s) unstable; urgency=medium\n\n  * Built from the luna workspace by scripts/build-deb.sh.\n\n -- luna developers <luna@localhost>  %s\n' \
-    "$VERSION" "$DATE" | gzip -9n >"$DOC/changelog.Debian.gz"
-chmod 0644 "$DOC/changelog.Debian.gz"
+# a native package: changelog.gz, not changelog.Debian.gz
+printf 'luna (%s) unstable; urgency=medium\n\n  * Built from the luna workspace by scripts/build-deb.sh.\n\n -- %s  %s\n' \
+    "$VERSION" "$MAINTAINER" "$DATE" | gzip -9n >"$DOC/changelog.gz"
+chmod 0644 "$DOC/changelog.gz"
 
 # shared-library dependencies of the dynamic binaries, as dpkg computes them
 install -d "$STAGE/debian"
@@ -128,21 +131,22 @@ cat >"$ROOT/DEBIAN/control" <<CONTROL
 Package: luna
 Version: $VERSION
 Architecture: amd64
-Maintainer: luna developers <luna@localhost>
+Maintainer: $MAINTAINER
 Installed-Size: $SIZE
 Depends: $SHLIBS, ipxe, dracut-core, dracut-network, kmod, cpio
 Recommends: busybox-static
 Section: admin
 Priority: optional
 Description: BitTorrent-accelerated bare-metal provisioner for HPC clusters
- luna-server answers DHCP, TFTP and HTTP (iPXE) for a cluster's nodes, keeps the
- cluster's objects in an embedded store or MongoDB, packs OS images into torrents,
- tracks and seeds them. The luna-agent in each node's initramfs (the dracut module
- 95luna) downloads the image from its peers over BitTorrent, so hundreds of
- diskless nodes boot in about the time one takes.
+ luna-server answers DHCP, TFTP and HTTP (iPXE) for a cluster's nodes,
+ keeps the cluster's objects in an embedded store or MongoDB, packs OS
+ images into torrents, tracks and seeds them. The luna-agent in each
+ node's initramfs (the dracut module 95luna) downloads the image from its
+ peers over BitTorrent, so hundreds of diskless nodes boot in about the
+ time one takes.
  .
- This package holds the server, the luna command line tools, the static node agent,
- the dracut module and the systemd unit.
+ This package holds the server, the luna command line tools, the static
+ node agent, the dracut module and the systemd unit.
 CONTROL
 printf '/etc/luna/luna.toml\n' >"$ROOT/DEBIAN/conffiles"
 for s in postinst prerm postrm; do
