@@ -6,9 +6,9 @@
 pub mod args;
 pub mod client;
 pub mod commands;
-pub mod power;
 pub mod import;
 pub mod lchroot;
+pub mod power;
 pub mod progress;
 pub mod render;
 pub mod text;

@@ -70,13 +70,15 @@ fn setup_err(what: &str, e: impl std::fmt::Display) -> HarnessError {
 }
 
 /// luna-server's configuration for the bench: sqlite store in `dir`, HTTP on the server's
-/// bench address, DHCP on the server's veth, TFTP and seeding off.
+/// bench address, DHCP on the server's veth, TFTP and seeding off, and no per-address
+/// connection cap (wrk's 512 connections all come from one address).
 pub fn luna_config(dir: &Path) -> Result<PathBuf> {
     let d = dir.display();
     let text = format!(
         "store = \"sqlite://{d}/luna.db\"\nlisten = \"{SERVER_IP}:7050\"\ntoken_file = \"{d}/token\"\n\
          data_dir = \"{d}/data\"\n[dhcp]\ninterfaces = [\"{SERVER_DEV}\"]\nmax_in_flight = 1024\n\
-         [tftp]\nenabled = false\n[image]\nseed = false\n"
+         [tftp]\nenabled = false\n[image]\nseed = false\n\
+         [http]\nmax_connections_per_address = 4096\n"
     );
     let path = dir.join("luna.toml");
     std::fs::write(&path, text).map_err(|e| HarnessError::io(format!("write {}", path.display()), e))?;

@@ -142,7 +142,8 @@ impl Container {
         let nspawn = self.nspawn.as_ref().unwrap().pid();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let children = std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children")).unwrap_or_default();
+            let children =
+                std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children")).unwrap_or_default();
             if let Some(pid) = children.split_whitespace().next().and_then(|p| p.parse().ok()) {
                 return pid;
             }
@@ -197,11 +198,13 @@ fn package_installs_runs_as_a_service_and_upgrades_keeping_the_data() {
     let new = build_deb("0.1.1", &scratch);
 
     // lintian: no error (warnings are printed for the record)
-    let lint = Command::new("lintian").args(["--fail-on", "error", "--no-tag-display-limit"]).arg(&old).output().unwrap();
+    let lint =
+        Command::new("lintian").args(["--fail-on", "error", "--no-tag-display-limit"]).arg(&old).output().unwrap();
     eprintln!("lintian:\n{}", String::from_utf8_lossy(&lint.stdout));
     assert!(lint.status.success(), "lintian reported errors:\n{}", String::from_utf8_lossy(&lint.stdout));
 
-    let deps: Vec<String> = depends(&old).into_iter().filter(|d| !d.starts_with("libc6") && !d.starts_with("libgcc")).collect();
+    let deps: Vec<String> =
+        depends(&old).into_iter().filter(|d| !d.starts_with("libc6") && !d.starts_with("libgcc")).collect();
     let pristine = pristine_root(&deps);
     let c = Container::boot(&pristine, &format!("lunadeb{}", std::process::id()));
     for deb in [&old, &new] {
@@ -214,10 +217,16 @@ fn package_installs_runs_as_a_service_and_upgrades_keeping_the_data() {
     let token = c.sh("cat /etc/luna/token");
     assert_eq!(token.len(), 64, "postinst wrote no admin token");
     assert_eq!(c.sh_output("systemctl is-active luna-server"), "inactive");
-    for path in ["/usr/sbin/luna-server", "/usr/bin/luna", "/usr/lib/luna/luna-agent",
-        "/usr/lib/dracut/modules.d/95luna/module-setup.sh", "/usr/share/luna/image/luna-report-booted",
-        "/usr/share/bash-completion/completions/luna", "/usr/share/man/man1/luna.1.gz", "/etc/luna/luna.toml"]
-    {
+    for path in [
+        "/usr/sbin/luna-server",
+        "/usr/bin/luna",
+        "/usr/lib/luna/luna-agent",
+        "/usr/lib/dracut/modules.d/95luna/module-setup.sh",
+        "/usr/share/luna/image/luna-report-booted",
+        "/usr/share/bash-completion/completions/luna",
+        "/usr/share/man/man1/luna.1.gz",
+        "/etc/luna/luna.toml",
+    ] {
         assert!(c.path(path).exists(), "the package did not install {path}");
     }
 

@@ -366,7 +366,6 @@ async fn prepare(state: &Arc<ImageState>, name: &str, req: PackRequest) -> Resul
         .current()
         .or(image.revisions.last())
         .map(|r| pack::Previous { dir: layout.revision_dir(name, r.id), revision: r.clone() });
-    let archive = pack::archive_name(name);
     let opts = pack::PackOptions {
         mode,
         out_dir: layout.tmp_dir(name, revision),

@@ -3,11 +3,13 @@
 //!
 //! ```text
 //! apt-get install -y wrk opentracker
-//! cargo run --release -p luna-tests --bin bench_tracker -- [seconds] [connections] [rounds] [fast|axum]
+//! cargo run --release -p luna-tests --bin bench_tracker -- [seconds] [connections] [rounds] [luna|axum|fast]
 //! ```
 //!
-//! `fast` (the default) serves luna's tracker as luna-server does: the announce fast path
-//! (`tracker::fast`) in front of axum; `axum` serves the same router with plain `axum::serve`.
+//! `luna` (the default) serves luna's tracker as luna-server does (`httpd::serve`: hyper with a
+//! header timeout and connection caps); `axum` serves the same router with plain `axum::serve`;
+//! `fast` puts the old announce fast path (`tracker::fast`, no longer used by luna-server) in
+//! front of axum, for comparison.
 //!
 //! Prints requests/s of each (wrk's figure, per round and the median) and the ratio
 //! luna/opentracker. Rounds alternate between the two to even out load from other processes.
