@@ -241,7 +241,7 @@ async fn ipxe_script(
         Err(e) if preview => return error_response(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e),
         Err(e) => return script(ipxe::render_error(&base, &e)),
     };
-    let mut plan = match boot_plan(&st.app.service, mac, &base).await {
+    let plan = match boot_plan(&st.app.service, mac, &base).await {
         Ok(p) => p,
         Err(e) => return ApiError(e).into_response(),
     };
