@@ -143,7 +143,8 @@ async fn revisions_no_longer_kept_stop_being_seeded() {
     let r1 = image::pack_now(&env.state, "compute", PackRequest::default()).await.unwrap();
     let seeder = Seeder::start(env.state.clone(), None).await.unwrap();
     wait_status(&seeder, &r1.info_hash, |s| s.healthy).await;
-    std::fs::write(env.chroot.join("etc/hostname"), b"v2\n").unwrap();
+    // a file that is packed (etc/hostname is in the default grab_exclude)
+    std::fs::write(env.chroot.join("etc/motd"), b"v2\n").unwrap();
     let r2 = image::pack_now(&env.state, "compute", PackRequest::default()).await.unwrap();
     seeder.reconcile().await.unwrap();
     wait_status(&seeder, &r2.info_hash, |s| s.healthy).await;
