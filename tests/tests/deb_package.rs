@@ -142,7 +142,8 @@ impl Container {
         let nspawn = self.nspawn.as_ref().unwrap().pid();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let children = std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children")).unwrap_or_default();
+            let children =
+                std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children")).unwrap_or_default();
             if let Some(pid) = children.split_whitespace().next().and_then(|p| p.parse().ok()) {
                 return pid;
             }
@@ -158,9 +159,20 @@ impl Container {
         cmd
     }
 
-    /// Runs `script` in the container; panics with its output when it fails.
+    /// Runs `script` in the container; panics with its output (and the server's journal) when
+    /// it fails.
     fn sh(&self, script: &str) -> String {
-        stdout(&run(&mut self.command(script)))
+        let out = self.command(script).output().unwrap_or_else(|e| panic!("cannot run nsenter: {e}"));
+        if !out.status.success() {
+            let journal = self.sh_output("journalctl -u luna-server --no-pager -o cat -n 40");
+            panic!(
+                "in the container, {script:?} failed ({}):\n{}\n{}\nluna-server's journal:\n{journal}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        stdout(&out)
     }
 
     fn sh_output(&self, script: &str) -> String {
@@ -197,11 +209,13 @@ fn package_installs_runs_as_a_service_and_upgrades_keeping_the_data() {
     let new = build_deb("0.1.1", &scratch);
 
     // lintian: no error (warnings are printed for the record)
-    let lint = Command::new("lintian").args(["--fail-on", "error", "--no-tag-display-limit"]).arg(&old).output().unwrap();
+    let lint =
+        Command::new("lintian").args(["--fail-on", "error", "--no-tag-display-limit"]).arg(&old).output().unwrap();
     eprintln!("lintian:\n{}", String::from_utf8_lossy(&lint.stdout));
     assert!(lint.status.success(), "lintian reported errors:\n{}", String::from_utf8_lossy(&lint.stdout));
 
-    let deps: Vec<String> = depends(&old).into_iter().filter(|d| !d.starts_with("libc6") && !d.starts_with("libgcc")).collect();
+    let deps: Vec<String> =
+        depends(&old).into_iter().filter(|d| !d.starts_with("libc6") && !d.starts_with("libgcc")).collect();
     let pristine = pristine_root(&deps);
     let c = Container::boot(&pristine, &format!("lunadeb{}", std::process::id()));
     for deb in [&old, &new] {
@@ -214,10 +228,16 @@ fn package_installs_runs_as_a_service_and_upgrades_keeping_the_data() {
     let token = c.sh("cat /etc/luna/token");
     assert_eq!(token.len(), 64, "postinst wrote no admin token");
     assert_eq!(c.sh_output("systemctl is-active luna-server"), "inactive");
-    for path in ["/usr/sbin/luna-server", "/usr/bin/luna", "/usr/lib/luna/luna-agent",
-        "/usr/lib/dracut/modules.d/95luna/module-setup.sh", "/usr/share/luna/image/luna-report-booted",
-        "/usr/share/bash-completion/completions/luna", "/usr/share/man/man1/luna.1.gz", "/etc/luna/luna.toml"]
-    {
+    for path in [
+        "/usr/sbin/luna-server",
+        "/usr/bin/luna",
+        "/usr/lib/luna/luna-agent",
+        "/usr/lib/dracut/modules.d/95luna/module-setup.sh",
+        "/usr/share/luna/image/luna-report-booted",
+        "/usr/share/bash-completion/completions/luna",
+        "/usr/share/man/man1/luna.1.gz",
+        "/etc/luna/luna.toml",
+    ] {
         assert!(c.path(path).exists(), "the package did not install {path}");
     }
 
