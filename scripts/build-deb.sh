@@ -133,7 +133,7 @@ Version: $VERSION
 Architecture: amd64
 Maintainer: $MAINTAINER
 Installed-Size: $SIZE
-Depends: $SHLIBS, ipxe, dracut-core, dracut-network, kmod, cpio
+Depends: $SHLIBS, ipxe, dracut-core, dracut-network, kmod, cpio, ca-certificates
 Recommends: busybox-static
 Section: admin
 Priority: optional

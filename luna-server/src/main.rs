@@ -74,6 +74,8 @@ fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // colours only for a person at a terminal, not in the journal or a log file
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = if cli.config.exists() || cli.config != std::path::Path::new("/etc/luna/luna.toml") {
         config::Config::load(&cli.config)?

@@ -159,9 +159,20 @@ impl Container {
         cmd
     }
 
-    /// Runs `script` in the container; panics with its output when it fails.
+    /// Runs `script` in the container; panics with its output (and the server's journal) when
+    /// it fails.
     fn sh(&self, script: &str) -> String {
-        stdout(&run(&mut self.command(script)))
+        let out = self.command(script).output().unwrap_or_else(|e| panic!("cannot run nsenter: {e}"));
+        if !out.status.success() {
+            let journal = self.sh_output("journalctl -u luna-server --no-pager -o cat -n 40");
+            panic!(
+                "in the container, {script:?} failed ({}):\n{}\n{}\nluna-server's journal:\n{journal}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        stdout(&out)
     }
 
     fn sh_output(&self, script: &str) -> String {
