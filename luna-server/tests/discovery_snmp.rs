@@ -208,6 +208,10 @@ impl Env {
     }
 }
 
+/// The tests share the simulated switches' addresses (127.0.77.1-2): one at a time, or one
+/// test's simulator going away answers another test's queries with "port unreachable".
+static SWITCHES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn config() -> DiscoveryConfig {
     DiscoveryConfig { snmp_port: PORT, timeout_ms: 300, tries: 2, max_repetitions: 5, ..Default::default() }
 }
@@ -222,6 +226,7 @@ async fn learns_both_mibs_marks_uplinks_and_expires_macs() {
     if !image_support::privileged() {
         return;
     }
+    let _switches = SWITCHES.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let _sim = start_sim(dir.path());
     let e = env(config()).await;
@@ -268,6 +273,7 @@ async fn failing_switches_keep_their_last_table_and_block_nothing() {
     if !image_support::privileged() {
         return;
     }
+    let _switches = SWITCHES.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let _sim = start_sim(dir.path());
     let e = env(DiscoveryConfig { timeout_ms: 1500, tries: 2, ..config() }).await;
@@ -350,6 +356,7 @@ async fn discover_entry_polls_now_then_offers_the_manual_choices() {
     if !image_support::privileged() {
         return;
     }
+    let _switches = SWITCHES.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let _sim = start_sim(dir.path());
     // No interval polling in this test: only what the boot path asks for.
