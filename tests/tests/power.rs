@@ -53,15 +53,29 @@ impl Server {
         Server { _server: server, dir, ns }
     }
 
-    fn run(&self, bin: &str, args: &[&str]) -> Output {
-        self.ns
-            .command(cargo_bin(bin).unwrap())
-            .args(args)
+    fn command(&self, bin: &str, args: &[&str]) -> std::process::Command {
+        let mut cmd = self.ns.command(cargo_bin(bin).unwrap());
+        cmd.args(args)
             .env("LUNA_SERVER", format!("http://{LISTEN}"))
             .env("LUNA_TOKEN_FILE", self.dir.path().join("token"))
             .env_remove("LUNA_TOKEN")
+            .env_remove("LUNA_BMC_PASSWORD");
+        cmd
+    }
+
+    fn run(&self, bin: &str, args: &[&str]) -> Output {
+        self.command(bin, args).output().unwrap()
+    }
+
+    /// `luna bmcsetup add ...` with the password as an admin gives it: from the environment,
+    /// never on the command line.
+    fn bmcsetup_add(&self, password: &str, args: &[&str]) {
+        let out = self
+            .command("luna", &[&["bmcsetup", "add"], args, &["--password-from-env"]].concat())
+            .env("LUNA_BMC_PASSWORD", password)
             .output()
-            .unwrap()
+            .unwrap();
+        assert!(out.status.success(), "luna bmcsetup add {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     fn luna(&self, args: &[&str]) -> String {
@@ -172,8 +186,8 @@ fn lpower_drives_eight_ipmi_bmcs() {
     server.luna(&["network", "add", "prov", "--cidr", "10.81.0.0/24"]);
     server.luna(&["network", "add", "ipmi", "--cidr", "10.80.0.0/24"]);
     server.luna(&["osimage", "add", "tiny", "--path", "/srv/tiny"]);
-    server.luna(&["bmcsetup", "add", "good", "--user", "admin", "--password", GOOD_PASSWORD]);
-    server.luna(&["bmcsetup", "add", "bad", "--user", "admin", "--password", BAD_PASSWORD]);
+    server.bmcsetup_add(GOOD_PASSWORD, &["good", "--user", "admin"]);
+    server.bmcsetup_add(BAD_PASSWORD, &["bad", "--user", "admin"]);
     let group = |name: &str, setup: Option<&str>| {
         let mut args = vec!["group", "add", name, "--osimage", "tiny", "--network", "prov", "--bmc-network", "ipmi"];
         if let Some(s) = setup {
@@ -397,7 +411,7 @@ fn lpower_drives_redfish_bmcs() {
     server.luna(&["network", "add", "prov", "--cidr", "10.86.0.0/24"]);
     server.luna(&["network", "add", "bmcnet", "--cidr", "10.85.0.0/24"]);
     server.luna(&["osimage", "add", "tiny", "--path", "/srv/tiny"]);
-    server.luna(&["bmcsetup", "add", "rf", "--user", "root", "--password", GOOD_PASSWORD, "--protocol", "redfish"]);
+    server.bmcsetup_add(GOOD_PASSWORD, &["rf", "--user", "root", "--protocol", "redfish"]);
     server.luna(&[
         "group",
         "add",

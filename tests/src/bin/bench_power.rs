@@ -79,6 +79,8 @@ fn main() -> Result<()> {
             .env("LUNA_SERVER", format!("http://{LISTEN}"))
             .env("LUNA_TOKEN_FILE", d.join("token"))
             .env_remove("LUNA_TOKEN")
+            // read by `bmcsetup add --password-from-env` only
+            .env("LUNA_BMC_PASSWORD", PASSWORD)
             .output()?)
     };
     let luna = |args: &[&str]| -> Result<()> {
@@ -91,7 +93,7 @@ fn main() -> Result<()> {
     luna(&["network", "add", "prov", "--cidr", "10.84.0.0/16"])?;
     luna(&["network", "add", "ipmi", "--cidr", "10.83.0.0/24"])?;
     luna(&["osimage", "add", "tiny", "--path", "/srv/tiny"])?;
-    luna(&["bmcsetup", "add", "b", "--user", "admin", "--password", PASSWORD])?;
+    luna(&["bmcsetup", "add", "b", "--user", "admin", "--password-from-env"])?;
     luna(&[
         "group",
         "add",
