@@ -272,7 +272,7 @@ async fn ipxe_script(
                 Ok(token) => n.token = token,
                 Err(why) => {
                     tracing::warn!(node = %n.name, %mac, %remote, reason = %why, "boot script refused");
-                    return script(ipxe::render_error(&base, NOT_FROM_NODE));
+                    return script(ipxe::render_refused_redhcp(&base, NOT_FROM_NODE));
                 }
             }
             record(&st.app.service, &n.name, "ipxe", "boot script served");

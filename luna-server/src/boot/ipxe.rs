@@ -322,6 +322,33 @@ pub fn render_menu(m: &MenuInput) -> String {
 /// What a machine gets once the menu bound its MAC: it still has its discovery address, so it asks
 /// DHCP again (now for the node's own address) and fetches its script from there; only a request
 /// from that address gets the node's token.
+/// What a request for a known node's script from another address gets: `msg`, then DHCP again
+/// and the script asked for once more. A machine whose MAC an admin bound while it sat in the
+/// discovery menu still has its discovery address; DHCP now gives it the node's, and its next
+/// request gets the node's script. Anyone else learns nothing and gets their own address again.
+/// The pause keeps a machine that DHCP never gives the node's address from hammering the server.
+pub fn render_refused_redhcp(base_url: &str, msg: &str) -> String {
+    format!(
+        "#!ipxe\n\
+         echo luna: {msg}\n\
+         echo luna: asking DHCP again in {PAUSE} seconds\n\
+         sleep {PAUSE}\n\
+         :retry\n\
+         dhcp || goto failed\n\
+         chain --replace --autofree {again} || goto failed\n\
+         :failed\n\
+         echo luna: asking again in {RETRY_SECS} seconds\n\
+         sleep {RETRY_SECS}\n\
+         goto retry\n",
+        msg = display(msg),
+        again = boot_url(base_url),
+        PAUSE = REDHCP_PAUSE_SECS,
+    )
+}
+
+/// Pause before a refused machine asks DHCP again.
+pub const REDHCP_PAUSE_SECS: u32 = 3;
+
 pub fn render_rebound(base_url: &str) -> String {
     format!(
         "#!ipxe\n\
@@ -354,6 +381,16 @@ pub fn render_error(base_url: &str, msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_request_asks_dhcp_again_after_a_pause() {
+        let s = render_refused_redhcp("http://10.141.255.254:7050", "boot refused: not from the node's address");
+        assert!(s.starts_with("#!ipxe\n"), "{s}");
+        assert!(s.contains("echo luna: boot refused: not from the node"), "{s}");
+        let (pause, dhcp) = (s.find("sleep 3").unwrap(), s.find("dhcp || goto failed").unwrap());
+        assert!(pause < dhcp, "{s}");
+        assert!(s.contains("chain --replace --autofree http://10.141.255.254:7050/boot/ipxe?mac=${netX/mac}"), "{s}");
+    }
 
     fn node() -> NodeBoot {
         NodeBoot {
