@@ -319,40 +319,36 @@ pub fn render_menu(m: &MenuInput) -> String {
     s
 }
 
-/// What a machine gets once the menu bound its MAC: it still has its discovery address, so it asks
-/// DHCP again (now for the node's own address) and fetches its script from there; only a request
-/// from that address gets the node's token.
 /// What a request for a known node's script from another address gets: `msg`, then DHCP again
 /// and the script asked for once more. A machine whose MAC an admin bound while it sat in the
 /// discovery menu still has its discovery address; DHCP now gives it the node's, and its next
 /// request gets the node's script. Anyone else learns nothing and gets their own address again.
 /// The pause keeps a machine that DHCP never gives the node's address from hammering the server.
 pub fn render_refused_redhcp(base_url: &str, msg: &str) -> String {
-    format!(
-        "#!ipxe\n\
-         echo luna: {msg}\n\
-         echo luna: asking DHCP again in {PAUSE} seconds\n\
-         sleep {PAUSE}\n\
-         :retry\n\
-         dhcp || goto failed\n\
-         chain --replace --autofree {again} || goto failed\n\
-         :failed\n\
-         echo luna: asking again in {RETRY_SECS} seconds\n\
-         sleep {RETRY_SECS}\n\
-         goto retry\n",
+    let lead = format!(
+        "echo luna: {msg}\n\
+         echo luna: asking DHCP again in {REDHCP_PAUSE_SECS} seconds\n\
+         sleep {REDHCP_PAUSE_SECS}\n",
         msg = display(msg),
-        again = boot_url(base_url),
-        PAUSE = REDHCP_PAUSE_SECS,
-    )
+    );
+    redhcp_then_ask_again(base_url, &lead)
 }
 
 /// Pause before a refused machine asks DHCP again.
 pub const REDHCP_PAUSE_SECS: u32 = 3;
 
+/// What a machine gets once the menu bound its MAC: it still has its discovery address, so it asks
+/// DHCP again (now for the node's own address) and fetches its script from there; only a request
+/// from that address gets the node's token.
 pub fn render_rebound(base_url: &str) -> String {
+    redhcp_then_ask_again(base_url, "echo luna: mac bound, asking DHCP for the node's address\n")
+}
+
+/// `lead`, then DHCP again and `boot_url` once more, retrying both every [`RETRY_SECS`].
+fn redhcp_then_ask_again(base_url: &str, lead: &str) -> String {
     format!(
         "#!ipxe\n\
-         echo luna: mac bound, asking DHCP for the node's address\n\
+         {lead}\
          :retry\n\
          dhcp || goto failed\n\
          chain --replace --autofree {again} || goto failed\n\
