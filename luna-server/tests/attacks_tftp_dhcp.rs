@@ -245,18 +245,6 @@ fn fetch(local: &str, server: SocketAddr, name: &str) -> Result<Vec<u8>, String>
     }
 }
 
-fn pattern(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9u32;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// Item 5: 520 never-acknowledged requests with timeout=255 from one address fill at most that
 /// address's share of the slots (the timeout is declined), everyone else is served meanwhile,
 /// and slots filled from many addresses are given back after `abandon_after_secs`.
@@ -265,7 +253,7 @@ fn tftp_slot_attack_does_not_lock_out_other_clients() {
     raise_nofile();
     let extra = "max_transfers = 64\nmax_transfers_per_client = 4\nmax_timeout_secs = 5\nabandon_after_secs = 3\ntimeout_ms = 1000\nmax_retries = 5";
     let server = LunaServer::start(extra, "", None, |_| {});
-    let file = pattern(100_000);
+    let file = image_support::pattern(100_000, 0x9e37_79b9);
     std::fs::write(server.root().join("boot.bin"), &file).unwrap();
 
     // The attack, as reported: 520 requests, each from its own port, never acknowledged.
@@ -330,7 +318,7 @@ fn tftp_netascii_requests_keep_memory_bounded() {
     let extra = "max_transfers = 1000\nmax_transfers_per_client = 1000\nabandon_after_secs = 20";
     let server = LunaServer::start(extra, "", None, |_| {});
     // 1 MiB like ipxe.efi, with line ends to convert.
-    let mut raw = pattern(1 << 20);
+    let mut raw = image_support::pattern(1 << 20, 0x9e37_79b9);
     for (i, b) in raw.iter_mut().enumerate() {
         if i.is_multiple_of(61) {
             *b = b'\n';

@@ -1,6 +1,8 @@
 //! luna's TFTP server against real clients on 127.0.0.1: tftp-hpa's `tftp` and `atftp`
 //! (`apt-get install -y tftp-hpa atftp`).
 
+mod image_support;
+
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
@@ -14,19 +16,6 @@ struct Env {
     port: u16,
     secret: Vec<u8>,
     _stop: watch::Sender<bool>,
-}
-
-fn pattern(len: usize, seed: u32) -> Vec<u8> {
-    // xorshift: incompressible-looking bytes, reproducible without a rand dependency.
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
 }
 
 fn require(bin: &str) {
@@ -45,15 +34,15 @@ impl Env {
         std::fs::create_dir_all(dir.path().join("out")).unwrap();
         let secret = b"root:x:0:0:this must never leave the server\n".to_vec();
         std::fs::write(dir.path().join("secret"), &secret).unwrap();
-        std::fs::write(root.join("small.bin"), pattern(100_000, 1)).unwrap();
-        std::fs::write(root.join("sub/nested.bin"), pattern(3_000, 2)).unwrap();
+        std::fs::write(root.join("small.bin"), image_support::pattern(100_000, 1)).unwrap();
+        std::fs::write(root.join("sub/nested.bin"), image_support::pattern(3_000, 2)).unwrap();
         std::fs::write(root.join("empty"), b"").unwrap();
         std::fs::write(root.join("text.cfg"), b"#!ipxe\nchain http://x/\r\nlast line\n").unwrap();
         std::os::unix::fs::symlink(dir.path().join("secret"), root.join("link-out")).unwrap();
         std::os::unix::fs::symlink(dir.path(), root.join("dir-out")).unwrap();
         let virt = dir.path().join("pkg");
         std::fs::create_dir_all(&virt).unwrap();
-        std::fs::write(virt.join("undionly.kpxe"), pattern(74_213, 3)).unwrap();
+        std::fs::write(virt.join("undionly.kpxe"), image_support::pattern(74_213, 3)).unwrap();
         std::fs::write(virt.join("neighbour"), &secret).unwrap();
 
         let cfg = TftpConfig {
@@ -139,7 +128,7 @@ async fn tftp_hpa_gets_files_in_binary_and_ascii() {
 async fn tftp_hpa_block_numbers_roll_over() {
     let env = Env::start().await;
     // 512-byte blocks: past 65535 blocks the number wraps to 0.
-    let data = pattern(65_600 * 512 + 17, 4);
+    let data = image_support::pattern(65_600 * 512 + 17, 4);
     std::fs::write(env.root().join("big.bin"), &data).unwrap();
     let out = env.out("big.bin");
     let o = env.tftp_hpa(&["-m", "binary"], &format!("get big.bin {}", out.display())).await;
@@ -149,7 +138,7 @@ async fn tftp_hpa_block_numbers_roll_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn atftp_negotiates_blksize_windowsize_tsize() {
     let env = Env::start().await;
-    let data = pattern(3_000_000, 5);
+    let data = image_support::pattern(3_000_000, 5);
     std::fs::write(env.root().join("mid.bin"), &data).unwrap();
     let cases: [&[&str]; 4] = [
         &["blksize 1428", "windowsize 8", "tsize 0"],
@@ -164,7 +153,7 @@ async fn atftp_negotiates_blksize_windowsize_tsize() {
         assert!(read(&out) == data, "{opts:?}: content differs: {}", text(&o));
     }
     // blksize 8 with a window: 70000 blocks, so the window also straddles the rollover.
-    let data = pattern(8 * 70_000 + 5, 6);
+    let data = image_support::pattern(8 * 70_000 + 5, 6);
     std::fs::write(env.root().join("tiny-blocks.bin"), &data).unwrap();
     let out = env.out("tiny-blocks.bin");
     let o = env.atftp(&["blksize 8", "windowsize 16"], "tiny-blocks.bin", &out).await;
@@ -229,7 +218,7 @@ async fn writes_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_atftp_clients_at_once() {
     let env = Env::start().await;
-    let data = pattern(1_000_000, 7);
+    let data = image_support::pattern(1_000_000, 7);
     std::fs::write(env.root().join("shared.bin"), &data).unwrap();
     let mut runs = Vec::new();
     for i in 0..60 {

@@ -16,6 +16,19 @@ use serde_json::json;
 
 pub const KVER: &str = "6.1.0-99-amd64";
 
+/// `len` incompressible-looking bytes, the same for the same `seed` (xorshift: no rand needed).
+pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
