@@ -50,6 +50,8 @@ PACKAGES=(
     python3 python3-venv python3-pip python3-gdbm
     # the Debian package: build (dpkg-shlibdeps, strip), check, and boot it under systemd
     dpkg-dev binutils lintian systemd-container
+    # ACLs in the osimage clone test (setfacl, getfacl)
+    acl
     # misc used by scripts and tests
     curl ca-certificates util-linux
     # self-signed certificates for the Redfish emulator (tests/power.rs)

@@ -295,6 +295,13 @@ fn clone_with_path_copies_the_tree_exactly() {
     std::fs::hard_link(src.join("etc/a"), src.join("etc/b")).unwrap();
     set_xattr(&src.join("etc/a"), "user.luna", b"kept");
     set_xattr(&src.join("etc"), "trusted.luna", b"dir too");
+    // a POSIX ACL (an xattr of its own kind, system.posix_acl_access)
+    let acl = std::process::Command::new(luna_tests::require_tool("setfacl").unwrap())
+        .args(["-m", "u:4242:rw"])
+        .arg(src.join("etc/a"))
+        .status()
+        .unwrap();
+    assert!(acl.success(), "setfacl");
     std::fs::create_dir_all(src.join("dev")).unwrap();
     let null = std::ffi::CString::new(src.join("dev/null").as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a valid path; makes a character device 1:3 like /dev/null.
@@ -314,6 +321,12 @@ fn clone_with_path_copies_the_tree_exactly() {
     assert_eq!(a.nlink(), 2);
     assert_eq!(get_xattr(&dst.join("etc/a"), "user.luna"), b"kept");
     assert_eq!(get_xattr(&dst.join("etc"), "trusted.luna"), b"dir too");
+    let acl = std::process::Command::new(luna_tests::require_tool("getfacl").unwrap())
+        .args(["-n", "-c"])
+        .arg(dst.join("etc/a"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&acl.stdout).contains("user:4242:rw-"), "ACL kept: {acl:?}");
     let dev = std::fs::symlink_metadata(dst.join("dev/null")).unwrap();
     assert!(dev.file_type().is_char_device() && dev.rdev() == libc::makedev(1, 3), "device node kept");
     let sp = std::fs::metadata(dst.join("sparse")).unwrap();
