@@ -27,6 +27,16 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 # full debug info makes every test binary hundreds of MB and linking slow; line tables keep
 # file:line in backtraces
 export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}"
+# one build from scratch: incremental state would only add gigabytes to the target dir (a CI
+# run once failed with "No space left on device" while linking)
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
+step "cargo fmt --check, cargo clippy -D warnings"
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    rustup component add rustfmt clippy
+fi
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo build --workspace"
 cargo build --workspace

@@ -333,6 +333,7 @@ pub(crate) mod tests {
                 ib
             }],
             image: None,
+            root: luna_core::model::RootMode::Tmpfs,
             prescript: String::new(),
             partscript: String::new(),
             postscript: String::new(),

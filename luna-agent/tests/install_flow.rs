@@ -280,6 +280,7 @@ fn plan(base: &str, archive: &[u8]) -> InstallPlan {
             size: archive.len() as u64,
             info_hash: String::new(),
         }),
+        root: luna_core::model::RootMode::Tmpfs,
         prescript: "echo \"$LUNA_NODE $LUNA_IMAGE_SIZE $LUNA_TMPFS_SIZE $LUNA_BOOTIF $LUNA_IP\" > \"$(dirname \"$LUNA_SYSROOT\")/pre.out\"".into(),
         partscript: "mkdir -p \"$LUNA_SYSROOT\" && echo part > \"$LUNA_SYSROOT/../part.out\"".into(),
         // The fake runs it in the root directory instead of chrooting there.

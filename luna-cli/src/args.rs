@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
-use luna_core::model::{BmcProtocol, IpRange};
+use luna_core::model::{BmcProtocol, IpRange, RootMode};
 use luna_core::MacAddr;
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7050";
@@ -351,6 +351,9 @@ pub struct OsimageFields {
     /// Paths left out of the packed image (comma-separated globs; replaces the list).
     #[arg(long, value_name = "GLOB,...", value_delimiter = ',')]
     pub grab_exclude: Option<Vec<String>>,
+    /// How nodes make their root: tmpfs (image in RAM), overlay (squashfs + RAM overlay) or disk.
+    #[arg(long, value_name = "MODE", value_parser = parse_root)]
+    pub root: Option<RootMode>,
     /// dracut modules added to the nodes' initramfs (comma-separated; replaces the list).
     #[arg(long, value_name = "MOD,...", value_delimiter = ',')]
     pub dracut_modules_add: Option<Vec<String>>,
@@ -482,6 +485,26 @@ fn parse_protocol(s: &str) -> Result<BmcProtocol, String> {
     s.parse().map_err(|e: luna_core::ModelError| e.to_string())
 }
 
+fn parse_root(s: &str) -> Result<RootMode, String> {
+    s.parse().map_err(|e: luna_core::ModelError| e.to_string())
+}
+
+/// A group's `--root`: a mode, or `inherit` (the osimage's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupRoot {
+    Inherit,
+    Mode(RootMode),
+}
+
+fn parse_group_root(s: &str) -> Result<GroupRoot, String> {
+    if s == "inherit" {
+        return Ok(GroupRoot::Inherit);
+    }
+    s.parse()
+        .map(GroupRoot::Mode)
+        .map_err(|_| format!("invalid root mode '{s}': expected tmpfs, overlay, disk or inherit"))
+}
+
 // ---------------------------------------------------------------------------------------------
 // group
 
@@ -532,6 +555,9 @@ pub struct GroupFields {
     /// Interface the image is downloaded over.
     #[arg(long, value_name = "IF")]
     pub torrent_interface: Option<String>,
+    /// Root mode for this group's nodes (tmpfs, overlay, disk), or `inherit` the osimage's.
+    #[arg(long, value_name = "MODE", value_parser = parse_group_root)]
+    pub root: Option<GroupRoot>,
     /// DNS domain of the group's nodes (overrides the cluster's).
     #[arg(long)]
     pub domain: Option<String>,
@@ -1084,6 +1110,14 @@ mod tests {
             panic!()
         };
         assert_eq!(a.fields.protocol, Some(BmcProtocol::Redfish));
+        let Command::Osimage(OsimageCmd::Change(o)) = ok(&["osimage", "change", "i", "--root", "overlay"]) else {
+            panic!()
+        };
+        assert_eq!(o.fields.root, Some(RootMode::Overlay));
+        assert!(err(&["osimage", "change", "i", "--root", "nfs"]).contains("tmpfs, overlay or disk"));
+        let Command::Group(GroupCmd::Change(g)) = ok(&["group", "change", "g", "--root", "inherit"]) else { panic!() };
+        assert_eq!(g.fields.root, Some(GroupRoot::Inherit));
+        assert!(err(&["group", "change", "g", "--root", "nfs"]).contains("or inherit"));
         assert_eq!((a.fields.userid, a.fields.netchannel, a.fields.mgmtchannel), (Some(3), Some(2), Some(4)));
         assert_eq!(a.fields.password_file.as_deref(), Some("/p"));
         let two = err(&["bmcsetup", "add", "b", "--user", "u", "--password-file", "/p", "--ask-password"]);

@@ -357,6 +357,7 @@ impl<R: Read> Ctx<R> {
         let opts = self.text.read_opt("--kernel-opts", f.kernel_opts.as_ref())?;
         put(&mut m, "kernel_opts", opts.map(|o| o.trim().to_string()));
         put(&mut m, "grab_exclude", f.grab_exclude.clone());
+        put(&mut m, "root", f.root.map(|r| r.as_str()));
         put(&mut m, "dracut_modules_add", f.dracut_modules_add.clone());
         put(&mut m, "dracut_modules_omit", f.dracut_modules_omit.clone());
         put(&mut m, "dracut_drivers_add", f.dracut_drivers_add.clone());
@@ -701,6 +702,15 @@ impl<R: Read> Ctx<R> {
             put(&mut m, key, v);
         }
         put(&mut m, "torrent_interface", f.torrent_interface.clone());
+        if let Some(root) = f.root {
+            m.insert(
+                "root".into(),
+                match root {
+                    GroupRoot::Inherit => Value::Null,
+                    GroupRoot::Mode(r) => Value::from(r.as_str()),
+                },
+            );
+        }
         put(&mut m, "domain", f.domain.clone());
         self.comment(&f.comment, &mut m)?;
         Ok(m)
@@ -1059,6 +1069,7 @@ mod tests {
             partscript: None,
             postscript: None,
             torrent_interface: None,
+            root: None,
             domain: None,
             comment: CommentArgs { comment: None },
         };

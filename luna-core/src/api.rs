@@ -173,6 +173,9 @@ pub struct InstallPlan {
     pub interfaces: Vec<PlanInterface>,
     /// `None` until the node's osimage has been packed.
     pub image: Option<PlanImage>,
+    /// How the root is made: the group's `root`, else the osimage's.
+    #[serde(default)]
+    pub root: crate::model::RootMode,
     pub prescript: String,
     pub partscript: String,
     pub postscript: String,

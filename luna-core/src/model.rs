@@ -457,6 +457,9 @@ pub struct Osimage {
     /// Paths (globs, relative to the chroot) left out of the packed archive.
     #[serde(default = "default_grab_exclude")]
     pub grab_exclude: Vec<String>,
+    /// How nodes booting this image make their root (groups may override it).
+    #[serde(default)]
+    pub root: RootMode,
     /// Published revisions, newest last (filled in by `luna osimage pack`).
     #[serde(default)]
     pub revisions: Vec<ImageRevision>,
@@ -529,6 +532,7 @@ impl Osimage {
             dracut_drivers_add: Vec::new(),
             dracut_drivers_omit: Vec::new(),
             grab_exclude: default_grab_exclude(),
+            root: RootMode::default(),
             revisions: Vec::new(),
             current_revision: None,
             comment: String::new(),
@@ -562,6 +566,47 @@ impl Osimage {
 
 // ---------------------------------------------------------------------------------------------
 // bmcsetup
+
+/// How a node's root filesystem is made from its image (`osimage.root`, `group.root`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RootMode {
+    /// The image unpacked into a tmpfs (RAM).
+    #[default]
+    Tmpfs,
+    /// A read-only squashfs of the image under an overlayfs whose upper layer is a tmpfs.
+    Overlay,
+    /// The image installed onto local disks prepared by the part-script; later boots are local.
+    Disk,
+}
+
+impl RootMode {
+    pub const ALL: [RootMode; 3] = [RootMode::Tmpfs, RootMode::Overlay, RootMode::Disk];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RootMode::Tmpfs => "tmpfs",
+            RootMode::Overlay => "overlay",
+            RootMode::Disk => "disk",
+        }
+    }
+}
+
+impl fmt::Display for RootMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RootMode {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RootMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| ModelError::invalid("root mode", s, "expected tmpfs, overlay or disk"))
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -681,6 +726,9 @@ pub struct Group {
     pub postscript: String,
     #[serde(default = "default_torrent_if")]
     pub torrent_interface: String,
+    /// Overrides the osimage's root mode for this group's nodes; `None` inherits it.
+    #[serde(default)]
+    pub root: Option<RootMode>,
     #[serde(default)]
     pub domain: Option<String>,
     #[serde(default)]
@@ -707,6 +755,7 @@ impl Group {
             partscript: default_partscript(),
             postscript: String::new(),
             torrent_interface: default_torrent_if(),
+            root: None,
             domain: None,
             comment: String::new(),
             rev: 0,
@@ -1202,6 +1251,21 @@ impl AnyObject {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn root_modes_parse_and_default_to_tmpfs() {
+        for m in RootMode::ALL {
+            assert_eq!(m.as_str().parse::<RootMode>().unwrap(), m);
+            assert_eq!(serde_json::to_value(m).unwrap(), json!(m.as_str()));
+        }
+        let e = "nfs".parse::<RootMode>().unwrap_err().to_string();
+        assert!(e.contains("nfs") && e.contains("tmpfs, overlay or disk"), "{e}");
+        let o = AnyObject::from_value(Kind::Osimage, json!({"name": "i", "path": "/i"})).unwrap();
+        assert!(matches!(o, AnyObject::Osimage(ref i) if i.root == RootMode::Tmpfs));
+        let g = AnyObject::from_value(Kind::Group, json!({"name": "g", "osimage": "i", "root": "overlay"})).unwrap();
+        assert!(matches!(g, AnyObject::Group(ref g) if g.root == Some(RootMode::Overlay)));
+        assert!(AnyObject::from_value(Kind::Group, json!({"name": "g", "osimage": "i", "root": "nfs"})).is_err());
+    }
 
     #[test]
     fn unknown_fields_are_rejected() {

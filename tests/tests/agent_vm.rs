@@ -296,6 +296,7 @@ fn plan(archive: &[u8], sha256: String, bmc: Option<PlanBmc>) -> InstallPlan {
             size: archive.len() as u64,
             info_hash: String::new(),
         }),
+        root: luna_core::model::RootMode::Tmpfs,
         prescript: String::new(),
         partscript: String::new(),
         postscript: "echo \"post $LUNA_NODE\" > /etc/luna-post".into(),

@@ -512,6 +512,7 @@ pub async fn install_plan(service: &Service, node: &Node, base: &str) -> Result<
         domain: group.domain.clone().unwrap_or(cluster.domain),
         interfaces,
         image: plan_image,
+        root: group.root.unwrap_or(image.root),
         prescript: group.prescript.clone(),
         partscript: group.partscript.clone(),
         postscript: group.postscript.clone(),
