@@ -9,15 +9,17 @@
 //!   still answered by the debug build (item 13).
 
 mod image_support;
+mod netns_support;
+use netns_support::Netns;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use luna_server::dhcp::packet::client;
 use luna_server::tftp::packet::{self, Mode, Packet};
 
 const SERVER_IP: &str = "127.0.77.1";
@@ -396,62 +398,12 @@ fn tftp_option_flood_costs_little_cpu() {
 // ---------------------------------------------------------------------------------------------
 // DHCP, in namespaces
 
-/// A network namespace of this test; what runs inside is killed and it is deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str) -> Netns {
-        let _ = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
-        sh("ip", &["netns", "add", name]);
-        let ns = Netns(name.to_string());
-        sh("ip", &["-n", name, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Runs `f` on a thread inside the namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let ns = File::open(&path).expect("namespace file");
-            // SAFETY: setns on this thread only; the fd is valid for the call.
-            assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns {path}");
-            f()
-        })
-        .join()
-        .expect("namespace thread")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.0]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 fn sh(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd).args(args).output().unwrap();
     assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Options that made dhcproto's `debug_assert!`s fire (or subtract below zero) in debug builds.
-const BAD_OPTIONS: [&[u8]; 8] = [
-    &[80, 1, 0],
-    &[94, 2, 1, 2],
-    &[152, 1, 0],
-    &[153, 5, 0, 0, 0, 0, 0],
-    &[154, 0],
-    &[155, 3, 1, 2, 3],
-    &[151, 0],
-    &[81, 2, 0, 0],
-];
-
 fn discover(mac: [u8; 6], xid: u32, bad: &[&[u8]]) -> Vec<u8> {
-    use luna_server::dhcp::packet::client;
     let m = client::broadcast(client::discover(luna_core::MacAddr(mac), xid));
     let mut bytes = client::encode(&m, None);
     for opt in bad {
@@ -512,7 +464,8 @@ fn dhcp_random_mac_flood_keeps_leases_bounded() {
         while start.elapsed() < Duration::from_secs(4) {
             let mut mac = rand::random::<[u8; 6]>();
             mac[0] = (mac[0] & 0xfe) | 0x02;
-            let bad: &[&[u8]] = if sent.is_multiple_of(2) { &[] } else { &BAD_OPTIONS[sent as usize % 8..][..1] };
+            let bad: &[&[u8]] =
+                if sent.is_multiple_of(2) { &[] } else { &client::BAD_OPTIONS[sent as usize % 8..][..1] };
             sock.send_to(&discover(mac, sent, bad), to).unwrap();
             sent += 1;
             drain(&mut offers);
@@ -520,7 +473,7 @@ fn dhcp_random_mac_flood_keeps_leases_bounded() {
         }
         // A last machine whose DISCOVER carries every malformed option (offers expire in 1 s).
         std::thread::sleep(Duration::from_millis(1100));
-        sock.send_to(&discover([2, 0x77, 0, 0, 0, 1], 0xdead, &BAD_OPTIONS), to).unwrap();
+        sock.send_to(&discover([2, 0x77, 0, 0, 0, 1], 0xdead, &client::BAD_OPTIONS), to).unwrap();
         let deadline = Instant::now() + Duration::from_secs(3);
         let mut late = false;
         while Instant::now() < deadline && !late {

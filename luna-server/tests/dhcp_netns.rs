@@ -23,6 +23,9 @@ use luna_server::store::{Collection, Expect, Store, Write};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+mod netns_support;
+use netns_support::Netns;
+
 const NODE_MAC: &str = "52:54:00:aa:00:01";
 const STRANGER_MAC: &str = "52:54:00:aa:00:99";
 const OTHER_STRANGER_MAC: &str = "52:54:00:aa:00:98";
@@ -53,40 +56,6 @@ fn ensure_tools() {
         if !have(tool) {
             run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", package]));
         }
-    }
-}
-
-/// A network namespace; dropping it kills what runs inside and deletes it (and its veths).
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Netns {
-        // A leftover from a crashed run of the same pid would make `add` fail.
-        let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
-        run(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Netns(name);
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-    fn ip(&self, args: &[&str]) -> String {
-        run(Command::new("ip").arg("-n").arg(&self.0).args(args))
-    }
-    fn exec(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0, program]);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Everything inside was started by this test.
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.0]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).status();
-            }
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
 

@@ -274,6 +274,20 @@ pub mod client {
     use super::*;
     use dhcproto::v4::{Architecture, Flags};
 
+    /// Options of impossible length, each of which made dhcproto's `debug_assert!`s fire (or
+    /// an unchecked `len - n` subtract below zero) in debug builds: what `Request::decode`
+    /// must skip. The unit tests and the attack test send them.
+    pub const BAD_OPTIONS: [&[u8]; 8] = [
+        &[80, 1, 0],
+        &[94, 2, 1, 2],
+        &[152, 1, 0],
+        &[153, 5, 0, 0, 0, 0, 0],
+        &[154, 0],
+        &[155, 3, 1, 2, 3],
+        &[151, 0],
+        &[81, 2, 0, 0],
+    ];
+
     /// A bare client message of `kind` from `mac`.
     pub fn message(kind: MessageType, mac: MacAddr, xid: u32) -> Message {
         let z = Ipv4Addr::UNSPECIFIED;
@@ -396,18 +410,7 @@ mod tests {
     fn options_of_impossible_length_are_skipped_in_every_build() {
         let m = client::pxe(client::discover(mac(), 7), 9);
         let good = client::encode(&m, None);
-        // Each of these made dhcproto's debug_assert! (or an unchecked `len - n`) panic.
-        let bad: [&[u8]; 8] = [
-            &[80, 1, 0],
-            &[94, 2, 1, 2],
-            &[152, 1, 0],
-            &[153, 5, 0, 0, 0, 0, 0],
-            &[154, 0],
-            &[155, 3, 1, 2, 3],
-            &[151, 0],
-            &[81, 2, 0, 0],
-        ];
-        for opt in bad {
+        for opt in client::BAD_OPTIONS {
             let mut bytes = good.clone();
             bytes.splice(HEADER_LEN..HEADER_LEN, opt.iter().copied());
             let r = Request::decode(&bytes).unwrap();
