@@ -14,6 +14,7 @@ pub mod metainfo;
 pub mod pack;
 pub mod piece;
 pub mod publish;
+pub mod replicate;
 pub mod seeder;
 
 use std::collections::HashMap;
@@ -181,6 +182,9 @@ pub struct ImageState {
     pub seeding: RwLock<HashMap<String, SeedStatus>>,
     /// Bumped whenever revisions change, so the seeder reconciles at once.
     pub changed: tokio::sync::watch::Sender<u64>,
+    /// The cluster's servers (several luna-servers on one store): torrents are served with
+    /// every live server's tracker, and revisions packed elsewhere are replicated.
+    pub view: Option<Arc<crate::servers::View>>,
 }
 
 impl ImageState {
@@ -193,7 +197,13 @@ impl ImageState {
             stats: None,
             seeding: RwLock::new(HashMap::new()),
             changed: tokio::sync::watch::channel(0).0,
+            view: None,
         }
+    }
+
+    pub fn with_view(mut self, view: Arc<crate::servers::View>) -> Self {
+        self.view = Some(view);
+        self
     }
 
     pub fn with_stats(mut self, stats: Arc<dyn TorrentStatsSource>) -> Self {
@@ -509,6 +519,29 @@ pub async fn revisions(state: &ImageState, name: &str) -> Result<Vec<RevisionInf
             revision: r.clone(),
         })
         .collect())
+}
+
+/// The revisions this server has published whole (their directory with a `.verified` marker of
+/// the revision's info hash) and whether its seeder serves each: what its heartbeat reports.
+pub async fn held(state: &ImageState) -> Vec<luna_core::api::HeldRevision> {
+    let Ok(images) = state.service.list(Kind::Osimage).await else { return Vec::new() };
+    let seeding = state.seeding.read().map(|m| m.clone()).unwrap_or_default();
+    let mut out = Vec::new();
+    for o in images {
+        let AnyObject::Osimage(img) = o else { continue };
+        for r in &img.revisions {
+            let dir = state.layout.revision_dir(&img.name, r.id);
+            if pack::Verified::read(&dir).is_some_and(|v| v.info_hash == r.info_hash) {
+                out.push(luna_core::api::HeldRevision {
+                    osimage: img.name.clone(),
+                    revision: r.id,
+                    info_hash: r.info_hash.clone(),
+                    seeding: seeding.get(&r.info_hash).is_some_and(|s| s.healthy),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// The status of a pack job.
