@@ -156,6 +156,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     let service = Service::new(store.clone());
     service.ensure_cluster(&config.cluster_name).await?;
     let admin_token = read_token(&config.token_file)?;
+    let view = Arc::new(crate::servers::View::new(&server_id));
     let discovery = crate::discovery::Discovery::new(
         service.clone(),
         config.discovery.clone(),
@@ -163,7 +164,8 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     );
     let boot =
         BootContext::new(BootTokens::new(admin_token.as_bytes()), config.data_dir.clone(), crate::service::unix_now())
-            .with_discovery(discovery.clone());
+            .with_discovery(discovery.clone())
+            .with_servers(view.clone());
     let state = Arc::new(AppState { service: service.clone(), admin_token });
 
     let topology = Arc::new(crate::wiring::StoreTopology::default());
@@ -171,7 +173,6 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     // interval and max_peers follow the cluster object (see wiring::follow_store).
     let tracker_config = config.tracker.config(&cluster);
     let tracker = Arc::new(crate::tracker::TrackerHandle::new(tracker_config, topology.clone()));
-    let view = Arc::new(crate::servers::View::new(&server_id));
     let images = Arc::new(
         crate::image::ImageState::new(service.clone(), &config.data_dir, config.image.clone())
             .with_stats(Arc::new(crate::wiring::TrackerStats(tracker.clone())))

@@ -40,13 +40,22 @@ pub struct BootContext {
     pub data_dir: PathBuf,
     /// Switch-port autodiscovery (learned tables, binding of unknown MACs); none: off.
     pub discovery: Option<Arc<crate::discovery::Discovery>>,
+    /// The cluster's other luna-servers: node scripts name their kernel and initramfs URLs as
+    /// fallbacks; none: this server alone.
+    pub servers: Option<Arc<crate::servers::View>>,
 }
 
 impl BootContext {
     /// The boot path of a server that started at `started` (unix seconds): tokens issued
     /// before then fetch no plan.
     pub fn new(tokens: BootTokens, data_dir: PathBuf, started: u64) -> Self {
-        BootContext { ledger: Mutex::new(Ledger::new(tokens, started)), data_dir, discovery: None }
+        BootContext { ledger: Mutex::new(Ledger::new(tokens, started)), data_dir, discovery: None, servers: None }
+    }
+
+    /// Node scripts fall back to the kernel and initramfs of the other live servers in `view`.
+    pub fn with_servers(mut self, view: Arc<crate::servers::View>) -> Self {
+        self.servers = Some(view);
+        self
     }
 
     /// Unknown MACs are looked up in `discovery`'s learned switch tables.
@@ -158,6 +167,7 @@ async fn node_plan(service: &Service, node: &Node, mac: MacAddr, base: &str) -> 
         base_url: base.to_string(),
         kernel_url: format!("{base}/boot/node/{}/kernel", node.name),
         initrd_url: format!("{base}/boot/node/{}/initrd", node.name),
+        fallback_bases: Vec::new(),
         kernel_opts: image.kernel_opts.clone(),
         localboot: node.localboot,
         service: node.service,
@@ -257,6 +267,9 @@ async fn ipxe_script(
         other => other,
     };
     let mut plan = plan;
+    if let (BootPlan::Node(n), Some(view)) = (&mut plan, &st.boot.servers) {
+        n.fallback_bases = view.urls_from(&base).into_iter().skip(1).collect();
+    }
     if preview {
         if let BootPlan::Node(n) = &mut plan {
             n.token = PREVIEW_TOKEN.into();

@@ -253,6 +253,12 @@ pub struct RevisionInfo {
     pub urls: RevisionUrls,
     pub tracker: Option<TorrentCounters>,
     pub seeder: Option<SeedStatus>,
+    /// The live servers of the cluster that hold the revision (published and verified), and
+    /// those whose seeder serves it, as of their last heartbeats.
+    #[serde(default)]
+    pub held_by: Vec<String>,
+    #[serde(default)]
+    pub seeded_by: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -503,10 +509,22 @@ pub async fn rollback(state: &ImageState, name: &str, rev: Option<u32>) -> Resul
 pub async fn revisions(state: &ImageState, name: &str) -> Result<Vec<RevisionInfo>, ImageError> {
     let image = osimage(&state.service, name).await?;
     let seeding = state.seeding.read().map(|m| m.clone()).unwrap_or_default();
+    let servers = state.view.as_ref().map(|v| v.servers()).unwrap_or_default();
+    let by = |rev: u32, seeding: bool| -> Vec<String> {
+        servers
+            .iter()
+            .filter(|s| {
+                !s.stale && s.holds.iter().any(|h| h.osimage == name && h.revision == rev && (h.seeding || !seeding))
+            })
+            .map(|s| s.id.clone())
+            .collect()
+    };
     Ok(image
         .revisions
         .iter()
         .map(|r| RevisionInfo {
+            held_by: by(r.id, false),
+            seeded_by: by(r.id, true),
             current: image.current_revision == Some(r.id),
             urls: RevisionUrls {
                 archive: file_path(name, r.id, &r.archive),
