@@ -215,6 +215,13 @@ pub struct PlanImage {
     pub sha256: String,
     pub size: u64,
     pub info_hash: String,
+    /// The same archive on the cluster's other servers that hold the revision: the HTTP
+    /// fallback tries `http_url` first, then these in turn. Empty with one server.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_mirrors: Vec<String>,
+    /// The `.torrent` on those servers, tried when `torrent_url` cannot be fetched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub torrent_mirrors: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -486,6 +486,12 @@ async fn commit(state: &ImageState, name: &str, rev: ImageRevision) -> Result<Ve
     let keep = state.config.keep_revisions;
     let id = rev.id;
     let o = cas_osimage(&state.service, name, |image| {
+        // Another server of the cluster published the same number meanwhile: never replace it.
+        if image.revisions.iter().any(|r| r.id == id) {
+            return Err(ImageError::BadRequest(format!(
+                "osimage '{name}' revision {id} was published meanwhile (by another server); pack again"
+            )));
+        }
         let (kept, _dropped) = publish::with_revision(&image.revisions, rev.clone(), keep);
         Ok(json!({ "revisions": kept, "current_revision": id }))
     })
