@@ -420,7 +420,7 @@ mod tests {
         // one server: the script is as before
         let single = render_node_script(&node());
         assert!(single.contains("\nkernel http://10.141.255.254:7050/boot/compute/vmlinuz "), "{single}");
-        assert_eq!(single.matches(" || ").count(), 2, "{single}");
+        assert_eq!(single.matches(" || ").count(), 3, "kernel, initrd, boot: {single}");
     }
 
     fn node() -> NodeBoot {
