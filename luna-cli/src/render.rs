@@ -298,8 +298,14 @@ pub fn utc_minutes(secs: u64) -> String {
 
 /// A list of server ids as one cell (`-` for none or an older server that does not say).
 fn servers_of(r: &Value, key: &str) -> String {
-    let ids: Vec<&str> =
-        r.get(key).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default().iter().filter_map(Value::as_str).collect();
+    let ids: Vec<&str> = r
+        .get(key)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
     if ids.is_empty() {
         "-".into()
     } else {
@@ -547,8 +553,14 @@ pub fn servers(list: &Value) -> String {
             };
             let holds = s.get("holds").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
             let seeding = holds.iter().filter(|h| h.get("seeding").and_then(Value::as_bool) == Some(true)).count();
-            let urls: Vec<&str> =
-                s.get("urls").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default().iter().filter_map(Value::as_str).collect();
+            let urls: Vec<&str> = s
+                .get("urls")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
             vec![
                 cell(s.get("id")),
                 beat,

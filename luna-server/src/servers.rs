@@ -46,12 +46,7 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig {
-            id: String::new(),
-            advertise: Vec::new(),
-            heartbeat_interval_s: 5,
-            replicate_interval_s: 10,
-        }
+        ServerConfig { id: String::new(), advertise: Vec::new(), heartbeat_interval_s: 5, replicate_interval_s: 10 }
     }
 }
 
@@ -301,7 +296,11 @@ impl Heartbeat {
                 if o.id == info.id {
                     mine = Some(rec.rev);
                 } else {
-                    writes.push(Write::Check { collection: Collection::Meta, key: rec.key.clone(), expect: Expect::Rev(rec.rev) });
+                    writes.push(Write::Check {
+                        collection: Collection::Meta,
+                        key: rec.key.clone(),
+                        expect: Expect::Rev(rec.rev),
+                    });
                 }
                 others.push(o);
             }
@@ -373,7 +372,12 @@ impl Heartbeat {
             let expect = cur.map_or(Expect::Absent, |r| Expect::Rev(r.rev));
             match self
                 .store
-                .commit(vec![Write::Put { collection: Collection::Meta, key: key.clone(), expect, doc: record_doc(&info) }])
+                .commit(vec![Write::Put {
+                    collection: Collection::Meta,
+                    key: key.clone(),
+                    expect,
+                    doc: record_doc(&info),
+                }])
                 .await
             {
                 Ok(()) => return Ok(()),
@@ -433,7 +437,11 @@ pub fn ordered_urls(first: &str, servers: &[ServerInfo]) -> Vec<String> {
 
 /// The seeder addresses of the servers holding `info_hash` (not stale), for a replica to fetch
 /// from.
-pub fn holders_of(servers: &[ServerInfo], info_hash: &str, except: &str) -> Vec<(String, Vec<String>, Option<SocketAddrV4>)> {
+pub fn holders_of(
+    servers: &[ServerInfo],
+    info_hash: &str,
+    except: &str,
+) -> Vec<(String, Vec<String>, Option<SocketAddrV4>)> {
     servers
         .iter()
         .filter(|s| !s.stale && s.id != except && s.holds.iter().any(|h| h.info_hash == info_hash))
@@ -449,13 +457,12 @@ pub fn router(store: Arc<dyn Store>, interval_s: u64, app: Arc<crate::http::AppS
         .route(
             &format!("{}/cluster/servers", luna_core::api::API_PREFIX),
             get(|axum::extract::State(st): axum::extract::State<Arc<(Arc<dyn Store>, u64)>>| async move {
-                list(st.0.as_ref(), crate::service::unix_now(), st.1)
-                    .await
-                    .map(axum::Json)
-                    .map_err(|e| match e {
-                        ServersError::Store(s) => crate::http::ApiError(s.into()),
-                        other => crate::http::ApiError(crate::service::ServiceError::Store(StoreError::Task(other.to_string()))),
-                    })
+                list(st.0.as_ref(), crate::service::unix_now(), st.1).await.map(axum::Json).map_err(|e| match e {
+                    ServersError::Store(s) => crate::http::ApiError(s.into()),
+                    other => {
+                        crate::http::ApiError(crate::service::ServiceError::Store(StoreError::Task(other.to_string())))
+                    }
+                })
             }),
         )
         .route_layer(axum::middleware::from_fn_with_state(app, crate::http::require_token))
@@ -549,10 +556,15 @@ mod tests {
         let store = crate::store::open("sqlite://:memory:").await.unwrap();
         let range: IpRange = "10.0.0.100-10.0.0.199".parse().unwrap();
         let a = info("a", Some("10.0.0.100-10.0.0.149"), 100);
-        let hb = Heartbeat::register(store.clone(), a, Some(range), 5, 100, None, Arc::new(View::new("a"))).await.unwrap();
+        let hb =
+            Heartbeat::register(store.clone(), a, Some(range), 5, 100, None, Arc::new(View::new("a"))).await.unwrap();
         hb.beat(107).await.unwrap();
         let b = info("bb", Some("10.0.0.120-10.0.0.160"), 108);
-        let e = Heartbeat::register(store.clone(), b, Some(range), 5, 108, None, Arc::new(View::new("bb"))).await.err().unwrap().to_string();
+        let e = Heartbeat::register(store.clone(), b, Some(range), 5, 108, None, Arc::new(View::new("bb")))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("overlaps"), "{e}");
         let b = info("bb", Some("10.0.0.150-10.0.0.199"), 108);
         Heartbeat::register(store.clone(), b, Some(range), 5, 108, None, Arc::new(View::new("bb"))).await.unwrap();

@@ -77,7 +77,10 @@ async fn start(dir: &Path, name: &str, store: &str, slice: &str) -> Server {
             return server;
         }
         if let Some(status) = server.child.try_wait().expect("wait") {
-            panic!("luna-server {name} exited ({status}): {}", std::fs::read_to_string(&server.log).unwrap_or_default());
+            panic!(
+                "luna-server {name} exited ({status}): {}",
+                std::fs::read_to_string(&server.log).unwrap_or_default()
+            );
         }
         assert!(Instant::now() < deadline, "luna-server {name} did not answer within 60 s");
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -550,9 +550,7 @@ pub fn add_mirrors(image: &mut PlanImage, base: &str, servers: &[luna_core::api:
     };
     let mut holders: Vec<&luna_core::api::ServerInfo> = servers
         .iter()
-        .filter(|s| {
-            !s.stale && s.holds.iter().any(|h| h.osimage == image.osimage && h.revision == image.revision)
-        })
+        .filter(|s| !s.stale && s.holds.iter().any(|h| h.osimage == image.osimage && h.revision == image.revision))
         .collect();
     holders.sort_by(|a, b| a.id.cmp(&b.id));
     for u in holders.iter().flat_map(|s| s.urls.iter()) {
@@ -708,11 +706,17 @@ mod tests {
         add_mirrors(&mut image, "http://10.0.0.1:7050", &servers);
         assert_eq!(
             image.http_mirrors,
-            ["http://10.0.0.2:7050/images/compute/3/compute.tar.zst", "http://10.0.0.3:7050/images/compute/3/compute.tar.zst"]
+            [
+                "http://10.0.0.2:7050/images/compute/3/compute.tar.zst",
+                "http://10.0.0.3:7050/images/compute/3/compute.tar.zst"
+            ]
         );
         assert_eq!(
             image.torrent_mirrors,
-            ["http://10.0.0.2:7050/images/compute/3/compute.torrent", "http://10.0.0.3:7050/images/compute/3/compute.torrent"]
+            [
+                "http://10.0.0.2:7050/images/compute/3/compute.torrent",
+                "http://10.0.0.3:7050/images/compute/3/compute.torrent"
+            ]
         );
     }
 }
