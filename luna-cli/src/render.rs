@@ -408,6 +408,45 @@ pub fn show(kind: Kind, obj: &Value) -> String {
     out
 }
 
+/// The servers of `GET /cluster/servers` as a table: id, last heartbeat, addresses, slice and
+/// how many revisions each holds and seeds.
+pub fn servers(list: &Value) -> String {
+    let rows: Vec<Vec<String>> = list
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            let age = s.get("age_secs").and_then(Value::as_u64);
+            let stale = s.get("stale").and_then(Value::as_bool).unwrap_or(false);
+            let beat = match age {
+                Some(a) if stale => format!("{a}s ago (stale)"),
+                Some(a) => format!("{a}s ago"),
+                None => "-".into(),
+            };
+            let holds = s.get("holds").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+            let seeding = holds.iter().filter(|h| h.get("seeding").and_then(Value::as_bool) == Some(true)).count();
+            let urls: Vec<&str> = s
+                .get("urls")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            vec![
+                cell(s.get("id")),
+                beat,
+                if urls.is_empty() { "-".into() } else { urls.join(",") },
+                cell(s.get("seeder")),
+                cell(s.get("dhcp_slice")),
+                format!("{}/{}", holds.len(), seeding),
+            ]
+        })
+        .collect();
+    table(&["SERVER", "HEARTBEAT", "URLS", "SEEDER", "DHCP SLICE", "HELD/SEEDED"], &rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,43 +572,4 @@ mod tests {
         assert_eq!(lines[3], "switch sw2: table 90s old; last poll failed: no answer from 127.0.0.1:161");
         assert_eq!(lines[4], "switch sw3: not polled yet");
     }
-}
-
-/// The servers of `GET /cluster/servers` as a table: id, last heartbeat, addresses, slice and
-/// how many revisions each holds and seeds.
-pub fn servers(list: &Value) -> String {
-    let rows: Vec<Vec<String>> = list
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-        .iter()
-        .map(|s| {
-            let age = s.get("age_secs").and_then(Value::as_u64);
-            let stale = s.get("stale").and_then(Value::as_bool).unwrap_or(false);
-            let beat = match age {
-                Some(a) if stale => format!("{a}s ago (stale)"),
-                Some(a) => format!("{a}s ago"),
-                None => "-".into(),
-            };
-            let holds = s.get("holds").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
-            let seeding = holds.iter().filter(|h| h.get("seeding").and_then(Value::as_bool) == Some(true)).count();
-            let urls: Vec<&str> = s
-                .get("urls")
-                .and_then(Value::as_array)
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(Value::as_str)
-                .collect();
-            vec![
-                cell(s.get("id")),
-                beat,
-                if urls.is_empty() { "-".into() } else { urls.join(",") },
-                cell(s.get("seeder")),
-                cell(s.get("dhcp_slice")),
-                format!("{}/{}", holds.len(), seeding),
-            ]
-        })
-        .collect();
-    table(&["SERVER", "HEARTBEAT", "URLS", "SEEDER", "DHCP SLICE", "HELD/SEEDED"], &rows)
 }

@@ -56,7 +56,7 @@ pub fn missing(state: &ImageState, images: &[luna_core::model::Osimage]) -> Vec<
     for img in images {
         for r in &img.revisions {
             let dir = state.layout.revision_dir(&img.name, r.id);
-            if !Verified::read(&dir).is_some_and(|v| v.info_hash == r.info_hash) {
+            if Verified::read(&dir).is_none_or(|v| v.info_hash != r.info_hash) {
                 out.push((img.name.clone(), r.clone()));
             }
         }
