@@ -78,7 +78,7 @@ pub async fn fetch(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched, Fetc
             }
         }
         let use_swarm = if attempt == 1 { swarm } else { None };
-        match fetch_once(job, use_swarm).await {
+        match fetch_once(job, use_swarm, http_source(job.image, attempt)).await {
             Ok(mut f) => {
                 f.attempts = attempt;
                 return Ok(f);
@@ -101,9 +101,19 @@ pub async fn fetch(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched, Fetc
         .unwrap_or_else(|| FetchError::Download { url: job.image.http_url.clone(), reason: "no attempt made".into() }))
 }
 
-/// One pass over the archive.
-pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched, FetchError> {
-    let url = job.image.http_url.clone();
+/// The HTTP source of attempt `attempt` (1-based): the plan's server first, then each other
+/// server holding the image in turn (the answering server may be the one that died).
+pub fn http_source(image: &PlanImage, attempt: u32) -> &str {
+    let n = 1 + image.http_mirrors.len();
+    match (attempt.saturating_sub(1) as usize) % n {
+        0 => &image.http_url,
+        i => &image.http_mirrors[i - 1],
+    }
+}
+
+/// One pass over the archive, with `url` as the HTTP source.
+pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>, url: &str) -> Result<Fetched, FetchError> {
+    let url = url.to_string();
     let size = job.image.size;
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHANNEL);
     let (pool, recycle) = BlockPool::new();
@@ -236,4 +246,30 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched,
     }
     out.stats = unpacked?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_attempts_go_round_the_servers_holding_the_image() {
+        let mut image = PlanImage {
+            osimage: "c".into(),
+            revision: 1,
+            torrent_url: "http://a/c.torrent".into(),
+            http_url: "http://a/c.tar.zst".into(),
+            sha256: String::new(),
+            size: 0,
+            info_hash: String::new(),
+            http_mirrors: Vec::new(),
+            torrent_mirrors: Vec::new(),
+        };
+        assert_eq!((1..=3).map(|a| http_source(&image, a)).collect::<Vec<_>>(), ["http://a/c.tar.zst"; 3]);
+        image.http_mirrors = vec!["http://b/c.tar.zst".into()];
+        assert_eq!(
+            (1..=ATTEMPTS).map(|a| http_source(&image, a)).collect::<Vec<_>>(),
+            ["http://a/c.tar.zst", "http://b/c.tar.zst", "http://a/c.tar.zst"]
+        );
+    }
 }

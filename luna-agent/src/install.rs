@@ -355,12 +355,21 @@ async fn setup_bmc(ctx: &Ctx<'_>, plan: &InstallPlan) -> Result<(), String> {
 }
 
 async fn start_swarm(ctx: &Ctx<'_>, image: &PlanImage, nic: &str, ip: Option<Ipv4Addr>) -> Option<Swarm> {
-    let torrent = match retry(4, &mut Backoff::standard(), || ctx.client.bytes_once(&image.torrent_url)).await {
-        Ok(t) => t,
-        Err(e) => {
-            ctx.reporter.step("http-fallback", Some(format!("no torrent: {e}"))).await;
-            return None;
+    // The plan's server first, then every other server holding the image.
+    let mut torrent = None;
+    let mut errors = Vec::new();
+    for url in std::iter::once(&image.torrent_url).chain(&image.torrent_mirrors) {
+        match retry(4, &mut Backoff::standard(), || ctx.client.bytes_once(url)).await {
+            Ok(t) => {
+                torrent = Some(t);
+                break;
+            }
+            Err(e) => errors.push(e.to_string()),
         }
+    }
+    let Some(torrent) = torrent else {
+        ctx.reporter.step("http-fallback", Some(format!("no torrent: {}", errors.join("; ")))).await;
+        return None;
     };
     if let Err(e) = std::fs::create_dir_all(&ctx.cfg.scratch) {
         tracing::warn!("create {}: {e}", ctx.cfg.scratch.display());

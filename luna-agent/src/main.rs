@@ -191,6 +191,8 @@ fn fetch(mut args: Args) -> anyhow::Result<()> {
             sha256,
             size,
             info_hash: String::new(),
+            http_mirrors: Vec::new(),
+            torrent_mirrors: Vec::new(),
         };
         let swarm = match torrent {
             Some(t) => {

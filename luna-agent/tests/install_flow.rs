@@ -279,6 +279,8 @@ fn plan(base: &str, archive: &[u8]) -> InstallPlan {
             sha256: hex::encode(Sha256::digest(archive)),
             size: archive.len() as u64,
             info_hash: String::new(),
+            http_mirrors: Vec::new(),
+            torrent_mirrors: Vec::new(),
         }),
         root: luna_core::model::RootMode::Tmpfs,
         prescript: "echo \"$LUNA_NODE $LUNA_IMAGE_SIZE $LUNA_TMPFS_SIZE $LUNA_BOOTIF $LUNA_IP\" > \"$(dirname \"$LUNA_SYSROOT\")/pre.out\"".into(),
@@ -752,6 +754,8 @@ async fn agents_booting_together_get_a_big_image_from_the_swarm() {
         sha256,
         size,
         info_hash: String::new(),
+        http_mirrors: Vec::new(),
+        torrent_mirrors: Vec::new(),
     };
 
     // Each agent knows the seeder and the agents started before it: all of them meet.

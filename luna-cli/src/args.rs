@@ -128,10 +128,12 @@ pub enum ClusterCmd {
     /// The store, the admin token and the cluster object are created on the server machine by
     /// `luna-server --config FILE init`; this verb configures the cluster over the API afterwards.
     Init(ClusterChange),
-    /// Show the cluster settings.
+    /// Show the cluster settings and the luna-servers with their last heartbeat.
     Show(ClusterShow),
     /// Change cluster settings.
     Change(ClusterChange),
+    /// List the luna-servers of the cluster (heartbeat, addresses, DHCP slice, revisions held).
+    Servers(ClusterShow),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -980,6 +982,10 @@ mod tests {
         assert!(matches!(
             ok(&["cluster", "show", "--json"]),
             Command::Cluster(ClusterCmd::Show(ClusterShow { json: true }))
+        ));
+        assert!(matches!(
+            ok(&["cluster", "servers", "--json"]),
+            Command::Cluster(ClusterCmd::Servers(ClusterShow { json: true }))
         ));
     }
 

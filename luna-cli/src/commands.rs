@@ -256,6 +256,16 @@ impl<R: Read> Ctx<R> {
                     self.print_json(&c);
                 } else {
                     self.print(&render::show(Kind::Cluster, &c));
+                    let servers = self.client.get("/cluster/servers", &[])?;
+                    self.print(&format!("\n{}", render::servers(&servers).trim_end()));
+                }
+            }
+            ClusterCmd::Servers(s) => {
+                let servers = self.client.get("/cluster/servers", &[])?;
+                if s.json {
+                    self.print_json(&servers);
+                } else {
+                    self.print(render::servers(&servers).trim_end());
                 }
             }
             ClusterCmd::Change(c) => {

@@ -296,6 +296,23 @@ pub fn utc_minutes(secs: u64) -> String {
     format!("{year:04}-{month:02}-{day:02} {:02}:{:02}", rem / 3600, rem % 3600 / 60)
 }
 
+/// A list of server ids as one cell (`-` for none or an older server that does not say).
+fn servers_of(r: &Value, key: &str) -> String {
+    let ids: Vec<&str> = r
+        .get(key)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    if ids.is_empty() {
+        "-".into()
+    } else {
+        ids.join(",")
+    }
+}
+
 /// The `revisions:` block of `luna osimage show`: one row per kept revision (`*` marks the one
 /// nodes boot) with the tracker's swarm counters and the seeder's state.
 pub fn revisions(revs: &[Value]) -> String {
@@ -321,11 +338,25 @@ pub fn revisions(revs: &[Value]) -> String {
                 count(r, &["tracker", "completed"]),
                 cell(r.get("seeder").and_then(|s| s.get("state"))),
                 num(r, &["seeder", "uploaded_bytes"]).map_or("-".into(), crate::progress::human_bytes),
+                servers_of(r, "held_by"),
+                servers_of(r, "seeded_by"),
             ]
         })
         .collect();
-    let headers =
-        ["REV", "CREATED", "KERNEL", "SIZE", "SHA256", "SEEDERS", "LEECHERS", "COMPLETED", "SEEDER", "UPLOADED"];
+    let headers = [
+        "REV",
+        "CREATED",
+        "KERNEL",
+        "SIZE",
+        "SHA256",
+        "SEEDERS",
+        "LEECHERS",
+        "COMPLETED",
+        "SEEDER",
+        "UPLOADED",
+        "HELD BY",
+        "SEEDED BY",
+    ];
     let mut out = String::from("revisions:\n");
     for line in table(&headers, &rows).lines() {
         out.push_str("    ");
@@ -375,6 +406,45 @@ pub fn show(kind: Kind, obj: &Value) -> String {
         }
     }
     out
+}
+
+/// The servers of `GET /cluster/servers` as a table: id, last heartbeat, addresses, slice and
+/// how many revisions each holds and seeds.
+pub fn servers(list: &Value) -> String {
+    let rows: Vec<Vec<String>> = list
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|s| {
+            let age = s.get("age_secs").and_then(Value::as_u64);
+            let stale = s.get("stale").and_then(Value::as_bool).unwrap_or(false);
+            let beat = match age {
+                Some(a) if stale => format!("{a}s ago (stale)"),
+                Some(a) => format!("{a}s ago"),
+                None => "-".into(),
+            };
+            let holds = s.get("holds").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+            let seeding = holds.iter().filter(|h| h.get("seeding").and_then(Value::as_bool) == Some(true)).count();
+            let urls: Vec<&str> = s
+                .get("urls")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            vec![
+                cell(s.get("id")),
+                beat,
+                if urls.is_empty() { "-".into() } else { urls.join(",") },
+                cell(s.get("seeder")),
+                cell(s.get("dhcp_slice")),
+                format!("{}/{}", holds.len(), seeding),
+            ]
+        })
+        .collect();
+    table(&["SERVER", "HEARTBEAT", "URLS", "SEEDER", "DHCP SLICE", "HELD/SEEDED"], &rows)
 }
 
 #[cfg(test)]
@@ -436,7 +506,8 @@ mod tests {
             json!({"id": 2, "created": 60, "kernel_version": "6.1.0-1-amd64", "archive_size": 3 << 20,
                    "sha256": "0123456789abcdef", "current": true,
                    "tracker": {"seeders": 3, "leechers": 1, "completed": 7},
-                   "seeder": {"state": "live", "uploaded_bytes": 1 << 30}}),
+                   "seeder": {"state": "live", "uploaded_bytes": 1 << 30},
+                   "held_by": ["a", "b"], "seeded_by": ["a"]}),
         ];
         let out = revisions(&revs);
         let lines: Vec<&str> = out.lines().collect();
@@ -446,6 +517,8 @@ mod tests {
         assert!(!lines[2].contains("abcdef0123456"), "digest shortened: {out}");
         assert!(lines[3].trim_start().starts_with("2*"), "{out}");
         assert!(lines[3].contains("live") && lines[3].contains("1.0 GiB"), "{out}");
+        assert!(lines[1].contains("HELD BY  SEEDED BY"), "{out}");
+        assert!(lines[3].trim_end().ends_with("a,b      a"), "{out}");
         assert!(revisions(&[]).contains("none"));
     }
 

@@ -15,6 +15,7 @@
 //! | GET/PATCH | `/cluster`                      |                      | cluster           |
 //! | POST   | `/power`                           | `power::PowerRequest` | `power::PowerReply` |
 //! | GET    | `/discovery/macs[?switch=NAME]`    |                      | `[SwitchMacs]`    |
+//! | GET    | `/cluster/servers`                 |                      | `[ServerInfo]`    |
 //!
 //! `?secrets=1` on GET shows secrets (admin token required). Every error is an [`ErrorBody`].
 
@@ -214,6 +215,13 @@ pub struct PlanImage {
     pub sha256: String,
     pub size: u64,
     pub info_hash: String,
+    /// The same archive on the cluster's other servers that hold the revision: the HTTP
+    /// fallback tries `http_url` first, then these in turn. Empty with one server.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_mirrors: Vec<String>,
+    /// The `.torrent` on those servers, tried when `torrent_url` cannot be fetched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub torrent_mirrors: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,4 +282,45 @@ pub struct LearnedMac {
     pub node: Option<String>,
     /// Something the admin should know (a second MAC on a bound port…).
     pub note: Option<String>,
+}
+
+/// One luna-server of the cluster as its heartbeat record in the store says
+/// (`GET /api/v1/cluster/servers`, `luna cluster show`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerInfo {
+    /// The server's identity (`[server] id`).
+    pub id: String,
+    /// Base URLs of its HTTP port (`http://ADDR:PORT`), one per advertised address.
+    pub urls: Vec<String>,
+    /// Where its seeder takes peers, if it seeds.
+    pub seeder: Option<std::net::SocketAddrV4>,
+    /// The part of the cluster's `dhcp_range` it hands out (`[dhcp] slice`).
+    pub dhcp_slice: Option<IpRange>,
+    /// Unix time of its last heartbeat.
+    pub heartbeat: u64,
+    /// Unix time it started.
+    pub started: u64,
+    /// luna-server version.
+    pub version: String,
+    /// Revisions it has published locally (whole, verified) and whether it seeds each.
+    #[serde(default)]
+    pub holds: Vec<HeldRevision>,
+    /// Filled in by the answering server: seconds since the heartbeat (by its clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_secs: Option<u64>,
+    /// Filled in by the answering server: no heartbeat for three intervals.
+    #[serde(default)]
+    pub stale: bool,
+}
+
+/// A revision a server holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldRevision {
+    pub osimage: String,
+    pub revision: u32,
+    pub info_hash: String,
+    /// Its seeder has every piece and serves it.
+    pub seeding: bool,
 }

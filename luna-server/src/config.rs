@@ -26,6 +26,8 @@ pub struct Config {
     pub tracker: crate::tracker::TrackerSettings,
     pub power: crate::power::PowerConfig,
     pub discovery: crate::discovery::DiscoveryConfig,
+    /// This server among the servers of one cluster (identity, advertised addresses, DHCP slice).
+    pub server: crate::servers::ServerConfig,
 }
 
 impl Default for Config {
@@ -43,6 +45,7 @@ impl Default for Config {
             tracker: crate::tracker::TrackerSettings::default(),
             power: crate::power::PowerConfig::default(),
             discovery: crate::discovery::DiscoveryConfig::default(),
+            server: crate::servers::ServerConfig::default(),
         }
     }
 }
@@ -94,7 +97,7 @@ cluster_name = "{cluster}"
 {dhcp}
 {tftp}
 {image}{http}{tracker}{discovery}
-{power}"#,
+{power}{server}"#,
         store = d.store,
         listen = d.listen,
         token = d.token_file.display(),
@@ -107,6 +110,7 @@ cluster_name = "{cluster}"
         tracker = crate::tracker::TrackerSettings::documented_defaults(),
         power = crate::power::documented_defaults(),
         discovery = crate::discovery::DiscoveryConfig::documented_defaults(),
+        server = crate::servers::ServerConfig::documented_defaults(),
     )
 }
 

@@ -11,6 +11,7 @@ pub mod httpd;
 pub mod image;
 pub mod power;
 pub mod server;
+pub mod servers;
 pub mod service;
 pub mod status;
 pub mod store;

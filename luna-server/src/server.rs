@@ -43,6 +43,8 @@ pub enum ServerError {
     Config(String),
     #[error(transparent)]
     Power(#[from] crate::power::PowerConfigError),
+    #[error(transparent)]
+    Servers(#[from] crate::servers::ServersError),
 }
 
 /// Creates the store and the cluster object, and the admin token file if there is none.
@@ -141,6 +143,8 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     // Published images and the embedded store live here; nobody but luna reads them.
     crate::fsperm::secure_dir(&config.data_dir)?;
     config.http.validate().map_err(ServerError::Config)?;
+    config.server.validate().map_err(ServerError::Config)?;
+    let server_id = config.server.identity().map_err(ServerError::Config)?;
     // Connections, TFTP transfers and the seeder's files all take descriptors: let the caps in
     // [http] and [tftp], not the usual soft limit of 1024, decide.
     match crate::httpd::raise_open_file_limit() {
@@ -152,6 +156,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     let service = Service::new(store.clone());
     service.ensure_cluster(&config.cluster_name).await?;
     let admin_token = read_token(&config.token_file)?;
+    let view = Arc::new(crate::servers::View::new(&server_id));
     let discovery = crate::discovery::Discovery::new(
         service.clone(),
         config.discovery.clone(),
@@ -159,7 +164,8 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     );
     let boot =
         BootContext::new(BootTokens::new(admin_token.as_bytes()), config.data_dir.clone(), crate::service::unix_now())
-            .with_discovery(discovery.clone());
+            .with_discovery(discovery.clone())
+            .with_servers(view.clone());
     let state = Arc::new(AppState { service: service.clone(), admin_token });
 
     let topology = Arc::new(crate::wiring::StoreTopology::default());
@@ -169,7 +175,8 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     let tracker = Arc::new(crate::tracker::TrackerHandle::new(tracker_config, topology.clone()));
     let images = Arc::new(
         crate::image::ImageState::new(service.clone(), &config.data_dir, config.image.clone())
-            .with_stats(Arc::new(crate::wiring::TrackerStats(tracker.clone()))),
+            .with_stats(Arc::new(crate::wiring::TrackerStats(tracker.clone())))
+            .with_view(view.clone()),
     );
     let image_api = crate::image::http::router(images.clone())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), http::require_token));
@@ -183,6 +190,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         .merge(crate::image::http::files_router(images.clone()))
         .merge(crate::tracker::router(tracker.clone()))
         .merge(crate::discovery::http::router(discovery.clone(), state.clone()))
+        .merge(crate::servers::router(store.clone(), config.server.heartbeat_interval_s, state.clone()))
         .merge(boot::router(state, boot));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -202,10 +210,20 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
 
     tokio::spawn(discovery.run(cancel.clone()));
     tokio::spawn(crate::wiring::follow_store(service.clone(), tracker.clone(), topology, cancel.clone()));
+    let mut seeder_addr = None;
     if config.image.seed {
-        let seeder = crate::image::seeder::Seeder::start(images, Some(crate::wiring::registrar(tracker)))
+        let seeder = crate::image::seeder::Seeder::start(images.clone(), Some(crate::wiring::registrar(tracker)))
             .await
             .map_err(|e| ServerError::Seeder(e.to_string()))?;
+        seeder_addr = Some(seeder.listen_addr());
+        // Revisions packed on the other servers come through the swarm into this seeder.
+        let replicator = crate::image::replicate::Replicator::new(
+            images.clone(),
+            seeder.clone(),
+            std::time::Duration::from_secs(config.server.replicate_interval_s),
+        )
+        .map_err(ServerError::Seeder)?;
+        tokio::spawn(replicator.run(cancel.clone()));
         let (seed_tx, seed_rx) = watch::channel(false);
         let seed_stop = cancel.clone();
         tokio::spawn(async move {
@@ -214,6 +232,45 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         });
         tokio::spawn(seeder.run(seed_rx));
     }
+    // This server's record in the store: where it answers, its DHCP slice, what it holds.
+    let advertise = match (config.server.advertise.is_empty(), cluster.frontend_address) {
+        (false, _) => config.server.advertise.clone(),
+        (true, Some(fe)) => vec![fe],
+        (true, None) => Vec::new(),
+    };
+    let seeder_public = seeder_addr.and_then(|a| match a {
+        std::net::SocketAddr::V4(v4) if !v4.ip().is_unspecified() => Some(v4),
+        other => advertise.first().map(|ip| std::net::SocketAddrV4::new(*ip, other.port())),
+    });
+    let now = crate::service::unix_now();
+    let me = luna_core::api::ServerInfo {
+        id: server_id.clone(),
+        urls: crate::servers::urls(&advertise, config.listen.port()),
+        seeder: seeder_public,
+        dhcp_slice: config.dhcp.slice,
+        heartbeat: now,
+        started: now,
+        version: env!("CARGO_PKG_VERSION").into(),
+        holds: crate::image::held(&images).await,
+        age_secs: None,
+        stale: false,
+    };
+    let held_images = images.clone();
+    let holds: crate::servers::HoldsSource = Arc::new(move || {
+        let st = held_images.clone();
+        Box::pin(async move { crate::image::held(&st).await })
+    });
+    let heartbeat = crate::servers::Heartbeat::register(
+        store.clone(),
+        me,
+        cluster.dhcp_range,
+        config.server.heartbeat_interval_s,
+        now,
+        Some(holds),
+        view.clone(),
+    )
+    .await?;
+    tokio::spawn(heartbeat.clone().run(cancel.clone()));
     // Every socket is bound before systemd hears READY=1 (a bind that fails ends `serve` first).
     let dhcp_sockets = dhcp::bind_all(&config.dhcp)?;
     let tftp_server = match config.tftp.enabled {

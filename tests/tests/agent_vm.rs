@@ -295,6 +295,8 @@ fn plan(archive: &[u8], sha256: String, bmc: Option<PlanBmc>) -> InstallPlan {
             sha256,
             size: archive.len() as u64,
             info_hash: String::new(),
+            http_mirrors: Vec::new(),
+            torrent_mirrors: Vec::new(),
         }),
         root: luna_core::model::RootMode::Tmpfs,
         prescript: String::new(),

@@ -40,13 +40,22 @@ pub struct BootContext {
     pub data_dir: PathBuf,
     /// Switch-port autodiscovery (learned tables, binding of unknown MACs); none: off.
     pub discovery: Option<Arc<crate::discovery::Discovery>>,
+    /// The cluster's other luna-servers: node scripts name their kernel and initramfs URLs as
+    /// fallbacks; none: this server alone.
+    pub servers: Option<Arc<crate::servers::View>>,
 }
 
 impl BootContext {
     /// The boot path of a server that started at `started` (unix seconds): tokens issued
     /// before then fetch no plan.
     pub fn new(tokens: BootTokens, data_dir: PathBuf, started: u64) -> Self {
-        BootContext { ledger: Mutex::new(Ledger::new(tokens, started)), data_dir, discovery: None }
+        BootContext { ledger: Mutex::new(Ledger::new(tokens, started)), data_dir, discovery: None, servers: None }
+    }
+
+    /// Node scripts fall back to the kernel and initramfs of the other live servers in `view`.
+    pub fn with_servers(mut self, view: Arc<crate::servers::View>) -> Self {
+        self.servers = Some(view);
+        self
     }
 
     /// Unknown MACs are looked up in `discovery`'s learned switch tables.
@@ -158,6 +167,7 @@ async fn node_plan(service: &Service, node: &Node, mac: MacAddr, base: &str) -> 
         base_url: base.to_string(),
         kernel_url: format!("{base}/boot/node/{}/kernel", node.name),
         initrd_url: format!("{base}/boot/node/{}/initrd", node.name),
+        fallback_bases: Vec::new(),
         kernel_opts: image.kernel_opts.clone(),
         localboot: node.localboot,
         service: node.service,
@@ -257,6 +267,9 @@ async fn ipxe_script(
         other => other,
     };
     let mut plan = plan;
+    if let (BootPlan::Node(n), Some(view)) = (&mut plan, &st.boot.servers) {
+        n.fallback_bases = view.urls_from(&base).into_iter().skip(1).collect();
+    }
     if preview {
         if let BootPlan::Node(n) = &mut plan {
             n.token = PREVIEW_TOKEN.into();
@@ -504,6 +517,8 @@ pub async fn install_plan(service: &Service, node: &Node, base: &str) -> Result<
             sha256: rev.sha256.clone(),
             size: rev.archive_size,
             info_hash: rev.info_hash.clone(),
+            http_mirrors: Vec::new(),
+            torrent_mirrors: Vec::new(),
         }
     });
     Ok(InstallPlan {
@@ -522,6 +537,29 @@ pub async fn install_plan(service: &Service, node: &Node, base: &str) -> Result<
         bmc,
         server_url: base.to_string(),
     })
+}
+
+/// The archive and torrent URLs of the other live servers that hold the image's revision (this
+/// server's, `base`, stays first in `http_url`/`torrent_url`).
+pub fn add_mirrors(image: &mut PlanImage, base: &str, servers: &[luna_core::api::ServerInfo]) {
+    let base = base.trim_end_matches('/');
+    let (Some(archive), Some(torrent)) =
+        (image.http_url.strip_prefix(base).map(String::from), image.torrent_url.strip_prefix(base).map(String::from))
+    else {
+        return;
+    };
+    let mut holders: Vec<&luna_core::api::ServerInfo> = servers
+        .iter()
+        .filter(|s| !s.stale && s.holds.iter().any(|h| h.osimage == image.osimage && h.revision == image.revision))
+        .collect();
+    holders.sort_by(|a, b| a.id.cmp(&b.id));
+    for u in holders.iter().flat_map(|s| s.urls.iter()) {
+        let u = u.trim_end_matches('/');
+        if u != base && !image.http_mirrors.iter().any(|m| m.starts_with(&format!("{u}/"))) {
+            image.http_mirrors.push(format!("{u}{archive}"));
+            image.torrent_mirrors.push(format!("{u}{torrent}"));
+        }
+    }
 }
 
 async fn plan(
@@ -545,10 +583,13 @@ async fn plan(
         Err(e) => return ApiError(e).into_response(),
     };
     let base = base_url(&headers, cluster.frontend_address, cluster.http_port);
-    let p = match install_plan(&st.app.service, &node, &base).await {
+    let mut p = match install_plan(&st.app.service, &node, &base).await {
         Ok(p) => p,
         Err(e) => return ApiError(e).into_response(),
     };
+    if let (Some(image), Some(view)) = (p.image.as_mut(), &st.boot.servers) {
+        add_mirrors(image, &base, &view.servers());
+    }
     if let Err(why) = st.boot.ledger().take_plan(&b, &token, from, unix_now()) {
         return refused(&node.name, remote, why);
     }
@@ -623,5 +664,59 @@ mod tests {
         assert_eq!(base_url(&h, None, 7050), "http://10.0.0.1:8080");
         h.insert(header::HOST, "evil\"host".parse().unwrap());
         assert_eq!(base_url(&h, None, 7050), "http://127.0.0.1:7050");
+    }
+
+    #[test]
+    fn mirrors_are_the_other_live_holders_of_the_revision() {
+        let held = |id: &str, url: &str, rev: u32, stale: bool| luna_core::api::ServerInfo {
+            id: id.into(),
+            urls: vec![url.into()],
+            seeder: None,
+            dhcp_slice: None,
+            heartbeat: 0,
+            started: 0,
+            version: "t".into(),
+            holds: vec![luna_core::api::HeldRevision {
+                osimage: "compute".into(),
+                revision: rev,
+                info_hash: "h".into(),
+                seeding: true,
+            }],
+            age_secs: None,
+            stale,
+        };
+        let mut image = PlanImage {
+            osimage: "compute".into(),
+            revision: 3,
+            torrent_url: "http://10.0.0.1:7050/images/compute/3/compute.torrent".into(),
+            http_url: "http://10.0.0.1:7050/images/compute/3/compute.tar.zst".into(),
+            sha256: String::new(),
+            size: 0,
+            info_hash: "h".into(),
+            http_mirrors: Vec::new(),
+            torrent_mirrors: Vec::new(),
+        };
+        let servers = [
+            held("c", "http://10.0.0.3:7050", 3, false),
+            held("a", "http://10.0.0.1:7050", 3, false),
+            held("b", "http://10.0.0.2:7050", 3, false),
+            held("d", "http://10.0.0.4:7050", 2, false),
+            held("e", "http://10.0.0.5:7050", 3, true),
+        ];
+        add_mirrors(&mut image, "http://10.0.0.1:7050", &servers);
+        assert_eq!(
+            image.http_mirrors,
+            [
+                "http://10.0.0.2:7050/images/compute/3/compute.tar.zst",
+                "http://10.0.0.3:7050/images/compute/3/compute.tar.zst"
+            ]
+        );
+        assert_eq!(
+            image.torrent_mirrors,
+            [
+                "http://10.0.0.2:7050/images/compute/3/compute.torrent",
+                "http://10.0.0.3:7050/images/compute/3/compute.torrent"
+            ]
+        );
     }
 }

@@ -67,6 +67,9 @@ pub struct NodeBoot {
     pub base_url: String,
     pub kernel_url: String,
     pub initrd_url: String,
+    /// Base URLs of the cluster's other luna-servers: the kernel and initramfs are tried there,
+    /// in order, when the answering server does not deliver them (the same paths).
+    pub fallback_bases: Vec<String>,
     /// The osimage's kernel options, appended last.
     pub kernel_opts: String,
     /// Boot from the local disk instead.
@@ -243,13 +246,24 @@ pub fn render_node_script(n: &NodeBoot) -> String {
         );
     }
     let what = if n.service { "service mode" } else { "install and boot" };
+    let cmdline = kernel_cmdline(n);
+    // `a || b || goto failed`: each server in turn, the answering one first.
+    let alternatives = |first: &str, line: &dyn Fn(&str) -> String| {
+        let mut parts = vec![line(first)];
+        if let Some(path) = first.strip_prefix(n.base_url.trim_end_matches('/')) {
+            parts.extend(n.fallback_bases.iter().map(|b| line(&format!("{}{path}", b.trim_end_matches('/')))));
+        }
+        parts.join(" || ")
+    };
+    let kernel = alternatives(&n.kernel_url, &|u| format!("kernel {} {cmdline}", url(u)));
+    let initrd = alternatives(&n.initrd_url, &|u| format!("initrd --name {INITRD_NAME} {}", url(u)));
     format!(
         "#!ipxe\n\
          # luna: node {name} ({mac}): {what}\n\
          :retry\n\
          echo luna: {name}: loading kernel and initramfs\n\
-         kernel {kernel} {cmdline} || goto failed\n\
-         initrd --name {INITRD_NAME} {initrd} || goto failed\n\
+         {kernel} || goto failed\n\
+         {initrd} || goto failed\n\
          boot || goto failed\n\
          :failed\n\
          echo luna: {name}: boot failed, retrying in {RETRY_SECS} seconds\n\
@@ -257,9 +271,6 @@ pub fn render_node_script(n: &NodeBoot) -> String {
          sleep {RETRY_SECS}\n\
          goto retry\n",
         mac = n.mac,
-        kernel = url(&n.kernel_url),
-        cmdline = kernel_cmdline(n),
-        initrd = url(&n.initrd_url),
     )
 }
 
@@ -388,6 +399,30 @@ mod tests {
         assert!(s.contains("chain --replace --autofree http://10.141.255.254:7050/boot/ipxe?mac=${netX/mac}"), "{s}");
     }
 
+    #[test]
+    fn kernel_and_initrd_fall_back_to_the_other_servers_in_order() {
+        let mut n = node();
+        n.fallback_bases = vec!["http://10.141.255.253:7050".into(), "http://10.141.255.252:7050/".into()];
+        let s = render_node_script(&n);
+        let kernel = s.lines().find(|l| l.starts_with("kernel ")).unwrap();
+        let parts: Vec<&str> = kernel.split(" || ").collect();
+        assert_eq!(parts.len(), 4, "{kernel}");
+        assert!(parts[0].starts_with("kernel http://10.141.255.254:7050/boot/compute/vmlinuz "), "{kernel}");
+        assert!(parts[1].starts_with("kernel http://10.141.255.253:7050/boot/compute/vmlinuz "), "{kernel}");
+        assert!(parts[2].starts_with("kernel http://10.141.255.252:7050/boot/compute/vmlinuz "), "{kernel}");
+        assert!(parts[1].contains("luna.token=tok-123_ABC"), "the same command line: {kernel}");
+        assert_eq!(parts[3], "goto failed");
+        let initrd = s.lines().find(|l| l.starts_with("initrd ")).unwrap();
+        assert_eq!(
+            initrd,
+            "initrd --name initrd.img http://10.141.255.254:7050/boot/compute/initrd.img || initrd --name initrd.img http://10.141.255.253:7050/boot/compute/initrd.img || initrd --name initrd.img http://10.141.255.252:7050/boot/compute/initrd.img || goto failed"
+        );
+        // one server: the script is as before
+        let single = render_node_script(&node());
+        assert!(single.contains("\nkernel http://10.141.255.254:7050/boot/compute/vmlinuz "), "{single}");
+        assert_eq!(single.matches(" || ").count(), 3, "kernel, initrd, boot: {single}");
+    }
+
     fn node() -> NodeBoot {
         NodeBoot {
             name: "node001".into(),
@@ -401,6 +436,7 @@ mod tests {
             base_url: "http://10.141.255.254:7050/".into(),
             kernel_url: "http://10.141.255.254:7050/boot/compute/vmlinuz".into(),
             initrd_url: "http://10.141.255.254:7050/boot/compute/initrd.img".into(),
+            fallback_bases: Vec::new(),
             kernel_opts: "console=ttyS0,115200n8  quiet".into(),
             localboot: false,
             service: false,

@@ -177,7 +177,10 @@ pub fn handle(cfg: &DhcpConfig, req: &Request, ctx: &RequestContext, view: &View
         Client::Known(k) => d.known(k),
         Client::Unknown(u) => match cluster.dhcp_range {
             None => ignore(format!("{mac} is not a known node and discovery is off (no dhcp_range)")),
-            Some(range) => d.unknown(u, range),
+            Some(range) => match cfg.pool_range(range) {
+                Ok(pool) => d.unknown(u, pool),
+                Err(e) => ignore(format!("{mac}: {e}")),
+            },
         },
     }
 }
@@ -1148,6 +1151,29 @@ mod tests {
         // Probed in batches, in order, nothing beyond what was needed.
         let probed: Vec<_> = unknown_mut(&mut view).candidates.keys().copied().collect();
         assert_eq!(probed, ["10.141.200.1", "10.141.200.2", "10.141.200.3", "10.141.200.4"].map(ip));
+    }
+
+    #[test]
+    fn discovery_offers_only_from_this_servers_slice() {
+        let view = unknown_view(Some("10.141.200.1-10.141.200.20"));
+        let sliced = DhcpConfig { slice: Some("10.141.200.11-10.141.200.30".parse().unwrap()), ..cfg() };
+        let req = Request::from_message(client::discover(mac(9), 1));
+        match handle(&sliced, &req, &ctx(), &view) {
+            Decision::Probe { ips, .. } => {
+                assert_eq!(ips.first(), Some(&ip("10.141.200.11")), "{ips:?}");
+                assert!(ips.iter().all(|a| (ip("10.141.200.11")..=ip("10.141.200.20")).contains(a)), "{ips:?}");
+            }
+            other => panic!("expected a probe of the slice, got {other:?}"),
+        }
+        let outside = DhcpConfig { slice: Some("10.141.201.1-10.141.201.9".parse().unwrap()), ..cfg() };
+        assert_ignored(
+            handle(&outside, &req, &ctx(), &view),
+            "dhcp slice 10.141.201.1-10.141.201.9 is outside the cluster's dhcp_range 10.141.200.1-10.141.200.20",
+        );
+        assert_eq!(
+            sliced.pool_range("10.141.200.1-10.141.200.20".parse().unwrap()).unwrap().to_string(),
+            "10.141.200.11-10.141.200.20"
+        );
     }
 
     #[test]

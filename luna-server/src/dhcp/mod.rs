@@ -69,6 +69,11 @@ pub struct DhcpConfig {
     pub port: u16,
     /// Requests handled at the same time (store round trips overlap). Default 256.
     pub max_in_flight: usize,
+    /// With several luna-servers: the part of the cluster's `dhcp_range` this server hands to
+    /// unknown machines (each server its own, checked against the others' heartbeat records at
+    /// start), so two servers never offer the same address. Default: unset, the whole range.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slice: Option<luna_core::model::IpRange>,
 }
 
 impl Default for DhcpConfig {
@@ -84,6 +89,7 @@ impl Default for DhcpConfig {
             server_address: None,
             port: 67,
             max_in_flight: 256,
+            slice: None,
         }
     }
 }
@@ -117,6 +123,16 @@ impl DhcpConfig {
             return Err(DhcpError::Config("dhcp max_in_flight must be at least 1".into()));
         }
         Ok(())
+    }
+
+    /// The addresses this server hands out of the cluster's `range`: the range, or the part of it
+    /// in this server's slice; an error naming both when they do not meet.
+    pub fn pool_range(&self, range: luna_core::model::IpRange) -> Result<luna_core::model::IpRange, String> {
+        let Some(slice) = self.slice else { return Ok(range) };
+        if !slice.overlaps(&range) {
+            return Err(format!("this server's dhcp slice {slice} is outside the cluster's dhcp_range {range}"));
+        }
+        Ok(luna_core::model::IpRange { start: slice.start.max(range.start), end: slice.end.min(range.end) })
     }
 
     /// The port clients listen on.

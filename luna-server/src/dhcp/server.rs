@@ -155,7 +155,7 @@ impl Handler {
         let mut last_probed: Option<Ipv4Addr> = None;
         'attempts: for attempt in 1..=MAX_ATTEMPTS {
             let mut view = load_view(&self.objects, &mac).await?;
-            let range = view.cluster.dhcp_range;
+            let range = view.cluster.dhcp_range.and_then(|r| self.cfg.pool_range(r).ok());
             let mut first_round = true;
             loop {
                 let decision = {

@@ -121,6 +121,21 @@ async fn download(
     if !path.is_file() {
         return not_found(format!("no file /images/{image}/{rev}/{file}"));
     }
+    // A torrent names every live server's tracker (BEP 12, outside the info dict: same hash).
+    if let (true, Some(view)) = (file.ends_with(".torrent"), st.view.as_ref()) {
+        let trackers = view.trackers();
+        let rewritten = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| super::metainfo::with_trackers(&b, &trackers).map_err(|e| e.to_string()));
+        return match rewritten {
+            Ok(b) => ([(axum::http::header::CONTENT_TYPE, "application/x-bittorrent")], b).into_response(),
+            Err(e) => error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                format!("cannot serve {}: {e}", path.display()),
+            ),
+        };
+    }
     match ServeFile::new(&path).oneshot(req).await {
         Ok(resp) => resp.map(Body::new),
         Err(e) => error_response(

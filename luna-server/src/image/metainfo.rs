@@ -165,6 +165,62 @@ pub fn parse_full(bytes: &[u8]) -> Result<Metainfo, MetainfoError> {
     Ok(m)
 }
 
+/// `bytes` with `announce` = the first of `trackers` and a BEP 12 `announce-list` of one tier per
+/// tracker (so clients announce to every server's tracker), every other key (the info dict
+/// above all) copied byte for byte: the info hash cannot change. The outer dictionary is
+/// re-encoded by hand because bip_bencode cannot embed the info dict's raw bytes, and re-encoding
+/// it from a decoded tree would change the hash of a non-canonical file.
+pub fn with_trackers(bytes: &[u8], trackers: &[String]) -> Result<Vec<u8>, MetainfoError> {
+    let root = BencodeRef::decode(bytes, BDecodeOpt::default()).map_err(|e| MetainfoError::Decode(e.to_string()))?;
+    let d = root.dict().ok_or(MetainfoError::Field("top level is not a dictionary"))?;
+    if d.lookup(b"info").is_none() {
+        return Err(MetainfoError::Field("no info dictionary"));
+    }
+    let Some(first) = trackers.first() else { return Ok(bytes.to_vec()) };
+    let str_bytes = |out: &mut Vec<u8>, b: &[u8]| {
+        out.extend_from_slice(b.len().to_string().as_bytes());
+        out.push(b':');
+        out.extend_from_slice(b);
+    };
+    let mut entries: Vec<(Vec<u8>, Vec<u8>)> = d
+        .to_list()
+        .into_iter()
+        .filter(|(k, _)| **k != b"announce".as_slice() && **k != b"announce-list".as_slice())
+        .map(|(k, v)| (k.to_vec(), v.buffer().to_vec()))
+        .collect();
+    let mut announce = Vec::new();
+    str_bytes(&mut announce, first.as_bytes());
+    entries.push((b"announce".to_vec(), announce));
+    let mut list = b"l".to_vec();
+    for t in trackers {
+        list.push(b'l');
+        str_bytes(&mut list, t.as_bytes());
+        list.push(b'e');
+    }
+    list.push(b'e');
+    entries.push((b"announce-list".to_vec(), list));
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = b"d".to_vec();
+    for (k, v) in entries {
+        str_bytes(&mut out, &k);
+        out.extend_from_slice(&v);
+    }
+    out.push(b'e');
+    Ok(out)
+}
+
+/// The announce-list tiers of a torrent (BEP 12), flattened in order.
+pub fn announce_list(bytes: &[u8]) -> Result<Vec<String>, MetainfoError> {
+    let root = BencodeRef::decode(bytes, BDecodeOpt::default()).map_err(|e| MetainfoError::Decode(e.to_string()))?;
+    let d = root.dict().ok_or(MetainfoError::Field("top level is not a dictionary"))?;
+    let Some(tiers) = d.lookup(b"announce-list").and_then(|v| v.list()) else { return Ok(Vec::new()) };
+    Ok(tiers
+        .into_iter()
+        .filter_map(|t| t.list())
+        .flat_map(|t| t.into_iter().filter_map(|u| u.bytes().map(|b| String::from_utf8_lossy(b).into_owned())))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +283,36 @@ mod tests {
         assert!(parse(b"not bencode").is_err());
         let multi = b"d4:infod5:filesle4:name1:x12:piece lengthi16384e6:pieces0:ee";
         assert_eq!(parse(multi).unwrap_err(), MetainfoError::Field("not a single-file torrent"));
+    }
+
+    #[test]
+    fn trackers_go_outside_the_info_dict_and_the_hash_stays() {
+        let mut m = sample();
+        m.creation_date = 1_700_000_000;
+        m.created_by = "luna".into();
+        let bytes = m.to_bytes();
+        let t = ["http://10.0.0.2:7050/announce".to_string(), "http://10.0.0.1:7050/announce".to_string()];
+        let out = with_trackers(&bytes, &t).unwrap();
+        let s = parse(&out).unwrap();
+        assert_eq!(s.info_hash, m.info_hash());
+        assert_eq!(s.announce, t[0]);
+        assert_eq!(s.url_list, m.url_list);
+        assert_eq!(announce_list(&out).unwrap(), t);
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.starts_with(
+                "d8:announce29:http://10.0.0.2:7050/announce13:announce-listll29:http://10.0.0.2:7050/announceel29:http://10.0.0.1:7050/announceee10:created by4:luna13:creation datei1700000000e4:infod"
+            ),
+            "{text}"
+        );
+        // applying it again replaces the list; an empty list leaves the file alone
+        let again = with_trackers(&out, &t[1..]).unwrap();
+        assert_eq!(announce_list(&again).unwrap(), &t[1..]);
+        assert_eq!(parse(&again).unwrap().info_hash, m.info_hash());
+        assert_eq!(with_trackers(&bytes, &[]).unwrap(), bytes);
+        // a decoded-then-parsed file is still ours: parse_full agrees
+        assert_eq!(parse_full(&out).unwrap().info_hash(), m.info_hash());
+        assert!(with_trackers(b"d3:fooi1ee", &t).is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod metainfo;
 pub mod pack;
 pub mod piece;
 pub mod publish;
+pub mod replicate;
 pub mod seeder;
 
 use std::collections::HashMap;
@@ -181,6 +182,9 @@ pub struct ImageState {
     pub seeding: RwLock<HashMap<String, SeedStatus>>,
     /// Bumped whenever revisions change, so the seeder reconciles at once.
     pub changed: tokio::sync::watch::Sender<u64>,
+    /// The cluster's servers (several luna-servers on one store): torrents are served with
+    /// every live server's tracker, and revisions packed elsewhere are replicated.
+    pub view: Option<Arc<crate::servers::View>>,
 }
 
 impl ImageState {
@@ -193,7 +197,13 @@ impl ImageState {
             stats: None,
             seeding: RwLock::new(HashMap::new()),
             changed: tokio::sync::watch::channel(0).0,
+            view: None,
         }
+    }
+
+    pub fn with_view(mut self, view: Arc<crate::servers::View>) -> Self {
+        self.view = Some(view);
+        self
     }
 
     pub fn with_stats(mut self, stats: Arc<dyn TorrentStatsSource>) -> Self {
@@ -243,6 +253,12 @@ pub struct RevisionInfo {
     pub urls: RevisionUrls,
     pub tracker: Option<TorrentCounters>,
     pub seeder: Option<SeedStatus>,
+    /// The live servers of the cluster that hold the revision (published and verified), and
+    /// those whose seeder serves it, as of their last heartbeats.
+    #[serde(default)]
+    pub held_by: Vec<String>,
+    #[serde(default)]
+    pub seeded_by: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -470,6 +486,12 @@ async fn commit(state: &ImageState, name: &str, rev: ImageRevision) -> Result<Ve
     let keep = state.config.keep_revisions;
     let id = rev.id;
     let o = cas_osimage(&state.service, name, |image| {
+        // Another server of the cluster published the same number meanwhile: never replace it.
+        if image.revisions.iter().any(|r| r.id == id) {
+            return Err(ImageError::BadRequest(format!(
+                "osimage '{name}' revision {id} was published meanwhile (by another server); pack again"
+            )));
+        }
         let (kept, _dropped) = publish::with_revision(&image.revisions, rev.clone(), keep);
         Ok(json!({ "revisions": kept, "current_revision": id }))
     })
@@ -493,10 +515,22 @@ pub async fn rollback(state: &ImageState, name: &str, rev: Option<u32>) -> Resul
 pub async fn revisions(state: &ImageState, name: &str) -> Result<Vec<RevisionInfo>, ImageError> {
     let image = osimage(&state.service, name).await?;
     let seeding = state.seeding.read().map(|m| m.clone()).unwrap_or_default();
+    let servers = state.view.as_ref().map(|v| v.servers()).unwrap_or_default();
+    let by = |rev: u32, seeding: bool| -> Vec<String> {
+        servers
+            .iter()
+            .filter(|s| {
+                !s.stale && s.holds.iter().any(|h| h.osimage == name && h.revision == rev && (h.seeding || !seeding))
+            })
+            .map(|s| s.id.clone())
+            .collect()
+    };
     Ok(image
         .revisions
         .iter()
         .map(|r| RevisionInfo {
+            held_by: by(r.id, false),
+            seeded_by: by(r.id, true),
             current: image.current_revision == Some(r.id),
             urls: RevisionUrls {
                 archive: file_path(name, r.id, &r.archive),
@@ -509,6 +543,29 @@ pub async fn revisions(state: &ImageState, name: &str) -> Result<Vec<RevisionInf
             revision: r.clone(),
         })
         .collect())
+}
+
+/// The revisions this server has published whole (their directory with a `.verified` marker of
+/// the revision's info hash) and whether its seeder serves each: what its heartbeat reports.
+pub async fn held(state: &ImageState) -> Vec<luna_core::api::HeldRevision> {
+    let Ok(images) = state.service.list(Kind::Osimage).await else { return Vec::new() };
+    let seeding = state.seeding.read().map(|m| m.clone()).unwrap_or_default();
+    let mut out = Vec::new();
+    for o in images {
+        let AnyObject::Osimage(img) = o else { continue };
+        for r in &img.revisions {
+            let dir = state.layout.revision_dir(&img.name, r.id);
+            if pack::Verified::read(&dir).is_some_and(|v| v.info_hash == r.info_hash) {
+                out.push(luna_core::api::HeldRevision {
+                    osimage: img.name.clone(),
+                    revision: r.id,
+                    info_hash: r.info_hash.clone(),
+                    seeding: seeding.get(&r.info_hash).is_some_and(|s| s.healthy),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// The status of a pack job.

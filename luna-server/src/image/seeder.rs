@@ -360,6 +360,64 @@ impl Seeder {
         }
     }
 
+    /// Downloads a torrent into `out_dir` through this seeder's session (the swarm: `peers`,
+    /// the other servers' seeders, and the torrent's trackers), then drops it from the session
+    /// (the files stay) so that the caller can verify and publish the directory. Gives up when
+    /// no byte arrived for `stall`.
+    pub async fn fetch(
+        &self,
+        torrent: Vec<u8>,
+        out_dir: &Path,
+        peers: Vec<SocketAddr>,
+        stall: Duration,
+    ) -> Result<(), String> {
+        let summary = metainfo::parse(&torrent).map_err(|e| e.to_string())?;
+        let id = TorrentIdOrHash::Hash(Id20::new(summary.info_hash));
+        let opts = AddTorrentOptions {
+            output_folder: Some(out_dir.to_string_lossy().into_owned()),
+            overwrite: true,
+            paused: false,
+            initial_peers: Some(peers),
+            ..Default::default()
+        };
+        // A torrent of the same hash must not be in the session (a second fetch, or seeding).
+        if self.session.get(id).is_some() {
+            return Err("torrent is already in the seeder's session".into());
+        }
+        let handle = self
+            .session
+            .add_torrent(AddTorrent::from_bytes(torrent), Some(opts))
+            .await
+            .map_err(|e| format!("cannot add the torrent: {e:#}"))?
+            .into_handle()
+            .ok_or("librqbit listed the torrent only")?;
+        let mut last = (0u64, tokio::time::Instant::now());
+        let result = loop {
+            let st = handle.stats();
+            if st.total_bytes > 0 && st.progress_bytes == st.total_bytes && st.finished {
+                break Ok(());
+            }
+            if let Some(e) = st.error {
+                break Err(format!("download failed: {e}"));
+            }
+            if st.progress_bytes > last.0 {
+                last = (st.progress_bytes, tokio::time::Instant::now());
+            } else if last.1.elapsed() > stall {
+                break Err(format!(
+                    "no progress for {} s ({} of {} bytes)",
+                    stall.as_secs(),
+                    st.progress_bytes,
+                    st.total_bytes
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        if let Err(e) = self.session.delete(id, false).await {
+            tracing::warn!(error = %format!("{e:#}"), "cannot drop a fetched torrent from the session");
+        }
+        result
+    }
+
     /// Seeder status by hex info hash.
     pub fn status(&self) -> HashMap<String, SeedStatus> {
         self.state.seeding.read().map(|m| m.clone()).unwrap_or_default()
