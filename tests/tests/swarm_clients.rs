@@ -47,7 +47,7 @@ const LIFETIME_S: u64 = 320;
 /// libtorrent's `min_announce_interval`: qBittorrent announces no more often than this.
 const LIBTORRENT_CYCLE_S: u64 = 300;
 /// The seeder's upload limit (bytes/s): a download from it alone takes several seconds.
-const UPLOAD_LIMIT: u64 = 1_500_000;
+const UPLOAD_LIMIT: u64 = 500_000;
 const ARIA2_PORT: u16 = 6891;
 const ARIA2_SEED_PORT: u16 = 6892;
 const TRANSMISSION_PORT: u16 = 51413;

@@ -871,7 +871,8 @@ mod tests {
         let mut saved = before.save(t0);
         assert_eq!(saved.len(), 2);
         saved.push(SavedTorrent { info_hash: "not hex".into(), ..saved[0].clone() });
-        saved[1].peers.push(SavedPeer { peer_id: "abcd".into(), ..saved[1].peers[0].clone() });
+        let bad_id = SavedPeer { peer_id: "abcd".into(), ..saved[1].peers[0].clone() };
+        saved[1].peers.push(bad_id);
 
         // down longer than a lifetime: no peer comes back, the completions do
         let mut after = tracker();
