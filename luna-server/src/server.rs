@@ -266,7 +266,8 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     notify_stopping();
     cancel.cancel();
     // No announce is answered any more: keep the swarms for the next start.
-    let saved = crate::tracker::persist::SavedSwarm { saved_at_unix: crate::service::unix_now(), torrents: tracker.save() };
+    let saved =
+        crate::tracker::persist::SavedSwarm { saved_at_unix: crate::service::unix_now(), torrents: tracker.save() };
     match crate::tracker::persist::store(&swarm_file, &saved) {
         Ok(()) => tracing::info!(torrents = saved.torrents.len(), "tracker swarms saved"),
         Err(e) => tracing::warn!(error = %e, "tracker swarms not saved"),

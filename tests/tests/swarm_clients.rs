@@ -143,7 +143,8 @@ fn listed(c: &Cluster, info_hash: &str) -> HashSet<SocketAddrV4> {
     let stop = c.ns.command("curl").args(["-sS", "--max-time", "10", "-o", "/dev/null"]).arg(url("stopped")).status();
     assert!(stop.is_ok_and(|s| s.success()), "probe stop");
     assert!(body.status.success(), "probe announce: {}", String::from_utf8_lossy(&body.stderr));
-    let peers = compact_peers(&body.stdout).unwrap_or_else(|| panic!("no peers in {:?}", String::from_utf8_lossy(&body.stdout)));
+    let peers = compact_peers(&body.stdout)
+        .unwrap_or_else(|| panic!("no peers in {:?}", String::from_utf8_lossy(&body.stdout)));
     let own = SocketAddrV4::new(format!("{SUBNET}.1").parse().unwrap(), 6881);
     peers.into_iter().filter(|a| *a != own).collect()
 }
@@ -163,6 +164,11 @@ fn compact_peers(body: &[u8]) -> Option<Vec<SocketAddrV4>> {
     )
 }
 
+/// Touched by aria2c's `--on-bt-download-complete` hook once the download in `dir` is done.
+fn done_marker(dir: &Path) -> PathBuf {
+    dir.with_extension("done")
+}
+
 fn aria2(host: &Host, name: &str, port: u16, dir: &Path, torrent: &Path, seed: bool) -> ChildGuard {
     std::fs::create_dir_all(dir).unwrap();
     let mut args: Vec<String> = [
@@ -178,6 +184,12 @@ fn aria2(host: &Host, name: &str, port: u16, dir: &Path, torrent: &Path, seed: b
     .map(|s| s.to_string())
     .collect();
     args.push(format!("--listen-port={port}"));
+    // its console output is block-buffered into a pipe: a hook marks the finished download
+    let hook = dir.with_extension("done.sh");
+    std::fs::write(&hook, format!("#!/bin/sh\ntouch '{}'\n", done_marker(dir).display())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    args.push(format!("--on-bt-download-complete={}", hook.display()));
     // seed: until killed; else stop (and announce `stopped`) as soon as the download is done
     args.push(if seed { "--seed-ratio=0.0".into() } else { "--seed-time=0".into() });
     args.push(format!("--dir={}", dir.display()));
@@ -207,10 +219,8 @@ impl Transmission {
             "message-level": 2,
         });
         std::fs::write(cfg.join("settings.json"), settings.to_string()).unwrap();
-        let daemon = host
-            .ns
-            .spawn("transmission-daemon", "transmission-daemon", &["-f", "-g", cfg.to_str().unwrap()])
-            .unwrap();
+        let daemon =
+            host.ns.spawn("transmission-daemon", "transmission-daemon", &["-f", "-g", cfg.to_str().unwrap()]).unwrap();
         let t = Transmission { _daemon: daemon, dir };
         wait_until("transmission rpc", Duration::from_secs(20), || t.remote(host, &["-l"]).map(drop));
         t
@@ -305,7 +315,8 @@ fn aria2_transmission_and_qbittorrent_swarm_with_restarts_and_honest_counters() 
     let (info_hash, sha256) = (rev["info_hash"].as_str().unwrap().to_string(), rev["sha256"].as_str().unwrap());
     let archive = rev["archive"].as_str().unwrap().to_string();
     let size = rev["archive_size"].as_u64().unwrap();
-    let torrent = c.dir().join("data/images").join(IMAGE).join(rev_id.to_string()).join(rev["torrent"].as_str().unwrap());
+    let torrent =
+        c.dir().join("data/images").join(IMAGE).join(rev_id.to_string()).join(rev["torrent"].as_str().unwrap());
     assert!(torrent.is_file(), "{}", torrent.display());
     println!("archive {archive}: {size} bytes; seeder limited to {UPLOAD_LIMIT} B/s");
     wait_until("seeder healthy", Duration::from_secs(60), || {
@@ -407,7 +418,13 @@ fn aria2_transmission_and_qbittorrent_swarm_with_restarts_and_honest_counters() 
         }
     });
     assert!(a2.wait_timeout(Duration::from_secs(120)).unwrap().success(), "aria2c: {}", a2.output().tail(20));
-    ghost.wait_for("Download complete", Duration::from_secs(120)).unwrap();
+    wait_until("the seeding aria2c done", Duration::from_secs(120), || {
+        if done_marker(&work.join("aria2-seed")).exists() {
+            Ok(())
+        } else {
+            Err(ghost.output().tail(3))
+        }
+    });
     tr.wait_done(&h_tr, "transmission re-checks its data");
     for (who, path) in [
         ("qbittorrent", qbt_dir.join(&archive)),
@@ -420,7 +437,11 @@ fn aria2_transmission_and_qbittorrent_swarm_with_restarts_and_honest_counters() 
     println!("phase 2 downloads done after {:?}", t2.elapsed());
     // qbittorrent, aria2c (stopped with left=0) and the seeding aria2c each finished once;
     // transmission had its data already
-    wait_counters(&c, "three completions, three seeders", Counters { seeders: OWN + 3, leechers: 0, completed: base + 3 });
+    wait_counters(
+        &c,
+        "three completions, three seeders",
+        Counters { seeders: OWN + 3, leechers: 0, completed: base + 3 },
+    );
     assert_eq!(
         listed(&c, &info_hash),
         HashSet::from([h_qbt.addr(QBT_PORT), h_aria.addr(ARIA2_SEED_PORT), h_tr.addr(TRANSMISSION_PORT)])
@@ -430,7 +451,11 @@ fn aria2_transmission_and_qbittorrent_swarm_with_restarts_and_honest_counters() 
     wait_counters(&c, "transmission stopped", Counters { seeders: OWN + 2, leechers: 0, completed: base + 3 });
     tr.remote(&h_tr, &["-a", torrent.to_str().unwrap()]).unwrap();
     tr.wait_done(&h_tr, "transmission re-checks its data again");
-    wait_counters(&c, "transmission back, not counted again", Counters { seeders: OWN + 3, leechers: 0, completed: base + 3 });
+    wait_counters(
+        &c,
+        "transmission back, not counted again",
+        Counters { seeders: OWN + 3, leechers: 0, completed: base + 3 },
+    );
     // the seeding aria2c dies without a word: listed for the peer lifetime after its last announce
     ghost.kill();
     let t_kill = Instant::now();
@@ -475,7 +500,10 @@ fn aria2_transmission_and_qbittorrent_swarm_with_restarts_and_honest_counters() 
         }
         std::thread::sleep(Duration::from_secs(2));
     }
-    println!("killed aria2c gone {ghost_gone_at:?} after it died; qbittorrent listed for {:?}", qbt_first_seen.elapsed());
+    println!(
+        "killed aria2c gone {ghost_gone_at:?} after it died; qbittorrent listed for {:?}",
+        qbt_first_seen.elapsed()
+    );
     assert_eq!(counters(&c), Counters { seeders: OWN + 1, leechers: 0, completed: base + 3 });
     let log = c.server_log();
     assert!(!log.contains("checking every piece"), "a server start re-hashed the archive:\n{log}");

@@ -58,13 +58,8 @@ pub fn store(path: &Path, swarm: &SavedSwarm) -> Result<(), PersistError> {
     let err = |source| PersistError::Write { path: path.to_path_buf(), source };
     let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec(swarm).map_err(|e| err(std::io::Error::other(e)))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
     f.write_all(&body).and_then(|()| f.sync_all()).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
 }
