@@ -13,7 +13,9 @@
 //! finish with the revision's SHA-256, and no server start re-hashes the archive (librqbit
 //! patch 3). Then
 //! transmission's torrent is removed with its data and added again on the same port: the
-//! seeder has seen that address before and must serve it again (librqbit patch 4, µTP).
+//! seeder has seen that address before and must serve it again. (Sampling transmission's peer
+//! flags in one run showed luna's seeder connecting to it over TCP, librqbit patch 4 re-queuing
+//! the address the tracker names again, not transmission reaching the seeder over µTP.)
 //!
 //! Phase 2, the counters over a full libtorrent announce cycle: qbittorrent-nox, aria2c (exits
 //! when done: `started`, then `stopped` with `left=0`), a seeding aria2c and transmission
