@@ -34,6 +34,8 @@ PACKAGES=(
     dnsmasq-base kea-dhcp4-server isc-dhcp-client tftpd-hpa tftp-hpa atftp
     # BitTorrent peers and tracker for interop tests
     aria2 transmission-cli opentracker
+    # real clients of the swarm proof (tests/tests/swarm_clients.rs)
+    qbittorrent-nox transmission-daemon
     # power-control peers: IPMI simulator + client, SNMP agent + client
     openipmi ipmitool snmpd snmp
     # load and timing
@@ -61,7 +63,7 @@ PACKAGES=(
 # Services some of these packages would start on install: they would hold the ports the
 # tests use (67/udp, 69/udp, 161/udp, 6969) on the host.
 SERVICES=(tftpd-hpa kea-dhcp4-server kea-dhcp6-server kea-dhcp-ddns-server kea-ctrl-agent snmpd
-    snmptrapd opentracker openipmi)
+    snmptrapd opentracker openipmi transmission-daemon)
 
 missing_packages() {
     local p status

@@ -173,6 +173,16 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     // interval and max_peers follow the cluster object (see wiring::follow_store).
     let tracker_config = config.tracker.config(&cluster);
     let tracker = Arc::new(crate::tracker::TrackerHandle::new(tracker_config, topology.clone()));
+    // The swarms of the last clean stop: peers keep their remaining lifetime, counters go on.
+    let swarm_file = config.data_dir.join(crate::tracker::persist::FILE_NAME);
+    match crate::tracker::persist::load(&swarm_file) {
+        Ok(Some(saved)) => {
+            let peers = tracker.restore(&saved.torrents, saved.age(crate::service::unix_now()));
+            tracing::info!(torrents = saved.torrents.len(), peers, "tracker swarms restored");
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "tracker starts empty"),
+    }
     let images = Arc::new(
         crate::image::ImageState::new(service.clone(), &config.data_dir, config.image.clone())
             .with_stats(Arc::new(crate::wiring::TrackerStats(tracker.clone())))
@@ -212,7 +222,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     tokio::spawn(crate::wiring::follow_store(service.clone(), tracker.clone(), topology, cancel.clone()));
     let mut seeder_addr = None;
     if config.image.seed {
-        let seeder = crate::image::seeder::Seeder::start(images.clone(), Some(crate::wiring::registrar(tracker)))
+        let seeder = crate::image::seeder::Seeder::start(images.clone(), Some(crate::wiring::registrar(tracker.clone())))
             .await
             .map_err(|e| ServerError::Seeder(e.to_string()))?;
         seeder_addr = Some(seeder.listen_addr());
@@ -312,6 +322,13 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     };
     notify_stopping();
     cancel.cancel();
+    // No announce is answered any more: keep the swarms for the next start.
+    let saved =
+        crate::tracker::persist::SavedSwarm { saved_at_unix: crate::service::unix_now(), torrents: tracker.save() };
+    match crate::tracker::persist::store(&swarm_file, &saved) {
+        Ok(()) => tracing::info!(torrents = saved.torrents.len(), "tracker swarms saved"),
+        Err(e) => tracing::warn!(error = %e, "tracker swarms not saved"),
+    }
     // Boot-path status reports are queued without the answer waiting: write what is left.
     if tokio::time::timeout(std::time::Duration::from_secs(5), service.flush_node_status()).await.is_err() {
         tracing::warn!("stopped before every queued node status was written");

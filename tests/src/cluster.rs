@@ -30,11 +30,20 @@ pub struct ClusterOptions {
     /// RAM of each node VM: the image is unpacked into a tmpfs, so a real distribution needs
     /// more than the busybox test image.
     pub vm_memory_mb: u32,
+    /// TOML appended to the generated `luna.toml` after its `[image]` section (e.g. a
+    /// `[tracker]` section); empty for none.
+    pub extra_config: String,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { subnet: "10.79.0".into(), seed: true, upload_limit: 0, vm_memory_mb: 1024 }
+        ClusterOptions {
+            subnet: "10.79.0".into(),
+            seed: true,
+            upload_limit: 0,
+            vm_memory_mb: 1024,
+            extra_config: String::new(),
+        }
     }
 }
 
@@ -112,7 +121,7 @@ impl Cluster {
         let config = format!(
             "store = \"sqlite://{db}\"\nlisten = \"{ip}:7050\"\ntoken_file = \"{token}\"\ndata_dir = \"{data}\"\n\
              [dhcp]\ninterfaces = [\"br0\"]\n[tftp]\nroot = \"{tftp}\"\nbind = \"{ip}:69\"\n\
-             [image]\ndracut = \"{dracut}\"\nseed = {seed}\nseed_listen = \"{ip}:6881\"\nupload_limit_bytes_per_s = {limit}\n",
+             [image]\ndracut = \"{dracut}\"\nseed = {seed}\nseed_listen = \"{ip}:6881\"\nupload_limit_bytes_per_s = {limit}\n{extra}",
             db = d.join("luna.db").display(),
             token = d.join("token").display(),
             data = d.join("data").display(),
@@ -120,6 +129,7 @@ impl Cluster {
             dracut = d.join("dracut").display(),
             seed = self.opts.seed,
             limit = self.opts.upload_limit,
+            extra = self.opts.extra_config,
         );
         let path = self.config_path();
         std::fs::write(&path, config).map_err(|e| HarnessError::io(format!("write {}", path.display()), e))

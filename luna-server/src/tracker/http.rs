@@ -2,7 +2,7 @@
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{Request, State};
@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use super::swarm::{AnnounceResponse, ScrapeResponse, Topology, TorrentStats, Tracker, TrackerConfig};
+use super::swarm::{AnnounceResponse, SavedTorrent, ScrapeResponse, Topology, TorrentStats, Tracker, TrackerConfig};
 use super::{encode, query, AnnounceRequest, InfoHash, TrackerError};
 
 /// Independent trackers, one per group of torrents: announces for different torrents do not
@@ -142,6 +142,27 @@ impl TrackerHandle {
         let mut t = self.shard(info_hash);
         t.scrape(std::slice::from_ref(info_hash), Instant::now());
         t.torrent_stats(info_hash)
+    }
+
+    /// Every shard's swarms (see [`Tracker::save`]).
+    pub fn save(&self) -> Vec<SavedTorrent> {
+        let now = Instant::now();
+        let mut all: Vec<SavedTorrent> = self.shards.iter().flat_map(|s| Self::lock(s).save(now)).collect();
+        all.sort_by(|a, b| a.info_hash.cmp(&b.info_hash));
+        all
+    }
+
+    /// Gives each shard its torrents back, `since` after they were saved (see
+    /// [`Tracker::restore`]); returns how many peers were restored.
+    pub fn restore(&self, saved: &[SavedTorrent], since: Duration) -> usize {
+        let now = Instant::now();
+        let mut per_shard: Vec<Vec<SavedTorrent>> = vec![Vec::new(); SHARDS];
+        for t in saved {
+            // the same shard as announces of that hash; a malformed hash is skipped by restore
+            let last = hex::decode(&t.info_hash).ok().and_then(|h| h.get(19).copied()).unwrap_or(0);
+            per_shard[usize::from(last) % SHARDS].push(t.clone());
+        }
+        self.shards.iter().zip(per_shard).map(|(s, ts)| Self::lock(s).restore(&ts, now, since)).sum()
     }
 }
 

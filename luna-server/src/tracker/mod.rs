@@ -21,7 +21,9 @@
 //!
 //! # Peer lifetime and counters
 //!
-//! A peer is forgotten `2 × interval` after its last announce, or at once on `event=stopped`.
+//! A peer is forgotten `max(2 × interval, min_peer_lifetime)` after its last announce, or at
+//! once on `event=stopped`. A clean server stop saves the swarms and the next start restores
+//! them ([`persist`]): peers keep what is left of their lifetime and counters go on.
 //! `left=0` makes a peer a seeder (clients need not send `event=completed`; librqbit never does).
 //! A torrent's `downloaded` counter goes up once per peer, on `event=completed` or when the peer
 //! goes from `left>0` to `left=0`, whichever comes first. Uploaded/downloaded byte totals are the
@@ -51,6 +53,7 @@
 pub mod encode;
 pub mod fast;
 pub mod http;
+pub mod persist;
 pub mod query;
 pub mod swarm;
 
@@ -60,8 +63,8 @@ pub use self::encode::{encode_announce, encode_failure, encode_scrape};
 pub use self::http::{router, TrackerHandle};
 pub use self::query::{parse_announce, parse_scrape, percent_decode};
 pub use self::swarm::{
-    AnnounceResponse, NoTopology, Peer, ScrapeEntry, ScrapeResponse, SwitchId, Topology, TorrentStats, Tracker,
-    TrackerConfig,
+    AnnounceResponse, NoTopology, Peer, SavedPeer, SavedTorrent, ScrapeEntry, ScrapeResponse, SwitchId, Topology,
+    TorrentStats, Tracker, TrackerConfig,
 };
 
 /// The `[tracker]` section of the configuration (the announce interval and peer limit are the

@@ -196,6 +196,9 @@ struct Torrent {
     downloaded: u64,
     /// No peer was seen before this: nothing can expire before `oldest + ttl`.
     oldest: Option<Instant>,
+    /// Restored with completions by [`Tracker::restore`]: kept until then even without peers,
+    /// so the server's seeder has time to register it again.
+    keep_until: Option<Instant>,
 }
 
 impl Torrent {
@@ -218,6 +221,9 @@ impl Torrent {
     }
 
     fn expire(&mut self, now: Instant, ttl: Duration) {
+        if self.keep_until.is_some_and(|k| now >= k) {
+            self.keep_until = None;
+        }
         match self.oldest {
             Some(oldest) if now.saturating_duration_since(oldest) >= ttl => {}
             _ => return,
@@ -291,9 +297,10 @@ impl Torrent {
         }
     }
 
-    /// Nothing worth keeping: no peers, not the server's, no permanent peers.
+    /// Nothing worth keeping: no peers, not the server's, no permanent peers (and not just
+    /// restored with completions).
     fn forgettable(&self) -> bool {
-        self.peers.is_empty() && !self.registered && self.permanent.is_empty()
+        self.peers.is_empty() && !self.registered && self.permanent.is_empty() && self.keep_until.is_none()
     }
 
     fn stats(&self, info_hash: InfoHash, seeder: Option<SocketAddrV4>) -> TorrentStats {
@@ -509,6 +516,125 @@ impl Tracker {
     pub fn torrent_stats(&self, info_hash: &InfoHash) -> Option<TorrentStats> {
         self.torrents.get(info_hash).map(|t| t.stats(*info_hash, self.config.seeder))
     }
+
+    /// The swarms as they are at `now`, to be [restored](Tracker::restore) by the next server
+    /// start: every torrent with announced peers or completions, with each peer's idle time.
+    /// Registration and permanent peers are left out (the seeder registers again).
+    pub fn save(&self, now: Instant) -> Vec<SavedTorrent> {
+        let mut out: Vec<SavedTorrent> = self
+            .torrents
+            .iter()
+            .filter(|(_, t)| !t.peers.is_empty() || t.completed > 0)
+            .map(|(h, t)| SavedTorrent {
+                info_hash: hex::encode(h),
+                completed: t.completed,
+                uploaded: t.uploaded,
+                downloaded: t.downloaded,
+                peers: t
+                    .peers
+                    .iter()
+                    .map(|(id, p)| SavedPeer {
+                        peer_id: hex::encode(id),
+                        addr: p.addr,
+                        source: p.source,
+                        left: p.left,
+                        uploaded: p.uploaded,
+                        downloaded: p.downloaded,
+                        idle_s: now.saturating_duration_since(p.last_seen).as_secs(),
+                        counted_complete: p.counted_complete,
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.info_hash.cmp(&b.info_hash));
+        out
+    }
+
+    /// Takes back what [`Tracker::save`] gave, `since` after it was saved: counters are added,
+    /// peers keep what was left of their lifetime (those past it are dropped), so a server
+    /// restart neither forgets a seeding client that announces only every few minutes nor
+    /// counts its completion again. Meant for a fresh tracker; a restored torrent with completions but no live peers is kept for one peer
+    /// lifetime, for the server's seeder to register it again. Bad entries (a malformed hash or peer id, an
+    /// address or peer id already held) are skipped; returns how many peers were restored.
+    pub fn restore(&mut self, saved: &[SavedTorrent], now: Instant, since: Duration) -> usize {
+        let ttl = self.config.peer_ttl();
+        let cap = self.torrent_cap();
+        let mut restored = 0;
+        for st in saved {
+            let Some(hash) = decode_id(&st.info_hash) else { continue };
+            if !self.torrents.contains_key(&hash) && self.torrents.len() >= cap {
+                continue;
+            }
+            let t = self.torrents.entry(hash).or_default();
+            if st.completed > 0 {
+                t.keep_until = Some(now + ttl);
+            }
+            t.completed = t.completed.saturating_add(st.completed);
+            t.uploaded = t.uploaded.saturating_add(st.uploaded);
+            t.downloaded = t.downloaded.saturating_add(st.downloaded);
+            for sp in &st.peers {
+                let Some(id) = decode_id(&sp.peer_id) else { continue };
+                let idle = Duration::from_secs(sp.idle_s).saturating_add(since);
+                let Some(last_seen) = now.checked_sub(idle).filter(|_| idle < ttl) else { continue };
+                if t.peers.contains_key(&id) || t.by_addr.contains_key(&sp.addr) {
+                    continue;
+                }
+                if sp.left == 0 {
+                    t.seeders += 1;
+                }
+                t.peers.insert(
+                    id,
+                    PeerEntry {
+                        addr: sp.addr,
+                        left: sp.left,
+                        uploaded: sp.uploaded,
+                        downloaded: sp.downloaded,
+                        last_seen,
+                        switch: self.topology.switch_of(*sp.addr.ip()),
+                        counted_complete: sp.counted_complete,
+                        source: sp.source,
+                    },
+                );
+                t.by_addr.insert(sp.addr, id);
+                t.oldest = Some(t.oldest.map_or(last_seen, |o| o.min(last_seen)));
+                restored += 1;
+            }
+        }
+        self.torrents.retain(|_, t| !t.forgettable());
+        restored
+    }
+}
+
+fn decode_id(text: &str) -> Option<[u8; 20]> {
+    hex::decode(text).ok()?.try_into().ok()
+}
+
+/// One torrent as [`Tracker::save`] keeps it across a server restart.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedTorrent {
+    /// Hex.
+    pub info_hash: String,
+    pub completed: u64,
+    pub uploaded: u64,
+    pub downloaded: u64,
+    pub peers: Vec<SavedPeer>,
+}
+
+/// One announced peer as [`Tracker::save`] keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedPeer {
+    /// Hex.
+    pub peer_id: String,
+    pub addr: SocketAddrV4,
+    /// Where its announces come from.
+    pub source: IpAddr,
+    pub left: u64,
+    pub uploaded: u64,
+    pub downloaded: u64,
+    /// Seconds since its last announce when saved.
+    pub idle_s: u64,
+    /// Its completion is already counted.
+    pub counted_complete: bool,
 }
 
 /// Records the requester's announce in its torrent.
@@ -691,6 +817,75 @@ mod tests {
 
     fn addrs(r: &AnnounceResponse) -> Vec<SocketAddrV4> {
         r.peers.iter().map(|p| p.addr).collect()
+    }
+
+    fn stats_at(t: &mut Tracker, h: InfoHash, now: Instant) -> Option<(u32, u32, u64)> {
+        t.scrape(&[h], now);
+        t.torrent_stats(&h).map(|s| (s.seeders, s.leechers, s.completed))
+    }
+
+    #[test]
+    fn a_restart_keeps_peers_their_lifetime_and_counts_no_completion_twice() {
+        // lifetime 60 s (two intervals)
+        let mut before = tracker();
+        let t0 = Instant::now();
+        before.announce(&req(hash(1), 1, 100), t0).unwrap();
+        before.announce(&req(hash(1), 1, 0), t0 + Duration::from_secs(10)).unwrap();
+        before.announce(&req(hash(1), 2, 100), t0 + Duration::from_secs(20)).unwrap();
+        before.announce(&req(hash(1), 3, 0), t0).unwrap();
+        assert_eq!(stats_at(&mut before, hash(1), t0 + Duration::from_secs(30)), Some((2, 1, 1)));
+        let saved = before.save(t0 + Duration::from_secs(30));
+        assert_eq!(saved.len(), 1);
+        assert_eq!(saved[0].peers.len(), 3);
+
+        // the server was down 10 s: peer 3 (idle 30 + 10 s) has 20 s left, peer 1 30 s
+        let mut after = tracker();
+        let now = Instant::now();
+        assert_eq!(after.restore(&saved, now, Duration::from_secs(10)), 3);
+        after.torrents[&hash(1)].check();
+        assert_eq!(stats_at(&mut after, hash(1), now), Some((2, 1, 1)));
+        let r = after.announce(&req(hash(1), 4, 100), now).unwrap();
+        assert_eq!(addrs(&r).into_iter().collect::<HashSet<_>>(), HashSet::from([addr(1), addr(2), addr(3)]));
+        after.announce(&AnnounceRequest { event: Event::Stopped, ..req(hash(1), 4, 100) }, now).unwrap();
+        // a restored finished peer says `completed` again: not counted; a restored leecher
+        // that finishes now is
+        after
+            .announce(&AnnounceRequest { event: Event::Completed, ..req(hash(1), 1, 0) }, now + Duration::from_secs(5))
+            .unwrap();
+        after.announce(&req(hash(1), 2, 0), now + Duration::from_secs(5)).unwrap();
+        assert_eq!(stats_at(&mut after, hash(1), now + Duration::from_secs(6)), Some((3, 0, 2)));
+        // peer 3 never announced again: gone once its lifetime is over, not before
+        assert_eq!(stats_at(&mut after, hash(1), now + Duration::from_secs(19)), Some((3, 0, 2)));
+        assert_eq!(stats_at(&mut after, hash(1), now + Duration::from_secs(21)), Some((2, 0, 2)));
+        after.torrents[&hash(1)].check();
+    }
+
+    #[test]
+    fn a_long_restart_keeps_completions_for_the_seeder_and_drops_bad_entries() {
+        let mut before = tracker();
+        let t0 = Instant::now();
+        for h in [hash(1), hash(2)] {
+            before.announce(&req(h, 1, 100), t0).unwrap();
+            before.announce(&req(h, 1, 0), t0).unwrap();
+        }
+        let mut saved = before.save(t0);
+        assert_eq!(saved.len(), 2);
+        saved.push(SavedTorrent { info_hash: "not hex".into(), ..saved[0].clone() });
+        let bad_id = SavedPeer { peer_id: "abcd".into(), ..saved[1].peers[0].clone() };
+        saved[1].peers.push(bad_id);
+
+        // down longer than a lifetime: no peer comes back, the completions do
+        let mut after = tracker();
+        let now = Instant::now();
+        assert_eq!(after.restore(&saved, now, Duration::from_secs(61)), 0);
+        assert_eq!(stats_at(&mut after, hash(1), now), Some((0, 0, 1)));
+        // the server's seeder registers hash 1 again; nobody registers hash 2, which is
+        // forgotten after one lifetime like any torrent without peers
+        after.register_permanent_peer(hash(1), addr(99));
+        after.sweep(now + Duration::from_secs(61));
+        assert_eq!(stats_at(&mut after, hash(1), now + Duration::from_secs(61)), Some((0, 0, 1)));
+        assert_eq!(after.torrent_stats(&hash(2)), None);
+        assert_eq!(after.torrents.len(), 1);
     }
 
     #[test]
