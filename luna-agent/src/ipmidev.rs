@@ -68,12 +68,7 @@ fn answer(req: &IpmiRequest, resp: &Response) -> io::Result<Vec<u8>> {
     if resp.netfn_raw() != req.netfn | 1 || resp.cmd() != req.cmd {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!(
-                "bmc answered '{}' with netfn {:#04x} command {:#04x}",
-                req.what,
-                resp.netfn_raw(),
-                resp.cmd()
-            ),
+            format!("bmc answered '{}' with netfn {:#04x} command {:#04x}", req.what, resp.netfn_raw(), resp.cmd()),
         ));
     }
     let mut out = Vec::with_capacity(1 + resp.data().len());
@@ -129,7 +124,13 @@ mod tests {
     use crate::bmc::{CMD_GET_USER_NAME, NETFN_APP};
 
     fn req() -> IpmiRequest {
-        IpmiRequest { what: "read the user name", netfn: NETFN_APP, cmd: CMD_GET_USER_NAME, data: vec![3], tolerate: &[] }
+        IpmiRequest {
+            what: "read the user name",
+            netfn: NETFN_APP,
+            cmd: CMD_GET_USER_NAME,
+            data: vec![3],
+            tolerate: &[],
+        }
     }
 
     fn resp(netfn: u8, cmd: u8, data: &[u8]) -> Response {
