@@ -415,7 +415,9 @@ fn lpower_drives_redfish_bmcs() {
     ns.add_bridge("rf0").unwrap();
     ns.add_addr("rf0", "10.85.0.1/24").unwrap();
     let addrs = ["10.85.0.21", "10.85.0.22"];
-    for a in addrs {
+    // rf3's BMC: a third emulator, which luna knows with a password it does not take.
+    let bad_addr = "10.85.0.23";
+    for a in addrs.iter().chain([&bad_addr]) {
         ns.add_addr("rf0", &format!("{a}/32")).unwrap();
     }
     let server = Server::start(ns);
@@ -446,6 +448,7 @@ fn lpower_drives_redfish_bmcs() {
     std::fs::write(&auth, format!("user = \"root:{GOOD_PASSWORD}\"\n")).unwrap();
     let _bmcs: Vec<ChildGuard> = addrs
         .iter()
+        .chain([&bad_addr])
         .map(|a| {
             // The fake driver keeps its systems in $TMPDIR/sushy-emulator: one private dir each.
             let tmp = d.join(format!("sushy-{a}"));
@@ -461,7 +464,7 @@ fn lpower_drives_redfish_bmcs() {
             ChildGuard::spawn(&mut cmd, &format!("sushy-{a}")).unwrap()
         })
         .collect();
-    for a in addrs {
+    for a in addrs.iter().chain([&bad_addr]) {
         wait_system(&server.ns, &auth, a, "a system", |s| s["PowerState"].is_string());
     }
     // The emulator does check the password (curl without it is refused).
@@ -496,8 +499,7 @@ fn lpower_drives_redfish_bmcs() {
     for (i, a) in addrs.iter().enumerate() {
         server.luna(&["node", "add", &format!("rf{}", i + 1), "--group", "rfg", "--ip", &format!("BMC={a}")]);
     }
-    // rf3: the first emulator again, with a password it does not take.
-    server.luna(&["node", "add", "rf3", "--group", "rfbadg", "--ip", &format!("BMC={}", addrs[0])]);
+    server.luna(&["node", "add", "rf3", "--group", "rfbadg", "--ip", &format!("BMC={bad_addr}")]);
     let mut seen = String::new();
     let nodes = "rf[1-2]";
 
@@ -512,7 +514,7 @@ fn lpower_drives_redfish_bmcs() {
     assert_eq!(r.stdout, "rf1: off\nrf2: off\nrf3: wrong BMC user or password\n");
     let log = server.log();
     assert!(
-        log.lines().any(|l| l.contains("node=rf3") && l.contains(addrs[0]) && l.contains("wrong BMC user or password")),
+        log.lines().any(|l| l.contains("node=rf3") && l.contains(bad_addr) && l.contains("wrong BMC user or password")),
         "the server log names the node and BMC that refused the password"
     );
 
