@@ -187,7 +187,7 @@ impl Os for RealOs {
     }
 
     fn ipmi(&self, req: &IpmiRequest) -> io::Result<Vec<u8>> {
-        crate::ipmidev::exchange(req)
+        crate::ipmidev::Device::open()?.exchange(req)
     }
 }
 

@@ -7,7 +7,7 @@
 //! certificate), checked through their own API with curl.
 //! Both check that the BMC password is in no CLI output, API answer or server log.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -271,6 +271,38 @@ fn lpower_drives_eight_ipmi_bmcs() {
     let p = ipmitool(&server.ns, &bmc_addr(1), &["chassis", "bootparam", "get", "5"]);
     assert!(p.contains("Hard-Drive"), "{p}");
 
+    // soft, reset and identify: what each simulator's chassis program was told, in order
+    // (ipmi_sim turns Chassis Control 5 into `set shutdown 1`, 3 into `set reset 1`, and Chassis
+    // Identify N into `set identify N 0`). The program only records them: power stays on.
+    let before: Vec<usize> = (1..=8).map(|i| calls(&server, i).len()).collect();
+    let r = lpower(&server, &[all, "soft"], &mut seen);
+    assert!(r.ok, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.stdout, lines(1..=8, "soft"));
+    let r = lpower(&server, &[all, "reset"], &mut seen);
+    assert_eq!(r.stdout, lines(1..=8, "reset"));
+    let r = lpower(&server, &[all, "identify"], &mut seen);
+    assert_eq!(r.stdout, lines(1..=8, "identify 15s"));
+    let r = lpower(&server, &["node[01-02]", "identify", "40"], &mut seen);
+    assert_eq!(r.stdout, lines(1..=2, "identify 40s"));
+    let r = lpower(&server, &["node01", "identify", "off"], &mut seen);
+    assert!(r.ok, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.stdout, "node01: identify off\n");
+    for i in 1..=8u32 {
+        let told: Vec<String> =
+            calls(&server, i)[before[i as usize - 1]..].iter().filter(|c| c.contains(" set ")).cloned().collect();
+        let mut want = vec!["0x20 set shutdown 1", "0x20 set reset 1", "0x20 set identify 15 0"];
+        if i <= 2 {
+            want.push("0x20 set identify 40 0");
+        }
+        if i == 1 {
+            want.push("0x20 set identify 0 0");
+        }
+        assert_eq!(told, want, "bmc{i}");
+    }
+    // An identify time the BMC cannot take is refused before anything is sent.
+    let r = lpower(&server, &[all, "identify", "300"], &mut seen);
+    assert!(!r.ok && r.stderr.contains("'300'"), "{}", r.stderr);
+
     // Errors are per node and hide nothing: a wrong password, a dead address, no bmcsetup;
     // the dead BMC costs one timeout in total, not one per node.
     let r = lpower(&server, &["node[01-11]", "status"], &mut seen);
@@ -339,11 +371,18 @@ fn calls(s: &Server, i: u32) -> Vec<String> {
     std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect()
 }
 
-/// `curl -k` inside the namespace: the Redfish emulator's own view of a system.
-fn redfish_system(ns: &Netns, addr: &str) -> Option<Value> {
+/// `curl -k` inside the namespace: the Redfish emulator's own view of a system; `auth` is a curl
+/// config file with its user and password.
+fn redfish_system(ns: &Netns, auth: &Path, addr: &str) -> Option<Value> {
     let get = |path: &str| -> Option<Value> {
-        let out =
-            ns.command("curl").args(["-sk", "--max-time", "5", &format!("https://{addr}{path}")]).output().ok()?;
+        // The emulator's user and password come from a curl config file: never on a command line.
+        let out = ns
+            .command("curl")
+            .args(["-sk", "--max-time", "5", "-K"])
+            .arg(auth)
+            .arg(format!("https://{addr}{path}"))
+            .output()
+            .ok()?;
         serde_json::from_slice(&out.stdout).ok()
     };
     let systems = get("/redfish/v1/Systems")?;
@@ -351,10 +390,10 @@ fn redfish_system(ns: &Netns, addr: &str) -> Option<Value> {
 }
 
 /// Polls the emulator until `check` holds for the system (its fake power changes take a moment).
-fn wait_system(ns: &Netns, addr: &str, what: &str, check: impl Fn(&Value) -> bool) {
+fn wait_system(ns: &Netns, auth: &Path, addr: &str, what: &str, check: impl Fn(&Value) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let sys = redfish_system(ns, addr);
+        let sys = redfish_system(ns, auth, addr);
         if sys.as_ref().is_some_and(&check) {
             return;
         }
@@ -369,13 +408,16 @@ fn lpower_drives_redfish_bmcs() {
         return;
     }
     let sushy = require_tool("/opt/luna-venv/bin/sushy-emulator").unwrap();
+    let python = require_tool("/opt/luna-venv/bin/python3").unwrap();
     require_tool("openssl").unwrap();
     require_tool("curl").unwrap();
     let ns = Netns::new().unwrap();
     ns.add_bridge("rf0").unwrap();
     ns.add_addr("rf0", "10.85.0.1/24").unwrap();
     let addrs = ["10.85.0.21", "10.85.0.22"];
-    for a in addrs {
+    // rf3's BMC: a third emulator, which luna knows with a password it does not take.
+    let bad_addr = "10.85.0.23";
+    for a in addrs.iter().chain([&bad_addr]) {
         ns.add_addr("rf0", &format!("{a}/32")).unwrap();
     }
     let server = Server::start(ns);
@@ -389,45 +431,75 @@ fn lpower_drives_redfish_bmcs() {
         .output()
         .unwrap();
     assert!(st.status.success(), "openssl: {}", String::from_utf8_lossy(&st.stderr));
+    // The emulators ask for HTTP basic auth (user root, GOOD_PASSWORD) on everything below
+    // /redfish/v1: an htpasswd file with a bcrypt digest (the only kind sushy takes), made with
+    // the venv's bcrypt from the environment, not the command line.
+    let hash = Command::new(&python)
+        .args(["-c", "import bcrypt, os; print(bcrypt.hashpw(os.environ['PW'].encode(), bcrypt.gensalt(4)).decode())"])
+        .env("PW", GOOD_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(hash.status.success(), "bcrypt: {}", String::from_utf8_lossy(&hash.stderr));
+    let htpasswd = d.join("htpasswd");
+    std::fs::write(&htpasswd, format!("root:{}", String::from_utf8(hash.stdout).unwrap())).unwrap();
+    let sushy_conf = d.join("sushy.conf");
+    std::fs::write(&sushy_conf, format!("SUSHY_EMULATOR_AUTH_FILE = {:?}\n", htpasswd.display().to_string())).unwrap();
+    let auth = d.join("curl-auth");
+    std::fs::write(&auth, format!("user = \"root:{GOOD_PASSWORD}\"\n")).unwrap();
     let _bmcs: Vec<ChildGuard> = addrs
         .iter()
+        .chain([&bad_addr])
         .map(|a| {
             // The fake driver keeps its systems in $TMPDIR/sushy-emulator: one private dir each.
             let tmp = d.join(format!("sushy-{a}"));
             std::fs::create_dir_all(&tmp).unwrap();
             let mut cmd = server.ns.command(&sushy);
             cmd.env("TMPDIR", &tmp);
-            cmd.args(["--fake", "-i", a, "-p", "443", "--ssl-certificate"])
+            cmd.args(["--fake", "-i", a, "-p", "443", "--config"])
+                .arg(&sushy_conf)
+                .arg("--ssl-certificate")
                 .arg(d.join("cert.pem"))
                 .arg("--ssl-key")
                 .arg(d.join("key.pem"));
             ChildGuard::spawn(&mut cmd, &format!("sushy-{a}")).unwrap()
         })
         .collect();
-    for a in addrs {
-        wait_system(&server.ns, a, "a system", |s| s["PowerState"].is_string());
+    for a in addrs.iter().chain([&bad_addr]) {
+        wait_system(&server.ns, &auth, a, "a system", |s| s["PowerState"].is_string());
     }
+    // The emulator does check the password (curl without it is refused).
+    let anon = server
+        .ns
+        .command("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", &format!("https://{}/redfish/v1/Systems", addrs[0])])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&anon.stdout), "401");
 
     server.luna(&["network", "add", "prov", "--cidr", "10.86.0.0/24"]);
     server.luna(&["network", "add", "bmcnet", "--cidr", "10.85.0.0/24"]);
     server.luna(&["osimage", "add", "tiny", "--path", "/srv/tiny"]);
     server.bmcsetup_add(GOOD_PASSWORD, &["rf", "--user", "root", "--protocol", "redfish"]);
-    server.luna(&[
-        "group",
-        "add",
-        "rfg",
-        "--osimage",
-        "tiny",
-        "--network",
-        "prov",
-        "--bmc-network",
-        "bmcnet",
-        "--bmcsetup",
-        "rf",
-    ]);
+    server.bmcsetup_add(BAD_PASSWORD, &["rfbad", "--user", "root", "--protocol", "redfish", "--insecure-tls", "true"]);
+    for (group, setup) in [("rfg", "rf"), ("rfbadg", "rfbad")] {
+        server.luna(&[
+            "group",
+            "add",
+            group,
+            "--osimage",
+            "tiny",
+            "--network",
+            "prov",
+            "--bmc-network",
+            "bmcnet",
+            "--bmcsetup",
+            setup,
+        ]);
+    }
     for (i, a) in addrs.iter().enumerate() {
         server.luna(&["node", "add", &format!("rf{}", i + 1), "--group", "rfg", "--ip", &format!("BMC={a}")]);
     }
+    server.luna(&["node", "add", "rf3", "--group", "rfbadg", "--ip", &format!("BMC={bad_addr}")]);
     let mut seen = String::new();
     let nodes = "rf[1-2]";
 
@@ -436,45 +508,74 @@ fn lpower_drives_redfish_bmcs() {
     assert!(!r.ok && r.stdout.contains("rf1: BMC unreachable") && r.stdout.contains("certificate"), "{}", r.stdout);
     server.luna(&["bmcsetup", "change", "rf", "--insecure-tls", "true"]);
 
+    // A wrong password is that node's error, named; the others are done.
+    let r = lpower(&server, &["rf[1-3]", "status"], &mut seen);
+    assert!(!r.ok, "rf3 failed: the exit status says so");
+    assert_eq!(r.stdout, "rf1: off\nrf2: off\nrf3: wrong BMC user or password\n");
+    let log = server.log();
+    assert!(
+        log.lines().any(|l| l.contains("node=rf3") && l.contains(bad_addr) && l.contains("wrong BMC user or password")),
+        "the server log names the node and BMC that refused the password"
+    );
+
     let r = lpower(&server, &[nodes, "status"], &mut seen);
     assert!(r.ok, "{}{}", r.stdout, r.stderr);
     let r = lpower(&server, &[nodes, "off"], &mut seen);
     assert_eq!(r.stdout, "rf1: off\nrf2: off\n");
     for a in addrs {
-        wait_system(&server.ns, a, "PowerState Off", |s| s["PowerState"] == "Off");
+        wait_system(&server.ns, &auth, a, "PowerState Off", |s| s["PowerState"] == "Off");
     }
     let r = lpower(&server, &[nodes, "status"], &mut seen);
     assert_eq!(r.stdout, "rf1: off\nrf2: off\n");
     let r = lpower(&server, &[nodes, "on"], &mut seen);
     assert_eq!(r.stdout, "rf1: on\nrf2: on\n");
     for a in addrs {
-        wait_system(&server.ns, a, "PowerState On", |s| s["PowerState"] == "On");
+        wait_system(&server.ns, &auth, a, "PowerState On", |s| s["PowerState"] == "On");
     }
     let r = lpower(&server, &[nodes, "status"], &mut seen);
     assert_eq!(r.stdout, "rf1: on\nrf2: on\n");
+    // soft is GracefulShutdown: the emulator's system goes off.
+    let r = lpower(&server, &[nodes, "soft"], &mut seen);
+    assert!(r.ok, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.stdout, "rf1: soft\nrf2: soft\n");
+    for a in addrs {
+        wait_system(&server.ns, &auth, a, "PowerState Off after soft", |s| s["PowerState"] == "Off");
+    }
+    // reset is ForceRestart: from off, only the restart brings the system back on.
+    let r = lpower(&server, &[nodes, "reset"], &mut seen);
+    assert!(r.ok, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.stdout, "rf1: reset\nrf2: reset\n");
+    for a in addrs {
+        wait_system(&server.ns, &auth, a, "PowerState On after reset", |s| s["PowerState"] == "On");
+    }
     let r = lpower(&server, &[nodes, "pxe"], &mut seen);
     assert_eq!(r.stdout, "rf1: pxe\nrf2: pxe\n");
     for a in addrs {
-        wait_system(&server.ns, a, "boot from Pxe", |s| s["Boot"]["BootSourceOverrideTarget"] == "Pxe");
+        wait_system(&server.ns, &auth, a, "boot from Pxe", |s| s["Boot"]["BootSourceOverrideTarget"] == "Pxe");
     }
     let r = lpower(&server, &[nodes, "identify"], &mut seen);
     assert_eq!(r.stdout, "rf1: identify on\nrf2: identify on\n");
     for a in addrs {
-        wait_system(&server.ns, a, "IndicatorLED Blinking", |s| s["IndicatorLED"] == "Blinking");
+        wait_system(&server.ns, &auth, a, "IndicatorLED Blinking", |s| s["IndicatorLED"] == "Blinking");
     }
+    let r = lpower(&server, &["rf1", "identify", "off"], &mut seen);
+    assert_eq!(r.stdout, "rf1: identify off\n");
+    wait_system(&server.ns, &auth, addrs[0], "IndicatorLED Off", |s| s["IndicatorLED"] == "Off");
     let r = lpower(&server, &[nodes, "disk"], &mut seen);
     assert_eq!(r.stdout, "rf1: disk\nrf2: disk\n");
-    wait_system(&server.ns, addrs[0], "boot from Hdd", |s| s["Boot"]["BootSourceOverrideTarget"] == "Hdd");
+    wait_system(&server.ns, &auth, addrs[0], "boot from Hdd", |s| s["Boot"]["BootSourceOverrideTarget"] == "Hdd");
     // Last: the emulator forgets an order given while a restart is pending.
     // sushy-emulator has no PowerCycle: lpower sends ForceRestart, which it lists. The system
     // goes off and comes back on.
     let r = lpower(&server, &[nodes, "cycle"], &mut seen);
     assert_eq!(r.stdout, "rf1: cycle\nrf2: cycle\n");
     for a in addrs {
-        wait_system(&server.ns, a, "PowerState On after the cycle", |s| s["PowerState"] == "On");
+        wait_system(&server.ns, &auth, a, "PowerState On after the cycle", |s| s["PowerState"] == "On");
     }
 
     let log = server.log();
-    assert!(!seen.contains(GOOD_PASSWORD), "the BMC password reached the CLI output");
-    assert!(!log.contains(GOOD_PASSWORD), "the BMC password reached the server log");
+    for secret in [GOOD_PASSWORD, BAD_PASSWORD] {
+        assert!(!seen.contains(secret), "a BMC password reached the CLI output");
+        assert!(!log.contains(secret), "a BMC password reached the server log");
+    }
 }

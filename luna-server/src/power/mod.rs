@@ -289,6 +289,8 @@ pub async fn one(bmc: &dyn Bmc, target: &BmcTarget, op: Op, config: &PowerConfig
             }
         }
     }
+    // The node, its BMC and what went wrong (never the user's password: no error holds it).
+    tracing::warn!(node = %target.node, addr = %target.addr, action = %op.action, error = %last, "power failed");
     Err(last)
 }
 

@@ -25,7 +25,19 @@ pub struct IpmiMessage {
 
 impl IpmiMessage {
     fn data(&self) -> &[u8] {
+        // SAFETY: `data` points at a live buffer of at least `data_len` bytes: the request's own
+        // data, or the receive buffer the kernel filled and whose length it wrote back.
         unsafe { core::slice::from_raw_parts(self.data, self.data_len as usize) }
+    }
+}
+
+/// luna patch: Set User Password (App 0x06, command 0x47) carries a password after its first
+/// two bytes (user id, operation); those bytes are never logged.
+fn loggable(netfn: u8, cmd: u8, data: &[u8]) -> &[u8] {
+    if netfn == 0x06 && cmd == 0x47 {
+        &data[..data.len().min(2)]
+    } else {
+        data
     }
 }
 
@@ -35,7 +47,8 @@ impl IpmiMessage {
         log::log!(level, "  Command    = 0x{:02X}", self.cmd);
         log::log!(level, "  Data len   = {}", self.data_len);
         if self.data_len > 0 {
-            log::log!(level, "  Data       = {:02X?}", self.data());
+            // luna patch: see `loggable`.
+            log::log!(level, "  Data       = {:02X?}", loggable(self.netfn, self.cmd, self.data()));
         }
     }
 }
@@ -239,6 +252,8 @@ impl File {
 
     fn load_my_address_from_file(file: &mut std::fs::File) -> io::Result<Address> {
         let mut my_addr: u32 = 8;
+        // SAFETY: IPMICTL_GET_MY_ADDRESS_CMD writes one `unsigned int` through the pointer,
+        // which points at the live local `my_addr`.
         unsafe { ioctl::ipmi_get_my_address(file.as_raw_fd(), std::ptr::addr_of_mut!(my_addr))? };
         if let Ok(addr) = u8::try_from(my_addr) {
             Ok(Address(addr))
