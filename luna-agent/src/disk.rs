@@ -211,12 +211,15 @@ pub fn kernel_opts(cmdline: &str) -> String {
 }
 
 /// `/etc/default/grub.d/luna.cfg`: sourced by grub-mkconfig's shell, so the value is
-/// single-quoted (a `'` inside closed, escaped and reopened).
+/// single-quoted (a `'` inside closed, escaped and reopened). An image without
+/// `/etc/default/grub` (grub2-common alone ships none) would get a menu without a timeout that
+/// waits forever: the image's timeout is kept, else 5 s.
 pub fn grub_defaults(opts: &str) -> String {
     let quoted = opts.replace('\'', r"'\''");
     format!(
         "# Written by luna-agent at install: the osimage's kernel options, as on the network boot.\n\
-         GRUB_CMDLINE_LINUX='{quoted}'\n"
+         GRUB_CMDLINE_LINUX='{quoted}'\n\
+         GRUB_TIMEOUT=${{GRUB_TIMEOUT:-5}}\n"
     )
 }
 
@@ -512,7 +515,22 @@ mod tests {
         let opts = kernel_opts(line);
         assert_eq!(opts, "console=ttyS0,115200n8 x=\"a b\" quiet");
         assert!(!opts.contains("SECRET"));
-        assert_eq!(grub_defaults("a='b'"), "# Written by luna-agent at install: the osimage's kernel options, as on the network boot.\nGRUB_CMDLINE_LINUX='a='\\''b'\\'''\n");
+        assert_eq!(
+            grub_defaults("a='b'"),
+            "# Written by luna-agent at install: the osimage's kernel options, as on the network boot.\n\
+             GRUB_CMDLINE_LINUX='a='\\''b'\\'''\nGRUB_TIMEOUT=${GRUB_TIMEOUT:-5}\n"
+        );
+        // What grub-mkconfig's shell makes of it.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("luna.cfg");
+        std::fs::write(&cfg, grub_defaults("console=ttyS0 x='y z'")).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(r#". "$0"; printf '%s|%s' "$GRUB_CMDLINE_LINUX" "$GRUB_TIMEOUT""#)
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "console=ttyS0 x='y z'|5");
     }
 
     const MOUNTINFO: &str = "\

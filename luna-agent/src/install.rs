@@ -43,8 +43,12 @@ pub enum AgentError {
     Personality(#[from] PersonalityError),
     #[error("postscript failed: {0}")]
     Postscript(String),
+    /// `root = disk` before the image: the disk, the part-script, the mounted root.
     #[error(transparent)]
-    Disk(#[from] DiskError),
+    DiskPrepare(DiskError),
+    /// `root = disk` after the image: fstab, grub's options, the boot loader.
+    #[error(transparent)]
+    DiskFinish(DiskError),
     #[error("status report: {0}")]
     Report(HttpError),
 }
@@ -279,7 +283,8 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
         _ => String::new(),
     };
     if plan.root == RootMode::Disk {
-        let on = disk::prepare(&*ctx.os, &cfg.disk, &cmdline_text, &plan.partscript, &cfg.sysroot, &env)?;
+        let on = disk::prepare(&*ctx.os, &cfg.disk, &cmdline_text, &plan.partscript, &cfg.sysroot, &env)
+            .map_err(AgentError::DiskPrepare)?;
         ctx.reporter.step("partscript", Some(format!("root on disk {on}"))).await;
     } else if plan.partscript.trim().is_empty() {
         let size = env.iter().find(|(k, _)| k == "LUNA_TMPFS_SIZE").map(|(_, v)| v.as_str()).unwrap_or("80%");
@@ -333,7 +338,8 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
         }
         if plan.root == RootMode::Disk {
             ctx.reporter.step("bootloader", None).await;
-            let disks = disk::finish(&*ctx.os, &cfg.disk, &cmdline_text, &cfg.sysroot, &env)?;
+            let disks = disk::finish(&*ctx.os, &cfg.disk, &cmdline_text, &cfg.sysroot, &env)
+                .map_err(AgentError::DiskFinish)?;
             return Ok::<_, AgentError>(Some(disks.join(" ")));
         }
         Ok::<_, AgentError>(None)

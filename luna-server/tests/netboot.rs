@@ -391,6 +391,16 @@ async fn wait_for_step(service: &luna_server::service::Service, node: &str, step
     }
 }
 
+/// The agent's path from its boot script to `installed`.
+async fn install(e: &Env, node: &str, mac: &str, ip: &str) {
+    let token = e.token(mac, ip).await;
+    let (s, v) = e.call("GET", &format!("/boot/plan?node={node}&token={token}"), None, false, Some(ip)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let status = format!("/boot/status?node={node}&token={token}");
+    let (s, v) = e.call("POST", &status, Some(json!({"step": "installed"})), false, Some(ip)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+}
+
 /// `root = disk` (the group's, else the osimage's): the agent's `installed` sets `localboot`,
 /// so the node's next script boots its disk; a tmpfs node is left alone; clearing the flag
 /// (what `luna node reinstall` does first) brings the install script back.
@@ -399,20 +409,8 @@ async fn installed_on_disk_boots_locally_until_reinstalled() {
     let e = env().await;
     e.add_node("node001", "52:54:00:00:00:01").await;
     e.add_node("node002", "52:54:00:00:00:02").await;
-    let installed = |e: &Env, node: &'static str, mac: &'static str, ip: &'static str| {
-        let e: &Env = e;
-        async move {
-            let token = e.token(mac, ip).await;
-            let (s, v) = e.call("GET", &format!("/boot/plan?node={node}&token={token}"), None, false, Some(ip)).await;
-            assert_eq!(s, StatusCode::OK, "{v}");
-            let status = format!("/boot/status?node={node}&token={token}");
-            let (s, v) = e.call("POST", &status, Some(json!({"step": "installed"})), false, Some(ip)).await;
-            assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
-            v
-        }
-    };
     // tmpfs (the default): installed changes no flag.
-    installed(&e, "node001", "52:54:00:00:00:01", "10.141.0.1").await;
+    install(&e, "node001", "52:54:00:00:00:01", "10.141.0.1").await;
     assert!(!e.service.node("node001").await.unwrap().localboot);
 
     // The group says disk: the plan says so and installed sets localboot.
@@ -455,6 +453,6 @@ async fn installed_on_disk_boots_locally_until_reinstalled() {
     assert_eq!(s, StatusCode::OK, "{v}");
     let (s, v) = e.call("PATCH", "/api/v1/osimage/compute", Some(json!({"root": "disk"})), true, None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    installed(&e, "node001", "52:54:00:00:00:01", "10.141.0.1").await;
+    install(&e, "node001", "52:54:00:00:00:01", "10.141.0.1").await;
     assert!(e.service.node("node001").await.unwrap().localboot);
 }
