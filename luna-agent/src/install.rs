@@ -66,11 +66,8 @@ impl AgentError {
             AgentError::Image(_) => "download",
             AgentError::Personality(_) => "personality",
             AgentError::Postscript(_) => "postscript",
-            AgentError::Disk(DiskError::BadDiskArg(_) | DiskError::NoDisk(_) | DiskError::Partscript(_)) => {
-                "partscript"
-            }
-            AgentError::Disk(DiskError::NotMounted(_)) => "partscript",
-            AgentError::Disk(_) => "bootloader",
+            AgentError::DiskPrepare(_) => "partscript",
+            AgentError::DiskFinish(_) => "bootloader",
             AgentError::Report(_) => "report",
         }
     }
@@ -338,8 +335,8 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
         }
         if plan.root == RootMode::Disk {
             ctx.reporter.step("bootloader", None).await;
-            let disks = disk::finish(&*ctx.os, &cfg.disk, &cmdline_text, &cfg.sysroot, &env)
-                .map_err(AgentError::DiskFinish)?;
+            let disks =
+                disk::finish(&*ctx.os, &cfg.disk, &cmdline_text, &cfg.sysroot, &env).map_err(AgentError::DiskFinish)?;
             return Ok::<_, AgentError>(Some(disks.join(" ")));
         }
         Ok::<_, AgentError>(None)

@@ -511,11 +511,12 @@ async fn disk_root_partitions_writes_fstab_and_installs_grub() {
     let calls = os.calls();
     assert_eq!(script_env(&calls, "partscript", "LUNA_DISK").as_deref(), Some("/dev/vda"));
     assert_eq!(script_env(&calls, "bootloader", "LUNA_BOOT_DISKS").as_deref(), Some("/dev/vda"));
-    let chrooted = calls.iter().any(|c| {
-        matches!(c, OsCall::Script { name, chroot: Some(r), .. } if name == "bootloader" && *r == env.sysroot)
-    });
+    let chrooted = calls.iter().any(
+        |c| matches!(c, OsCall::Script { name, chroot: Some(r), .. } if name == "bootloader" && *r == env.sysroot),
+    );
     assert!(chrooted, "{calls:?}");
-    let uuids: Vec<_> = calls.iter().filter_map(|c| if let OsCall::FsUuid(d) = c { Some(d.as_str()) } else { None }).collect();
+    let uuids: Vec<_> =
+        calls.iter().filter_map(|c| if let OsCall::FsUuid(d) = c { Some(d.as_str()) } else { None }).collect();
     assert_eq!(uuids, ["/dev/vda3", "/dev/vda2"]);
     let fstab = std::fs::read_to_string(env.sysroot.join("etc/fstab")).unwrap();
     assert!(fstab.contains("UUID=uuid-of-vda3\t/\text4\terrors=remount-ro\t0\t1\n"), "{fstab}");
