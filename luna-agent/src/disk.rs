@@ -320,13 +320,13 @@ pub fn fstab(image: &str, mounts: &[(PathBuf, String, String)]) -> String {
 pub fn boot_disks(sys: &Path, major: u32, minor: u32) -> Vec<String> {
     let mut out = Vec::new();
     let Ok(dev) = std::fs::canonicalize(sys.join(format!("dev/block/{major}:{minor}"))) else { return out };
-    collect_disks(sys, &dev, 0, &mut out);
+    collect_disks(&dev, 0, &mut out);
     out.sort();
     out.dedup();
     out
 }
 
-fn collect_disks(sys: &Path, dev: &Path, depth: u32, out: &mut Vec<String>) {
+fn collect_disks(dev: &Path, depth: u32, out: &mut Vec<String>) {
     if depth > 8 {
         return;
     }
@@ -336,7 +336,7 @@ fn collect_disks(sys: &Path, dev: &Path, depth: u32, out: &mut Vec<String>) {
     if !slaves.is_empty() {
         for s in slaves {
             if let Ok(s) = std::fs::canonicalize(&s) {
-                collect_disks(sys, &s, depth + 1, out);
+                collect_disks(&s, depth + 1, out);
             }
         }
         return;
