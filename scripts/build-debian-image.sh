@@ -5,6 +5,12 @@
 # test (tests/tests/debootstrap_vm.rs) and the demo (LUNA_DEMO_IMAGE=debian scripts/demo.sh).
 #
 #   bash scripts/build-debian-image.sh [OUT_DIR]      # default: tests/work/debootstrap
+#   LUNA_DEBIAN_DISK=1 bash scripts/build-debian-image.sh [OUT_DIR]   # default: .../debootstrap-disk
+#
+# LUNA_DEBIAN_DISK=1 builds the flavour for `root = disk` (tests/tests/disk_vm.rs): grub for
+# BIOS and UEFI from the image (grub-pc-bin + grub-efi-amd64-bin + grub2-common: the grub-pc
+# and grub-efi-amd64 packages cannot both be installed) and the kernel's initramfs-tools
+# initramfs kept in /boot, which the node boots from its disk.
 #
 # Prints ROOT=<tree> on stdout; logs go to stderr. The tree is cached (OUT_DIR/root, marked done
 # by OUT_DIR/root.v<N>); a second call returns at once. Needs root, debootstrap and the network
@@ -19,9 +25,16 @@ set -euo pipefail
 # bump when the tree's content changes, so a cached tree is rebuilt
 VERSION=1
 SUITE=${LUNA_DEBIAN_SUITE:-bookworm}
+DISK=${LUNA_DEBIAN_DISK:-0}
+INCLUDE=systemd,systemd-sysv,udev,kmod,iproute2,linux-image-amd64
+FLAVOUR=debootstrap
+if [ "$DISK" = 1 ]; then
+    INCLUDE="$INCLUDE,grub-pc-bin,grub-efi-amd64-bin,grub2-common,initramfs-tools"
+    FLAVOUR=debootstrap-disk
+fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-OUT="${1:-${LUNA_TEST_WORK:-$here/../tests/work}/debootstrap}"
+OUT="${1:-${LUNA_TEST_WORK:-$here/../tests/work}/$FLAVOUR}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 ROOT="$OUT/root"
@@ -45,14 +58,16 @@ build_tree() {
     rm -rf "$ROOT"
     log "debootstrap --variant=minbase $SUITE from $MIRROR into $ROOT (a few minutes)"
     debootstrap --variant=minbase \
-        --include=systemd,systemd-sysv,udev,kmod,iproute2,linux-image-amd64 \
+        --include="$INCLUDE" \
         "$SUITE" "$ROOT" "$MIRROR" >"$OUT/debootstrap.log" 2>&1 ||
         die "debootstrap failed; last lines of $OUT/debootstrap.log:"$'\n'"$(tail -20 "$OUT/debootstrap.log")"
 
     # The image is unpacked into each node's RAM: no package cache or lists, documentation or
     # translations in it, and no initramfs-tools initramfs (luna builds the nodes' own with dracut).
-    rm -rf "$ROOT"/var/cache/apt/archives/*.deb "$ROOT"/var/lib/apt/lists/* "$ROOT"/boot/initrd.img-* \
+    # The disk flavour keeps its initramfs: a node installed to disk boots with it.
+    rm -rf "$ROOT"/var/cache/apt/archives/*.deb "$ROOT"/var/lib/apt/lists/* \
         "$ROOT"/usr/share/doc/* "$ROOT"/usr/share/man/* "$ROOT"/usr/share/locale/*
+    [ "$DISK" = 1 ] || rm -f "$ROOT"/boot/initrd.img-*
     echo debian >"$ROOT/etc/hostname"
     # a fresh machine id on every boot (each node is its own machine)
     : >"$ROOT/etc/machine-id"

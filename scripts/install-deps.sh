@@ -42,6 +42,9 @@ PACKAGES=(
     wrk hyperfine nginx-light
     # images: initramfs and root trees
     dracut-core dracut-network busybox-static cpio zstd gzip kmod debootstrap
+    # root = disk: the part-script's tools (sfdisk, mkfs.vfat) go into the initramfs; grub for
+    # BIOS and UEFI (the -bin packages: grub-pc and grub-efi-amd64 exclude each other)
+    fdisk dosfstools grub-pc-bin grub-efi-amd64-bin grub2-common
     # image trees: osimage clone --path and grab (rsync over ssh; sshd for the grab test)
     rsync openssh-client openssh-server
     # static musl build of luna-agent

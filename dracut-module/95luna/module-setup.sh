@@ -18,6 +18,11 @@ depends() {
 # called by dracut
 installkernel() {
     instmods tmpfs overlay xfs ext4 || :
+    # root = disk: the ESP (vfat with its default code pages) and the usual disk controllers.
+    instmods vfat nls_cp437 nls_iso8859_1 nls_utf8 || :
+    instmods virtio_blk virtio_scsi sd_mod ahci nvme || :
+    # ext4's metadata checksums (a soft dependency instmods may not follow)
+    instmods crc32c crc32c_generic || :
     # setupbmc: the agent loads these to reach the BMC through /dev/ipmi0.
     instmods ipmi_msghandler ipmi_devintf ipmi_si || :
     return 0
@@ -46,9 +51,15 @@ install() {
 
     # What the agent and the group's scripts call. Optional ones only if the host has them.
     inst_multiple sh mount umount chroot sleep ip
-    for _tool in modprobe mkfs.ext4 mkfs.xfs mkfs.vfat sfdisk parted wipefs tar zstd mkdir cat setsid reboot; do
+    # root = disk: the default part-script needs sfdisk, partx, wipefs, mkfs.vfat, mkfs.ext4 and
+    # udevadm; the agent needs blkid (filesystem UUIDs for fstab).
+    for _tool in modprobe mkfs.ext4 mkfs.xfs mkfs.vfat mkfs.fat sfdisk partx parted wipefs blkid udevadm \
+        tar zstd mkdir cat setsid reboot; do
         inst_multiple -o "$_tool"
     done
+    # mkfs.ext4 with the host's defaults (the compiled-in ones may differ, e.g. features the
+    # image's grub cannot read)
+    [[ -e /etc/mke2fs.conf ]] && inst_simple /etc/mke2fs.conf
 
     # The TLS stack of the agent's HTTP clients (its own and librqbit's tracker client) refuses
     # to start without CA certificates, even for plain http: ship the host's bundle.

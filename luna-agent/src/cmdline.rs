@@ -32,7 +32,7 @@ pub enum CmdlineError {
 }
 
 /// Splits a command line into words; double quotes group words (`key="a b"`), as the kernel does.
-fn words(cmdline: &str) -> Vec<String> {
+pub(crate) fn words(cmdline: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut quoted = false;

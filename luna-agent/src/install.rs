@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use luna_core::api::{InstallPlan, PlanImage};
+use luna_core::model::RootMode;
 
 use crate::backoff::Backoff;
 use crate::bmc;
 use crate::cmdline::{self, BootArgs, CmdlineError};
+use crate::disk::{self, DiskError};
 use crate::download::{self, FetchError, Fetched, Job};
 use crate::http::{retry, Client, HttpError};
 use crate::os::{Os, Script};
@@ -41,6 +43,12 @@ pub enum AgentError {
     Personality(#[from] PersonalityError),
     #[error("postscript failed: {0}")]
     Postscript(String),
+    /// `root = disk` before the image: the disk, the part-script, the mounted root.
+    #[error(transparent)]
+    DiskPrepare(DiskError),
+    /// `root = disk` after the image: fstab, grub's options, the boot loader.
+    #[error(transparent)]
+    DiskFinish(DiskError),
     #[error("status report: {0}")]
     Report(HttpError),
 }
@@ -58,6 +66,8 @@ impl AgentError {
             AgentError::Image(_) => "download",
             AgentError::Personality(_) => "personality",
             AgentError::Postscript(_) => "postscript",
+            AgentError::DiskPrepare(_) => "partscript",
+            AgentError::DiskFinish(_) => "bootloader",
             AgentError::Report(_) => "report",
         }
     }
@@ -77,6 +87,8 @@ pub struct Config {
     /// Extra peers (tests without a tracker).
     pub initial_peers: Vec<SocketAddr>,
     pub window: u64,
+    /// What the `disk` root mode reads (`/sys`, `/proc/self/mountinfo`).
+    pub disk: disk::Paths,
 }
 
 impl Default for Config {
@@ -90,6 +102,7 @@ impl Default for Config {
             swarm: true,
             initial_peers: Vec::new(),
             window: DEFAULT_WINDOW,
+            disk: disk::Paths::default(),
         }
     }
 }
@@ -183,7 +196,7 @@ fn env(ctx: &Ctx<'_>, plan: &InstallPlan, image: &PlanImage, nic: &str, ip: Opti
     env.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
-fn run_script(
+pub(crate) fn run_script(
     os: &dyn Os,
     name: &str,
     body: &str,
@@ -198,9 +211,15 @@ fn run_script(
     }
 }
 
-/// The postscript chrooted into the root with /proc, /sys and /dev bound, unbound afterwards
-/// whatever happened.
-fn postscript(os: &dyn Os, root: &Path, body: &str, env: &[(String, String)]) -> Result<(), String> {
+/// A script (the postscript, the boot loader's) chrooted into the root with /proc, /sys and /dev
+/// bound, unbound afterwards whatever happened.
+pub(crate) fn chrooted(
+    os: &dyn Os,
+    root: &Path,
+    name: &str,
+    body: &str,
+    env: &[(String, String)],
+) -> Result<(), String> {
     let mut mounted = Vec::new();
     let mut result = Ok(());
     for fs in ["proc", "sys", "dev"] {
@@ -218,7 +237,7 @@ fn postscript(os: &dyn Os, root: &Path, body: &str, env: &[(String, String)]) ->
         }
     }
     if result.is_ok() {
-        result = run_script(os, "postscript", body, env, Some(root));
+        result = run_script(os, name, body, env, Some(root));
     }
     for target in mounted.iter().rev() {
         if let Err(e) = os.umount(target) {
@@ -254,7 +273,17 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
     ctx.reporter.step("partscript", None).await;
     std::fs::create_dir_all(&cfg.sysroot)
         .map_err(|e| AgentError::Partscript(format!("create {}: {e}", cfg.sysroot.display())))?;
-    if plan.partscript.trim().is_empty() {
+    // Only the disk mode's kernel command line matters past the boot arguments: luna.disk= and
+    // the kernel options its boot loader gets.
+    let cmdline_text = match plan.root {
+        RootMode::Disk => std::fs::read_to_string(&cfg.cmdline).unwrap_or_default(),
+        _ => String::new(),
+    };
+    if plan.root == RootMode::Disk {
+        let on = disk::prepare(&*ctx.os, &cfg.disk, &cmdline_text, &plan.partscript, &cfg.sysroot, &env)
+            .map_err(AgentError::DiskPrepare)?;
+        ctx.reporter.step("partscript", Some(format!("root on disk {on}"))).await;
+    } else if plan.partscript.trim().is_empty() {
         let size = env.iter().find(|(k, _)| k == "LUNA_TMPFS_SIZE").map(|(_, v)| v.as_str()).unwrap_or("80%");
         ctx.os
             .mount("tmpfs", &cfg.sysroot, Some("tmpfs"), false, Some(&format!("size={size},mode=0755")))
@@ -302,19 +331,31 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
         personality::write(&cfg.sysroot, &plan, &nic, Some(mac))?;
         if !plan.postscript.trim().is_empty() {
             ctx.reporter.step("postscript", None).await;
-            postscript(&*ctx.os, &cfg.sysroot, &plan.postscript, &env).map_err(AgentError::Postscript)?;
+            chrooted(&*ctx.os, &cfg.sysroot, "postscript", &plan.postscript, &env).map_err(AgentError::Postscript)?;
         }
-        Ok::<_, AgentError>(())
+        if plan.root == RootMode::Disk {
+            ctx.reporter.step("bootloader", None).await;
+            let disks =
+                disk::finish(&*ctx.os, &cfg.disk, &cmdline_text, &cfg.sysroot, &env).map_err(AgentError::DiskFinish)?;
+            return Ok::<_, AgentError>(Some(disks.join(" ")));
+        }
+        Ok::<_, AgentError>(None)
     }
     .await;
     if let Some(s) = swarm {
         s.stop(true).await;
     }
-    rest?;
+    let on_disk = rest?;
     // "booted" is the booted OS's to say (the image's boot-time hook); until then the node is
     // installed and switching root. A BMC that could not be set up is told here too, so it
     // stays visible in the node's last agent status.
-    let installed = format!("{} revision {} installed, switching root", image.osimage, image.revision);
+    let installed = match on_disk {
+        Some(disks) => format!(
+            "{} revision {} installed on disk (boot loader on {disks}), switching root",
+            image.osimage, image.revision
+        ),
+        None => format!("{} revision {} installed, switching root", image.osimage, image.revision),
+    };
     let done = match bmc {
         Some(Err(e)) => format!("{installed}; {e}"),
         Some(Ok(())) => format!("{installed}; bmc set up"),

@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod bench;
 pub mod bmc;
 pub mod cmdline;
+pub mod disk;
 pub mod download;
 pub mod http;
 pub mod install;

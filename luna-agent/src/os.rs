@@ -64,6 +64,8 @@ pub trait Os: Send + Sync {
     /// One request to the node's BMC over the system interface; the answer, completion code
     /// first.
     fn ipmi(&self, req: &IpmiRequest) -> io::Result<Vec<u8>>;
+    /// The UUID of the filesystem on block device `device` (`blkid -s UUID -o value`).
+    fn fs_uuid(&self, device: &str) -> io::Result<String>;
 }
 
 /// The real thing: libc/nix calls, scripts through `/bin/sh`, chroot through the `chroot` tool.
@@ -189,6 +191,21 @@ impl Os for RealOs {
     fn ipmi(&self, req: &IpmiRequest) -> io::Result<Vec<u8>> {
         crate::ipmidev::Device::open()?.exchange(req)
     }
+
+    fn fs_uuid(&self, device: &str) -> io::Result<String> {
+        // blkid: libblkid knows every filesystem's superblock; -p probes the device itself
+        // rather than a cache the initramfs does not have.
+        let out = Command::new("blkid").args(["-p", "-s", "UUID", "-o", "value", device]).output()?;
+        let uuid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() || uuid.is_empty() {
+            return Err(io::Error::other(format!(
+                "blkid found no filesystem uuid (status {}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(uuid)
+    }
 }
 
 /// One recorded call of [`RecordingOs`].
@@ -230,6 +247,8 @@ pub enum OsCall {
         env: Vec<(String, String)>,
         code: i32,
     },
+    /// A filesystem UUID asked for.
+    FsUuid(String),
     /// An IPMI request; `data` is `None` for those carrying the password.
     Ipmi {
         netfn: u8,
@@ -358,6 +377,12 @@ impl Os for RecordingOs {
             Some(b) => Ok(b.handle(req.netfn, req.cmd, &req.data)),
             None => Err(io::Error::new(io::ErrorKind::NotFound, "no ipmi device")),
         }
+    }
+
+    /// `uuid-of-<device name>`.
+    fn fs_uuid(&self, device: &str) -> io::Result<String> {
+        self.record(OsCall::FsUuid(device.to_string()));
+        Ok(format!("uuid-of-{}", device.rsplit('/').next().unwrap_or(device)))
     }
 }
 

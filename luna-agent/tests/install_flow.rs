@@ -323,6 +323,7 @@ fn setup(extra_cmdline: &str) -> (Env, impl FnOnce(&str, Behaviour) -> Server) {
         swarm: false,
         initial_peers: Vec::new(),
         window: 4 << 20,
+        disk: Default::default(),
     };
     let c2 = content.clone();
     let cmdline_path = cfg.cmdline.clone();
@@ -452,6 +453,135 @@ async fn default_partscript_mounts_a_sized_tmpfs() {
         }
     );
     assert!(!server.steps().contains(&"postscript".to_string()));
+}
+
+/// A node's /sys with disk `vda` (partitions 2 and 3) and a CD drive, and a mountinfo where the
+/// part-script mounted vda3 on the sysroot and vda2 on its /boot/efi (unless `mounted` is false).
+fn fake_disk_node(env: &mut Env, mounted: bool) {
+    let sys = env.base.join("sys");
+    let vda = sys.join("devices/pci0000:00/virtio2/block/vda");
+    for part in ["vda2", "vda3"] {
+        std::fs::create_dir_all(vda.join(part)).unwrap();
+        std::fs::write(vda.join(part).join("partition"), "1\n").unwrap();
+    }
+    std::fs::create_dir_all(sys.join("block")).unwrap();
+    std::fs::create_dir_all(sys.join("dev/block")).unwrap();
+    for (name, removable, size) in [("vda", "0", "20971520"), ("sr0", "1", "2048")] {
+        let d = sys.join("block").join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("removable"), removable).unwrap();
+        std::fs::write(d.join("size"), size).unwrap();
+    }
+    std::os::unix::fs::symlink(vda.join("vda3"), sys.join("dev/block/253:3")).unwrap();
+    std::os::unix::fs::symlink(vda.join("vda2"), sys.join("dev/block/253:2")).unwrap();
+    let root = env.sysroot.display().to_string();
+    let mut info = String::from("22 1 0:21 / / rw - rootfs rootfs rw\n");
+    if mounted {
+        info.push_str(&format!("40 22 253:3 / {root} rw - ext4 /dev/vda3 rw\n"));
+        info.push_str(&format!("41 40 253:2 / {root}/boot/efi rw - vfat /dev/vda2 rw\n"));
+    }
+    std::fs::write(env.base.join("mountinfo"), info).unwrap();
+    env.cfg.disk = luna_agent::disk::Paths { sys, mountinfo: env.base.join("mountinfo") };
+}
+
+fn script_env(calls: &[OsCall], script: &str, key: &str) -> Option<String> {
+    calls.iter().find_map(|c| match c {
+        OsCall::Script { name, env, .. } if name == script => {
+            env.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+        }
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_root_partitions_writes_fstab_and_installs_grub() {
+    let (mut env, start) = setup("");
+    let server = start("", Behaviour::default());
+    // The group kept the tmpfs default: the disk default runs instead.
+    set_plan(&env, &server, |p| {
+        p.root = luna_core::model::RootMode::Disk;
+        p.partscript = luna_core::model::DEFAULT_PARTSCRIPT.into();
+        p.postscript = String::new();
+    });
+    let cmdline = std::fs::read_to_string(&env.cfg.cmdline).unwrap();
+    std::fs::write(&env.cfg.cmdline, format!("{} console=ttyS0 quiet\n", cmdline.trim())).unwrap();
+    fake_disk_node(&mut env, true);
+    std::fs::create_dir_all(env.sysroot.join("etc")).unwrap();
+    // The scripts are recorded, not run (the fake's disk is not real).
+    let os = Arc::new(RecordingOs::new(false, Some(("127.0.0.1".parse().unwrap(), 8))));
+    install::install(&env.cfg, os.clone()).await.expect("install");
+    let calls = os.calls();
+    assert_eq!(script_env(&calls, "partscript", "LUNA_DISK").as_deref(), Some("/dev/vda"));
+    assert_eq!(script_env(&calls, "bootloader", "LUNA_BOOT_DISKS").as_deref(), Some("/dev/vda"));
+    let chrooted = calls.iter().any(
+        |c| matches!(c, OsCall::Script { name, chroot: Some(r), .. } if name == "bootloader" && *r == env.sysroot),
+    );
+    assert!(chrooted, "{calls:?}");
+    let uuids: Vec<_> =
+        calls.iter().filter_map(|c| if let OsCall::FsUuid(d) = c { Some(d.as_str()) } else { None }).collect();
+    assert_eq!(uuids, ["/dev/vda3", "/dev/vda2"]);
+    let fstab = std::fs::read_to_string(env.sysroot.join("etc/fstab")).unwrap();
+    assert!(fstab.contains("UUID=uuid-of-vda3\t/\text4\terrors=remount-ro\t0\t1\n"), "{fstab}");
+    assert!(fstab.contains("UUID=uuid-of-vda2\t/boot/efi\tvfat\tumask=0077\t0\t2\n"), "{fstab}");
+    let grub = std::fs::read_to_string(env.sysroot.join("etc/default/grub.d/luna.cfg")).unwrap();
+    assert!(grub.contains("GRUB_CMDLINE_LINUX='console=ttyS0 quiet'\n"), "{grub}");
+    assert!(!grub.contains(TOKEN), "{grub}");
+    let steps = server.steps();
+    assert_eq!(
+        steps,
+        [
+            "plan",
+            "prescript",
+            "partscript",
+            "partscript",
+            "download",
+            "verify",
+            "unpack",
+            "personality",
+            "bootloader",
+            "installed"
+        ]
+    );
+    let reports = server.reports.lock().unwrap();
+    let installed = reports.last().unwrap().message.clone().unwrap_or_default();
+    assert!(installed.contains("installed on disk (boot loader on /dev/vda)"), "{installed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_root_errors_name_the_disk_and_the_missing_mount() {
+    // A part-script that mounted nothing on the sysroot.
+    let (mut env, start) = setup("luna.disk=sdz");
+    let server = start("", Behaviour::default());
+    set_plan(&env, &server, |p| p.root = luna_core::model::RootMode::Disk);
+    fake_disk_node(&mut env, false);
+    let os = Arc::new(RecordingOs::new(false, Some(("127.0.0.1".parse().unwrap(), 8))));
+    let err = install::install(&env.cfg, os.clone()).await.unwrap_err();
+    assert_eq!(err.step(), "partscript");
+    assert!(err.to_string().contains("no block device is mounted on") && err.to_string().contains("sysroot"), "{err}");
+    // The group's own part-script ran, on the disk luna.disk named; nothing was downloaded.
+    assert_eq!(script_env(&os.calls(), "partscript", "LUNA_DISK").as_deref(), Some("/dev/sdz"));
+    assert!(!server.steps().contains(&"download".to_string()));
+    assert_eq!(server.steps().last().map(String::as_str), Some("error"));
+
+    // No disk at all: the error names where it looked.
+    let (mut env, start) = setup("");
+    let server = start("", Behaviour::default());
+    set_plan(&env, &server, |p| p.root = luna_core::model::RootMode::Disk);
+    fake_disk_node(&mut env, true);
+    std::fs::remove_dir_all(env.base.join("sys/block/vda")).unwrap();
+    let err = install::install(&env.cfg, fake()).await.unwrap_err();
+    assert_eq!(err.step(), "partscript");
+    assert!(err.to_string().contains("no disk to install on") && err.to_string().contains("sys/block"), "{err}");
+    // A bad luna.disk= is refused before anything runs.
+    let (mut env, start) = setup("luna.disk=../etc/passwd");
+    let server2 = start("", Behaviour::default());
+    set_plan(&env, &server2, |p| p.root = luna_core::model::RootMode::Disk);
+    fake_disk_node(&mut env, true);
+    let os = fake();
+    let err = install::install(&env.cfg, os.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("bad luna.disk: '../etc/passwd'"), "{err}");
+    assert!(!os.calls().iter().any(|c| matches!(c, OsCall::Script { name, .. } if name == "partscript")));
+    drop(server);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

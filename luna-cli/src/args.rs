@@ -637,7 +637,8 @@ pub enum NodeCmd {
     Delete(DeleteArgs),
     /// Copy a node under a new name (it gets its own addresses and no MAC).
     Clone(RenameArgs),
-    /// Reinstall nodes: next boot from the network (once), then power cycle (power on if off).
+    /// Reinstall nodes: localboot off, next boot from the network (once), then power cycle (power
+    /// on if off).
     Reinstall(NodeReinstall),
 }
 

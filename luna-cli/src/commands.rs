@@ -41,7 +41,7 @@ fn kind_path(kind: Kind) -> String {
     format!("/{kind}")
 }
 
-fn object_path(kind: Kind, name: &str) -> String {
+pub(crate) fn object_path(kind: Kind, name: &str) -> String {
     format!("/{kind}/{}", encode_segment(name))
 }
 

@@ -80,11 +80,17 @@ pub fn run(cli: &LpowerCli) -> Result<(String, bool)> {
     Ok((render(&reply.results, cli.json), all_ok))
 }
 
-/// `luna node reinstall`: one-time PXE boot, then a power cycle of the nodes that are on and
-/// power on of those that are off. A node that fails a step is not taken further; its error is
-/// its result.
+/// `luna node reinstall`: `localboot` cleared (a node installed to disk boots from it while the
+/// flag is set), then one-time PXE boot, then a power cycle of the nodes that are on and power
+/// on of those that are off. A node that fails a step is not taken further; its error is its
+/// result. If the flag cannot be cleared, no node is powered.
 pub fn reinstall(client: &Client, hostlist: &str) -> Result<Vec<PowerResult>> {
     let names = crate::commands::check_hostlist(hostlist)?;
+    let patch = luna_core::api::NodePatch { localboot: Some(false), ..Default::default() };
+    let patch = serde_json::to_value(patch).expect("node patch serialises");
+    client
+        .write("PATCH", &crate::commands::object_path(luna_core::Kind::Node, hostlist), Some(&patch))
+        .with_context(|| format!("clear localboot of {hostlist} (nothing was powered)"))?;
     let step = |action, nodes: &[String]| -> Result<Vec<PowerResult>> {
         if nodes.is_empty() {
             return Ok(Vec::new());

@@ -19,7 +19,7 @@ use luna_core::hostlist::{self, HostlistError};
 use luna_core::ipalloc::{self, AllocError};
 use luna_core::model::{
     validate_name, AnyObject, Claim, Cluster, Group, IpRange, Kind, ModelError, Network, Node, NodeInterface,
-    NodeStatus, Secret, SwitchPort, BOOTIF,
+    NodeStatus, RootMode, Secret, SwitchPort, BOOTIF,
 };
 use luna_core::MacAddr;
 use serde_json::{json, Value};
@@ -1106,6 +1106,39 @@ impl Service {
                 self.node(name).await?;
                 let held = self.store.get(Collection::Status, name).await?.map(|r| r.rev);
                 self.store.commit(status_write(name, held, Some(&status)).into_iter().collect()).await?;
+                self.node(name).await
+            }
+            .await
+        )
+    }
+
+    /// The agent's `installed` report. For a node whose root mode (its group's, else its
+    /// osimage's) is `disk`, `localboot` is set in the same batch as the status, so its next
+    /// boots come from its disk until `luna node reinstall` clears the flag; the group and
+    /// osimage it was decided from are checked at commit. Any other node gets the status only.
+    pub async fn set_node_installed(&self, name: &str, message: Option<String>) -> Result<Node> {
+        let status = NodeStatus { step: "installed".to_string(), progress: None, time: unix_now(), message };
+        self.status.forget(name);
+        retrying!(
+            async {
+                let node = self.node(name).await?;
+                let group = self.group(&node.group).await?;
+                let image = match self.get(Kind::Osimage, &group.osimage).await? {
+                    AnyObject::Osimage(o) => o,
+                    _ => unreachable!("kind checked by get"),
+                };
+                let mut b = Batch::default();
+                if group.root.unwrap_or(image.root) == RootMode::Disk && !node.localboot {
+                    b.read(Kind::Group, &group.name, group.rev);
+                    b.read(Kind::Osimage, &image.name, image.rev);
+                    let mut new = node.clone();
+                    new.localboot = true;
+                    b.put(self.store.as_ref(), Some(&AnyObject::Node(node)), &AnyObject::Node(new)).await?;
+                    tracing::info!(node = name, "installed on disk: localboot set");
+                }
+                let held = self.store.get(Collection::Status, name).await?.map(|r| r.rev);
+                b.writes.extend(status_write(name, held, Some(&status)));
+                self.commit(b).await?;
                 self.node(name).await
             }
             .await

@@ -390,3 +390,69 @@ async fn wait_for_step(service: &luna_server::service::Service, node: &str, step
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// The agent's path from its boot script to `installed`.
+async fn install(e: &Env, node: &str, mac: &str, ip: &str) {
+    let token = e.token(mac, ip).await;
+    let (s, v) = e.call("GET", &format!("/boot/plan?node={node}&token={token}"), None, false, Some(ip)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let status = format!("/boot/status?node={node}&token={token}");
+    let (s, v) = e.call("POST", &status, Some(json!({"step": "installed"})), false, Some(ip)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+}
+
+/// `root = disk` (the group's, else the osimage's): the agent's `installed` sets `localboot`,
+/// so the node's next script boots its disk; a tmpfs node is left alone; clearing the flag
+/// (what `luna node reinstall` does first) brings the install script back.
+#[tokio::test]
+async fn installed_on_disk_boots_locally_until_reinstalled() {
+    let e = env().await;
+    e.add_node("node001", "52:54:00:00:00:01").await;
+    e.add_node("node002", "52:54:00:00:00:02").await;
+    // tmpfs (the default): installed changes no flag.
+    install(&e, "node001", "52:54:00:00:00:01", "10.141.0.1").await;
+    assert!(!e.service.node("node001").await.unwrap().localboot);
+
+    // The group says disk: the plan says so and installed sets localboot.
+    let (s, v) = e.call("PATCH", "/api/v1/group/compute", Some(json!({"root": "disk"})), true, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let token = e.token("52:54:00:00:00:02", "10.141.0.2").await;
+    let (s, plan) =
+        e.call("GET", &format!("/boot/plan?node=node002&token={token}"), None, false, Some("10.141.0.2")).await;
+    assert_eq!((s, plan["root"].as_str()), (StatusCode::OK, Some("disk")), "{plan}");
+    let status = format!("/boot/status?node=node002&token={token}");
+    let (s, _) = e.call("POST", &status, Some(json!({"step": "bootloader"})), false, Some("10.141.0.2")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(!e.service.node("node002").await.unwrap().localboot, "only installed sets it");
+    let (s, _) = e
+        .call("POST", &status, Some(json!({"step": "installed", "message": "on disk"})), false, Some("10.141.0.2"))
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let n = e.service.node("node002").await.unwrap();
+    assert!(n.localboot);
+    assert_eq!(
+        n.status.as_ref().map(|s| (s.step.as_str(), s.message.as_deref())),
+        Some(("installed", Some("on disk")))
+    );
+    let (s, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:02", None, false, Some("10.141.0.2"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(script.contains("sanboot --no-describe --drive 0x80") && script.contains("\nexit\n"), "{script}");
+    assert!(!script.contains("luna.token="), "{script}");
+    // The booted OS still reports booted with its (first boot's) token; the flag stays.
+    let (s, _) = e.call("POST", &status, Some(json!({"step": "booted"})), false, Some("10.141.0.2")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(e.service.node("node002").await.unwrap().localboot);
+
+    // luna node reinstall's first request: the install script is back.
+    let (s, v) = e.call("PATCH", "/api/v1/node/node[001-002]", Some(json!({"localboot": false})), true, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:02", None, false, Some("10.141.0.2"), None).await;
+    assert!(script.contains("root=luna") && script.contains("luna.token="), "{script}");
+    // The osimage's root counts when the group inherits it.
+    let (s, v) = e.call("PATCH", "/api/v1/group/compute", Some(json!({"root": null})), true, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = e.call("PATCH", "/api/v1/osimage/compute", Some(json!({"root": "disk"})), true, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    install(&e, "node001", "52:54:00:00:00:01", "10.141.0.1").await;
+    assert!(e.service.node("node001").await.unwrap().localboot);
+}

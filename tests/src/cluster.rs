@@ -324,9 +324,15 @@ impl Cluster {
     /// Starts a VM on the bridge that network-boots (BIOS, virtio NIC with `mac`,
     /// [`ClusterOptions::vm_memory_mb`] of RAM: the image is unpacked into a tmpfs).
     pub fn boot(&self, vm_name: &str, mac: &str) -> Result<Vm> {
+        self.boot_vm(Vm::builder(vm_name), mac)
+    }
+
+    /// [`Cluster::boot`] with a VM the caller set up (firmware, disks): a NIC on the bridge
+    /// with `mac` and [`ClusterOptions::vm_memory_mb`] are added.
+    pub fn boot_vm(&self, vm: crate::VmBuilder, mac: &str) -> Result<Vm> {
         let tap = format!("tap{}", self.taps.fetch_add(1, Ordering::Relaxed));
         self.ns.add_tap(&tap, Some("br0"))?;
-        Vm::builder(vm_name).memory_mb(self.opts.vm_memory_mb).nic(&tap, mac).spawn_in(&self.ns)
+        vm.memory_mb(self.opts.vm_memory_mb).nic(&tap, mac).spawn_in(&self.ns)
     }
 }
 

@@ -634,7 +634,13 @@ async fn status(
         let detail = report.message.as_deref().unwrap_or("");
         tracing::info!(node = %node.name, step = %report.step, detail, "node status");
     }
-    match st.app.service.set_node_status(&node.name, &report.step, report.progress, report.message).await {
+    // `installed` also decides whether the node boots from its disk from now on.
+    let recorded = if report.step == "installed" && report.progress.is_none() {
+        st.app.service.set_node_installed(&node.name, report.message).await
+    } else {
+        st.app.service.set_node_status(&node.name, &report.step, report.progress, report.message).await
+    };
+    match recorded {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => ApiError(e).into_response(),
     }
