@@ -40,6 +40,8 @@ PACKAGES=(
     wrk hyperfine nginx-light
     # images: initramfs and root trees
     dracut-core dracut-network busybox-static cpio zstd gzip kmod debootstrap
+    # squashfs of images for the overlay root mode (mksquashfs, unsquashfs)
+    squashfs-tools
     # image trees: osimage clone --path and grab (rsync over ssh; sshd for the grab test)
     rsync openssh-client openssh-server
     # static musl build of luna-agent

@@ -18,6 +18,8 @@ depends() {
 # called by dracut
 installkernel() {
     instmods tmpfs overlay xfs ext4 || :
+    # root mode overlay: the image is a squashfs on a loop device under an overlayfs.
+    instmods squashfs loop || :
     # setupbmc: the agent loads these to reach the BMC through /dev/ipmi0.
     instmods ipmi_msghandler ipmi_devintf ipmi_si || :
     return 0

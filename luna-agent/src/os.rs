@@ -9,9 +9,7 @@ use std::ffi::CString;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
-#[cfg(any(test, feature = "test-support"))]
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 #[cfg(any(test, feature = "test-support"))]
 use std::sync::Mutex;
@@ -51,6 +49,9 @@ pub trait Os: Send + Sync {
         data: Option<&str>,
     ) -> io::Result<()>;
     fn umount(&self, target: &Path) -> io::Result<()>;
+    /// `mount -t fstype -o ro source target` (`MS_RDONLY`: a read-only block device refuses a
+    /// read-write mount).
+    fn mount_readonly(&self, source: &str, target: &Path, fstype: &str) -> io::Result<()>;
     fn mknod(&self, path: &Path, kind: DeviceKind, mode: u32, major: u32, minor: u32) -> io::Result<()>;
     fn mkfifo(&self, path: &Path, mode: u32) -> io::Result<()>;
     /// Numeric owner, not following symlinks.
@@ -64,6 +65,9 @@ pub trait Os: Send + Sync {
     /// One request to the node's BMC over the system interface; the answer, completion code
     /// first.
     fn ipmi(&self, req: &IpmiRequest) -> io::Result<Vec<u8>>;
+    /// Attaches `file` to a free loop device (detached automatically with its last user);
+    /// returns the device's path.
+    fn loop_attach(&self, file: &Path, read_only: bool) -> io::Result<PathBuf>;
 }
 
 /// The real thing: libc/nix calls, scripts through `/bin/sh`, chroot through the `chroot` tool.
@@ -113,6 +117,11 @@ impl Os for RealOs {
             Err(nix::errno::Errno::EBUSY) => nix::mount::umount2(target, MntFlags::MNT_DETACH).map_err(io::Error::from),
             other => other.map_err(io::Error::from),
         }
+    }
+
+    fn mount_readonly(&self, source: &str, target: &Path, fstype: &str) -> io::Result<()> {
+        use nix::mount::MsFlags;
+        nix::mount::mount(Some(source), target, Some(fstype), MsFlags::MS_RDONLY, None::<&str>).map_err(io::Error::from)
     }
 
     fn mknod(&self, path: &Path, kind: DeviceKind, mode: u32, major: u32, minor: u32) -> io::Result<()> {
@@ -189,6 +198,10 @@ impl Os for RealOs {
     fn ipmi(&self, req: &IpmiRequest) -> io::Result<Vec<u8>> {
         crate::ipmidev::exchange(req)
     }
+
+    fn loop_attach(&self, file: &Path, read_only: bool) -> io::Result<PathBuf> {
+        crate::loopdev::attach(file, read_only)
+    }
 }
 
 /// One recorded call of [`RecordingOs`].
@@ -203,6 +216,11 @@ pub enum OsCall {
         data: Option<String>,
     },
     Umount(PathBuf),
+    MountReadOnly {
+        source: String,
+        target: PathBuf,
+        fstype: String,
+    },
     Mknod {
         path: PathBuf,
         kind: DeviceKind,
@@ -235,6 +253,10 @@ pub enum OsCall {
         netfn: u8,
         cmd: u8,
         data: Option<Vec<u8>>,
+    },
+    LoopAttach {
+        file: PathBuf,
+        read_only: bool,
     },
 }
 
@@ -303,6 +325,15 @@ impl Os for RecordingOs {
         Ok(())
     }
 
+    fn mount_readonly(&self, source: &str, target: &Path, fstype: &str) -> io::Result<()> {
+        self.record(OsCall::MountReadOnly {
+            source: source.to_string(),
+            target: target.to_path_buf(),
+            fstype: fstype.to_string(),
+        });
+        Ok(())
+    }
+
     fn mknod(&self, path: &Path, kind: DeviceKind, mode: u32, major: u32, minor: u32) -> io::Result<()> {
         std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
         self.record(OsCall::Mknod { path: path.to_path_buf(), kind, mode, major, minor });
@@ -358,6 +389,13 @@ impl Os for RecordingOs {
             Some(b) => Ok(b.handle(req.netfn, req.cmd, &req.data)),
             None => Err(io::Error::new(io::ErrorKind::NotFound, "no ipmi device")),
         }
+    }
+
+    /// Pretends: the file must exist; the device is `/dev/loop7`.
+    fn loop_attach(&self, file: &Path, read_only: bool) -> io::Result<PathBuf> {
+        std::fs::metadata(file)?;
+        self.record(OsCall::LoopAttach { file: file.to_path_buf(), read_only });
+        Ok(PathBuf::from("/dev/loop7"))
     }
 }
 

@@ -780,6 +780,7 @@ async fn agents_booting_together_get_a_big_image_from_the_swarm() {
             Job {
                 image: &image,
                 root,
+                sink: download::Sink::Unpack,
                 os: Arc::new(luna_agent::os::RealOs),
                 client: &client,
                 reporter: &reporter,

@@ -174,6 +174,10 @@ pub struct ClusterChange {
     /// DNS domain of the nodes.
     #[arg(long)]
     pub domain: Option<String>,
+    /// SSH public keys cloud-init gives root on the nodes, one per line (`@FILE` such as
+    /// `@/root/.ssh/id_ed25519.pub`, `-` for stdin, or the text); replaces the list, `''` empties it.
+    #[arg(long, value_name = "KEYS", allow_hyphen_values = true)]
+    pub ssh_authorized_keys: Option<String>,
     #[command(flatten)]
     pub comment: CommentArgs,
     #[command(flatten)]
@@ -558,6 +562,9 @@ pub struct GroupFields {
     /// Root mode for this group's nodes (tmpfs, overlay, disk), or `inherit` the osimage's.
     #[arg(long, value_name = "MODE", value_parser = parse_group_root)]
     pub root: Option<GroupRoot>,
+    /// cloud-init user-data for images with cloud-init (`@FILE`, `-` for stdin, or the text).
+    #[arg(long, value_name = "USERDATA", allow_hyphen_values = true)]
+    pub cloudinit_userdata: Option<String>,
     /// DNS domain of the group's nodes (overrides the cluster's).
     #[arg(long)]
     pub domain: Option<String>,
