@@ -88,9 +88,25 @@ fn check(rc: libc::c_int, what: &str) -> io::Result<libc::c_int> {
     }
 }
 
-/// Attaches `file` to a free loop device; returns its path (`/dev/loopN`). A device another
-/// process took between "free" and "configure" (EBUSY) makes it ask for another, a few times.
-pub fn attach(file: &Path, read_only: bool) -> io::Result<PathBuf> {
+/// An attached loop device. It holds the device open: with autoclear the kernel detaches the
+/// device at its last close, so it must stay open until the file system on it is mounted
+/// (then the mount is the user that keeps it); drop it after mounting.
+#[derive(Debug)]
+pub struct Attached {
+    pub path: PathBuf,
+    _hold: Option<File>,
+}
+
+impl Attached {
+    /// A device that holds nothing open (test doubles).
+    pub fn unheld(path: impl Into<PathBuf>) -> Self {
+        Attached { path: path.into(), _hold: None }
+    }
+}
+
+/// Attaches `file` to a free loop device (`/dev/loopN`). A device another process took between
+/// "free" and "configure" (EBUSY) makes it ask for another, a few times.
+pub fn attach(file: &Path, read_only: bool) -> io::Result<Attached> {
     let backing = OpenOptions::new()
         .read(true)
         .write(!read_only)
@@ -104,7 +120,7 @@ pub fn attach(file: &Path, read_only: bool) -> io::Result<PathBuf> {
         let dev = PathBuf::from(format!("/dev/loop{n}"));
         let loopdev = open_device(&dev)?;
         match configure(&loopdev, &backing, file, read_only) {
-            Ok(()) => return Ok(dev),
+            Ok(()) => return Ok(Attached { path: dev, _hold: Some(loopdev) }),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last = Some(e),
             Err(e) => return Err(io::Error::new(e.kind(), format!("attach {} to {}: {e}", file.display(), dev.display()))),
         }

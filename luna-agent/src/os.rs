@@ -9,7 +9,9 @@ use std::ffi::CString;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(any(test, feature = "test-support"))]
+use std::path::PathBuf;
 use std::process::Command;
 #[cfg(any(test, feature = "test-support"))]
 use std::sync::Mutex;
@@ -65,9 +67,9 @@ pub trait Os: Send + Sync {
     /// One request to the node's BMC over the system interface; the answer, completion code
     /// first.
     fn ipmi(&self, req: &IpmiRequest) -> io::Result<Vec<u8>>;
-    /// Attaches `file` to a free loop device (detached automatically with its last user);
-    /// returns the device's path.
-    fn loop_attach(&self, file: &Path, read_only: bool) -> io::Result<PathBuf>;
+    /// Attaches `file` to a free loop device (detached automatically with its last user: keep
+    /// the returned value until the device is mounted).
+    fn loop_attach(&self, file: &Path, read_only: bool) -> io::Result<crate::loopdev::Attached>;
 }
 
 /// The real thing: libc/nix calls, scripts through `/bin/sh`, chroot through the `chroot` tool.
@@ -199,7 +201,7 @@ impl Os for RealOs {
         crate::ipmidev::exchange(req)
     }
 
-    fn loop_attach(&self, file: &Path, read_only: bool) -> io::Result<PathBuf> {
+    fn loop_attach(&self, file: &Path, read_only: bool) -> io::Result<crate::loopdev::Attached> {
         crate::loopdev::attach(file, read_only)
     }
 }
@@ -392,10 +394,10 @@ impl Os for RecordingOs {
     }
 
     /// Pretends: the file must exist; the device is `/dev/loop7`.
-    fn loop_attach(&self, file: &Path, read_only: bool) -> io::Result<PathBuf> {
+    fn loop_attach(&self, file: &Path, read_only: bool) -> io::Result<crate::loopdev::Attached> {
         std::fs::metadata(file)?;
         self.record(OsCall::LoopAttach { file: file.to_path_buf(), read_only });
-        Ok(PathBuf::from("/dev/loop7"))
+        Ok(crate::loopdev::Attached::unheld("/dev/loop7"))
     }
 }
 

@@ -96,12 +96,15 @@ pub fn prepare(os: &dyn Os, layout: &Layout, image_size: u64) -> Result<(), Over
 /// `size=`), overlayfs on `sysroot`. Returns the loop device.
 pub fn mount(os: &dyn Os, layout: &Layout, sysroot: &Path, upper_size: &str) -> Result<PathBuf, OverlayError> {
     let file = layout.image_file();
-    let dev = os.loop_attach(&file, true).map_err(err(format!("loop device for {}", file.display())))?;
     let lower = layout.lower();
     std::fs::create_dir_all(&lower).map_err(err(format!("create {}", lower.display())))?;
-    let dev_name = dev.display().to_string();
+    let attached = os.loop_attach(&file, true).map_err(err(format!("loop device for {}", file.display())))?;
+    let dev_name = attached.path.display().to_string();
     os.mount_readonly(&dev_name, &lower, "squashfs")
         .map_err(err(format!("mount squashfs {dev_name} on {}", lower.display())))?;
+    // Mounted: the mount keeps the device; closing ours no longer detaches it.
+    let dev = attached.path.clone();
+    drop(attached);
     let rw = layout.rw();
     std::fs::create_dir_all(&rw).map_err(err(format!("create {}", rw.display())))?;
     os.mount("tmpfs", &rw, Some("tmpfs"), false, Some(&format!("size={upper_size},mode=0755")))
