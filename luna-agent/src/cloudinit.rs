@@ -20,7 +20,8 @@ pub const FILES: [&str; 3] = ["meta-data", "user-data", "network-config"];
 pub const SEED_DIR: &str = "var/lib/cloud/seed/nocloud";
 /// The datasource drop-in, relative to the root.
 pub const DATASOURCE_CFG: &str = "etc/cloud/cloud.cfg.d/90-luna-nocloud.cfg";
-const DATASOURCE_TEXT: &str = "# written by luna-agent: the node's data is in the NoCloud seed\ndatasource_list: [ NoCloud, None ]\n";
+const DATASOURCE_TEXT: &str =
+    "# written by luna-agent: the node's data is in the NoCloud seed\ndatasource_list: [ NoCloud, None ]\n";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CloudInitError {
@@ -61,8 +62,7 @@ pub fn write_seed(root: &Path, files: &[(&str, bytes::Bytes)]) -> Result<PathBuf
         let path = dir.join(name);
         // Replaces whatever the image had (a stale seed of the machine it was made on).
         let _ = fs::remove_file(&path);
-        let mut f =
-            fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(werr(&path))?;
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(werr(&path))?;
         f.write_all(body).map_err(werr(&path))?;
     }
     let cfg = root.join(DATASOURCE_CFG);
@@ -95,6 +95,8 @@ mod tests {
             assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600, "{f}");
         }
         assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
-        assert!(fs::read_to_string(d.path().join(DATASOURCE_CFG)).unwrap().contains("datasource_list: [ NoCloud, None ]"));
+        assert!(fs::read_to_string(d.path().join(DATASOURCE_CFG))
+            .unwrap()
+            .contains("datasource_list: [ NoCloud, None ]"));
     }
 }

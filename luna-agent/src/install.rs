@@ -10,8 +10,8 @@ use luna_core::model::{RootMode, DEFAULT_PARTSCRIPT};
 
 use crate::backoff::Backoff;
 use crate::bmc;
-use crate::cmdline::{self, BootArgs, CmdlineError};
 use crate::cloudinit::{self, CloudInitError};
+use crate::cmdline::{self, BootArgs, CmdlineError};
 use crate::download::{self, FetchError, Fetched, Job, Sink};
 use crate::http::{retry, Client, HttpError};
 use crate::os::{Os, Script};

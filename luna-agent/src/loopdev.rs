@@ -122,7 +122,9 @@ pub fn attach(file: &Path, read_only: bool) -> io::Result<Attached> {
         match configure(&loopdev, &backing, file, read_only) {
             Ok(()) => return Ok(Attached { path: dev, _hold: Some(loopdev) }),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last = Some(e),
-            Err(e) => return Err(io::Error::new(e.kind(), format!("attach {} to {}: {e}", file.display(), dev.display()))),
+            Err(e) => {
+                return Err(io::Error::new(e.kind(), format!("attach {} to {}: {e}", file.display(), dev.display())))
+            }
         }
     }
     Err(last.unwrap_or_else(|| io::Error::other("no free loop device")))
@@ -149,7 +151,10 @@ fn open_control() -> io::Result<File> {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             Err(e) => {
-                return Err(io::Error::new(e.kind(), format!("open /dev/loop-control (modprobe loop did not help): {e}")))
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("open /dev/loop-control (modprobe loop did not help): {e}"),
+                ))
             }
         }
     }
@@ -184,7 +189,10 @@ fn configure(loopdev: &File, backing: &File, file: &Path, read_only: bool) -> io
     }
     // Before Linux 5.8: bind the file, then set the flags.
     // SAFETY: LOOP_SET_FD takes the backing descriptor as its integer argument.
-    check(unsafe { libc::ioctl(loopdev.as_raw_fd(), LOOP_SET_FD as _, backing.as_raw_fd() as libc::c_ulong) }, "LOOP_SET_FD")?;
+    check(
+        unsafe { libc::ioctl(loopdev.as_raw_fd(), LOOP_SET_FD as _, backing.as_raw_fd() as libc::c_ulong) },
+        "LOOP_SET_FD",
+    )?;
     // SAFETY: LOOP_SET_STATUS64 reads one `struct loop_info64`, alive for the call.
     let rc = unsafe { libc::ioctl(loopdev.as_raw_fd(), LOOP_SET_STATUS64 as _, &cfg.info as *const LoopInfo64) };
     if rc < 0 {

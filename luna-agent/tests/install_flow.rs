@@ -944,6 +944,17 @@ async fn overlay_mode_keeps_the_image_as_a_file_and_mounts_the_overlay() {
     let steps = server.steps();
     assert_eq!(
         steps,
-        ["plan", "prescript", "partscript", "download", "verify", "unpack", "overlay", "personality", "postscript", "installed"]
+        [
+            "plan",
+            "prescript",
+            "partscript",
+            "download",
+            "verify",
+            "unpack",
+            "overlay",
+            "personality",
+            "postscript",
+            "installed"
+        ]
     );
 }

@@ -271,7 +271,8 @@ pub enum OsimageCmd {
     Delete(DeleteArgs),
     /// Copy an OS image under a new name (with --path, its tree too).
     Clone(OsimageClone),
-    /// Pack the chroot into a new published revision: archive, kernel, initramfs, torrent.
+    /// Pack the chroot into a new published revision: archive, kernel, initramfs, torrent (and a
+    /// squashfs with its own torrent when the image or a group using it is in overlay root mode).
     Pack(OsimagePack),
     /// Make an older kept revision the current one again (default: the one before it).
     Rollback(OsimageRollback),

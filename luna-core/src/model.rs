@@ -286,7 +286,11 @@ fn validate_ssh_key(key: &str) -> Result<(), ModelError> {
     let blob_ok = !blob.is_empty() && blob.bytes().all(|c| c.is_ascii_alphanumeric() || b"+/=".contains(&c));
     if !kind_ok || !blob_ok || key.contains(['\n', '\r']) {
         let shown: String = key.chars().take(40).collect();
-        return Err(ModelError::invalid("ssh key", shown, "must be one line: TYPE BASE64 [COMMENT] (ssh-ed25519 AAAA...)"));
+        return Err(ModelError::invalid(
+            "ssh key",
+            shown,
+            "must be one line: TYPE BASE64 [COMMENT] (ssh-ed25519 AAAA...)",
+        ));
     }
     Ok(())
 }

@@ -409,7 +409,10 @@ async fn nocloud_data_goes_only_to_the_node_itself() {
     let get = |node: &str, file: &str, token: &str| format!("/boot/nocloud/{file}?node={node}&token={token}");
     let (s, meta) = e.raw("GET", &get("node001", "meta-data", &a), None, false, Some("10.141.0.1"), None).await;
     assert_eq!(s, StatusCode::OK, "{meta}");
-    assert!(meta.contains("local-hostname: \"node001\"") && meta.contains("instance-id: \"luna-node001-compute-1\""), "{meta}");
+    assert!(
+        meta.contains("local-hostname: \"node001\"") && meta.contains("instance-id: \"luna-node001-compute-1\""),
+        "{meta}"
+    );
     assert!(meta.contains("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAdmin admin@head"), "{meta}");
     let (s, net) = e.raw("GET", &get("node001", "network-config", &a), None, false, Some("10.141.0.1"), None).await;
     assert_eq!(s, StatusCode::OK, "{net}");
@@ -420,7 +423,8 @@ async fn nocloud_data_goes_only_to_the_node_itself() {
     assert!(user.starts_with("#cloud-config\n") && user.contains("hostname: \"node001\""), "{user}");
 
     // Node A's token does not read node B's data: not with B's name, not from B's address.
-    for (node, token, from) in [("node002", &a, "10.141.0.1"), ("node002", &a, "10.141.0.2"), ("node001", &b, "10.141.0.2")]
+    for (node, token, from) in
+        [("node002", &a, "10.141.0.1"), ("node002", &a, "10.141.0.2"), ("node001", &b, "10.141.0.2")]
     {
         for file in ["meta-data", "user-data", "network-config"] {
             let (s, body) = e.raw("GET", &get(node, file, token), None, false, Some(from), None).await;
@@ -438,7 +442,13 @@ async fn nocloud_data_goes_only_to_the_node_itself() {
 
     // The group's own user-data is served as it is.
     let (s, v) = e
-        .call("PATCH", "/api/v1/group/compute", Some(json!({"cloudinit_userdata": "#cloud-config\nruncmd: [true]\n"})), true, None)
+        .call(
+            "PATCH",
+            "/api/v1/group/compute",
+            Some(json!({"cloudinit_userdata": "#cloud-config\nruncmd: [true]\n"})),
+            true,
+            None,
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let (_, user) = e.raw("GET", &get("node001", "user-data", &a), None, false, Some("10.141.0.1"), None).await;
@@ -464,7 +474,11 @@ async fn overlay_nodes_get_the_squashfs_or_a_clear_error() {
     let plan = format!("/boot/plan?node=node001&token={token}");
     let (s, v) = e.call("GET", &plan, None, false, Some("10.141.0.1")).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-    assert!(v.to_string().contains("has no squashfs for root mode overlay") && v.to_string().contains("luna osimage pack compute"), "{v}");
+    assert!(
+        v.to_string().contains("has no squashfs for root mode overlay")
+            && v.to_string().contains("luna osimage pack compute"),
+        "{v}"
+    );
     // A revision with one: the plan's image is the squashfs.
     let patch = json!({"revisions": [{"id": 1, "created": 1, "kernel_version": "6.1.0-1-amd64", "archive": "compute.tar.zst",
         "archive_size": 10, "sha256": "ab", "kernel": "vmlinuz", "initrd": "initrd.img", "torrent": "compute.torrent",
@@ -477,12 +491,16 @@ async fn overlay_nodes_get_the_squashfs_or_a_clear_error() {
     assert_eq!(v["root"], "overlay");
     assert_eq!(v["image"]["http_url"], "http://10.141.255.254:7050/images/compute/1/compute.squashfs");
     assert_eq!(v["image"]["torrent_url"], "http://10.141.255.254:7050/images/compute/1/compute.squashfs.torrent");
-    assert_eq!((&v["image"]["sha256"], &v["image"]["size"], &v["image"]["info_hash"]), (&json!("ef"), &json!(4096), &json!("01")));
+    assert_eq!(
+        (&v["image"]["sha256"], &v["image"]["size"], &v["image"]["info_hash"]),
+        (&json!("ef"), &json!(4096), &json!("01"))
+    );
     // tmpfs nodes of the same revision still get the archive.
     let (s, v) = e.call("PATCH", "/api/v1/group/compute", Some(json!({"root": null})), true, None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let token = e.token("52:54:00:00:00:02", "10.141.0.2").await;
-    let (s, v) = e.call("GET", &format!("/boot/plan?node=node002&token={token}"), None, false, Some("10.141.0.2")).await;
+    let (s, v) =
+        e.call("GET", &format!("/boot/plan?node=node002&token={token}"), None, false, Some("10.141.0.2")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!((&v["root"], &v["image"]["sha256"]), (&json!("tmpfs"), &json!("ab")));
 }

@@ -3,7 +3,9 @@
 //!
 //! Layout under `data_dir` (see [`publish::Layout`]):
 //! `images/<osimage>/<rev>/{<osimage>.tar.zst, <osimage>.torrent, vmlinuz-<kver>,
-//! initramfs-<kver>.img, .verified}`; files are served at `/images/<osimage>/<rev>/<file>`.
+//! initramfs-<kver>.img, .verified}` plus, for overlay root mode, `<osimage>.squashfs`,
+//! `<osimage>.squashfs.torrent` and `.verified-squashfs`; files are served at
+//! `/images/<osimage>/<rev>/<file>`.
 //! The `ImageRevision` fields `archive`, `torrent`, `kernel`, `initrd` hold those file names.
 
 pub mod archive;

@@ -251,7 +251,8 @@ impl Seeder {
 
     async fn add(&self, hash: [u8; 20], w: Wanted) {
         let archive = w.dir.join(&w.summary.name);
-        let marker_ok = Verified::read_named(&w.dir, w.marker).is_some_and(|v| v.info_hash == hex::encode(hash) && v.matches(&archive));
+        let marker_ok = Verified::read_named(&w.dir, w.marker)
+            .is_some_and(|v| v.info_hash == hex::encode(hash) && v.matches(&archive));
         let bitv = bitv_path(&self.state_dir, &hash);
         if marker_ok {
             if !bitv.exists() {
@@ -343,7 +344,9 @@ impl Seeder {
                 // Every piece matched the torrent, so the archive is the packed one: trust it again.
                 let archive = s.dir.join(&s.archive);
                 if let Some(old) = Verified::read_named(&s.dir, s.marker) {
-                    match Verified::of(&archive, &old.sha256, &old.info_hash).and_then(|v| v.write_named(&s.dir, s.marker)) {
+                    match Verified::of(&archive, &old.sha256, &old.info_hash)
+                        .and_then(|v| v.write_named(&s.dir, s.marker))
+                    {
                         Ok(()) => tracing::info!(image = %s.image, rev = s.rev, "archive re-verified"),
                         Err(e) => {
                             tracing::warn!(image = %s.image, rev = s.rev, error = %e, "cannot renew {}", s.marker)

@@ -84,7 +84,8 @@ pub fn excluded_paths(root: &Path, ex: &Excludes) -> Result<Vec<PathBuf>> {
             }
             if m.dev() != dev {
                 // A mount point: kept, empty.
-                let inner = std::fs::read_dir(e.path()).map_err(|source| SquashfsError::Read { path: e.path(), source })?;
+                let inner =
+                    std::fs::read_dir(e.path()).map_err(|source| SquashfsError::Read { path: e.path(), source })?;
                 for i in inner {
                     let i = i.map_err(|source| SquashfsError::Read { path: e.path(), source })?;
                     out.push(child.join(i.file_name()));
@@ -220,8 +221,10 @@ mod tests {
         tree(d.path());
         let ex = Excludes::new(&["proc/*", "etc/ssh/ssh_host_*", "etc/hostname", "*.pyc"]).unwrap();
         let got = excluded_paths(d.path(), &ex).unwrap();
-        let want: Vec<PathBuf> =
-            ["etc/hostname", "etc/ssh/ssh_host_ed25519_key", "proc/1", "usr/lib/a.pyc"].iter().map(PathBuf::from).collect();
+        let want: Vec<PathBuf> = ["etc/hostname", "etc/ssh/ssh_host_ed25519_key", "proc/1", "usr/lib/a.pyc"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
         assert_eq!(got, want);
     }
 
@@ -244,7 +247,15 @@ mod tests {
             .collect();
         let joined = a.join(" ");
         assert!(joined.starts_with("/t /o.sqfs -noappend"), "{joined}");
-        for want in ["-comp zstd", "-Xcompression-level 22", "-reproducible", "-mkfs-time 0", "-all-time 0", "-ef /ex", "-processors 2"] {
+        for want in [
+            "-comp zstd",
+            "-Xcompression-level 22",
+            "-reproducible",
+            "-mkfs-time 0",
+            "-all-time 0",
+            "-ef /ex",
+            "-processors 2",
+        ] {
             assert!(joined.contains(want), "{want} missing: {joined}");
         }
     }
@@ -268,7 +279,10 @@ mod tests {
         let one = build(&a, &ex, &d.path().join("one.sqfs"), d.path(), &o).unwrap();
         let two = build(&b, &ex, &d.path().join("two.sqfs"), d.path(), &o).unwrap();
         assert_eq!(one, two, "same tree, same squashfs");
-        assert_eq!(std::fs::read(d.path().join("one.sqfs")).unwrap(), std::fs::read(d.path().join("two.sqfs")).unwrap());
+        assert_eq!(
+            std::fs::read(d.path().join("one.sqfs")).unwrap(),
+            std::fs::read(d.path().join("two.sqfs")).unwrap()
+        );
         assert_eq!(one.size, std::fs::metadata(d.path().join("one.sqfs")).unwrap().len());
         assert!(!d.path().join(".squashfs-exclude").exists(), "exclude file removed");
         // What is in it, listed by unsquashfs.
