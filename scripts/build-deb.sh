@@ -134,7 +134,7 @@ Architecture: amd64
 Maintainer: $MAINTAINER
 Installed-Size: $SIZE
 Depends: $SHLIBS, ipxe, dracut-core, dracut-network, kmod, cpio, ca-certificates
-Recommends: busybox-static
+Recommends: busybox-static, squashfs-tools
 Section: admin
 Priority: optional
 Description: BitTorrent-accelerated bare-metal provisioner for HPC clusters

@@ -45,6 +45,8 @@ PACKAGES=(
     # root = disk: the part-script's tools (sfdisk, mkfs.vfat) go into the initramfs; grub for
     # BIOS and UEFI (the -bin packages: grub-pc and grub-efi-amd64 exclude each other)
     fdisk dosfstools grub-pc-bin grub-efi-amd64-bin grub2-common
+    # squashfs of images for the overlay root mode (mksquashfs, unsquashfs)
+    squashfs-tools
     # image trees: osimage clone --path and grab (rsync over ssh; sshd for the grab test)
     rsync openssh-client openssh-server
     # static musl build of luna-agent

@@ -23,6 +23,8 @@ installkernel() {
     instmods virtio_blk virtio_scsi sd_mod ahci nvme || :
     # ext4's metadata checksums (a soft dependency instmods may not follow)
     instmods crc32c crc32c_generic || :
+    # root mode overlay: the image is a squashfs on a loop device under an overlayfs.
+    instmods squashfs loop || :
     # setupbmc: the agent loads these to reach the BMC through /dev/ipmi0.
     instmods ipmi_msghandler ipmi_devintf ipmi_si || :
     return 0

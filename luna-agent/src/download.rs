@@ -43,9 +43,20 @@ pub enum FetchError {
     Unpack(#[from] UnpackError),
 }
 
+/// What the verified bytes become.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sink {
+    /// A tar.zst unpacked into `root` as it streams.
+    Unpack,
+    /// The file `root/<name>`, as is (the `overlay` mode's squashfs).
+    File(&'static str),
+}
+
 pub struct Job<'a> {
     pub image: &'a PlanImage,
+    /// The tree to unpack into, or the directory of the file; emptied before a retry.
     pub root: &'a Path,
+    pub sink: Sink,
     pub os: Arc<dyn Os>,
     pub client: &'a Client,
     pub reporter: &'a Arc<Reporter>,
@@ -101,6 +112,14 @@ pub async fn fetch(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched, Fetc
         .unwrap_or_else(|| FetchError::Download { url: job.image.http_url.clone(), reason: "no attempt made".into() }))
 }
 
+/// Copies the stream into `path` (created anew).
+fn write_file(mut reader: impl std::io::Read, path: &Path) -> Result<UnpackStats, UnpackError> {
+    let io_err = |source| UnpackError::Io { path: path.display().to_string(), source };
+    let mut f = std::fs::File::create(path).map_err(io_err)?;
+    let bytes = std::io::copy(&mut reader, &mut f).map_err(io_err)?;
+    Ok(UnpackStats { files: 1, bytes, ..UnpackStats::default() })
+}
+
 /// The HTTP source of attempt `attempt` (1-based): the plan's server first, then each other
 /// server holding the image in turn (the answering server may be the one that died).
 pub fn http_source(image: &PlanImage, attempt: u32) -> &str {
@@ -119,8 +138,13 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>, url: &str) -> Resu
     let (pool, recycle) = BlockPool::new();
     let root: PathBuf = job.root.to_path_buf();
     let os = job.os.clone();
+    let sink = job.sink;
     let consumer = tokio::task::spawn_blocking(move || {
-        unpack_tar_zst(BlockReader::new(move || rx.blocking_recv(), recycle), &root, &*os)
+        let reader = BlockReader::new(move || rx.blocking_recv(), recycle);
+        match sink {
+            Sink::Unpack => unpack_tar_zst(reader, &root, &*os),
+            Sink::File(name) => write_file(reader, &root.join(name)),
+        }
     });
 
     let mut source = match swarm {

@@ -123,6 +123,11 @@ impl Client {
         Self::check(url, resp).await?.bytes().await.map_err(|e| transport(url, e))
     }
 
+    /// One GET of `/boot/<what>?node=&token=` (the node's own data, e.g. `nocloud/meta-data`).
+    pub async fn bytes_once_boot(&self, what: &str) -> Result<Bytes, HttpError> {
+        self.bytes_once(&self.boot_url(what)).await
+    }
+
     /// Opens `url` from byte `offset` on; the answer must be 206 (or 200 from 0).
     pub async fn range(&self, url: &str, offset: u64) -> Result<RangeBody, HttpError> {
         let mut req = self.http.get(url);

@@ -6,15 +6,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use luna_core::api::{InstallPlan, PlanImage};
-use luna_core::model::RootMode;
+use luna_core::model::{RootMode, DEFAULT_PARTSCRIPT};
 
 use crate::backoff::Backoff;
 use crate::bmc;
+use crate::cloudinit::{self, CloudInitError};
 use crate::cmdline::{self, BootArgs, CmdlineError};
 use crate::disk::{self, DiskError};
-use crate::download::{self, FetchError, Fetched, Job};
+use crate::download::{self, FetchError, Fetched, Job, Sink};
 use crate::http::{retry, Client, HttpError};
 use crate::os::{Os, Script};
+use crate::overlay::{self, OverlayError};
 use crate::personality::{self, PersonalityError};
 use crate::report::Reporter;
 use crate::torrent::{Swarm, SwarmOptions, DEFAULT_WINDOW};
@@ -41,6 +43,10 @@ pub enum AgentError {
     Image(#[from] FetchError),
     #[error(transparent)]
     Personality(#[from] PersonalityError),
+    #[error("overlay root: {0}")]
+    Overlay(#[from] OverlayError),
+    #[error(transparent)]
+    CloudInit(#[from] CloudInitError),
     #[error("postscript failed: {0}")]
     Postscript(String),
     /// `root = disk` before the image: the disk, the part-script, the mounted root.
@@ -64,7 +70,8 @@ impl AgentError {
             AgentError::Image(FetchError::Verify { .. }) => "verify",
             AgentError::Image(FetchError::Unpack(_)) => "unpack",
             AgentError::Image(_) => "download",
-            AgentError::Personality(_) => "personality",
+            AgentError::Personality(_) | AgentError::CloudInit(_) => "personality",
+            AgentError::Overlay(_) => "overlay",
             AgentError::Postscript(_) => "postscript",
             AgentError::DiskPrepare(_) => "partscript",
             AgentError::DiskFinish(_) => "bootloader",
@@ -279,10 +286,20 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
         RootMode::Disk => std::fs::read_to_string(&cfg.cmdline).unwrap_or_default(),
         _ => String::new(),
     };
+    // overlay: the squashfs goes into a tmpfs of its own; /sysroot is mounted after the download.
+    let overlay = (plan.root == RootMode::Overlay).then(|| overlay::Layout::new(&cfg.scratch));
     if plan.root == RootMode::Disk {
         let on = disk::prepare(&*ctx.os, &cfg.disk, &cmdline_text, &plan.partscript, &cfg.sysroot, &env)
             .map_err(AgentError::DiskPrepare)?;
         ctx.reporter.step("partscript", Some(format!("root on disk {on}"))).await;
+    } else if let Some(layout) = &overlay {
+        overlay::prepare(&*ctx.os, layout, image.size)?;
+        // The default partscript mounts a tmpfs on /sysroot: not wanted under the overlay.
+        // An admin's own (scratch disks...) still runs.
+        let own = plan.partscript.trim();
+        if !own.is_empty() && own != DEFAULT_PARTSCRIPT.trim() {
+            run_script(&*ctx.os, "partscript", &plan.partscript, &env, None).map_err(AgentError::Partscript)?;
+        }
     } else if plan.partscript.trim().is_empty() {
         let size = env.iter().find(|(k, _)| k == "LUNA_TMPFS_SIZE").map(|(_, v)| v.as_str()).unwrap_or("80%");
         ctx.os
@@ -296,9 +313,11 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
         .step("download", Some(format!("{} revision {}, {} bytes", image.osimage, image.revision, image.size)))
         .await;
     let swarm = if cfg.swarm { start_swarm(ctx, &image, &nic, ip).await } else { None };
+    let image_dir = overlay.as_ref().map(overlay::Layout::image_dir);
     let job = Job {
         image: &image,
-        root: &cfg.sysroot,
+        root: image_dir.as_deref().unwrap_or(&cfg.sysroot),
+        sink: if overlay.is_some() { Sink::File(overlay::FILE) } else { Sink::Unpack },
         os: ctx.os.clone(),
         client: &ctx.client,
         reporter: &ctx.reporter,
@@ -325,10 +344,28 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
         )
         .await;
 
-    // Seeding goes on during personality and postscript; it stops just before the agent exits.
+    // Seeding goes on during the overlay mount, personality and postscript (the squashfs stays
+    // in RAM, so an overlay node seeds it until it exits); it stops just before the agent exits.
     let rest = async {
-        ctx.reporter.step("personality", None).await;
-        personality::write(&cfg.sysroot, &plan, &nic, Some(mac))?;
+        if let Some(layout) = &overlay {
+            let upper = env.iter().find(|(k, _)| k == "LUNA_TMPFS_SIZE").map(|(_, v)| v.as_str()).unwrap_or("50%");
+            let dev = overlay::mount(&*ctx.os, layout, &cfg.sysroot, upper)?;
+            let msg = format!(
+                "{} on {} (squashfs), upper layer {}",
+                layout.image_file().display(),
+                dev.display(),
+                layout.upper_link().display()
+            );
+            ctx.reporter.step("overlay", Some(msg)).await;
+        }
+        if cloudinit::present(&cfg.sysroot) {
+            let files = cloudinit::fetch(&ctx.client).await?;
+            let dir = cloudinit::write_seed(&cfg.sysroot, &files)?;
+            ctx.reporter.step("personality", Some(format!("cloud-init seed in {}", dir.display()))).await;
+        } else {
+            ctx.reporter.step("personality", None).await;
+            personality::write(&cfg.sysroot, &plan, &nic, Some(mac))?;
+        }
         if !plan.postscript.trim().is_empty() {
             ctx.reporter.step("postscript", None).await;
             chrooted(&*ctx.os, &cfg.sysroot, "postscript", &plan.postscript, &env).map_err(AgentError::Postscript)?;

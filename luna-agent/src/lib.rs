@@ -5,13 +5,16 @@
 pub mod backoff;
 pub mod bench;
 pub mod bmc;
+pub mod cloudinit;
 pub mod cmdline;
 pub mod disk;
 pub mod download;
 pub mod http;
 pub mod install;
 pub mod ipmidev;
+pub mod loopdev;
 pub mod os;
+pub mod overlay;
 pub mod personality;
 pub mod report;
 pub mod torrent;

@@ -206,6 +206,7 @@ fn fetch(mut args: Args) -> anyhow::Result<()> {
         let job = Job {
             image: &image,
             root: &dir,
+            sink: luna_agent::download::Sink::Unpack,
             os: Arc::new(RealOs),
             client: &client,
             reporter: &reporter,

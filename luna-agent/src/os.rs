@@ -51,6 +51,9 @@ pub trait Os: Send + Sync {
         data: Option<&str>,
     ) -> io::Result<()>;
     fn umount(&self, target: &Path) -> io::Result<()>;
+    /// `mount -t fstype -o ro source target` (`MS_RDONLY`: a read-only block device refuses a
+    /// read-write mount).
+    fn mount_readonly(&self, source: &str, target: &Path, fstype: &str) -> io::Result<()>;
     fn mknod(&self, path: &Path, kind: DeviceKind, mode: u32, major: u32, minor: u32) -> io::Result<()>;
     fn mkfifo(&self, path: &Path, mode: u32) -> io::Result<()>;
     /// Numeric owner, not following symlinks.
@@ -66,6 +69,9 @@ pub trait Os: Send + Sync {
     fn ipmi(&self, req: &IpmiRequest) -> io::Result<Vec<u8>>;
     /// The UUID of the filesystem on block device `device` (`blkid -s UUID -o value`).
     fn fs_uuid(&self, device: &str) -> io::Result<String>;
+    /// Attaches `file` to a free loop device (detached automatically with its last user: keep
+    /// the returned value until the device is mounted).
+    fn loop_attach(&self, file: &Path, read_only: bool) -> io::Result<crate::loopdev::Attached>;
 }
 
 /// The real thing: libc/nix calls, scripts through `/bin/sh`, chroot through the `chroot` tool.
@@ -115,6 +121,11 @@ impl Os for RealOs {
             Err(nix::errno::Errno::EBUSY) => nix::mount::umount2(target, MntFlags::MNT_DETACH).map_err(io::Error::from),
             other => other.map_err(io::Error::from),
         }
+    }
+
+    fn mount_readonly(&self, source: &str, target: &Path, fstype: &str) -> io::Result<()> {
+        use nix::mount::MsFlags;
+        nix::mount::mount(Some(source), target, Some(fstype), MsFlags::MS_RDONLY, None::<&str>).map_err(io::Error::from)
     }
 
     fn mknod(&self, path: &Path, kind: DeviceKind, mode: u32, major: u32, minor: u32) -> io::Result<()> {
@@ -206,6 +217,10 @@ impl Os for RealOs {
         }
         Ok(uuid)
     }
+
+    fn loop_attach(&self, file: &Path, read_only: bool) -> io::Result<crate::loopdev::Attached> {
+        crate::loopdev::attach(file, read_only)
+    }
 }
 
 /// One recorded call of [`RecordingOs`].
@@ -220,6 +235,11 @@ pub enum OsCall {
         data: Option<String>,
     },
     Umount(PathBuf),
+    MountReadOnly {
+        source: String,
+        target: PathBuf,
+        fstype: String,
+    },
     Mknod {
         path: PathBuf,
         kind: DeviceKind,
@@ -254,6 +274,10 @@ pub enum OsCall {
         netfn: u8,
         cmd: u8,
         data: Option<Vec<u8>>,
+    },
+    LoopAttach {
+        file: PathBuf,
+        read_only: bool,
     },
 }
 
@@ -322,6 +346,15 @@ impl Os for RecordingOs {
         Ok(())
     }
 
+    fn mount_readonly(&self, source: &str, target: &Path, fstype: &str) -> io::Result<()> {
+        self.record(OsCall::MountReadOnly {
+            source: source.to_string(),
+            target: target.to_path_buf(),
+            fstype: fstype.to_string(),
+        });
+        Ok(())
+    }
+
     fn mknod(&self, path: &Path, kind: DeviceKind, mode: u32, major: u32, minor: u32) -> io::Result<()> {
         std::fs::OpenOptions::new().write(true).create_new(true).open(path)?;
         self.record(OsCall::Mknod { path: path.to_path_buf(), kind, mode, major, minor });
@@ -383,6 +416,13 @@ impl Os for RecordingOs {
     fn fs_uuid(&self, device: &str) -> io::Result<String> {
         self.record(OsCall::FsUuid(device.to_string()));
         Ok(format!("uuid-of-{}", device.rsplit('/').next().unwrap_or(device)))
+    }
+
+    /// Pretends: the file must exist; the device is `/dev/loop7`.
+    fn loop_attach(&self, file: &Path, read_only: bool) -> io::Result<crate::loopdev::Attached> {
+        std::fs::metadata(file)?;
+        self.record(OsCall::LoopAttach { file: file.to_path_buf(), read_only });
+        Ok(crate::loopdev::Attached::unheld("/dev/loop7"))
     }
 }
 

@@ -156,6 +156,14 @@ fn handle(
             reports.lock().unwrap().push(report);
             respond(&mut conn, "204 No Content", &[], b"");
         }
+        ("GET", r) if r.starts_with("/boot/nocloud/") => {
+            if !authorised {
+                respond(&mut conn, "403 Forbidden", &[], b"{\"error\":\"bad token\"}");
+                return Ok(());
+            }
+            let file = r.trim_start_matches("/boot/nocloud/");
+            respond(&mut conn, "200 OK", &[], format!("{file} of node001\n").as_bytes());
+        }
         ("GET", "/image.torrent") => {
             let t = content.lock().unwrap().torrent.clone();
             respond(&mut conn, "200 OK", &[], &t);
@@ -214,6 +222,11 @@ fn hdr(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
 }
 
 fn make_archive() -> Vec<u8> {
+    make_archive_with(false)
+}
+
+/// The test tree; with `cloud_init`, an image that has cloud-init (`/usr/bin/cloud-init`).
+fn make_archive_with(cloud_init: bool) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for d in [
         "./",
@@ -234,6 +247,9 @@ fn make_archive() -> Vec<u8> {
     file("./usr/lib/systemd/systemd-networkd", b"#!/bin/sh\n", 0o755);
     file("./etc/hosts", b"127.0.0.1 localhost\n", 0o644);
     file("./etc/hostname", b"image\n", 0o644);
+    if cloud_init {
+        file("./usr/bin/cloud-init", b"#!/usr/bin/python3\n", 0o755);
+    }
     // xorshift noise: does not compress, so the archive is ~1.5 MiB.
     let mut x = 0x1234_5678_9abc_def0u64;
     let noise: Vec<u8> = (0..1_500_000)
@@ -914,6 +930,7 @@ async fn agents_booting_together_get_a_big_image_from_the_swarm() {
             Job {
                 image: &image,
                 root,
+                sink: download::Sink::Unpack,
                 os: Arc::new(luna_agent::os::RealOs),
                 client: &client,
                 reporter: &reporter,
@@ -981,4 +998,97 @@ fn bench_fetch_reports_the_peak_rss_of_a_swarm_fetch() {
     let out = run(&missing);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such.tar.zst"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_with_cloud_init_get_a_nocloud_seed_instead_of_luna_files() {
+    let (env, start) = setup("");
+    let server = start("", Behaviour::default());
+    let archive = make_archive_with(true);
+    {
+        let mut c = env.content.lock().unwrap();
+        c.archive = archive.clone();
+        c.plan = serde_json::to_vec(&plan(&server.url(), &archive)).unwrap();
+    }
+    install::install(&env.cfg, fake()).await.expect("install");
+    let seed = env.sysroot.join(luna_agent::cloudinit::SEED_DIR);
+    for f in ["meta-data", "user-data", "network-config"] {
+        assert_eq!(std::fs::read_to_string(seed.join(f)).unwrap(), format!("{f} of node001\n"), "{f}");
+    }
+    let cfg = std::fs::read_to_string(env.sysroot.join(luna_agent::cloudinit::DATASOURCE_CFG)).unwrap();
+    assert!(cfg.contains("NoCloud"), "{cfg}");
+    // cloud-init configures the node: luna's own personality files are not written.
+    assert_eq!(std::fs::read_to_string(env.sysroot.join("etc/hostname")).unwrap(), "image\n");
+    assert!(!env.sysroot.join("etc/systemd/network/10-luna-ens3.network").exists());
+    let reports = server.reports.lock().unwrap().clone();
+    let personality = reports.iter().find(|r| r.step == "personality").expect("personality reported");
+    assert!(personality.message.as_deref().unwrap_or("").contains("cloud-init seed"), "{personality:?}");
+    assert_eq!(reports.last().unwrap().step, "installed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_without_cloud_init_keep_lunas_personality() {
+    let (env, start) = setup("");
+    let _server = start("", Behaviour::default());
+    install::install(&env.cfg, fake()).await.expect("install");
+    assert!(!env.sysroot.join(luna_agent::cloudinit::SEED_DIR).exists());
+    assert_eq!(std::fs::read_to_string(env.sysroot.join("etc/hostname")).unwrap(), "node001\n");
+}
+
+/// Root mode overlay through the fake OS: the image is kept as a file in its own tmpfs
+/// (verified), loop-mounted, and /sysroot becomes the overlay; personality and post-script
+/// then write into /sysroot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_mode_keeps_the_image_as_a_file_and_mounts_the_overlay() {
+    let (env, start) = setup("");
+    let server = start("", Behaviour::default());
+    set_plan(&env, &server, |p| {
+        p.root = luna_core::model::RootMode::Overlay;
+        p.partscript = luna_core::model::DEFAULT_PARTSCRIPT.into();
+        p.postscript = "echo \"$LUNA_HOSTNAME\" > post.out".into();
+    });
+    let os = fake();
+    install::install(&env.cfg, os.clone()).await.expect("install");
+    let layout = luna_agent::overlay::Layout::new(&env.cfg.scratch);
+    assert_eq!(std::fs::read(layout.image_file()).unwrap(), env.archive, "the verified bytes, as a file");
+    assert!(!env.sysroot.join("usr/bin/big").exists(), "nothing unpacked");
+    let calls = os.calls();
+    assert!(calls.contains(&OsCall::LoopAttach { file: layout.image_file(), read_only: true }), "{calls:?}");
+    let mounts: Vec<(String, PathBuf)> = calls
+        .iter()
+        .filter_map(|c| match c {
+            OsCall::Mount { source, target, bind: false, .. } => Some((source.clone(), target.clone())),
+            OsCall::MountReadOnly { source, target, .. } => Some((source.clone(), target.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            ("tmpfs".to_string(), layout.image_dir()),
+            ("/dev/loop7".to_string(), layout.lower()),
+            ("tmpfs".to_string(), layout.rw()),
+            ("overlay".to_string(), env.sysroot.clone()),
+        ],
+        "no tmpfs on /sysroot: the default partscript is not run under the overlay"
+    );
+    assert!(!calls.iter().any(|c| matches!(c, OsCall::Script { name, .. } if name == "partscript")));
+    assert_eq!(std::fs::read_to_string(env.sysroot.join("etc/hostname")).unwrap(), "node001\n");
+    assert_eq!(std::fs::read_to_string(env.sysroot.join("post.out")).unwrap(), "node001\n");
+    let steps = server.steps();
+    assert_eq!(
+        steps,
+        [
+            "plan",
+            "prescript",
+            "partscript",
+            "download",
+            "verify",
+            "unpack",
+            "overlay",
+            "personality",
+            "postscript",
+            "installed"
+        ]
+    );
 }

@@ -176,6 +176,10 @@ pub struct ClusterChange {
     /// DNS domain of the nodes.
     #[arg(long)]
     pub domain: Option<String>,
+    /// SSH public keys cloud-init gives root on the nodes, one per line (`@FILE` such as
+    /// `@/root/.ssh/id_ed25519.pub`, `-` for stdin, or the text); replaces the list, `''` empties it.
+    #[arg(long, value_name = "KEYS", allow_hyphen_values = true)]
+    pub ssh_authorized_keys: Option<String>,
     #[command(flatten)]
     pub comment: CommentArgs,
     #[command(flatten)]
@@ -269,7 +273,8 @@ pub enum OsimageCmd {
     Delete(DeleteArgs),
     /// Copy an OS image under a new name (with --path, its tree too).
     Clone(OsimageClone),
-    /// Pack the chroot into a new published revision: archive, kernel, initramfs, torrent.
+    /// Pack the chroot into a new published revision: archive, kernel, initramfs, torrent (and a
+    /// squashfs with its own torrent when the image or a group using it is in overlay root mode).
     Pack(OsimagePack),
     /// Make an older kept revision the current one again (default: the one before it).
     Rollback(OsimageRollback),
@@ -560,6 +565,9 @@ pub struct GroupFields {
     /// Root mode for this group's nodes (tmpfs, overlay, disk), or `inherit` the osimage's.
     #[arg(long, value_name = "MODE", value_parser = parse_group_root)]
     pub root: Option<GroupRoot>,
+    /// cloud-init user-data for images with cloud-init (`@FILE`, `-` for stdin, or the text).
+    #[arg(long, value_name = "USERDATA", allow_hyphen_values = true)]
+    pub cloudinit_userdata: Option<String>,
     /// DNS domain of the group's nodes (overrides the cluster's).
     #[arg(long)]
     pub domain: Option<String>,

@@ -243,6 +243,11 @@ impl<R: Read> Ctx<R> {
         put(&mut m, "dhcp_interfaces", c.dhcp_interfaces.clone());
         put(&mut m, "dhcp_range", c.dhcp_range);
         put(&mut m, "domain", c.domain.clone());
+        if let Some(text) = self.text.read_opt("--ssh-authorized-keys", c.ssh_authorized_keys.as_ref())? {
+            let keys: Vec<&str> =
+                text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+            m.insert("ssh_authorized_keys".into(), Value::from(keys));
+        }
         self.comment(&c.comment, &mut m)?;
         unset(&mut m, &c.unset.unset)?;
         Ok(m)
@@ -707,6 +712,7 @@ impl<R: Read> Ctx<R> {
             ("--prescript", "prescript", &f.prescript),
             ("--partscript", "partscript", &f.partscript),
             ("--postscript", "postscript", &f.postscript),
+            ("--cloudinit-userdata", "cloudinit_userdata", &f.cloudinit_userdata),
         ] {
             let v = self.text.read_opt(flag, arg.as_ref())?;
             put(&mut m, key, v);
@@ -1080,6 +1086,7 @@ mod tests {
             postscript: None,
             torrent_interface: None,
             root: None,
+            cloudinit_userdata: None,
             domain: None,
             comment: CommentArgs { comment: None },
         };

@@ -243,7 +243,7 @@ pub struct PlanBmc {
 #[serde(deny_unknown_fields)]
 pub struct StatusReport {
     /// `plan`, `prescript`, `partscript`, `download`, `http-fallback`, `verify`, `unpack`,
-    /// `personality`, `postscript`, `installed`, `service`, `error` (the agent); `booted` (the
+    /// `overlay`, `personality`, `postscript`, `installed`, `service`, `error` (the agent); `booted` (the
     /// installed OS, once up).
     pub step: String,
     #[serde(default)]

@@ -217,6 +217,8 @@ pub struct Cluster {
     /// Addresses for machines luna does not know yet; unset means discovery is off.
     pub dhcp_range: Option<IpRange>,
     pub domain: String,
+    /// SSH public keys put into root's authorized keys by cloud-init (NoCloud `user-data`).
+    pub ssh_authorized_keys: Vec<String>,
     pub comment: String,
     pub rev: u64,
 }
@@ -234,6 +236,7 @@ impl Default for Cluster {
             dhcp_interfaces: Vec::new(),
             dhcp_range: None,
             domain: "cluster".into(),
+            ssh_authorized_keys: Vec::new(),
             comment: String::new(),
             rev: 0,
         }
@@ -259,6 +262,9 @@ impl Cluster {
             return Err(ModelError::invalid("tracker_max_peers", 0, "must be at least 1"));
         }
         validate_domain(&self.domain)?;
+        for k in &self.ssh_authorized_keys {
+            validate_ssh_key(k)?;
+        }
         for i in &self.dhcp_interfaces {
             validate_ifname("dhcp interface", i)?;
         }
@@ -269,6 +275,24 @@ impl Cluster {
     pub fn node_name(&self, n: u64) -> String {
         format!("{}{:0width$}", self.nodename_prefix, n, width = self.nodename_digits as usize)
     }
+}
+
+/// One line of an `authorized_keys` file: `TYPE BASE64 [COMMENT]`, no line breaks.
+fn validate_ssh_key(key: &str) -> Result<(), ModelError> {
+    let mut words = key.split_whitespace();
+    let kind = words.next().unwrap_or("");
+    let blob = words.next().unwrap_or("");
+    let kind_ok = kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
+    let blob_ok = !blob.is_empty() && blob.bytes().all(|c| c.is_ascii_alphanumeric() || b"+/=".contains(&c));
+    if !kind_ok || !blob_ok || key.contains(['\n', '\r']) {
+        let shown: String = key.chars().take(40).collect();
+        return Err(ModelError::invalid(
+            "ssh key",
+            shown,
+            "must be one line: TYPE BASE64 [COMMENT] (ssh-ed25519 AAAA...)",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_domain(domain: &str) -> Result<(), ModelError> {
@@ -518,6 +542,22 @@ pub struct ImageRevision {
     /// compression ratio the next pack uses to pick its piece size. 0 when unknown.
     #[serde(default)]
     pub tree_bytes: u64,
+    /// The same tree as a squashfs with its own torrent, for nodes in `overlay` root mode;
+    /// `None` when no node used that mode at pack time (or packed before it existed).
+    #[serde(default)]
+    pub squashfs: Option<SquashfsImage>,
+}
+
+/// A revision's squashfs: file names inside the revision directory, digest and torrent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SquashfsImage {
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
+    pub torrent: String,
+    pub info_hash: String,
+    pub piece_length: u64,
 }
 
 impl Osimage {
@@ -729,6 +769,10 @@ pub struct Group {
     /// Overrides the osimage's root mode for this group's nodes; `None` inherits it.
     #[serde(default)]
     pub root: Option<RootMode>,
+    /// cloud-init `user-data` (`#cloud-config` YAML or a script) served to the group's nodes in
+    /// their NoCloud data; empty: a `#cloud-config` with the hostname and the cluster's ssh keys.
+    #[serde(default)]
+    pub cloudinit_userdata: String,
     #[serde(default)]
     pub domain: Option<String>,
     #[serde(default)]
@@ -756,6 +800,7 @@ impl Group {
             postscript: String::new(),
             torrent_interface: default_torrent_if(),
             root: None,
+            cloudinit_userdata: String::new(),
             domain: None,
             comment: String::new(),
             rev: 0,

@@ -316,3 +316,60 @@ async fn api_and_downloads() {
         assert_eq!(s, StatusCode::NOT_FOUND, "{bad}");
     }
 }
+
+/// A group in overlay mode makes the pack build the squashfs too: its own torrent and marker in
+/// the same revision directory, recorded on the revision; a boot-only pack reuses it (same
+/// bytes, same info hash); an image nobody boots in overlay mode gets none.
+#[tokio::test]
+async fn overlay_groups_get_a_squashfs_in_the_same_revision() {
+    use luna_core::model::Kind;
+    let env = Env::new(|_, _| {}).await;
+    let r1 = image::pack_now(&env.state, "compute", PackRequest::default()).await.unwrap();
+    assert_eq!(r1.squashfs, None, "nobody uses overlay: no squashfs");
+    assert!(!files(&env.rev_dir(1)).iter().any(|f| f.contains("squashfs")));
+
+    let group = serde_json::json!({"name": "ovl", "osimage": "compute", "root": "overlay"});
+    env.service.create(Kind::Group, group).await.unwrap();
+    let r2 = image::pack_now(&env.state, "compute", PackRequest::default()).await.unwrap();
+    let sq = r2.squashfs.clone().expect("a squashfs for the overlay group");
+    let dir = env.rev_dir(2);
+    assert_eq!(
+        files(&dir),
+        [
+            ".verified",
+            ".verified-squashfs",
+            "compute.squashfs",
+            "compute.squashfs.torrent",
+            "compute.tar.zst",
+            "compute.torrent",
+            &format!("initramfs-{KVER}.img"),
+            &format!("vmlinuz-{KVER}")
+        ]
+    );
+    assert_eq!(sha256_file(&dir.join(&sq.file)), sq.sha256);
+    assert_eq!(std::fs::metadata(dir.join(&sq.file)).unwrap().len(), sq.size);
+    let t = metainfo::parse(&std::fs::read(dir.join(&sq.torrent)).unwrap()).unwrap();
+    assert_eq!(hex::encode(t.info_hash), sq.info_hash);
+    assert_ne!(sq.info_hash, r2.info_hash);
+    assert!(t.private && t.url_list.is_empty());
+    assert_eq!((t.name.as_str(), t.length, t.piece_length), ("compute.squashfs", sq.size, sq.piece_length));
+    let marker = pack::Verified::read_named(&dir, pack::SQUASHFS_VERIFIED_MARKER).unwrap();
+    assert!(marker.matches(&dir.join(&sq.file)) && marker.info_hash == sq.info_hash);
+    // What is in it: the tree without the excluded paths.
+    let ls = std::process::Command::new("unsquashfs").arg("-lc").arg(dir.join(&sq.file)).output().unwrap();
+    let ls = String::from_utf8_lossy(&ls.stdout);
+    assert!(ls.contains("boot/vmlinuz-"), "{ls}");
+    assert!(!ls.contains("etc/hostname") && !ls.contains("should-not-be-packed") && !ls.contains("pkgcache"), "{ls}");
+    // The same tree packed again: the same squashfs, byte for byte.
+    let r3 = image::pack_now(&env.state, "compute", PackRequest::default()).await.unwrap();
+    assert_eq!(r3.squashfs.as_ref().map(|s| &s.sha256), Some(&sq.sha256));
+    // Boot-only reuses it.
+    let r4 =
+        image::pack_now(&env.state, "compute", PackRequest { boot_only: true, ..Default::default() }).await.unwrap();
+    assert_eq!(r4.squashfs.as_ref().map(|s| (&s.sha256, &s.info_hash)), Some((&sq.sha256, &sq.info_hash)));
+    // The revisions listing names its files.
+    let listed = image::revisions(&env.state, "compute").await.unwrap();
+    let last = listed.last().unwrap();
+    assert_eq!(last.urls.squashfs.as_deref(), Some("/images/compute/4/compute.squashfs"));
+    assert_eq!(last.urls.squashfs_torrent.as_deref(), Some("/images/compute/4/compute.squashfs.torrent"));
+}

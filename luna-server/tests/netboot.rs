@@ -456,3 +456,117 @@ async fn installed_on_disk_boots_locally_until_reinstalled() {
     install(&e, "node001", "52:54:00:00:00:01", "10.141.0.1").await;
     assert!(e.service.node("node001").await.unwrap().localboot);
 }
+
+#[tokio::test]
+async fn nocloud_data_goes_only_to_the_node_itself() {
+    let e = env().await;
+    let patch = json!({"ssh_authorized_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAdmin admin@head"]});
+    let (s, v) = e.call("PATCH", "/api/v1/cluster", Some(patch), true, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) =
+        e.call("PATCH", "/api/v1/cluster", Some(json!({"ssh_authorized_keys": ["not a key"]})), true, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v.to_string().contains("ssh key"), "{v}");
+    e.add_node("node001", "52:54:00:00:00:01").await;
+    e.add_node("node002", "52:54:00:00:00:02").await;
+    let a = e.token("52:54:00:00:00:01", "10.141.0.1").await;
+    let b = e.token("52:54:00:00:00:02", "10.141.0.2").await;
+
+    let get = |node: &str, file: &str, token: &str| format!("/boot/nocloud/{file}?node={node}&token={token}");
+    let (s, meta) = e.raw("GET", &get("node001", "meta-data", &a), None, false, Some("10.141.0.1"), None).await;
+    assert_eq!(s, StatusCode::OK, "{meta}");
+    assert!(
+        meta.contains("local-hostname: \"node001\"") && meta.contains("instance-id: \"luna-node001-compute-1\""),
+        "{meta}"
+    );
+    assert!(meta.contains("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAdmin admin@head"), "{meta}");
+    let (s, net) = e.raw("GET", &get("node001", "network-config", &a), None, false, Some("10.141.0.1"), None).await;
+    assert_eq!(s, StatusCode::OK, "{net}");
+    assert!(net.contains("macaddress: \"52:54:00:00:00:01\"") && net.contains("- \"10.141.0.1/16\""), "{net}");
+    assert!(net.contains("via: \"10.141.255.254\""), "{net}");
+    let (s, user) = e.raw("GET", &get("node001", "user-data", &a), None, false, Some("10.141.0.1"), None).await;
+    assert_eq!(s, StatusCode::OK, "{user}");
+    assert!(user.starts_with("#cloud-config\n") && user.contains("hostname: \"node001\""), "{user}");
+
+    // Node A's token does not read node B's data: not with B's name, not from B's address.
+    for (node, token, from) in
+        [("node002", &a, "10.141.0.1"), ("node002", &a, "10.141.0.2"), ("node001", &b, "10.141.0.2")]
+    {
+        for file in ["meta-data", "user-data", "network-config"] {
+            let (s, body) = e.raw("GET", &get(node, file, token), None, false, Some(from), None).await;
+            assert_eq!(s, StatusCode::FORBIDDEN, "{node} {file} from {from}: {body}");
+            assert!(!body.contains("10.141.0.") && !body.contains("hostname"), "{body}");
+        }
+    }
+    // No token, another address, an unknown file.
+    let (s, _) = e.raw("GET", "/boot/nocloud/meta-data?node=node001", None, false, Some("10.141.0.1"), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = e.raw("GET", &get("node001", "meta-data", &a), None, false, Some("10.141.0.9"), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, body) = e.raw("GET", &get("node001", "vendor-data", &a), None, false, Some("10.141.0.1"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+
+    // The group's own user-data is served as it is.
+    let (s, v) = e
+        .call(
+            "PATCH",
+            "/api/v1/group/compute",
+            Some(json!({"cloudinit_userdata": "#cloud-config\nruncmd: [true]\n"})),
+            true,
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, user) = e.raw("GET", &get("node001", "user-data", &a), None, false, Some("10.141.0.1"), None).await;
+    assert_eq!(user, "#cloud-config\nruncmd: [true]\n");
+
+    // Once the node is installed its token reads nothing more.
+    let status = format!("/boot/status?node=node001&token={a}");
+    let (s, _) = e.call("POST", &status, Some(json!({"step": "installed"})), false, Some("10.141.0.1")).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = e.raw("GET", &get("node001", "meta-data", &a), None, false, Some("10.141.0.1"), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn overlay_nodes_get_the_squashfs_or_a_clear_error() {
+    let e = env().await;
+    e.add_node("node001", "52:54:00:00:00:01").await;
+    e.add_node("node002", "52:54:00:00:00:02").await;
+    let (s, v) = e.call("PATCH", "/api/v1/group/compute", Some(json!({"root": "overlay"})), true, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // Revision 1 was packed without a squashfs: the plan says what to do.
+    let token = e.token("52:54:00:00:00:01", "10.141.0.1").await;
+    let plan = format!("/boot/plan?node=node001&token={token}");
+    let (s, v) = e.call("GET", &plan, None, false, Some("10.141.0.1")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v.to_string().contains("has no squashfs for root mode overlay")
+            && v.to_string().contains("luna osimage pack compute"),
+        "{v}"
+    );
+    // A revision with one: the plan's image is the squashfs.
+    let patch = json!({"revisions": [{"id": 1, "created": 1, "kernel_version": "6.1.0-1-amd64", "archive": "compute.tar.zst",
+        "archive_size": 10, "sha256": "ab", "kernel": "vmlinuz", "initrd": "initrd.img", "torrent": "compute.torrent",
+        "info_hash": "cd", "squashfs": {"file": "compute.squashfs", "size": 4096, "sha256": "ef", "torrent": "compute.squashfs.torrent",
+        "info_hash": "01", "piece_length": 262144}}], "current_revision": 1});
+    let (s, v) = e.call("PATCH", "/api/v1/osimage/compute", Some(patch), true, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = e.call("GET", &plan, None, false, Some("10.141.0.1")).await;
+    assert_eq!(s, StatusCode::OK, "the failed plan did not spend the token: {v}");
+    assert_eq!(v["root"], "overlay");
+    assert_eq!(v["image"]["http_url"], "http://10.141.255.254:7050/images/compute/1/compute.squashfs");
+    assert_eq!(v["image"]["torrent_url"], "http://10.141.255.254:7050/images/compute/1/compute.squashfs.torrent");
+    assert_eq!(
+        (&v["image"]["sha256"], &v["image"]["size"], &v["image"]["info_hash"]),
+        (&json!("ef"), &json!(4096), &json!("01"))
+    );
+    // tmpfs nodes of the same revision still get the archive.
+    let (s, v) = e.call("PATCH", "/api/v1/group/compute", Some(json!({"root": null})), true, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let token = e.token("52:54:00:00:00:02", "10.141.0.2").await;
+    let (s, v) =
+        e.call("GET", &format!("/boot/plan?node=node002&token={token}"), None, false, Some("10.141.0.2")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!((&v["root"], &v["image"]["sha256"]), (&json!("tmpfs"), &json!("ab")));
+}

@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use luna_core::api::{ErrorCode, InstallPlan, PlanBmc, PlanImage, PlanInterface, StatusReport};
-use luna_core::model::{AnyObject, Kind, Node, Osimage, BOOTIF};
+use luna_core::model::{AnyObject, ImageRevision, Kind, Node, Osimage, RootMode, BOOTIF};
 use luna_core::MacAddr;
 use serde::Deserialize;
 use tower::ServiceExt;
@@ -507,27 +507,18 @@ pub async fn install_plan(service: &Service, node: &Node, base: &str) -> Result<
         },
         None => None,
     };
-    let plan_image = image.current().map(|rev| {
-        let dir = format!("{base}/images/{}/{}", image.name, rev.id);
-        PlanImage {
-            osimage: image.name.clone(),
-            revision: rev.id,
-            torrent_url: format!("{dir}/{}", rev.torrent),
-            http_url: format!("{dir}/{}", rev.archive),
-            sha256: rev.sha256.clone(),
-            size: rev.archive_size,
-            info_hash: rev.info_hash.clone(),
-            http_mirrors: Vec::new(),
-            torrent_mirrors: Vec::new(),
-        }
-    });
+    let root = group.root.unwrap_or(image.root);
+    let plan_image = match image.current() {
+        Some(rev) => Some(plan_image(&image, rev, root, base)?),
+        None => None,
+    };
     Ok(InstallPlan {
         node: node.name.clone(),
         hostname: node.name.clone(),
         domain: group.domain.clone().unwrap_or(cluster.domain),
         interfaces,
         image: plan_image,
-        root: group.root.unwrap_or(image.root),
+        root,
         prescript: group.prescript.clone(),
         partscript: group.partscript.clone(),
         postscript: group.postscript.clone(),
@@ -560,6 +551,42 @@ pub fn add_mirrors(image: &mut PlanImage, base: &str, servers: &[luna_core::api:
             image.torrent_mirrors.push(format!("{u}{torrent}"));
         }
     }
+}
+
+/// What the node downloads: the archive, or for `overlay` the squashfs (a revision packed while
+/// no node used overlay has none: the admin must pack again, and the plan says so).
+pub fn plan_image(image: &Osimage, rev: &ImageRevision, root: RootMode, base: &str) -> Result<PlanImage, ServiceError> {
+    let dir = format!("{base}/images/{}/{}", image.name, rev.id);
+    if root == RootMode::Overlay {
+        let Some(sq) = &rev.squashfs else {
+            return Err(ServiceError::BadRequest(format!(
+                "osimage '{}' revision {} has no squashfs for root mode overlay: run 'luna osimage pack {}'",
+                image.name, rev.id, image.name
+            )));
+        };
+        return Ok(PlanImage {
+            osimage: image.name.clone(),
+            revision: rev.id,
+            torrent_url: format!("{dir}/{}", sq.torrent),
+            http_url: format!("{dir}/{}", sq.file),
+            sha256: sq.sha256.clone(),
+            size: sq.size,
+            info_hash: sq.info_hash.clone(),
+            http_mirrors: Vec::new(),
+            torrent_mirrors: Vec::new(),
+        });
+    }
+    Ok(PlanImage {
+        osimage: image.name.clone(),
+        revision: rev.id,
+        torrent_url: format!("{dir}/{}", rev.torrent),
+        http_url: format!("{dir}/{}", rev.archive),
+        sha256: rev.sha256.clone(),
+        size: rev.archive_size,
+        info_hash: rev.info_hash.clone(),
+        http_mirrors: Vec::new(),
+        torrent_mirrors: Vec::new(),
+    })
 }
 
 async fn plan(
@@ -596,6 +623,53 @@ async fn plan(
     // Waits: the agent's next report must not be overtaken by this one.
     st.app.service.record_node_status(&node.name, "plan", "install plan fetched".into(), true).await;
     axum::Json(p).into_response()
+}
+
+/// `GET /boot/nocloud/{file}?node=&token=`: the node's cloud-init NoCloud data (`meta-data`,
+/// `user-data`, `network-config`), for its agent to write a seed directory into an image that
+/// has cloud-init. Only the node itself, with its current token, before `installed`
+/// ([`Ledger::check_agent`]).
+async fn nocloud(
+    State(st): State<Arc<BootState>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(file): Path<String>,
+    Query(q): Query<NodeQuery>,
+) -> Response {
+    if !super::nocloud::FILES.contains(&file.as_str()) {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            format!("no nocloud file '{file}' (there are {})", super::nocloud::FILES.join(", ")),
+        );
+    }
+    let (node, token, from) = match requesting_node(&st, &q, remote).await {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let Some(b) = binding(&node) else { return refused(&node.name, remote, Refusal::Invalid) };
+    if let Err(why) = st.boot.ledger().check_agent(&b, &token, from, unix_now()) {
+        return refused(&node.name, remote, why);
+    }
+    let cluster = match st.app.service.cluster().await {
+        Ok(c) => c,
+        Err(e) => return ApiError(e).into_response(),
+    };
+    let base = base_url(&headers, cluster.frontend_address, cluster.http_port);
+    let plan = match install_plan(&st.app.service, &node, &base).await {
+        Ok(p) => p,
+        Err(e) => return ApiError(e).into_response(),
+    };
+    let keys = &cluster.ssh_authorized_keys;
+    let body = match file.as_str() {
+        "meta-data" => super::nocloud::meta_data(&plan, keys),
+        "network-config" => super::nocloud::network_config(&plan, node.mac),
+        _ => match st.app.service.group(&node.group).await {
+            Ok(g) => super::nocloud::user_data(&plan, &g.cloudinit_userdata, keys),
+            Err(e) => return ApiError(e).into_response(),
+        },
+    };
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
 async fn status(
@@ -651,6 +725,7 @@ pub fn router(app: Arc<AppState>, boot: BootContext) -> Router {
     Router::new()
         .route("/boot/plan", get(plan))
         .route("/boot/status", post(status))
+        .route("/boot/nocloud/{file}", get(nocloud))
         .route("/boot/ipxe", get(ipxe_script))
         .route("/boot/ipxe/bind", get(bind))
         .route("/boot/ipxe/discover", get(super::discover::discover))

@@ -3,6 +3,7 @@
 pub mod discover;
 pub mod handlers;
 pub mod ipxe;
+pub mod nocloud;
 pub mod token;
 
 pub use handlers::{bind_node, boot_plan, install_plan, router, BootContext, BootPlan};

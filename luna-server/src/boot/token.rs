@@ -188,6 +188,25 @@ impl Ledger {
         Ok(())
     }
 
+    /// Checks a request for the node's own data besides the plan (its cloud-init NoCloud
+    /// files): what the agent may fetch while it installs, so the plan's rule without the
+    /// once-only: a valid token of this run, from the node's address, the node's latest, not yet
+    /// spent by `installed`.
+    pub fn check_agent(&self, b: &Binding<'_>, token: &str, from: Ipv4Addr, now: u64) -> Result<(), Refusal> {
+        let p = self.tokens.verify(b, token, now).ok_or(Refusal::Invalid)?;
+        if from != b.ip {
+            return Err(Refusal::WrongAddress { from, ip: b.ip });
+        }
+        if p.issued < self.started {
+            return Err(Refusal::BeforeStart);
+        }
+        let issued = self.latest(b.node, p.nonce).ok_or(Refusal::Superseded)?;
+        if issued.spent {
+            return Err(Refusal::Spent);
+        }
+        Ok(())
+    }
+
     /// Checks a status report of `step`; reporting [`STEP_INSTALLED`] spends the token.
     pub fn report(
         &mut self,
@@ -296,6 +315,29 @@ mod tests {
         assert_eq!(l.check_plan(&b, &tok, IP, 2_006), Err(Refusal::Spent));
         assert_eq!(l.report(&b, &tok, STEP_BOOTED, IP, 2_007), Ok(()));
         assert_eq!(l.report(&b, &first, STEP_BOOTED, IP, 2_007), Ok(()));
+    }
+
+    #[test]
+    fn agent_data_follows_the_plan_rule_without_the_once() {
+        let mut l = Ledger::new(BootTokens::new(b"admin"), 1_000);
+        let b = bind("node001");
+        let other = Binding { node: "node002", mac: "52:54:00:00:00:02".parse().unwrap(), ip: OTHER };
+        let first = l.issue(&b, IP, 2_000, 1).unwrap();
+        let tok = l.issue(&b, IP, 2_001, 2).unwrap();
+        let theirs = l.issue(&other, OTHER, 2_001, 3).unwrap();
+        assert_eq!(l.check_agent(&b, &tok, IP, 2_002), Ok(()));
+        assert_eq!(l.take_plan(&b, &tok, IP, 2_002), Ok(()));
+        assert_eq!(l.check_agent(&b, &tok, IP, 2_003), Ok(()), "after the plan, again");
+        assert_eq!(l.check_agent(&b, &tok, OTHER, 2_003), Err(Refusal::WrongAddress { from: OTHER, ip: IP }));
+        assert_eq!(l.check_agent(&b, &first, IP, 2_003), Err(Refusal::Superseded));
+        // Another node's token, even from the other node's own address, is not this node's.
+        assert_eq!(l.check_agent(&b, &theirs, OTHER, 2_003), Err(Refusal::Invalid));
+        assert_eq!(l.check_agent(&b, &theirs, IP, 2_003), Err(Refusal::Invalid));
+        assert_eq!(l.report(&b, &tok, STEP_INSTALLED, IP, 2_004), Ok(()));
+        assert_eq!(l.check_agent(&b, &tok, IP, 2_005), Err(Refusal::Spent));
+        let old = BootTokens::new(b"admin").issue(&b, 2_900, 4);
+        let restarted = Ledger::new(BootTokens::new(b"admin"), 3_000);
+        assert_eq!(restarted.check_agent(&b, &old, IP, 3_001), Err(Refusal::BeforeStart));
     }
 
     #[test]

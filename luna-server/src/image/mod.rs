@@ -3,7 +3,9 @@
 //!
 //! Layout under `data_dir` (see [`publish::Layout`]):
 //! `images/<osimage>/<rev>/{<osimage>.tar.zst, <osimage>.torrent, vmlinuz-<kver>,
-//! initramfs-<kver>.img, .verified}`; files are served at `/images/<osimage>/<rev>/<file>`.
+//! initramfs-<kver>.img, .verified}` plus, for overlay root mode, `<osimage>.squashfs`,
+//! `<osimage>.squashfs.torrent` and `.verified-squashfs`; files are served at
+//! `/images/<osimage>/<rev>/<file>`.
 //! The `ImageRevision` fields `archive`, `torrent`, `kernel`, `initrd` hold those file names.
 
 pub mod archive;
@@ -16,6 +18,7 @@ pub mod piece;
 pub mod publish;
 pub mod replicate;
 pub mod seeder;
+pub mod squashfs;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -259,6 +262,11 @@ pub struct RevisionInfo {
     pub held_by: Vec<String>,
     #[serde(default)]
     pub seeded_by: Vec<String>,
+    /// The squashfs torrent's counters (revisions that have one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub squashfs_tracker: Option<TorrentCounters>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub squashfs_seeder: Option<SeedStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +275,10 @@ pub struct RevisionUrls {
     pub torrent: String,
     pub kernel: String,
     pub initrd: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub squashfs: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub squashfs_torrent: Option<String>,
 }
 
 /// `GET /api/v1/osimage/{name}/kernels`: the kernels of the image's tree.
@@ -307,6 +319,19 @@ async fn announce_url(service: &Service) -> Result<String, ImageError> {
     let c = service.cluster().await?;
     let fe = c.frontend_address.ok_or(ImageError::NoFrontend)?;
     Ok(format!("http://{fe}:{}/announce", c.http_port))
+}
+
+/// Whether a pack of `image` builds the squashfs too: when the image or a group booting it is
+/// in `overlay` root mode. Not always: it costs a second pass over the tree and as much disk
+/// again, and a server whose nodes never use overlay need not have squashfs-tools. A group
+/// switched to overlay later needs a pack (its nodes' plans say so until then).
+pub async fn needs_squashfs(service: &Service, image: &Osimage) -> Result<bool, ImageError> {
+    if image.root == luna_core::model::RootMode::Overlay {
+        return Ok(true);
+    }
+    Ok(service.list(Kind::Group).await?.into_iter().any(|g| {
+        matches!(g, AnyObject::Group(g) if g.osimage == image.name && g.root == Some(luna_core::model::RootMode::Overlay))
+    }))
 }
 
 /// Starts packing `name` in the background; fails at once (no job) when the image cannot be
@@ -351,6 +376,11 @@ async fn prepare(state: &Arc<ImageState>, name: &str, req: PackRequest) -> Resul
     let mode = req.mode()?;
     let image = osimage(&state.service, name).await?;
     let announce = announce_url(&state.service).await?;
+    let squashfs = needs_squashfs(&state.service, &image).await?.then(|| squashfs::SquashfsOptions {
+        program: "mksquashfs".into(),
+        zstd_level: state.config.zstd_level,
+        threads: state.config.zstd_threads,
+    });
     let layout = &state.layout;
     let lock = publish::try_pack_lock(layout, name)
         .map_err(|source| ImageError::Io { what: "cannot lock", path: layout.pack_lock(name), source })?
@@ -398,6 +428,7 @@ async fn prepare(state: &Arc<ImageState>, name: &str, req: PackRequest) -> Resul
             zstd_threads: state.config.zstd_threads,
             piece_candidates: Vec::new(),
         },
+        squashfs,
         now: crate::service::unix_now(),
     };
     Ok(Prepared { image, lock, _lchroot: lchroot, opts, warning })
@@ -537,9 +568,16 @@ pub async fn revisions(state: &ImageState, name: &str) -> Result<Vec<RevisionInf
                 torrent: file_path(name, r.id, &r.torrent),
                 kernel: file_path(name, r.id, &r.kernel),
                 initrd: file_path(name, r.id, &r.initrd),
+                squashfs: r.squashfs.as_ref().map(|s| file_path(name, r.id, &s.file)),
+                squashfs_torrent: r.squashfs.as_ref().map(|s| file_path(name, r.id, &s.torrent)),
             },
             tracker: state.stats.as_ref().and_then(|s| s.torrent_stats(&r.info_hash)),
             seeder: seeding.get(&r.info_hash).cloned(),
+            squashfs_tracker: r
+                .squashfs
+                .as_ref()
+                .and_then(|q| state.stats.as_ref().and_then(|s| s.torrent_stats(&q.info_hash))),
+            squashfs_seeder: r.squashfs.as_ref().and_then(|q| seeding.get(&q.info_hash).cloned()),
             revision: r.clone(),
         })
         .collect())

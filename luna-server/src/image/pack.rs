@@ -12,13 +12,14 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use luna_core::model::{ImageRevision, Osimage};
+use luna_core::model::{ImageRevision, Osimage, SquashfsImage};
 use serde::{Deserialize, Serialize};
 
 use super::archive::{self, ArchiveError, ArchiveOptions, Excludes};
 use super::kernel::{self, KernelError};
 use super::metainfo::{self, Metainfo, MetainfoError};
 use super::piece;
+use super::squashfs::{self, SquashfsError, SquashfsOptions};
 
 /// What a pack rebuilds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -40,6 +41,8 @@ pub enum PackStep {
     Queued,
     Scanning,
     Archiving,
+    /// The squashfs for `overlay` nodes.
+    Squashfs,
     Kernel,
     Initramfs,
     Torrent,
@@ -61,6 +64,8 @@ pub enum PackError {
     Archive(#[from] ArchiveError),
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    #[error("squashfs: {0}")]
+    Squashfs(#[from] SquashfsError),
     #[error("previous revision's torrent: {0}")]
     Torrent(#[from] MetainfoError),
     #[error("{what} {path}: {source}")]
@@ -96,6 +101,8 @@ pub struct PackOptions {
     /// dracut command.
     pub dracut: String,
     pub archive: ArchiveOptions,
+    /// Also build the squashfs (some node boots this image in `overlay` root mode).
+    pub squashfs: Option<SquashfsOptions>,
     /// Unix seconds, recorded as the revision's creation time.
     pub now: u64,
 }
@@ -108,6 +115,18 @@ pub fn archive_name(image: &str) -> String {
 pub fn torrent_name(image: &str) -> String {
     format!("{image}.torrent")
 }
+
+/// The squashfs of an osimage inside a revision directory (and its torrent's name).
+pub fn squashfs_name(image: &str) -> String {
+    format!("{image}.squashfs")
+}
+
+pub fn squashfs_torrent_name(image: &str) -> String {
+    format!("{image}.squashfs.torrent")
+}
+
+/// The marker of the squashfs (the archive's is [`VERIFIED_MARKER`]).
+pub const SQUASHFS_VERIFIED_MARKER: &str = ".verified-squashfs";
 
 /// Written next to the archive: what was verified when it was written, so a restart can tell
 /// whether the file is still the one that was hashed without reading it.
@@ -143,13 +162,22 @@ impl Verified {
     }
 
     pub fn read(dir: &Path) -> Option<Self> {
-        let text = std::fs::read(dir.join(VERIFIED_MARKER)).ok()?;
-        serde_json::from_slice(&text).ok()
+        Self::read_named(dir, VERIFIED_MARKER)
     }
 
     pub fn write(&self, dir: &Path) -> io::Result<()> {
-        let path = dir.join(VERIFIED_MARKER);
-        let tmp = dir.join(format!("{VERIFIED_MARKER}.tmp"));
+        self.write_named(dir, VERIFIED_MARKER)
+    }
+
+    /// The marker `name` in `dir` ([`VERIFIED_MARKER`], [`SQUASHFS_VERIFIED_MARKER`]).
+    pub fn read_named(dir: &Path, name: &str) -> Option<Self> {
+        let text = std::fs::read(dir.join(name)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    pub fn write_named(&self, dir: &Path, name: &str) -> io::Result<()> {
+        let path = dir.join(name);
+        let tmp = dir.join(format!("{name}.tmp"));
         let f = File::create(&tmp)?;
         serde_json::to_writer(&f, self).map_err(io::Error::other)?;
         f.sync_all()?;
@@ -280,6 +308,15 @@ pub fn pack(
     Verified::of(&archive_path, &sha256, &info_hash)
         .and_then(|v| v.write(dir))
         .map_err(io_err("cannot write marker in", dir))?;
+    let squashfs = match &opts.squashfs {
+        Some(sq) => {
+            if !report(PackStep::Squashfs, 0, 0, 0.0) {
+                return Err(ArchiveError::Cancelled.into());
+            }
+            Some(pack_squashfs(image, opts, sq, previous)?)
+        }
+        None => None,
+    };
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("cannot sync", dir))?;
 
     Ok(ImageRevision {
@@ -295,7 +332,60 @@ pub fn pack(
         info_hash,
         piece_length,
         tree_bytes,
+        squashfs,
     })
+}
+
+/// The squashfs and its torrent (and marker): built from the tree, or, for a boot-only pack,
+/// the previous revision's reused when it has one (same tree).
+fn pack_squashfs(
+    image: &Osimage,
+    opts: &PackOptions,
+    sq: &SquashfsOptions,
+    previous: Option<&Previous>,
+) -> Result<SquashfsImage> {
+    let dir = &opts.out_dir;
+    let file = squashfs_name(&image.name);
+    let path = dir.join(&file);
+    let reused = match (opts.mode, previous.and_then(|p| p.revision.squashfs.as_ref().map(|s| (p, s)))) {
+        (PackMode::BootOnly, Some((p, s))) => {
+            link_or_copy(&p.dir.join(&s.file), &path)?;
+            let t = std::fs::read(p.dir.join(&s.torrent)).map_err(io_err("cannot read", &p.dir))?;
+            let t = metainfo::parse_full(&t)?;
+            Some((s.size, s.sha256.clone(), t.pieces, t.piece_length))
+        }
+        _ => None,
+    };
+    let (size, sha256, pieces, piece_length) = match reused {
+        Some(r) => r,
+        None => {
+            let ex = Excludes::new(&image.grab_exclude)?;
+            let built = squashfs::build(Path::new(&image.path), &ex, &path, dir, sq)?;
+            tracing::info!(image = %image.name, bytes = built.size, "squashfs written");
+            (built.size, built.sha256, built.pieces.hashes, built.pieces.piece_length)
+        }
+    };
+    let meta = Metainfo {
+        announce: opts.announce.clone(),
+        url_list: Vec::new(),
+        name: file.clone(),
+        length: size,
+        piece_length,
+        pieces,
+        private: true,
+        creation_date: opts.now,
+        created_by: concat!("luna ", env!("CARGO_PKG_VERSION")).into(),
+    };
+    let info_hash = hex::encode(meta.info_hash());
+    let torrent = squashfs_torrent_name(&image.name);
+    let torrent_path = dir.join(&torrent);
+    std::fs::write(&torrent_path, meta.to_bytes()).map_err(io_err("cannot write", &torrent_path))?;
+    sync_file(&torrent_path)?;
+    sync_file(&path)?;
+    Verified::of(&path, &sha256, &info_hash)
+        .and_then(|v| v.write_named(dir, SQUASHFS_VERIFIED_MARKER))
+        .map_err(io_err("cannot write marker in", dir))?;
+    Ok(SquashfsImage { file, size, sha256, torrent, info_hash, piece_length })
 }
 
 #[cfg(test)]
@@ -317,6 +407,7 @@ mod tests {
             info_hash: String::new(),
             piece_length: 0,
             tree_bytes: 900,
+            squashfs: None,
         };
         assert_eq!(size_estimate(9000, Some(&r)), (2000, 4500));
         r.tree_bytes = 0;

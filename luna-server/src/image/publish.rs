@@ -233,6 +233,7 @@ mod tests {
             info_hash: String::new(),
             piece_length: 0,
             tree_bytes: 0,
+            squashfs: None,
         }
     }
 

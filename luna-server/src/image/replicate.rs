@@ -252,6 +252,7 @@ mod tests {
             info_hash: hash.into(),
             piece_length: 0,
             tree_bytes: 0,
+            squashfs: None,
         }
     }
 

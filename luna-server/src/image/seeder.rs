@@ -35,7 +35,7 @@ use luna_core::model::{AnyObject, Kind};
 use tokio::sync::watch;
 
 use super::metainfo;
-use super::pack::{Verified, VERIFIED_MARKER};
+use super::pack::{Verified, SQUASHFS_VERIFIED_MARKER, VERIFIED_MARKER};
 use super::{ImageState, SeedStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,8 @@ struct Seeded {
     rev: u32,
     dir: PathBuf,
     archive: String,
+    /// Its `.verified` marker's name (the archive's or the squashfs's).
+    marker: &'static str,
     /// The archive did not match its marker: librqbit re-checked every piece.
     rechecked: bool,
     registered: bool,
@@ -81,6 +83,7 @@ struct Wanted {
     dir: PathBuf,
     torrent: Vec<u8>,
     summary: metainfo::TorrentSummary,
+    marker: &'static str,
 }
 
 /// librqbit's live-peer limit for `[image] seeder_peer_slots` (0 = librqbit's default).
@@ -184,9 +187,14 @@ impl Seeder {
         let mut out: HashMap<[u8; 20], Wanted> = HashMap::new();
         for o in self.state.service.list(Kind::Osimage).await? {
             let AnyObject::Osimage(img) = o else { continue };
-            for r in &img.revisions {
+            // Every revision's archive, and its squashfs when it has one (overlay nodes).
+            let files = img.revisions.iter().flat_map(|r| {
+                std::iter::once((r, r.torrent.as_str(), VERIFIED_MARKER))
+                    .chain(r.squashfs.as_ref().map(|s| (r, s.torrent.as_str(), SQUASHFS_VERIFIED_MARKER)))
+            });
+            for (r, torrent_file, marker) in files {
                 let dir = self.state.layout.revision_dir(&img.name, r.id);
-                let torrent = match std::fs::read(dir.join(&r.torrent)) {
+                let torrent = match std::fs::read(dir.join(torrent_file)) {
                     Ok(t) => t,
                     Err(e) => {
                         tracing::warn!(image = %img.name, rev = r.id, error = %e, "cannot read torrent; not seeding");
@@ -203,7 +211,10 @@ impl Seeder {
                 // Revisions sharing an archive (boot-only packs) share the torrent: seed the newest.
                 let newer = out.get(&summary.info_hash).is_none_or(|w| w.rev < r.id);
                 if newer {
-                    out.insert(summary.info_hash, Wanted { image: img.name.clone(), rev: r.id, dir, torrent, summary });
+                    out.insert(
+                        summary.info_hash,
+                        Wanted { image: img.name.clone(), rev: r.id, dir, torrent, summary, marker },
+                    );
                 }
             }
         }
@@ -240,7 +251,8 @@ impl Seeder {
 
     async fn add(&self, hash: [u8; 20], w: Wanted) {
         let archive = w.dir.join(&w.summary.name);
-        let marker_ok = Verified::read(&w.dir).is_some_and(|v| v.info_hash == hex::encode(hash) && v.matches(&archive));
+        let marker_ok = Verified::read_named(&w.dir, w.marker)
+            .is_some_and(|v| v.info_hash == hex::encode(hash) && v.matches(&archive));
         let bitv = bitv_path(&self.state_dir, &hash);
         if marker_ok {
             if !bitv.exists() {
@@ -279,6 +291,7 @@ impl Seeder {
                         rev: w.rev,
                         dir: w.dir,
                         archive: w.summary.name,
+                        marker: w.marker,
                         rechecked: !marker_ok,
                         registered: false,
                     },
@@ -330,11 +343,13 @@ impl Seeder {
             if healthy && s.rechecked {
                 // Every piece matched the torrent, so the archive is the packed one: trust it again.
                 let archive = s.dir.join(&s.archive);
-                if let Some(old) = Verified::read(&s.dir) {
-                    match Verified::of(&archive, &old.sha256, &old.info_hash).and_then(|v| v.write(&s.dir)) {
+                if let Some(old) = Verified::read_named(&s.dir, s.marker) {
+                    match Verified::of(&archive, &old.sha256, &old.info_hash)
+                        .and_then(|v| v.write_named(&s.dir, s.marker))
+                    {
                         Ok(()) => tracing::info!(image = %s.image, rev = s.rev, "archive re-verified"),
                         Err(e) => {
-                            tracing::warn!(image = %s.image, rev = s.rev, error = %e, "cannot renew {VERIFIED_MARKER}")
+                            tracing::warn!(image = %s.image, rev = s.rev, error = %e, "cannot renew {}", s.marker)
                         }
                     }
                 }
