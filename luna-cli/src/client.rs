@@ -250,9 +250,11 @@ fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
         rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
             "the server's certificate is not signed by this CA (unknown issuer)".into()
         }
+        rustls::Error::InvalidCertificate(C::BadSignature) => {
+            "the server's certificate is not signed by this CA (bad signature)".into()
+        }
         rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
-            "the server's certificate is not valid for this host name (add it to [http] tls_names and re-issue)"
-                .into()
+            "the server's certificate is not valid for this host name (add it to [http] tls_names and re-issue)".into()
         }
         rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
             "the server's certificate has expired".into()
@@ -308,9 +310,10 @@ mod tests {
     #[test]
     fn plain_http_and_bad_ca_files_are_refused_before_sending() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Client::new("http://127.0.0.1:1", Some("tok".into()), Path::new("/t"), Path::new("/nonexistent"));
+        let c =
+            Client::new("http://127.0.0.1:1", Some("s3cr3t-xyz".into()), Path::new("/t"), Path::new("/nonexistent"));
         let e = c.write("POST", "/network", None).unwrap_err().to_string();
-        assert!(e.contains("plain HTTP") && e.contains("http://127.0.0.1:1") && !e.contains("tok"), "{e}");
+        assert!(e.contains("plain HTTP") && e.contains("http://127.0.0.1:1") && !e.contains("s3cr3t"), "{e}");
         let c = Client::new("127.0.0.1:1", None, Path::new("/t"), &dir.path().join("none.pem"));
         let e = c.get("/network", &[]).unwrap_err().to_string();
         assert!(e.contains("none.pem") && e.contains("LUNA_CA"), "{e}");

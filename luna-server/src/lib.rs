@@ -14,7 +14,7 @@ pub mod server;
 pub mod service;
 pub mod status;
 pub mod store;
-pub mod tls;
 pub mod tftp;
+pub mod tls;
 pub mod tracker;
 pub mod wiring;

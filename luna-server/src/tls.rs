@@ -110,11 +110,17 @@ pub struct Issued {
     pub key_pem: String,
 }
 
-fn ca_params(cluster: &str) -> Result<CertificateParams, TlsError> {
+/// The CA's parameters, a function of the cluster name and the CA key only (so a re-issue
+/// rebuilds the same issuer). The name carries a digest of the public key: two clusters of the
+/// same name have distinct issuers, and a client trusting the other one's CA is told "unknown
+/// issuer", not "bad signature".
+fn ca_params(cluster: &str, key: &KeyPair) -> Result<CertificateParams, TlsError> {
+    use sha2::Digest as _;
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
+    let id = hex::encode(&sha2::Sha256::digest(key.public_key_raw())[..6]);
     dn.push(DnType::OrganizationName, "luna");
-    dn.push(DnType::CommonName, format!("luna CA for cluster {cluster}"));
+    dn.push(DnType::CommonName, format!("luna CA for cluster {cluster} ({id})"));
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -135,7 +141,7 @@ fn rcgen_days(d: i64) -> time::Duration {
 /// A fresh self-signed CA for `cluster`.
 pub fn generate_ca(cluster: &str) -> Result<Issued, TlsError> {
     let key = KeyPair::generate()?;
-    let cert = ca_params(cluster)?.self_signed(&key)?;
+    let cert = ca_params(cluster, &key)?.self_signed(&key)?;
     Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
@@ -144,7 +150,7 @@ pub fn generate_ca(cluster: &str) -> Result<Issued, TlsError> {
 /// issuer name and signature, is the same as for the `ca.pem` it holds).
 pub fn issue_server(cluster: &str, ca_key_pem: &str, names: &[String]) -> Result<Issued, TlsError> {
     let ca_key = KeyPair::from_pem(ca_key_pem)?;
-    let ca = ca_params(cluster)?.self_signed(&ca_key)?;
+    let ca = ca_params(cluster, &ca_key)?.self_signed(&ca_key)?;
     let mut p = CertificateParams::new(names.to_vec())?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "luna");
@@ -224,7 +230,8 @@ pub fn ensure(config: &Config) -> Result<Ensured, TlsError> {
         read(&ca.key, "CA key")?
     };
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
-    let names = certificate_names(hostname.as_deref(), config.http.api_listen.ip(), &interface_ips(), &config.http.tls_names);
+    let names =
+        certificate_names(hostname.as_deref(), config.http.api_listen.ip(), &interface_ips(), &config.http.tls_names);
     let server = issue_server(&config.cluster_name, &ca_key_pem, &names)?;
     write_new(&paths.key, server.key_pem.as_bytes(), fsperm::FILE_MODE)?;
     write_new(&paths.cert, server.cert_pem.as_bytes(), 0o644)?;
@@ -291,9 +298,13 @@ pub fn server_config(paths: &TlsPaths) -> Result<Arc<rustls::ServerConfig>, TlsE
         path: paths.cert.clone(),
         source,
     })?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_text)
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Pem { what: "certificate", path: paths.cert.clone(), kind: "certificate", reason: e.to_string() })?;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&cert_text).collect::<Result<_, _>>().map_err(|e| TlsError::Pem {
+            what: "certificate",
+            path: paths.cert.clone(),
+            kind: "certificate",
+            reason: e.to_string(),
+        })?;
     if certs.is_empty() {
         return Err(TlsError::Pem {
             what: "certificate",
@@ -311,12 +322,13 @@ pub fn server_config(paths: &TlsPaths) -> Result<Arc<rustls::ServerConfig>, TlsE
         reason: e.to_string(),
     })?;
     let cfg_err = |reason: String| TlsError::Config { cert: paths.cert.clone(), key: paths.key.clone(), reason };
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| cfg_err(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| cfg_err(e.to_string()))?;
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| cfg_err(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| cfg_err(e.to_string()))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -359,7 +371,8 @@ mod tests {
 
     #[test]
     fn names_are_deduplicated_and_skip_wildcard_and_link_local_addresses() {
-        let ips: Vec<IpAddr> = ["127.0.0.1", "10.0.0.5", "fe80::1", "fd00::5"].iter().map(|s| s.parse().unwrap()).collect();
+        let ips: Vec<IpAddr> =
+            ["127.0.0.1", "10.0.0.5", "fe80::1", "fd00::5"].iter().map(|s| s.parse().unwrap()).collect();
         let names = certificate_names(Some("Head"), "0.0.0.0".parse().unwrap(), &ips, &["head".into(), " ".into()]);
         assert_eq!(names, ["localhost", "127.0.0.1", "::1", "Head", "10.0.0.5", "fd00::5"]);
     }

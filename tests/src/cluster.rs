@@ -230,7 +230,9 @@ impl Cluster {
         let token = std::fs::read_to_string(&token_path)
             .map_err(|e| HarnessError::io(format!("read {}", token_path.display()), e))?;
         let mut cmd = self.ns.command("curl");
-        cmd.args(["-sS", "--fail-with-body", "--max-time", "30", "-X", method]).arg("--cacert").arg(self.ca())
+        cmd.args(["-sS", "--fail-with-body", "--max-time", "30", "-X", method])
+            .arg("--cacert")
+            .arg(self.ca())
             .arg("-H")
             .arg(format!("Authorization: Bearer {}", token.trim()));
         if let Some(b) = body {
