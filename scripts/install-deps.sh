@@ -37,7 +37,7 @@ PACKAGES=(
     # power-control peers: IPMI simulator + client, SNMP agent + client
     openipmi ipmitool snmpd snmp
     # load and timing
-    wrk hyperfine nginx-light
+    wrk hyperfine nginx-light valgrind
     # images: initramfs and root trees
     dracut-core dracut-network busybox-static cpio zstd gzip kmod debootstrap
     # image trees: osimage clone --path and grab (rsync over ssh; sshd for the grab test)

@@ -89,7 +89,10 @@ fn refused_for_good(e: &anyhow::Error) -> bool {
             || cause.downcast_ref::<StoreError>().is_some_and(schema)
             || match cause.downcast_ref::<server::ServerError>() {
                 Some(server::ServerError::Store(s)) => schema(s),
-                Some(server::ServerError::Config(_) | server::ServerError::Power(_)) => true,
+                // A missing or unusable certificate: restarting cannot cure it either.
+                Some(server::ServerError::Config(_) | server::ServerError::Power(_) | server::ServerError::Tls(_)) => {
+                    true
+                }
                 _ => false,
             }
     })

@@ -279,8 +279,8 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     notify_ready();
     // A listener that fails takes the whole server down: half a boot service is worse than none.
     let result = tokio::select! {
-        r = http => r.map_err(ServerError::Http),
-        r = https => r.map_err(ServerError::Http),
+        // Both ports end together (each drains its own connections); either failing ends both.
+        r = async { tokio::try_join!(http, https).map(|_| ()) } => r.map_err(ServerError::Http),
         r = dhcp_task => match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),
