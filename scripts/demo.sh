@@ -95,6 +95,9 @@ store = "sqlite://$WORK/luna.db"
 listen = "$SERVER_IP:7050"
 token_file = "$WORK/token"
 data_dir = "$WORK/data"
+[http]
+api_listen = "$SERVER_IP:7051"
+tls_names = ["$SERVER_IP"]
 [dhcp]
 interfaces = ["br0"]
 [tftp]
@@ -109,7 +112,11 @@ ip netns exec "$NS" "$BIN/luna-server" --config "$WORK/luna.toml" >"$WORK/server
 PIDS+=($!)
 for _ in $(seq 100); do grep -q "http listening" "$WORK/server.log" && break; sleep 0.2; done
 
-luna() { ip netns exec "$NS" env LUNA_SERVER="http://$SERVER_IP:7050" LUNA_TOKEN_FILE="$WORK/token" "$BIN/luna" "$@"; }
+# The admin API is HTTPS only; `init` generated its CA and certificate in $WORK/data/tls.
+luna() {
+    ip netns exec "$NS" env LUNA_SERVER="https://$SERVER_IP:7051" LUNA_CA="$WORK/data/tls/ca.pem" \
+        LUNA_TOKEN_FILE="$WORK/token" "$BIN/luna" "$@"
+}
 # the image's kept revisions with their swarm and seeder counters, as JSON
 revisions() { luna osimage show "$IMAGE" --json | json 'json.dumps(d["revisions"])'; }
 json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }

@@ -39,7 +39,7 @@ PACKAGES=(
     # power-control peers: IPMI simulator + client, SNMP agent + client
     openipmi ipmitool snmpd snmp
     # load and timing
-    wrk hyperfine nginx-light
+    wrk hyperfine nginx-light valgrind
     # images: initramfs and root trees
     dracut-core dracut-network busybox-static cpio zstd gzip kmod debootstrap
     # root = disk: the part-script's tools (sfdisk, mkfs.vfat) go into the initramfs; grub for

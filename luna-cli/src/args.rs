@@ -10,8 +10,10 @@ use ipnet::Ipv4Net;
 use luna_core::model::{BmcProtocol, IpRange, RootMode};
 use luna_core::MacAddr;
 
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7050";
+pub const DEFAULT_SERVER: &str = "https://127.0.0.1:7051";
 pub const DEFAULT_TOKEN_FILE: &str = "/etc/luna/token";
+/// Where the package puts the CA of the certificate `luna-server init` generates.
+pub const DEFAULT_CA: &str = "/etc/luna/ca.pem";
 
 /// Manage a luna cluster: networks, os images, BMC setups, groups, nodes, switches, other devices.
 ///
@@ -28,12 +30,15 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Args)]
 pub struct GlobalArgs {
-    /// luna-server's URL.
+    /// luna-server's admin API (HTTPS only).
     #[arg(long, global = true, display_order = 1000, env = "LUNA_SERVER", default_value = DEFAULT_SERVER, value_name = "URL")]
     pub server: String,
     /// File holding the admin token (used when LUNA_TOKEN is not set).
     #[arg(long, global = true, display_order = 1000, env = "LUNA_TOKEN_FILE", default_value = DEFAULT_TOKEN_FILE, value_name = "FILE")]
     pub token_file: PathBuf,
+    /// CA certificate(s) (PEM) the server's HTTPS certificate must verify against.
+    #[arg(long, global = true, display_order = 1000, env = "LUNA_CA", default_value = DEFAULT_CA, value_name = "FILE")]
+    pub ca: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

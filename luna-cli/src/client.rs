@@ -23,6 +23,16 @@ pub enum ClientError {
     TokenFile { path: PathBuf, err: std::io::Error },
     #[error("no admin token: the token file '{0}' is empty")]
     TokenEmpty(PathBuf),
+    /// The server's certificate did not verify against the CA file.
+    #[error("cannot verify luna-server at {url} against the CA in '{}': {detail}", .ca.display())]
+    Untrusted { url: String, ca: PathBuf, detail: String },
+    #[error("cannot use the CA file '{}' to verify luna-server (set --ca or LUNA_CA): {reason}", .ca.display())]
+    Ca { ca: PathBuf, reason: String },
+    #[error(
+        "refusing to talk to luna-server at {url} in plain HTTP: the admin API and its token go over HTTPS only \
+         (use https://HOST:7051)"
+    )]
+    PlainHttp { url: String },
 }
 
 impl ClientError {
@@ -36,44 +46,91 @@ impl ClientError {
 }
 
 pub struct Client {
-    agent: ureq::Agent,
+    /// Built at the first request: verbs that send none (completions, man pages) need no CA file.
+    agent: std::sync::OnceLock<ureq::Agent>,
     base: String,
     env_token: Option<String>,
     token_file: PathBuf,
+    ca: PathBuf,
 }
 
 /// Percent-encodes one path segment: hostlists carry `[`, `]` and `,`.
 pub use luna_core::api::percent_encode as encode_segment;
 
-/// `host:port` becomes `http://host:port`; a trailing `/` is dropped.
+/// `host:port` becomes `https://host:port`; a trailing `/` is dropped.
 pub fn normalize_base(server: &str) -> String {
     let s = server.trim().trim_end_matches('/');
     if s.contains("://") {
         s.to_string()
     } else {
-        format!("http://{s}")
+        format!("https://{s}")
     }
+}
+
+/// A rustls client configuration trusting only the certificates in the PEM file `ca` (not the
+/// system's roots: the admin API's certificate comes from the cluster's own CA, or from whatever
+/// CA the admin chose and named here).
+pub fn tls_config(ca: &Path) -> Result<std::sync::Arc<rustls::ClientConfig>, ClientError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let err = |reason: String| ClientError::Ca { ca: ca.to_path_buf(), reason };
+    let pem = std::fs::read(ca).map_err(|e| err(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| err(format!("not a PEM certificate file: {e}")))?;
+        roots.add(cert).map_err(|e| err(format!("unusable certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(err("no CERTIFICATE block in it".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
 }
 
 impl Client {
     /// `env_token` is the value of `LUNA_TOKEN` (taken first); the file is read only when a
-    /// request needs the token, so reads work without access to it.
-    pub fn new(server: &str, env_token: Option<String>, token_file: &Path) -> Self {
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(5))
-            // Creating thousands of nodes is one request; give the server time.
-            .timeout_read(Duration::from_secs(300))
-            .build();
+    /// request needs the token, so reads work without access to it. `ca` is the PEM file the
+    /// server's certificate must verify against; it is read at the first request.
+    pub fn new(server: &str, env_token: Option<String>, token_file: &Path, ca: &Path) -> Self {
         Client {
-            agent,
+            agent: std::sync::OnceLock::new(),
             base: normalize_base(server),
             env_token: env_token.filter(|t| !t.trim().is_empty()),
             token_file: token_file.to_path_buf(),
+            ca: ca.to_path_buf(),
         }
+    }
+
+    /// The client for the command line's global flags, with `LUNA_TOKEN` from the environment.
+    pub fn from_args(global: &crate::args::GlobalArgs) -> Self {
+        Client::new(&global.server, std::env::var("LUNA_TOKEN").ok(), &global.token_file, &global.ca)
     }
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// The HTTPS agent, built once; a plain `http://` server is refused before anything is sent,
+    /// so the token never crosses the network in clear.
+    fn agent(&self) -> Result<&ureq::Agent, ClientError> {
+        if let Some(a) = self.agent.get() {
+            return Ok(a);
+        }
+        if !self.base.to_ascii_lowercase().starts_with("https://") {
+            return Err(ClientError::PlainHttp { url: self.base.clone() });
+        }
+        let agent = ureq::AgentBuilder::new()
+            .tls_config(tls_config(&self.ca)?)
+            .timeout_connect(Duration::from_secs(5))
+            // Creating thousands of nodes is one request; give the server time.
+            .timeout_read(Duration::from_secs(300))
+            .build();
+        Ok(self.agent.get_or_init(|| agent))
     }
 
     fn token(&self) -> Result<String, ClientError> {
@@ -98,7 +155,7 @@ impl Client {
     /// when there is none and the server wants one, the error says why there is none.
     pub fn get(&self, path: &str, query: &[(&str, &str)]) -> Result<Value, ClientError> {
         let url = self.api_url(path);
-        let mut req = self.agent.get(&url);
+        let mut req = self.agent()?.get(&url);
         for (k, v) in query {
             req = req.query(k, v);
         }
@@ -115,7 +172,7 @@ impl Client {
     /// A write: POST, PATCH or DELETE with the admin token.
     pub fn write(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
         let url = self.api_url(path);
-        let req = self.agent.request(method, &url).set("Authorization", &format!("Bearer {}", self.token()?));
+        let req = self.agent()?.request(method, &url).set("Authorization", &format!("Bearer {}", self.token()?));
         let res = match body {
             Some(b) => req.send_json(b),
             None => req.call(),
@@ -127,7 +184,7 @@ impl Client {
     pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
         let url = format!("{}{path}", self.base);
         // Boot-script previews are admin-only: send the token when there is one.
-        let mut req = self.agent.get(&url);
+        let mut req = self.agent()?.get(&url);
         if let Ok(t) = self.token() {
             req = req.set("Authorization", &format!("Bearer {t}"));
         }
@@ -167,15 +224,44 @@ impl Client {
                 if let Some(m) = t.message() {
                     detail = format!("{detail}: {m}");
                 }
+                let mut tls = None;
                 let mut src = std::error::Error::source(&t);
                 while let Some(s) = src {
                     detail = format!("{detail}: {s}");
+                    tls = tls.or_else(|| tls_failure(s));
                     src = s.source();
                 }
-                ClientError::Unreachable { url: self.base.clone(), detail }
+                match tls {
+                    Some(why) => ClientError::Untrusted { url: self.base.clone(), ca: self.ca.clone(), detail: why },
+                    None => ClientError::Unreachable { url: self.base.clone(), detail },
+                }
             }
         }
     }
+}
+
+/// What failed, when `e` is rustls refusing the server's certificate (or the handshake).
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let r = e.downcast_ref::<rustls::Error>().or_else(|| {
+        e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref::<rustls::Error>())
+    })?;
+    use rustls::CertificateError as C;
+    Some(match r {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
+            "the server's certificate is not signed by this CA (unknown issuer)".into()
+        }
+        rustls::Error::InvalidCertificate(C::BadSignature) => {
+            "the server's certificate is not signed by this CA (bad signature)".into()
+        }
+        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "the server's certificate is not valid for this host name (add it to [http] tls_names and re-issue)".into()
+        }
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "the server's certificate has expired".into()
+        }
+        rustls::Error::InvalidCertificate(c) => format!("the server's certificate is not trusted: {c:?}"),
+        other => format!("tls handshake failed: {other}"),
+    })
 }
 
 #[cfg(test)]
@@ -192,16 +278,16 @@ mod tests {
     #[test]
     fn base_urls() {
         assert_eq!(normalize_base("http://h:7050/"), "http://h:7050");
-        assert_eq!(normalize_base("10.0.0.1:7050"), "http://10.0.0.1:7050");
+        assert_eq!(normalize_base("10.0.0.1:7051"), "https://10.0.0.1:7051");
     }
 
     #[test]
     fn token_sources() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("token");
-        let c = Client::new("h", Some("abc\n".into()), &f);
+        let c = Client::new("h", Some("abc\n".into()), &f, Path::new("/ca"));
         assert_eq!(c.token().unwrap(), "abc");
-        let c = Client::new("h", None, &f);
+        let c = Client::new("h", None, &f, Path::new("/ca"));
         let e = c.token().unwrap_err().to_string();
         assert!(e.contains(&f.display().to_string()) && e.contains("LUNA_TOKEN"), "{e}");
         std::fs::write(&f, "s3cret\n").unwrap();
@@ -213,8 +299,30 @@ mod tests {
     #[test]
     fn refused_connection_names_the_server() {
         // Port 1 on loopback: nothing listens there, so the connect is refused at once.
-        let c = Client::new("http://127.0.0.1:1", None, Path::new("/nonexistent"));
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, TEST_CA).unwrap();
+        let c = Client::new("https://127.0.0.1:1", None, Path::new("/nonexistent"), &ca);
         let e = c.get("/network", &[]).unwrap_err().to_string();
-        assert!(e.starts_with("cannot reach luna-server at http://127.0.0.1:1: "), "{e}");
+        assert!(e.starts_with("cannot reach luna-server at https://127.0.0.1:1: "), "{e}");
     }
+
+    #[test]
+    fn plain_http_and_bad_ca_files_are_refused_before_sending() {
+        let dir = tempfile::tempdir().unwrap();
+        let c =
+            Client::new("http://127.0.0.1:1", Some("s3cr3t-xyz".into()), Path::new("/t"), Path::new("/nonexistent"));
+        let e = c.write("POST", "/network", None).unwrap_err().to_string();
+        assert!(e.contains("plain HTTP") && e.contains("http://127.0.0.1:1") && !e.contains("s3cr3t"), "{e}");
+        let c = Client::new("127.0.0.1:1", None, Path::new("/t"), &dir.path().join("none.pem"));
+        let e = c.get("/network", &[]).unwrap_err().to_string();
+        assert!(e.contains("none.pem") && e.contains("LUNA_CA"), "{e}");
+        std::fs::write(dir.path().join("junk.pem"), "hello").unwrap();
+        let c = Client::new("127.0.0.1:1", None, Path::new("/t"), &dir.path().join("junk.pem"));
+        let e = c.get("/network", &[]).unwrap_err().to_string();
+        assert!(e.contains("junk.pem") && e.contains("no CERTIFICATE"), "{e}");
+    }
+
+    /// A throw-away self-signed CA certificate (never used to sign anything here).
+    const TEST_CA: &str = include_str!("../tests/assets/test-ca.pem");
 }

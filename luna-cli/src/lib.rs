@@ -23,8 +23,7 @@ pub use args::Cli;
 /// Runs one parsed command line, printing its output to stdout.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     // No connection is made until a verb sends a request, so generated files need no server.
-    let token = std::env::var("LUNA_TOKEN").ok();
-    let client = client::Client::new(&cli.global.server, token, &cli.global.token_file);
+    let client = client::Client::from_args(&cli.global);
     let mut ctx = commands::Ctx::new(client, std::io::stdin());
     ctx.dispatch(&cli.command)?;
     let out = ctx.out.into_bytes();

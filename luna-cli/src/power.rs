@@ -73,8 +73,7 @@ pub fn render(results: &[PowerResult], json: bool) -> String {
 /// `lpower`: prints the results; `Ok(false)` when some node failed.
 pub fn run(cli: &LpowerCli) -> Result<(String, bool)> {
     let req = request_of(cli)?;
-    let token = std::env::var("LUNA_TOKEN").ok();
-    let client = Client::new(&cli.global.server, token, &cli.global.token_file);
+    let client = Client::from_args(&cli.global);
     let reply = send(&client, &req)?;
     let all_ok = reply.results.iter().all(PowerResult::ok);
     Ok((render(&reply.results, cli.json), all_ok))

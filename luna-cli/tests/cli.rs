@@ -3,7 +3,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::Path;
 
@@ -315,7 +315,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     let before = snapshot(&s);
 
     // Caught locally: the same error with no server at all proves no request was needed.
-    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    let dead = format!("https://127.0.0.1:{}", common::free_port());
     let local: &[(&[&str], &[&str])] = &[
         (&["network", "add", "bad", "--cidr", "10.0.0.0/33"], &["'10.0.0.0/33'"]),
         (&["network", "add", "bad", "--cidr", "10.141.0.1/16"], &["10.141.0.1/16", "10.141.0.0/16"]),
@@ -393,8 +393,13 @@ fn bad_input_is_refused_and_changes_nothing() {
 
 #[test]
 fn unreachable_server_is_named() {
-    let url = format!("http://127.0.0.1:{}", common::free_port());
-    let r: Run = std::process::Command::new(luna()).args(["node", "list", "--server", &url]).output().unwrap().into();
+    let url = format!("https://127.0.0.1:{}", common::free_port());
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/assets/test-ca.pem");
+    let r: Run = std::process::Command::new(luna())
+        .args(["node", "list", "--server", &url, "--ca", ca])
+        .output()
+        .unwrap()
+        .into();
     assert_error(&r, &[&format!("cannot reach luna-server at {url}: ")]);
 }
 
@@ -454,56 +459,20 @@ fn boot_script_needs_a_mac() {
     assert_error(&s.run(&["node", "show", "node001", "--script", "boot"]), &["node001", "no mac", "--mac"]);
 }
 
-/// `--script boot` asks the server's HTTP for `/boot/ipxe?mac=<the node's mac>`; a stand-in
-/// server answers both requests and records them.
+/// `--script boot` asks the admin API for the node, then `/boot/ipxe?mac=<its mac>&preview=1`
+/// over the same HTTPS port with the token; the boot port itself refuses the token.
 #[test]
-fn boot_script_is_fetched_by_mac() {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let fake = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        for _ in 0..2 {
-            let (stream, _) = listener.accept().unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut request_line = String::new();
-            reader.read_line(&mut request_line).unwrap();
-            loop {
-                let mut h = String::new();
-                reader.read_line(&mut h).unwrap();
-                if h.trim().is_empty() {
-                    break;
-                }
-            }
-            let path = request_line.split_whitespace().nth(1).unwrap_or_default().to_string();
-            let (ctype, body) = if path.starts_with("/api/v1/node/node001") {
-                (
-                    "application/json",
-                    r#"{"name":"node001","group":"compute","mac":"52:54:00:00:00:01","interfaces":[]}"#.to_string(),
-                )
-            } else {
-                ("text/plain", "#!ipxe\nkernel http://x/k\nboot\n".to_string())
-            };
-            let mut stream = stream;
-            write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .unwrap();
-            seen.push(path);
-        }
-        seen
-    });
-    let r: Run = std::process::Command::new(luna())
-        .args(["node", "show", "node001", "--script", "boot", "--server", &url])
-        .env("LUNA_TOKEN", "t")
-        .output()
-        .unwrap()
-        .into();
-    assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(r.stdout, "#!ipxe\nkernel http://x/k\nboot\n");
-    let seen = fake.join().unwrap();
-    assert_eq!(seen, ["/api/v1/node/node001", "/boot/ipxe?mac=52%3A54%3A00%3A00%3A00%3A01&preview=1"]);
+fn boot_script_is_fetched_by_mac_over_https() {
+    let s = Server::start(luna());
+    setup(&s);
+    s.ok(&["node", "add", "node001", "--group", "compute", "--mac", "52:54:00:00:00:01"]);
+    let r = s.run(&["node", "show", "node001", "--script", "boot"]);
+    assert_eq!(r.code, 0, "{r:?}\n{}", s.log());
+    assert!(r.stdout.starts_with("#!ipxe"), "{r:?}");
+    // The preview names the plain boot port, not the HTTPS port it was asked over.
+    assert!(!r.stdout.contains(&s.url.replace("https://", "")), "{}", r.stdout);
+    let r = s.run(&["node", "show", "node001", "--script", "boot", "--server", &s.boot_url]);
+    assert_error(&r, &["plain HTTP", &s.boot_url]);
 }
 
 #[test]
@@ -614,4 +583,116 @@ fn osimage_pack_show_and_rollback() {
     assert_error(&s.run(&["osimage", "pack", "img", "--boot-only", "--image-only"]), &["--image-only"]);
     let started = s.ok(&["osimage", "pack", "img", "--no-wait"]);
     assert!(started.starts_with("started pack job ") && started.contains("img"), "{started}");
+}
+
+/// A TCP relay that records every byte in both directions: what a packet capture between the
+/// CLI and the server would see, without needing root.
+struct Relay {
+    addr: std::net::SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Relay {
+    fn start(on: Ipv4Addr, to: std::net::SocketAddr) -> Relay {
+        use std::sync::{Arc, Mutex};
+        let listener = TcpListener::bind((on, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let rec = seen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = std::net::TcpStream::connect(to) else { return };
+                for (mut from, mut into) in
+                    [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    let rec = rec.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = std::io::Read::read(&mut from, &mut buf) {
+                            if n == 0 || into.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            rec.lock().unwrap().extend_from_slice(&buf[..n]);
+                        }
+                        let _ = into.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Relay { addr, seen }
+    }
+
+    fn seen(&self) -> Vec<u8> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The admin API is HTTPS only: the CLI verifies the server against its CA, a CLI trusting
+/// another CA fails naming the server and the CA file, the token and the bodies are not visible
+/// on the wire, a plain-HTTP request to the API port gets no answer and the boot port refuses
+/// the token; the keys are owner-only.
+#[test]
+fn the_api_is_https_only_verified_and_the_token_never_in_clear() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Server::start(luna());
+    let tls = s.dir.path().join("data/tls");
+    let mode = |f: &str| std::fs::metadata(tls.join(f)).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode("server.key"), mode("ca.key")), (0o600, 0o600));
+    assert_eq!(std::fs::metadata(&tls).unwrap().permissions().mode() & 0o777, 0o700);
+    let token = std::fs::read_to_string(&s.token_file).unwrap().trim().to_string();
+    let api: std::net::SocketAddr = s.url.trim_start_matches("https://").parse().unwrap();
+
+    // Through a recording relay: works, and neither the token nor the request shows.
+    let relay = Relay::start(Ipv4Addr::LOCALHOST, api);
+    let via = format!("https://{}", relay.addr);
+    let r = s.run_env(&["network", "add", "wiretap", "--cidr", "10.77.0.0/16"], &[("LUNA_SERVER", &via)]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = s.run_env(&["network", "show", "wiretap"], &[("LUNA_SERVER", &via)]);
+    assert!(r.code == 0 && r.stdout.contains("10.77.0.0/16"), "{r:?}");
+    let wire = relay.seen();
+    assert!(wire.len() > 1000, "the relay saw {} bytes", wire.len());
+    for clear in [token.as_bytes(), b"Bearer", b"wiretap", b"10.77.0.0", b"/api/v1"] {
+        assert!(!contains(&wire, clear), "{:?} crossed the wire in clear", String::from_utf8_lossy(clear));
+    }
+
+    // A CLI that trusts another CA refuses the server, naming it and the CA file.
+    let other_ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/assets/test-ca.pem");
+    let r = s.run_env(&["network", "list"], &[("LUNA_CA", other_ca)]);
+    assert_error(
+        &r,
+        &[&format!("cannot verify luna-server at {} against the CA in '{other_ca}'", s.url), "not signed by this CA"],
+    );
+    // The right CA but an address the certificate does not name (127.0.0.2 is loopback too).
+    let elsewhere = Relay::start(Ipv4Addr::new(127, 0, 0, 2), api);
+    let r = s.run_env(&["network", "list"], &[("LUNA_SERVER", &format!("https://{}", elsewhere.addr))]);
+    assert_error(&r, &["cannot verify luna-server at https://127.0.0.2:", "not valid for this host name"]);
+
+    // Plain HTTP to the API port: no HTTP answer, let alone the cluster.
+    let mut plain = std::net::TcpStream::connect(api).unwrap();
+    plain.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    // (The server may close the connection as soon as it sees no TLS, failing the write.)
+    let _ = write!(plain, "GET /api/v1/cluster HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut answer);
+    assert!(!contains(&answer, b"HTTP/1.1 200") && !contains(&answer, b"\"name\""), "{answer:?}");
+
+    // The boot port refuses the API and the token, saying where the API is.
+    let r = s.run_env(&["network", "list"], &[("LUNA_SERVER", &s.boot_url)]);
+    assert_error(&r, &["plain HTTP"]);
+    let boot: std::net::SocketAddr = s.boot_url.trim_start_matches("http://").parse().unwrap();
+    let mut plain = std::net::TcpStream::connect(boot).unwrap();
+    write!(
+        plain,
+        "GET /api/v1/cluster HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut plain, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403") && answer.contains(&format!("port {}", api.port())), "{answer}");
+    assert!(!answer.contains(&token), "{answer}");
 }

@@ -20,7 +20,8 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,11 +46,28 @@ pub struct HttpConfig {
     /// Open connections from one address; beyond this, new ones from it are closed at once.
     /// Default 64 (a booting node needs a handful).
     pub max_connections_per_address: usize,
+    /// HTTPS address of the admin API (`/api/v1`). Default 0.0.0.0:7051.
+    pub api_listen: SocketAddr,
+    /// The admin API's certificate chain (PEM). Unset: the one `luna-server init` generates in
+    /// `<data_dir>/tls/`. Set together with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert`; tightened to 0600 at start if others may read it.
+    pub tls_key: Option<PathBuf>,
+    /// Names (DNS or IP) clients reach the API by, added to the certificate `init` generates.
+    pub tls_names: Vec<String>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { header_timeout_s: 10, max_connections: 4096, max_connections_per_address: 64 }
+        HttpConfig {
+            header_timeout_s: 10,
+            max_connections: 4096,
+            max_connections_per_address: 64,
+            api_listen: SocketAddr::from(([0, 0, 0, 0], 7051)),
+            tls_cert: None,
+            tls_key: None,
+            tls_names: Vec::new(),
+        }
     }
 }
 
@@ -59,15 +77,28 @@ impl HttpConfig {
         let d = HttpConfig::default();
         format!(
             r#"
-# The HTTP port (REST API, boot scripts, images, tracker): limits against slow or greedy clients.
+# The HTTP ports: limits against slow or greedy clients (both ports), and the admin API's
+# HTTPS port. The boot port (`listen`: iPXE scripts, images, tracker) stays plain HTTP, as iPXE
+# cannot verify a certificate; it refuses /api/v1 and any request carrying a bearer token.
 [http]
-# Seconds a client has to send a whole request head (also the idle limit between requests).
+# Seconds a client has to send a whole request head (also the idle limit between requests, and
+# the limit for a TLS handshake).
 header_timeout_s = {}
-# Connections open at once, in total and from one address; more are closed at once.
+# Connections open at once, in total and from one address, over both ports; more are closed at once.
 max_connections = {}
 max_connections_per_address = {}
+# HTTPS address of the admin API (/api/v1); `luna` and `lpower` verify its certificate.
+api_listen = "{}"
+# The API's certificate and key (PEM). Unset: `luna-server init` generates a CA and a
+# certificate in <data_dir>/tls/ (clients trust <data_dir>/tls/ca.pem, which the package
+# copies to /etc/luna/ca.pem).
+# tls_cert = "/etc/luna/tls/server.pem"
+# tls_key = "/etc/luna/tls/server.key"
+# Extra names (DNS or IP) clients use for the API, put into the generated certificate besides
+# localhost, the host name and the host's addresses.
+tls_names = []
 "#,
-            d.header_timeout_s, d.max_connections, d.max_connections_per_address
+            d.header_timeout_s, d.max_connections, d.max_connections_per_address, d.api_listen
         )
     }
 
@@ -162,21 +193,53 @@ pub fn raise_open_file_limit() -> std::io::Result<u64> {
     rlimit::increase_nofile_limit(u64::MAX)
 }
 
+/// Whether the plain-HTTP boot port refuses a request: the admin API (`/api/...`) lives on the
+/// HTTPS port only, and a request carrying credentials (`Authorization`) is refused whatever its
+/// path, so a misdirected admin client fails loudly instead of working in clear (sans-IO).
+pub fn plain_port_refuses(path: &str, has_authorization: bool) -> bool {
+    has_authorization || path == "/api" || path.starts_with("/api/")
+}
+
+/// Middleware of the boot port: see [`plain_port_refuses`]. `api_port` is the HTTPS port named in
+/// the refusal. The bearer token, if any, is neither checked nor logged.
+pub async fn plain_port_guard(
+    axum::extract::State(api_port): axum::extract::State<u16>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let has_auth = req.headers().contains_key(hyper::header::AUTHORIZATION);
+    if !plain_port_refuses(req.uri().path(), has_auth) {
+        return next.run(req).await;
+    }
+    crate::http::error_response(
+        hyper::StatusCode::FORBIDDEN,
+        luna_core::api::ErrorCode::Forbidden,
+        format!(
+            "this plain-HTTP port serves only the boot path and refuses admin requests and credentials: \
+             the admin API is served over HTTPS at port {api_port}"
+        ),
+    )
+}
+
 /// How long shutdown waits for open connections to finish their request.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` until `cancel` fires, then lets open requests finish (at most
-/// [`SHUTDOWN_GRACE`]). Fails only if accepting fails for a reason other than a client or a
-/// resource shortage (those are logged and waited out).
+/// [`SHUTDOWN_GRACE`]). With `tls`, each connection first completes a TLS handshake, which must
+/// end within `header_timeout_s` like a request head. `limits` may be shared between listeners,
+/// so the caps hold for the process. Fails only if accepting fails for a reason other than a
+/// client or a resource shortage (those are logged and waited out).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     config: &HttpConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Arc<ConnLimits>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let limits = ConnLimits::new(config.max_connections, config.max_connections_per_address);
+    let header_timeout = Duration::from_secs(config.header_timeout_s);
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(config.header_timeout_s));
+    builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, remote) = tokio::select! {
@@ -207,10 +270,25 @@ pub async fn serve(
             let app = app.clone();
             async move { Ok::<_, Infallible>(app.oneshot(req).await.unwrap_or_else(|never| match never {})) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match tls {
+                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await,
+                Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote, error = %e, "tls handshake failed");
+                        Ok(())
+                    }
+                    Err(_) => {
+                        tracing::debug!(%remote, "tls handshake timed out");
+                        Ok(())
+                    }
+                },
+            };
+            if let Err(e) = result {
                 tracing::debug!(%remote, error = %e, "http connection ended with an error");
             }
             drop(ticket);
@@ -261,6 +339,16 @@ mod tests {
         assert_eq!(l.open(mapped), (1, 1));
         let _m = l.admit(mapped).unwrap();
         assert_eq!(l.admit(ip(1)).unwrap_err(), Refused::PerAddress);
+    }
+
+    #[test]
+    fn plain_port_refuses_the_api_and_any_credentials() {
+        assert!(plain_port_refuses("/api/v1/cluster", false));
+        assert!(plain_port_refuses("/api", false));
+        assert!(plain_port_refuses("/boot/ipxe", true));
+        assert!(!plain_port_refuses("/boot/ipxe", false));
+        assert!(!plain_port_refuses("/announce", false));
+        assert!(!plain_port_refuses("/apiary", false));
     }
 
     #[test]

@@ -16,5 +16,6 @@ pub mod service;
 pub mod status;
 pub mod store;
 pub mod tftp;
+pub mod tls;
 pub mod tracker;
 pub mod wiring;

@@ -26,8 +26,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create the store, the admin token file and the cluster object (idempotent).
-    Init,
+    /// Create the store, the admin token file, the cluster object and the admin API's
+    /// certificate (idempotent: what exists is kept).
+    Init {
+        /// Only the admin API's certificate (no store access): for upgrades and external stores.
+        #[arg(long)]
+        tls_only: bool,
+        /// Also copy the CA certificate clients trust to FILE (mode 0644), e.g. /etc/luna/ca.pem.
+        #[arg(long, value_name = "FILE")]
+        export_ca: Option<PathBuf>,
+    },
     /// Serve (the default).
     Serve,
 }
@@ -36,6 +44,28 @@ enum Command {
 /// configuration file or a store written by a newer luna-server. The systemd unit lists it in
 /// `RestartPreventExitStatus=`, so the service stays down instead of looping.
 const EX_CONFIG: u8 = 78;
+
+/// What `init` says about the admin API's certificate.
+fn print_tls(tls: &luna_server::tls::Ensured) {
+    use luna_server::tls::Ensured;
+    match tls {
+        Ensured::Configured { cert } => println!("admin API certificate: {} (configured)", cert.display()),
+        Ensured::Kept { cert, ca } => {
+            println!("admin API certificate kept in {}; clients trust {}", cert.display(), ca.display())
+        }
+        Ensured::Generated { cert, ca, new_ca, names } => {
+            if *new_ca {
+                println!("certificate authority created: {}", ca.display());
+            }
+            println!(
+                "admin API certificate written to {} for {}; clients trust {} (luna --ca, LUNA_CA)",
+                cert.display(),
+                names.join(", "),
+                ca.display()
+            );
+        }
+    }
+}
 
 fn main() -> std::process::ExitCode {
     match run() {
@@ -59,7 +89,10 @@ fn refused_for_good(e: &anyhow::Error) -> bool {
             || cause.downcast_ref::<StoreError>().is_some_and(schema)
             || match cause.downcast_ref::<server::ServerError>() {
                 Some(server::ServerError::Store(s)) => schema(s),
-                Some(server::ServerError::Config(_) | server::ServerError::Power(_)) => true,
+                // A missing or unusable certificate: restarting cannot cure it either.
+                Some(server::ServerError::Config(_) | server::ServerError::Power(_) | server::ServerError::Tls(_)) => {
+                    true
+                }
                 _ => false,
             }
     })
@@ -85,13 +118,29 @@ fn run() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
-            Command::Init => {
-                let r = server::init(&config).await?;
-                println!("cluster {} ready in {}", r.cluster, config.store);
-                if r.token_created {
-                    println!("admin token written to {}", r.token_file.display());
+            Command::Init { tls_only, export_ca } => {
+                let tls = if tls_only {
+                    luna_server::tls::ensure(&config)?
                 } else {
-                    println!("admin token kept in {}", r.token_file.display());
+                    let r = server::init(&config).await?;
+                    println!("cluster {} ready in {}", r.cluster, config.store);
+                    if r.token_created {
+                        println!("admin token written to {}", r.token_file.display());
+                    } else {
+                        println!("admin token kept in {}", r.token_file.display());
+                    }
+                    r.tls
+                };
+                print_tls(&tls);
+                if let Some(dest) = export_ca {
+                    match luna_server::tls::export_ca(&config, &dest)? {
+                        true => println!("CA certificate copied to {}", dest.display()),
+                        false => println!(
+                            "[http] tls_cert is configured: luna has no CA of its own to copy to {}; give clients \
+                             the CA of that certificate (luna --ca, LUNA_CA)",
+                            dest.display()
+                        ),
+                    }
                 }
                 Ok(())
             }

@@ -45,6 +45,8 @@ pub enum ServerError {
     Power(#[from] crate::power::PowerConfigError),
     #[error(transparent)]
     Servers(#[from] crate::servers::ServersError),
+    #[error("admin API tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Creates the store and the cluster object, and the admin token file if there is none.
@@ -54,13 +56,16 @@ pub async fn init(config: &Config) -> Result<InitReport, ServerError> {
     let service = Service::new(store);
     let cluster = service.ensure_cluster(&config.cluster_name).await?;
     let token_created = ensure_token(&config.token_file)?;
-    Ok(InitReport { cluster: cluster.name, token_file: config.token_file.clone(), token_created })
+    let tls = crate::tls::ensure(config)?;
+    Ok(InitReport { cluster: cluster.name, token_file: config.token_file.clone(), token_created, tls })
 }
 
 pub struct InitReport {
     pub cluster: String,
     pub token_file: PathBuf,
     pub token_created: bool,
+    /// What became of the admin API's certificate.
+    pub tls: crate::tls::Ensured,
 }
 
 fn ensure_token(path: &Path) -> Result<bool, ServerError> {
@@ -145,6 +150,19 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     config.http.validate().map_err(ServerError::Config)?;
     config.server.validate().map_err(ServerError::Config)?;
     let server_id = config.server.identity().map_err(ServerError::Config)?;
+    if config.listen.port() != 0
+        && config.http.api_listen.port() == config.listen.port()
+        && (config.http.api_listen.ip() == config.listen.ip()
+            || config.http.api_listen.ip().is_unspecified()
+            || config.listen.ip().is_unspecified())
+    {
+        return Err(ServerError::Config(format!(
+            "[http] api_listen {} and listen {} share a port: the admin API needs its own (HTTPS) port",
+            config.http.api_listen, config.listen
+        )));
+    }
+    // Loaded before anything listens: a server whose API cannot be reached safely does not start.
+    let tls_config = crate::tls::server_config(&crate::tls::TlsPaths::of(&config)?)?;
     // Connections, TFTP transfers and the seeder's files all take descriptors: let the caps in
     // [http] and [tftp], not the usual soft limit of 1024, decide.
     match crate::httpd::raise_open_file_limit() {
@@ -194,18 +212,28 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     let power_api =
         crate::power::http::router(Arc::new(crate::power::http::PowerState { service: service.clone(), power }))
             .route_layer(axum::middleware::from_fn_with_state(state.clone(), http::require_token));
-    let app = api::router(state.clone())
+    // The boot routes are on both ports: nodes use the plain one; admin previews
+    // (`/boot/ipxe?preview=1`, which need the token) come over HTTPS.
+    let boot_routes = boot::router(state.clone(), boot);
+    let admin_app = api::router(state.clone())
         .merge(image_api)
         .merge(power_api)
-        .merge(crate::image::http::files_router(images.clone()))
-        .merge(crate::tracker::router(tracker.clone()))
         .merge(crate::discovery::http::router(discovery.clone(), state.clone()))
-        .merge(crate::servers::router(store.clone(), config.server.heartbeat_interval_s, state.clone()))
-        .merge(boot::router(state, boot));
+        .merge(crate::servers::router(store.clone(), config.server.heartbeat_interval_s, state))
+        .merge(boot_routes.clone());
+    let plain_app = crate::image::http::files_router(images.clone())
+        .merge(crate::tracker::router(tracker.clone()))
+        .merge(boot_routes)
+        .layer(axum::middleware::from_fn_with_state(config.http.api_listen.port(), crate::httpd::plain_port_guard));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Listen { addr: config.listen, source })?;
-    tracing::info!(addr = %config.listen, "http listening");
+    let api_listener = tokio::net::TcpListener::bind(config.http.api_listen)
+        .await
+        .map_err(|source| ServerError::Listen { addr: config.http.api_listen, source })?;
+    let api_addr = api_listener.local_addr().map_err(ServerError::Http)?;
+    tracing::info!(addr = %api_addr, "https listening (admin api)");
+    tracing::info!(addr = %listener.local_addr().map_err(ServerError::Http)?, "http listening");
 
     let cancel = CancellationToken::new();
     let stop = cancel.clone();
@@ -304,11 +332,22 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         Some(server) => tokio::spawn(server.run(tftp_rx)),
         None => tokio::spawn(crate::tftp::serve(config.tftp.clone(), tftp_rx)),
     };
-    let http = crate::httpd::serve(listener, app, &config.http, cancel.clone());
+    // One set of caps for both ports: a flood of either cannot starve the process of descriptors.
+    let limits = crate::httpd::ConnLimits::new(config.http.max_connections, config.http.max_connections_per_address);
+    let http = crate::httpd::serve(listener, plain_app, &config.http, None, limits.clone(), cancel.clone());
+    let https = crate::httpd::serve(
+        api_listener,
+        admin_app,
+        &config.http,
+        Some(tokio_rustls::TlsAcceptor::from(tls_config)),
+        limits,
+        cancel.clone(),
+    );
     notify_ready();
     // A listener that fails takes the whole server down: half a boot service is worse than none.
     let result = tokio::select! {
-        r = http => r.map_err(ServerError::Http),
+        // Both ports end together (each drains its own connections); either failing ends both.
+        r = async { tokio::try_join!(http, https).map(|_| ()) } => r.map_err(ServerError::Http),
         r = dhcp_task => match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.into()),

@@ -42,7 +42,11 @@ fn free_port(ip: Ipv4Addr) -> u16 {
 /// small connection caps, few torrents.
 fn start(ip: Ipv4Addr) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port(ip);
+    // Both ports picked while both are held, so they differ.
+    let hold = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let api_port = free_port(ip);
+    let port = hold.local_addr().unwrap().port();
+    drop(hold);
     let addr = SocketAddr::from((ip, port));
     let d = dir.path();
     let config = format!(
@@ -58,6 +62,7 @@ seed = false
 header_timeout_s = 2
 max_connections = 12
 max_connections_per_address = 8
+api_listen = "{ip}:{api_port}"
 [tracker]
 max_torrents = 160
 "#,
@@ -202,7 +207,7 @@ fn slow_heads_are_cut_and_connection_caps_hold() {
     for s in &mut held {
         assert!(closed_within(s, Duration::from_secs(4)), "an idle connection was kept");
     }
-    let (status, body) = get(C, srv.addr, "/api/v1/cluster", Some(&srv.token));
+    let (status, body) = get(C, srv.addr, "/scrape", None);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 }
 
@@ -227,8 +232,9 @@ fn unknown_info_hashes_are_capped_and_a_full_scrape_stays_small() {
     let t0 = Instant::now();
     let (status, body) = get(B, srv.addr, "/scrape", None);
     assert_eq!((status, body.as_slice()), (200, &b"d5:filesdee"[..]));
-    let (status, _) = get(B, srv.addr, "/api/v1/cluster", Some(&srv.token));
-    assert_eq!(status, 200);
+    // The boot port answers at once (and, being plain HTTP, refuses the admin API).
+    let (status, body) = get(B, srv.addr, "/api/v1/cluster", None);
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
     assert!(t0.elapsed() < Duration::from_secs(2), "scrape and API took {:?}", t0.elapsed());
 }
 
@@ -276,4 +282,24 @@ fn malformed_requests_get_no_second_answer_and_do_not_hang() {
     let got = exchange(A, srv.addr, bare.as_bytes());
     assert!(got.starts_with("HTTP/1.1 "), "{got}");
     assert!(t0.elapsed() < Duration::from_secs(2), "malformed requests took {:?}", t0.elapsed());
+}
+
+/// The admin API is HTTPS-only: on the plain boot port, `/api/v1` and anything carrying the
+/// token are refused (and the refusal does not echo the token).
+#[test]
+fn the_boot_port_refuses_the_admin_api_and_the_token() {
+    let srv = start(Ipv4Addr::new(127, 31, 4, 1));
+    for (target, token) in [
+        ("/api/v1/cluster", Some(srv.token.as_str())),
+        ("/api/v1/node", None),
+        ("/boot/ipxe?mac=52:54:00:00:00:01&preview=1", Some(srv.token.as_str())),
+    ] {
+        let (status, body) = get(A, srv.addr, target, token);
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, 403, "{target}: {text}");
+        assert!(text.contains("HTTPS") && !text.contains(&srv.token), "{target}: {text}");
+    }
+    // The boot path itself still answers in plain HTTP.
+    let (status, _) = get(A, srv.addr, "/scrape", None);
+    assert_eq!(status, 200);
 }

@@ -60,7 +60,7 @@ impl LunaServer {
         let tftp_ip = if netns.is_some() { "127.0.0.1" } else { SERVER_IP };
         let config = format!(
             "store = \"sqlite://{db}\"\nlisten = \"{listen}\"\ntoken_file = \"{token}\"\ndata_dir = \"{data}\"\n\
-             [image]\nseed = false\n[dhcp]\n{dhcp}\n[tftp]\nroot = \"{root}\"\nbind = \"{tftp_ip}:{port}\"\n{tftp_extra}\n\
+             [http]\napi_listen = \"{listen}\"\n[image]\nseed = false\n[dhcp]\n{dhcp}\n[tftp]\nroot = \"{root}\"\nbind = \"{tftp_ip}:{port}\"\n{tftp_extra}\n\
              [tftp.ipxe_files]\n",
             db = d.join("luna.db").display(),
             token = d.join("token").display(),

@@ -78,7 +78,8 @@ pub fn luna_config(dir: &Path) -> Result<PathBuf> {
         "store = \"sqlite://{d}/luna.db\"\nlisten = \"{SERVER_IP}:7050\"\ntoken_file = \"{d}/token\"\n\
          data_dir = \"{d}/data\"\n[dhcp]\ninterfaces = [\"{SERVER_DEV}\"]\nmax_in_flight = 1024\n\
          [tftp]\nenabled = false\n[image]\nseed = false\n\
-         [http]\nmax_connections_per_address = 4096\n"
+         [http]\nmax_connections_per_address = 4096\napi_listen = \"{SERVER_IP}:7051\"\n\
+         tls_names = [\"{SERVER_IP}\"]\n"
     );
     let path = dir.join("luna.toml");
     std::fs::write(&path, text).map_err(|e| HarnessError::io(format!("write {}", path.display()), e))?;

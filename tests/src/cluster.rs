@@ -101,9 +101,19 @@ impl Cluster {
         format!("{}.1", self.opts.subnet)
     }
 
-    /// `http://<server>:7050`.
+    /// `http://<server>:7050`: the boot port (scripts, images, tracker).
     pub fn url(&self) -> String {
         format!("http://{}:7050", self.server_ip())
+    }
+
+    /// `https://<server>:7051`: the admin API.
+    pub fn api_url(&self) -> String {
+        format!("https://{}:7051", self.server_ip())
+    }
+
+    /// The CA `luna-server init` generated, which the API's certificate verifies against.
+    pub fn ca(&self) -> PathBuf {
+        self.dir().join("data/tls/ca.pem")
     }
 
     /// The cluster's scratch directory (config, store, data_dir under `data/`).
@@ -120,6 +130,7 @@ impl Cluster {
         let ip = self.server_ip();
         let config = format!(
             "store = \"sqlite://{db}\"\nlisten = \"{ip}:7050\"\ntoken_file = \"{token}\"\ndata_dir = \"{data}\"\n\
+             [http]\napi_listen = \"{ip}:7051\"\ntls_names = [\"{ip}\"]\n\
              [dhcp]\ninterfaces = [\"br0\"]\n[tftp]\nroot = \"{tftp}\"\nbind = \"{ip}:69\"\n\
              [image]\ndracut = \"{dracut}\"\nseed = {seed}\nseed_listen = \"{ip}:6881\"\nupload_limit_bytes_per_s = {limit}\n{extra}",
             db = d.join("luna.db").display(),
@@ -196,7 +207,8 @@ impl Cluster {
             .ns
             .command(cargo_bin("luna")?)
             .args(args)
-            .env("LUNA_SERVER", self.url())
+            .env("LUNA_SERVER", self.api_url())
+            .env("LUNA_CA", self.ca())
             .env("LUNA_TOKEN_FILE", self.dir().join("token"))
             .env_remove("LUNA_TOKEN")
             .output()
@@ -220,7 +232,8 @@ impl Cluster {
             .map_err(|e| HarnessError::Setup(format!("luna {args:?} printed no json: {e}: {text}")))
     }
 
-    /// A REST call with the admin token (curl in the namespace); returns the JSON body (Null
+    /// A REST call with the admin token (curl in the namespace, over HTTPS verified against the
+    /// cluster's CA); returns the JSON body (Null
     /// when empty). Fails on an HTTP error status, with the body in the message.
     pub fn api(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
         let token_path = self.dir().join("token");
@@ -228,12 +241,14 @@ impl Cluster {
             .map_err(|e| HarnessError::io(format!("read {}", token_path.display()), e))?;
         let mut cmd = self.ns.command("curl");
         cmd.args(["-sS", "--fail-with-body", "--max-time", "30", "-X", method])
+            .arg("--cacert")
+            .arg(self.ca())
             .arg("-H")
             .arg(format!("Authorization: Bearer {}", token.trim()));
         if let Some(b) = body {
             cmd.args(["-H", "Content-Type: application/json", "--data"]).arg(b.to_string());
         }
-        let out = cmd.arg(format!("{}{path}", self.url())).output().map_err(|e| HarnessError::io("run curl", e))?;
+        let out = cmd.arg(format!("{}{path}", self.api_url())).output().map_err(|e| HarnessError::io("run curl", e))?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
             return Err(HarnessError::Command {

@@ -39,9 +39,15 @@ impl Server {
         let dir = tempfile::Builder::new().prefix("lchroot-").tempdir_in(work_dir()).unwrap();
         let d = dir.path();
         let port = free_port().unwrap();
+        let api_port = loop {
+            let p = free_port().unwrap();
+            if p != port {
+                break p;
+            }
+        };
         let config = format!(
             "store = \"sqlite://{d}/luna.db\"\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{d}/token\"\n\
-             data_dir = \"{d}/data\"\n[tftp]\nenabled = false\n[image]\nseed = false\ndracut = \"/bin/false\"\n",
+             data_dir = \"{d}/data\"\n[http]\napi_listen = \"127.0.0.1:{api_port}\"\n[tftp]\nenabled = false\n[image]\nseed = false\ndracut = \"/bin/false\"\n",
             d = d.display()
         );
         std::fs::write(d.join("luna.toml"), config).unwrap();
@@ -55,7 +61,7 @@ impl Server {
         cmd.arg("--config").arg(d.join("luna.toml")).arg("serve");
         let guard = ChildGuard::spawn(&mut cmd, "lchroot-luna-server").unwrap();
         guard.wait_for("http listening", Duration::from_secs(60)).unwrap();
-        let s = Server { _guard: guard, url: format!("http://127.0.0.1:{port}"), dir, ns };
+        let s = Server { _guard: guard, url: format!("https://127.0.0.1:{api_port}"), dir, ns };
         s.luna_ok(&["cluster", "change", "--frontend-address", "127.0.0.1"]);
         s
     }
@@ -66,6 +72,7 @@ impl Server {
 
     fn env(&self, cmd: &mut Command) {
         cmd.env("LUNA_SERVER", &self.url)
+            .env("LUNA_CA", self.dir.path().join("data/tls/ca.pem"))
             .env("LUNA_TOKEN_FILE", self.dir.path().join("token"))
             .env("LUNA_DATA_DIR", self.data_dir())
             .env_remove("LUNA_TOKEN");
@@ -673,7 +680,8 @@ fn imported_image_changed_in_lchroot_boots_with_the_change() {
         uname -r";
     let out =
         c.ns.command(cargo_bin("lchroot").unwrap())
-            .env("LUNA_SERVER", c.url())
+            .env("LUNA_SERVER", c.api_url())
+            .env("LUNA_CA", c.ca())
             .env("LUNA_TOKEN_FILE", c.dir().join("token"))
             .env("LUNA_DATA_DIR", c.dir().join("data"))
             .env_remove("LUNA_TOKEN")

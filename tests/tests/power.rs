@@ -17,6 +17,8 @@ use serde_json::Value;
 const GOOD_PASSWORD: &str = "s3cr3t-lpw";
 const BAD_PASSWORD: &str = "wr0ng-lpw";
 const LISTEN: &str = "127.0.0.1:7150";
+/// The admin API (HTTPS) of the server under test.
+const API_LISTEN: &str = "127.0.0.1:7151";
 /// `[power] timeout_secs` of the test server (keeps the dead-BMC case short).
 const TIMEOUT_SECS: u64 = 2;
 
@@ -35,6 +37,7 @@ impl Server {
         let d = dir.path();
         let config = format!(
             "store = \"sqlite://{db}\"\nlisten = \"{LISTEN}\"\ntoken_file = \"{token}\"\ndata_dir = \"{data}\"\n\
+             [http]\napi_listen = \"{API_LISTEN}\"\n\
              [tftp]\nroot = \"{tftp}\"\nbind = \"127.0.0.1:6969\"\n[image]\nseed = false\n\
              [power]\ntimeout_secs = {TIMEOUT_SECS}\n",
             db = d.join("luna.db").display(),
@@ -56,7 +59,8 @@ impl Server {
     fn command(&self, bin: &str, args: &[&str]) -> std::process::Command {
         let mut cmd = self.ns.command(cargo_bin(bin).unwrap());
         cmd.args(args)
-            .env("LUNA_SERVER", format!("http://{LISTEN}"))
+            .env("LUNA_SERVER", format!("https://{API_LISTEN}"))
+            .env("LUNA_CA", self.dir.path().join("data/tls/ca.pem"))
             .env("LUNA_TOKEN_FILE", self.dir.path().join("token"))
             .env_remove("LUNA_TOKEN")
             .env_remove("LUNA_BMC_PASSWORD");
@@ -333,7 +337,9 @@ fn lpower_drives_eight_ipmi_bmcs() {
         .ns
         .command("curl")
         .args(["-s", "-H", &format!("Authorization: Bearer {}", server.token())])
-        .args(["-d", r#"{"nodes":"node[08-09]","action":"status"}"#, &format!("http://{LISTEN}/api/v1/power")])
+        .arg("--cacert")
+        .arg(server.dir.path().join("data/tls/ca.pem"))
+        .args(["-d", r#"{"nodes":"node[08-09]","action":"status"}"#, &format!("https://{API_LISTEN}/api/v1/power")])
         .output()
         .unwrap();
     let api = String::from_utf8(api.stdout).unwrap();

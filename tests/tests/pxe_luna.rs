@@ -29,6 +29,7 @@ impl Luna {
         let d = dir.path();
         let config = format!(
             "store = \"sqlite://{db}\"\nlisten = \"{SERVER_IP}:7050\"\ntoken_file = \"{token}\"\ndata_dir = \"{data}\"\n\
+             [http]\napi_listen = \"{SERVER_IP}:7051\"\ntls_names = [\"{SERVER_IP}\"]\n\
              [dhcp]\ninterfaces = [\"br0\"]\n[tftp]\nroot = \"{tftp}\"\nbind = \"{SERVER_IP}:69\"\n",
             db = d.join("luna.db").display(),
             token = d.join("token").display(),
@@ -68,7 +69,8 @@ impl Luna {
             .ns
             .command(cargo_bin("luna").unwrap())
             .args(args)
-            .env("LUNA_SERVER", format!("http://{SERVER_IP}:7050"))
+            .env("LUNA_SERVER", format!("https://{SERVER_IP}:7051"))
+            .env("LUNA_CA", self.dir.path().join("data/tls/ca.pem"))
             .env("LUNA_TOKEN_FILE", self.dir.path().join("token"))
             .env_remove("LUNA_TOKEN")
             .output()
@@ -92,8 +94,10 @@ impl Luna {
             .ns
             .command("curl")
             .args(["-sf", "-X", "PATCH", "-H", &format!("Authorization: Bearer {}", token.trim())])
+            .arg("--cacert")
+            .arg(self.dir.path().join("data/tls/ca.pem"))
             .args(["-H", "Content-Type: application/json", "--data", &patch.to_string()])
-            .arg(format!("http://{SERVER_IP}:7050/api/v1/osimage/tiny"))
+            .arg(format!("https://{SERVER_IP}:7051/api/v1/osimage/tiny"))
             .output()
             .unwrap();
         assert!(out.status.success(), "publish revision: {}", String::from_utf8_lossy(&out.stderr));

@@ -124,8 +124,7 @@ pub fn run(cli: &LchrootCli) -> Result<i32, LchrootError> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(LchrootError::NotRoot);
     }
-    let token = std::env::var("LUNA_TOKEN").ok();
-    let client = Client::new(&cli.global.server, token, &cli.global.token_file);
+    let client = Client::from_args(&cli.global);
     let obj = client.get(&format!("/osimage/{image}"), &[])?;
     let path = obj
         .get("path")

@@ -19,6 +19,13 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local address").port()
 }
 
+/// Two distinct ports nothing listens on right now (boot port, admin API port).
+pub fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a loopback port");
+    let b = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a loopback port");
+    (a.local_addr().expect("local address").port(), b.local_addr().expect("local address").port())
+}
+
 /// Builds `bin` of `package` into the target directory `bin_dir` belongs to (same profile) and
 /// returns its path. A failed build is fatal: an older binary could test code that is gone.
 pub fn cargo_build(bin_dir: &Path, package: &str, bin: &str) -> PathBuf {
@@ -57,7 +64,12 @@ pub fn server_bin(luna: &Path) -> PathBuf {
 pub struct Server {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
+    /// The admin API: `https://127.0.0.1:<api port>`.
     pub url: String,
+    /// The plain-HTTP boot port: `http://127.0.0.1:<port>`.
+    pub boot_url: String,
+    /// The CA `luna-server init` generated (what `luna --ca` trusts).
+    pub ca: PathBuf,
     pub token_file: PathBuf,
     pub luna: PathBuf,
 }
@@ -98,7 +110,7 @@ impl Server {
     /// `image_config`: extra lines for the `[image]` section (e.g. a `dracut` command).
     pub fn try_start_with(luna: &Path, store: Option<&str>, image_config: &str) -> Result<Server, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-        let port = free_port();
+        let (port, api_port) = free_ports();
         let token_file = dir.path().join("token");
         let store = match store {
             Some(s) => s.to_string(),
@@ -110,6 +122,7 @@ impl Server {
             format!(
                 // Only the API: many servers run side by side, so no TFTP port or seeder to share.
                 "store = \"{store}\"\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\ndata_dir = \"{}\"\n\
+                 [http]\napi_listen = \"127.0.0.1:{api_port}\"\n\
                  [tftp]\nenabled = false\n[image]\nseed = false\n{image_config}\n",
                 token_file.display(),
                 dir.path().join("data").display()
@@ -138,10 +151,12 @@ impl Server {
             .map_err(|e| format!("cannot spawn {}: {e}", bin.display()))?;
         let mut server = Server {
             child: Some(child),
-            dir,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("https://127.0.0.1:{api_port}"),
+            boot_url: format!("http://127.0.0.1:{port}"),
+            ca: dir.path().join("data/tls/ca.pem"),
             token_file,
             luna: luna.to_path_buf(),
+            dir,
         };
         server.wait_ready()?;
         Ok(server)
@@ -151,6 +166,8 @@ impl Server {
         let token =
             std::fs::read_to_string(&self.token_file).map_err(|e| format!("token file written by init: {e}"))?;
         let url = format!("{}/api/v1/cluster", self.url);
+        let tls = luna_cli::client::tls_config(&self.ca).map_err(|e| e.to_string())?;
+        let agent = ureq::AgentBuilder::new().tls_config(tls).timeout(Duration::from_secs(2)).build();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(child) = self.child.as_mut() {
@@ -158,10 +175,7 @@ impl Server {
                     return Err(format!("luna-server exited with {status}:\n{}", self.log()));
                 }
             }
-            let answer = ureq::get(&url)
-                .set("Authorization", &format!("Bearer {}", token.trim()))
-                .timeout(Duration::from_secs(2))
-                .call();
+            let answer = agent.get(&url).set("Authorization", &format!("Bearer {}", token.trim())).call();
             if answer.is_ok() {
                 return Ok(());
             }
@@ -179,7 +193,10 @@ impl Server {
     /// `luna` pointed at this server with the admin token file (and no LUNA_TOKEN).
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(&self.luna);
-        c.env("LUNA_SERVER", &self.url).env("LUNA_TOKEN_FILE", &self.token_file).env_remove("LUNA_TOKEN");
+        c.env("LUNA_SERVER", &self.url)
+            .env("LUNA_TOKEN_FILE", &self.token_file)
+            .env("LUNA_CA", &self.ca)
+            .env_remove("LUNA_TOKEN");
         c
     }
 

@@ -238,7 +238,11 @@ async fn ipxe_script(
     let Some(cluster) = object_as!(cluster, Cluster) else {
         return ApiError(kind_error(Kind::Cluster, "cluster")).into_response();
     };
-    let base = base_url(&headers, cluster.frontend_address, cluster.http_port);
+    // A preview comes over the admin API's HTTPS port: its Host is not the boot port nodes use.
+    let base = match preview {
+        true => base_url(&HeaderMap::new(), cluster.frontend_address, cluster.http_port),
+        false => base_url(&headers, cluster.frontend_address, cluster.http_port),
+    };
     if preview && !is_admin(&st.app.admin_token, &headers) {
         return error_response(
             StatusCode::UNAUTHORIZED,

@@ -104,7 +104,9 @@ fn check_status(link: &Link, dir: &Path, nodes: &[BenchNode], requests: u64) -> 
             .client
             .command("curl")
             .args(["-sf", "-H", &format!("Authorization: Bearer {}", token.trim())])
-            .arg(format!("http://{SERVER_IP}:7050/api/v1/node"))
+            .arg("--cacert")
+            .arg(dir.join("data/tls/ca.pem"))
+            .arg(format!("https://{SERVER_IP}:7051/api/v1/node"))
             .output()
             .context("run curl")?;
         if !out.status.success() {

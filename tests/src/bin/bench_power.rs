@@ -21,6 +21,8 @@ use luna_tests::{cargo_bin, ipmi_sim, require_tool, work_dir, ChildGuard, Netns}
 const TARGET: f64 = 3.0;
 const PASSWORD: &str = "bench-pw";
 const LISTEN: &str = "127.0.0.1:7151";
+/// The admin API (HTTPS), in the namespace too.
+const API_LISTEN: &str = "127.0.0.1:7152";
 
 /// lpower status of N simulated BMCs against ipmitool per node with xargs -P 32.
 #[derive(Parser)]
@@ -58,7 +60,7 @@ fn main() -> Result<()> {
 
     let config = format!(
         "store = \"sqlite://{d}/luna.db\"\nlisten = \"{LISTEN}\"\ntoken_file = \"{d}/token\"\ndata_dir = \"{d}/data\"\n\
-         [tftp]\nenabled = false\n[image]\nseed = false\n",
+         [http]\napi_listen = \"{API_LISTEN}\"\n[tftp]\nenabled = false\n[image]\nseed = false\n",
         d = d.display()
     );
     std::fs::write(d.join("luna.toml"), config)?;
@@ -76,7 +78,8 @@ fn main() -> Result<()> {
         Ok(ns
             .command(cargo_bin(bin)?)
             .args(args)
-            .env("LUNA_SERVER", format!("http://{LISTEN}"))
+            .env("LUNA_SERVER", format!("https://{API_LISTEN}"))
+            .env("LUNA_CA", d.join("data/tls/ca.pem"))
             .env("LUNA_TOKEN_FILE", d.join("token"))
             .env_remove("LUNA_TOKEN")
             // read by `bmcsetup add --password-from-env` only

@@ -4,6 +4,8 @@
 //! ```text
 //! apt-get install -y wrk opentracker
 //! cargo run --release -p luna-tests --bin bench_tracker -- [seconds] [connections] [rounds] [luna|axum|fast]
+//! bench_tracker serve [luna|fast]   # the tracker alone, for scripts/tracker-instructions.sh
+//! bench_tracker paths               # the announce paths, one per line
 //! ```
 //!
 //! `luna` (the default) serves luna's tracker as luna-server does (`httpd::serve`: hyper with a
@@ -184,8 +186,59 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// `bench_tracker serve [luna|fast]`: only luna's tracker, served as luna-server serves it (or
+/// through the old fast path), on 127.0.0.1; prints `listening <addr>` and serves until stdin
+/// closes. For counting instructions per announce under `valgrind --tool=callgrind`
+/// (`scripts/tracker-instructions.sh`), where wall-clock rates mean nothing.
+fn serve_only(served_by: &str) -> Result<()> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    listener.set_nonblocking(true)?;
+    println!("listening {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let handle = Arc::new(TrackerHandle::new(TrackerConfig::default(), Arc::new(NoTopology)));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let fast_path = served_by == "fast";
+    runtime.spawn(async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => return eprintln!("luna tracker listener: {e}"),
+        };
+        let router = router(handle.clone());
+        let served = if fast_path {
+            let app = router.into_make_service_with_connect_info::<SocketAddr>();
+            match fast::listener(listener, handle) {
+                Ok(l) => axum::serve(l, app).await,
+                Err(e) => Err(e),
+            }
+        } else {
+            let config = HttpConfig { max_connections_per_address: 1 << 20, ..HttpConfig::default() };
+            let limits = httpd::ConnLimits::new(config.max_connections, config.max_connections_per_address);
+            httpd::serve(listener, router, &config, None, limits, tokio_util::sync::CancellationToken::new()).await
+        };
+        if let Err(e) = served {
+            eprintln!("luna tracker: {e}");
+        }
+    });
+    // Until stdin closes.
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("serve") => return serve_only(args.get(1).map_or("luna", String::as_str)),
+        // The announce paths of every run, one per line (for outside drivers).
+        Some("paths") => {
+            for p in announce_paths() {
+                println!("{p}");
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
     let arg = |i: usize, default: u32| -> Result<u32> {
         args.get(i).map_or(Ok(default), |s| s.parse().with_context(|| format!("argument {}: {s:?}", i + 1)))
     };
@@ -235,7 +288,8 @@ fn main() -> Result<()> {
             _ => {
                 // Every connection comes from 127.0.0.1: lift the per-address cap.
                 let config = HttpConfig { max_connections_per_address: 1 << 20, ..HttpConfig::default() };
-                httpd::serve(listener, router, &config, tokio_util::sync::CancellationToken::new()).await
+                let limits = httpd::ConnLimits::new(config.max_connections, config.max_connections_per_address);
+                httpd::serve(listener, router, &config, None, limits, tokio_util::sync::CancellationToken::new()).await
             }
         };
         if let Err(e) = served {
