@@ -26,6 +26,7 @@ pub struct Config {
     pub tracker: crate::tracker::TrackerSettings,
     pub power: crate::power::PowerConfig,
     pub discovery: crate::discovery::DiscoveryConfig,
+    pub metrics: crate::web::MetricsConfig,
 }
 
 impl Default for Config {
@@ -43,6 +44,7 @@ impl Default for Config {
             tracker: crate::tracker::TrackerSettings::default(),
             power: crate::power::PowerConfig::default(),
             discovery: crate::discovery::DiscoveryConfig::default(),
+            metrics: crate::web::MetricsConfig::default(),
         }
     }
 }
@@ -93,7 +95,7 @@ cluster_name = "{cluster}"
 [dhcp]
 {dhcp}
 {tftp}
-{image}{http}{tracker}{discovery}
+{image}{http}{tracker}{discovery}{metrics}
 {power}"#,
         store = d.store,
         listen = d.listen,
@@ -107,6 +109,7 @@ cluster_name = "{cluster}"
         tracker = crate::tracker::TrackerSettings::documented_defaults(),
         power = crate::power::documented_defaults(),
         discovery = crate::discovery::DiscoveryConfig::documented_defaults(),
+        metrics = crate::web::MetricsConfig::documented_defaults(),
     )
 }
 

@@ -147,7 +147,9 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         Ok(limit) => tracing::info!(limit, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
-    let store = store::open(&config.store).await?;
+    // Every commit is watched for the live view (status and node changes) and timed.
+    let live = Arc::new(crate::live::Live::new(crate::metrics::global().clone()));
+    let store = live.observe(store::open(&config.store).await?);
     tracing::info!(backend = store.backend(), "store opened");
     let service = Service::new(store.clone());
     service.ensure_cluster(&config.cluster_name).await?;
@@ -160,7 +162,8 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     let boot =
         BootContext::new(BootTokens::new(admin_token.as_bytes()), config.data_dir.clone(), crate::service::unix_now())
             .with_discovery(discovery.clone());
-    let state = Arc::new(AppState { service: service.clone(), admin_token });
+    live.seed(&crate::web::snapshot(&service).await?);
+    let state = Arc::new(AppState::with_live(service.clone(), admin_token, live));
 
     let topology = Arc::new(crate::wiring::StoreTopology::default());
     let cluster = service.cluster().await?;
@@ -177,7 +180,9 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     let power_api =
         crate::power::http::router(Arc::new(crate::power::http::PowerState { service: service.clone(), power }))
             .route_layer(axum::middleware::from_fn_with_state(state.clone(), http::require_token));
+    let web = crate::web::Web::new(state.clone(), Some(images.clone()), config.metrics.clone());
     let app = api::router(state.clone())
+        .merge(crate::web::router(web.clone()))
         .merge(image_api)
         .merge(power_api)
         .merge(crate::image::http::files_router(images.clone()))
@@ -201,6 +206,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     });
 
     tokio::spawn(discovery.run(cancel.clone()));
+    tokio::spawn(crate::web::sampler(web, cancel.clone()));
     tokio::spawn(crate::wiring::follow_store(service.clone(), tracker.clone(), topology, cancel.clone()));
     if config.image.seed {
         let seeder = crate::image::seeder::Seeder::start(images, Some(crate::wiring::registrar(tracker)))
