@@ -92,19 +92,18 @@ impl Watch {
         Watch { wanted, ..Default::default() }
     }
 
-    fn watched(&self, name: &str) -> bool {
-        self.wanted.as_ref().is_none_or(|w| w.contains(name))
-    }
 
     /// Applies an event; returns one line per watched node whose status changed.
     pub fn apply(&mut self, event: &LiveEvent) -> Vec<String> {
         let mut lines = Vec::new();
+        let wanted = &self.wanted;
+        let watched = |name: &str| wanted.as_ref().is_none_or(|w| w.contains(name));
         match event {
             LiveEvent::Snapshot(nodes) => {
                 let first = !self.seen;
                 self.seen = true;
                 let old = std::mem::take(&mut self.nodes);
-                for n in nodes.iter().filter(|n| self.watched(&n.name)) {
+                for n in nodes.iter().filter(|n| watched(&n.name)) {
                     let status = n.status.clone().flatten();
                     if first || old.get(&n.name) != Some(&status) {
                         lines.push(line(&n.name, status.as_ref()));
@@ -113,7 +112,7 @@ impl Watch {
                 }
             }
             LiveEvent::Nodes(nodes) => {
-                for LiveNode { name, status, .. } in nodes.iter().filter(|n| self.watched(&n.name)) {
+                for LiveNode { name, status, .. } in nodes.iter().filter(|n| watched(&n.name)) {
                     let known = self.nodes.contains_key(name);
                     let entry = self.nodes.entry(name.clone()).or_default();
                     if let Some(st) = status {
@@ -127,7 +126,7 @@ impl Watch {
                 }
             }
             LiveEvent::Gone(names) => {
-                for n in names.iter().filter(|n| self.watched(n)) {
+                for n in names.iter().filter(|n| watched(n)) {
                     if self.nodes.remove(n).is_some() {
                         lines.push(format!("{n} deleted"));
                     }

@@ -128,7 +128,10 @@ impl Live {
                 match c {
                     Change::Node { name, group, switch } => {
                         inner.steps.entry(name.clone()).or_insert_with(|| NO_STEP.to_string());
-                        nodes.push(LiveNode { name, group: Some(group), switch, status: None });
+                        match nodes.iter_mut().find(|n| n.name == name) {
+                            Some(n) => (n.group, n.switch) = (Some(group), switch),
+                            None => nodes.push(LiveNode { name, group: Some(group), switch, status: None }),
+                        }
                     }
                     Change::NodeGone(name) => {
                         inner.steps.remove(&name);

@@ -93,6 +93,9 @@ impl Metrics {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
         out
     }
 }
@@ -160,8 +163,8 @@ mod tests {
         // 2 ms falls into every bucket from 2 ms up.
         assert!(buckets.iter().any(|b| b.less_than >= 0.002 && b.count == 1.0), "{buckets:?}");
         assert!(buckets.iter().any(|b| b.less_than < 0.002 && b.count == 0.0), "{buckets:?}");
-        // Every declared metric is in the text, even before it counted anything.
-        assert!(text.contains("# TYPE luna_power_actions counter"), "{text}");
         assert!(text.contains("# TYPE luna_pack_duration_seconds histogram"), "{text}");
+        assert!(text.contains("# TYPE luna_live_clients gauge"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }
