@@ -259,7 +259,7 @@ fn nodes_pxe_boot_into_the_packed_image_through_the_swarm() {
     assert!(metric(&m, "luna_dhcp_packets_total", &[("type", "discover"), ("outcome", "answered")]) >= 3.0);
     assert!(metric(&m, "luna_dhcp_packets_total", &[("type", "request"), ("outcome", "answered")]) >= 3.0);
     assert!(metric(&m, "luna_boot_scripts_total", &[("outcome", "served")]) >= 3.0);
-    assert!(metric(&m, "luna_plan_requests_total", &[("outcome", "served")]) >= 3.0);
+    assert!(metric(&m, "luna_plan_requests_total", &[("outcome", "served")]) >= 2.0);
     for step in ["download", "unpack", "installed", "booted"] {
         assert!(metric(&m, "luna_status_reports_total", &[("step", step)]) >= 2.0, "{step}");
     }
