@@ -92,7 +92,6 @@ impl Watch {
         Watch { wanted, ..Default::default() }
     }
 
-
     /// Applies an event; returns one line per watched node whose status changed.
     pub fn apply(&mut self, event: &LiveEvent) -> Vec<String> {
         let mut lines = Vec::new();

@@ -227,7 +227,7 @@ async fn sample(
                     let name = o.name().to_string();
                     let Ok(revs) = crate::image::revisions(state, &name).await else { continue };
                     for r in revs {
-                        let t = r.tracker.clone().unwrap_or_default();
+                        let t = r.tracker.unwrap_or_default();
                         let up = r.seeder.as_ref().map_or(0, |s| s.uploaded_bytes);
                         hashes.insert(r.revision.info_hash.clone(), (t.seeders, t.leechers));
                         images.push(LiveImage {

@@ -59,19 +59,17 @@ impl Feed {
         if let Some(e) = self.pending.pop_front() {
             return Some(e);
         }
-        loop {
-            match self.rx.recv().await {
-                Ok(e) => return Some(event(&e)),
-                Err(RecvError::Closed) => return None,
-                Err(RecvError::Lagged(missed)) => {
-                    // Too slow for the changes: start again from the whole picture.
-                    tracing::debug!(missed, "live view client fell behind; sending a snapshot");
-                    match snapshot(&self.web.app.service).await {
-                        Ok(nodes) => return Some(event(&LiveEvent::Snapshot(nodes))),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "live view: cannot read the nodes");
-                            return None;
-                        }
+        match self.rx.recv().await {
+            Ok(e) => Some(event(&e)),
+            Err(RecvError::Closed) => None,
+            Err(RecvError::Lagged(missed)) => {
+                // Too slow for the changes: start again from the whole picture.
+                tracing::debug!(missed, "live view client fell behind; sending a snapshot");
+                match snapshot(&self.web.app.service).await {
+                    Ok(nodes) => Some(event(&LiveEvent::Snapshot(nodes))),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "live view: cannot read the nodes");
+                        None
                     }
                 }
             }
