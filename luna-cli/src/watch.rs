@@ -166,7 +166,7 @@ impl Watch {
         let counts = self.counts().iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join("  ");
         let mut out = format!("{} nodes: {counts}\n\n", self.nodes.len());
         let width = self.nodes.keys().map(String::len).max().unwrap_or(4).max(4);
-        out.push_str(&format!("{:<width$}  {:<13} {:<22} {:>6}  {}\n", "NODE", "STEP", "PROGRESS", "AGE", "MESSAGE"));
+        out.push_str(&format!("{:<width$}  {:<13} {:<26} {:>6}  {}\n", "NODE", "STEP", "PROGRESS", "AGE", "MESSAGE"));
         for (i, (name, st)) in self.nodes.iter().enumerate() {
             if i >= rows {
                 out.push_str(&format!("… and {} more\n", self.nodes.len() - rows));
@@ -181,7 +181,9 @@ impl Watch {
                 ),
                 None => ("-", String::new(), String::new(), ""),
             };
-            out.push_str(&format!("{name:<width$}  {step:<13} {bar:<22} {age:>6}  {msg}\n"));
+            let row = format!("{name:<width$}  {step:<13} {bar:<26} {age:>6}  {msg}");
+            out.push_str(row.trim_end());
+            out.push('\n');
         }
         out
     }
@@ -327,7 +329,7 @@ mod tests {
         assert_eq!(lines, ["n1 download 40%"]);
         let screen = w.render(10, 105);
         assert!(screen.starts_with("2 nodes: dhcp 1  download 1\n"), "{screen}");
-        assert!(screen.contains("n1    download      [########............] 40%      5s"), "{screen}");
+        assert!(screen.contains("\nn1    download      [########............] 40%     5s\n"), "{screen}");
         w.apply(&LiveEvent::Nodes(vec![LiveNode {
             name: "n1".into(),
             status: Some(st("installed", None)),
