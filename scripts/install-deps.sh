@@ -61,6 +61,8 @@ PACKAGES=(
     acl
     # misc used by scripts and tests
     curl ca-certificates util-linux
+    # the live web page test drives a headless browser (tests/liveview.rs)
+    chromium
     # self-signed certificates for the Redfish emulator (tests/power.rs)
     openssl
 )

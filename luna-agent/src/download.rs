@@ -254,7 +254,8 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>, url: &str) -> Resu
             break;
         }
         let pct = (offset * 100).checked_div(size).unwrap_or(100) as u8;
-        job.reporter.progress("download", pct);
+        let bytes = crate::report::FetchedBytes { from_peers: out.bytes_from_swarm, over_http: out.bytes_from_http };
+        job.reporter.progress("download", pct, bytes);
     }
     drop(tx);
     let unpacked = consumer.await.map_err(|e| download_err(format!("unpack thread died: {e}")))?;

@@ -180,7 +180,7 @@ pub async fn service(cfg: &Config) -> Result<(), AgentError> {
 pub async fn status(cfg: &Config, step: &str, message: Option<String>) -> Result<(), AgentError> {
     let args = boot_args(cfg)?;
     let client = client(&args)?;
-    let report = luna_core::api::StatusReport { step: step.to_string(), progress: None, message };
+    let report = luna_core::api::StatusReport { step: step.to_string(), message, ..Default::default() };
     retry(4, &mut Backoff::standard(), || client.status_once(&report)).await.map_err(AgentError::Report)
 }
 
@@ -335,12 +335,13 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
     };
     ctx.reporter.step("verify", Some(format!("sha256 {} ok", image.sha256))).await;
     ctx.reporter
-        .step(
+        .step_with_bytes(
             "unpack",
             Some(format!(
                 "{} files, {} bytes ({} from peers, {} over http)",
                 fetched.stats.files, fetched.stats.bytes, fetched.bytes_from_swarm, fetched.bytes_from_http
             )),
+            crate::report::FetchedBytes { from_peers: fetched.bytes_from_swarm, over_http: fetched.bytes_from_http },
         )
         .await;
 

@@ -12,6 +12,13 @@ use crate::http::{retry, Client};
 
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Image bytes a node got so far, by source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FetchedBytes {
+    pub from_peers: u64,
+    pub over_http: u64,
+}
+
 pub struct Reporter {
     client: Client,
     last_progress: Mutex<Option<(Instant, u8)>>,
@@ -24,7 +31,24 @@ impl Reporter {
 
     /// Reports a step, retrying up to four times; failures are logged, not returned.
     pub async fn step(&self, step: &str, message: Option<String>) {
-        let report = StatusReport { step: step.to_string(), progress: None, message };
+        self.report(StatusReport { step: step.to_string(), message, ..Default::default() }).await;
+    }
+
+    /// [`Reporter::step`] with the image bytes got so far from peers and over HTTP (the live
+    /// view sums them into the swarm's saving).
+    pub async fn step_with_bytes(&self, step: &str, message: Option<String>, bytes: FetchedBytes) {
+        let report = StatusReport {
+            step: step.to_string(),
+            message,
+            bytes_from_peers: Some(bytes.from_peers),
+            bytes_over_http: Some(bytes.over_http),
+            ..Default::default()
+        };
+        self.report(report).await;
+    }
+
+    async fn report(&self, report: StatusReport) {
+        let step = &report.step;
         let mut backoff = Backoff::standard();
         if let Err(e) = retry(4, &mut backoff, || self.client.status_once(&report)).await {
             tracing::warn!("report of step {step} lost: {e}");
@@ -48,12 +72,18 @@ impl Reporter {
     }
 
     /// Sends a progress report in the background if one is due; never waits for the server.
-    pub fn progress(self: &Arc<Self>, step: &str, pct: u8) {
+    pub fn progress(self: &Arc<Self>, step: &str, pct: u8, bytes: FetchedBytes) {
         if !self.progress_due(pct, Instant::now()) {
             return;
         }
         let me = self.clone();
-        let report = StatusReport { step: step.to_string(), progress: Some(pct), message: None };
+        let report = StatusReport {
+            step: step.to_string(),
+            progress: Some(pct),
+            bytes_from_peers: Some(bytes.from_peers),
+            bytes_over_http: Some(bytes.over_http),
+            ..Default::default()
+        };
         tokio::spawn(async move {
             if let Err(e) = me.client.status_once(&report).await {
                 tracing::debug!("progress report lost: {e}");

@@ -653,6 +653,14 @@ pub enum NodeCmd {
     /// Reinstall nodes: localboot off, next boot from the network (once), then power cycle (power
     /// on if off).
     Reinstall(NodeReinstall),
+    /// Follow nodes as they boot (live, like the web page): until all are installed or booted.
+    Watch(NodeWatch),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NodeWatch {
+    /// Nodes to watch (a hostlist like node[001-004]); every node when left out.
+    pub hostlist: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

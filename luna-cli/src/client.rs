@@ -180,6 +180,24 @@ impl Client {
         self.json(&url, res)
     }
 
+    /// An event stream under the API (`GET /api/v1/live`) with the admin token: the body as
+    /// it arrives (Server-Sent Events), without a read timeout (the server sends a keep-alive
+    /// comment every 15 s; a stream silent for 60 s is taken as dead).
+    pub fn stream(&self, path: &str) -> Result<impl Read + Send, ClientError> {
+        let url = self.api_url(path);
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout_read(Duration::from_secs(60))
+            .build();
+        let res = agent
+            .get(&url)
+            .set("Authorization", &format!("Bearer {}", self.token()?))
+            .set("Accept", "text/event-stream")
+            .call()
+            .map_err(|e| self.error(&url, e))?;
+        Ok(res.into_reader())
+    }
+
     /// A plain-text GET outside the API (boot scripts), `path` with its query.
     pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
         let url = format!("{}{path}", self.base);

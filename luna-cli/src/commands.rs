@@ -866,6 +866,12 @@ impl<R: Read> Ctx<R> {
             NodeCmd::Rename(a) => self.rename(k, a, false),
             NodeCmd::Clone(a) => self.rename(k, a, true),
             NodeCmd::Delete(a) => self.delete(k, a),
+            NodeCmd::Watch(a) => {
+                let mut stdout = std::io::stdout();
+                let terminal = stdout.is_terminal();
+                crate::watch::run(&self.client, a.hostlist.as_deref(), &mut stdout, terminal)?;
+                Ok(())
+            }
             NodeCmd::Reinstall(a) => {
                 let results = crate::power::reinstall(&self.client, &a.hostlist)?;
                 let text = crate::power::render(&results, a.json);

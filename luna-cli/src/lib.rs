@@ -13,6 +13,7 @@ pub mod progress;
 pub mod render;
 pub mod text;
 pub mod tree;
+pub mod watch;
 
 use std::io::Write;
 

@@ -16,6 +16,7 @@
 //! | POST   | `/power`                           | `power::PowerRequest` | `power::PowerReply` |
 //! | GET    | `/discovery/macs[?switch=NAME]`    |                      | `[SwitchMacs]`    |
 //! | GET    | `/cluster/servers`                 |                      | `[ServerInfo]`    |
+//! | GET    | `/live[?token=T]`                  |                      | Server-Sent Events, see [`LiveEvent`] |
 //!
 //! `?secrets=1` on GET shows secrets (admin token required). Every error is an [`ErrorBody`].
 
@@ -239,7 +240,7 @@ pub struct PlanBmc {
 }
 
 /// `POST /boot/status?node=NAME&token=TOKEN`: the agent reports a step.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatusReport {
     /// `plan`, `prescript`, `partscript`, `download`, `http-fallback`, `verify`, `unpack`,
@@ -250,6 +251,12 @@ pub struct StatusReport {
     pub progress: Option<u8>,
     #[serde(default)]
     pub message: Option<String>,
+    /// Image bytes this node got from other peers so far (download progress, `unpack`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_from_peers: Option<u64>,
+    /// Image bytes this node got over HTTP (the server's fallback) so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_over_http: Option<u64>,
 }
 
 /// `GET /discovery/macs`: what switch-port autodiscovery learned from one switch.
@@ -323,4 +330,104 @@ pub struct HeldRevision {
     pub info_hash: String,
     /// Its seeder has every piece and serves it.
     pub seeding: bool,
+}
+
+/// The live view's event stream (`GET /api/v1/live`, Server-Sent Events; the admin token as a
+/// bearer header or `?token=`, since a browser's `EventSource` cannot send headers). Each SSE
+/// event's name is the variant's name in snake case and its data the variant's JSON:
+/// `snapshot` first (and again whenever the client fell behind), then `nodes` and `gone` as
+/// the store changes, and `stats` every second.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LiveEvent {
+    /// Every node, with its group, switch and status.
+    Snapshot(Vec<LiveNode>),
+    /// Nodes that were added or changed, or whose status changed (only what changed is set).
+    Nodes(Vec<LiveNode>),
+    /// Nodes that were deleted (or renamed away).
+    Gone(Vec<String>),
+    Stats(LiveStats),
+}
+
+impl LiveEvent {
+    /// The SSE event name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LiveEvent::Snapshot(_) => "snapshot",
+            LiveEvent::Nodes(_) => "nodes",
+            LiveEvent::Gone(_) => "gone",
+            LiveEvent::Stats(_) => "stats",
+        }
+    }
+
+    /// Parses one SSE event (name and data).
+    pub fn parse(name: &str, data: &str) -> Result<LiveEvent, serde_json::Error> {
+        fn de<T: serde::de::DeserializeOwned>(data: &str) -> Result<T, serde_json::Error> {
+            serde_json::from_str(data)
+        }
+        Ok(match name {
+            "snapshot" => LiveEvent::Snapshot(de(data)?),
+            "nodes" => LiveEvent::Nodes(de(data)?),
+            "gone" => LiveEvent::Gone(de(data)?),
+            "stats" => LiveEvent::Stats(de(data)?),
+            other => {
+                return Err(serde::de::Error::custom(format!("unknown live event '{other}'")));
+            }
+        })
+    }
+
+    /// The JSON of the event's data (what follows `data:`).
+    pub fn data(&self) -> String {
+        let v = match self {
+            LiveEvent::Snapshot(n) | LiveEvent::Nodes(n) => serde_json::to_string(n),
+            LiveEvent::Gone(g) => serde_json::to_string(g),
+            LiveEvent::Stats(s) => serde_json::to_string(s),
+        };
+        // Plain structs of strings and numbers always serialise.
+        v.unwrap_or_default()
+    }
+}
+
+/// One node in the live view. In a `snapshot` every field is set; in `nodes`, `group` and
+/// `switch` come with a change of the node object and `status` with a status change (`null`:
+/// the status was cleared).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LiveNode {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub switch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some")]
+    pub status: Option<Option<NodeStatus>>,
+}
+
+/// The swarm and the server's upload, once a second.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LiveStats {
+    /// Unix seconds.
+    pub time: u64,
+    /// Revisions of every image with swarm counters (from the tracker) and seeder bytes.
+    pub images: Vec<LiveImage>,
+    /// Bytes the server's seeder sent (all revisions, since it started seeding them).
+    pub seeder_bytes: u64,
+    /// Image bytes the server sent over HTTP since it started.
+    pub http_bytes: u64,
+    /// What the server sends per second now (seeder and HTTP; averaged over the last seconds).
+    pub upload_rate: f64,
+    /// Image bytes the nodes report they got from each other (their latest reports, summed).
+    pub node_bytes_from_peers: u64,
+    /// Image bytes the nodes report they got over HTTP.
+    pub node_bytes_over_http: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LiveImage {
+    pub osimage: String,
+    pub revision: u32,
+    pub current: bool,
+    pub seeders: u32,
+    pub leechers: u32,
+    pub completed: u32,
+    pub seeder_uploaded_bytes: u64,
 }

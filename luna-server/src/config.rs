@@ -28,6 +28,7 @@ pub struct Config {
     pub discovery: crate::discovery::DiscoveryConfig,
     /// This server among the servers of one cluster (identity, advertised addresses, DHCP slice).
     pub server: crate::servers::ServerConfig,
+    pub metrics: crate::web::MetricsConfig,
 }
 
 impl Default for Config {
@@ -46,6 +47,7 @@ impl Default for Config {
             power: crate::power::PowerConfig::default(),
             discovery: crate::discovery::DiscoveryConfig::default(),
             server: crate::servers::ServerConfig::default(),
+            metrics: crate::web::MetricsConfig::default(),
         }
     }
 }
@@ -96,7 +98,7 @@ cluster_name = "{cluster}"
 [dhcp]
 {dhcp}
 {tftp}
-{image}{http}{tracker}{discovery}
+{image}{http}{tracker}{discovery}{metrics}
 {power}{server}"#,
         store = d.store,
         listen = d.listen,
@@ -111,6 +113,7 @@ cluster_name = "{cluster}"
         power = crate::power::documented_defaults(),
         discovery = crate::discovery::DiscoveryConfig::documented_defaults(),
         server = crate::servers::ServerConfig::documented_defaults(),
+        metrics = crate::web::MetricsConfig::documented_defaults(),
     )
 }
 

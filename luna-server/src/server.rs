@@ -169,7 +169,9 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         Ok(limit) => tracing::info!(limit, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
-    let store = store::open(&config.store).await?;
+    // Every commit is watched for the live view (status and node changes) and timed.
+    let live = Arc::new(crate::live::Live::new(crate::metrics::global().clone()));
+    let store = live.observe(store::open(&config.store).await?);
     tracing::info!(backend = store.backend(), "store opened");
     let service = Service::new(store.clone());
     service.ensure_cluster(&config.cluster_name).await?;
@@ -184,7 +186,8 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         BootContext::new(BootTokens::new(admin_token.as_bytes()), config.data_dir.clone(), crate::service::unix_now())
             .with_discovery(discovery.clone())
             .with_servers(view.clone());
-    let state = Arc::new(AppState { service: service.clone(), admin_token });
+    live.seed(&crate::web::snapshot(&service).await?);
+    let state = Arc::new(AppState::with_live(service.clone(), admin_token, live));
 
     let topology = Arc::new(crate::wiring::StoreTopology::default());
     let cluster = service.cluster().await?;
@@ -215,7 +218,11 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     // The boot routes are on both ports: nodes use the plain one; admin previews
     // (`/boot/ipxe?preview=1`, which need the token) come over HTTPS.
     let boot_routes = boot::router(state.clone(), boot);
+    // The live page, its event stream and /metrics: over HTTPS with the API (they take the
+    // admin token, which never crosses the plain port).
+    let web = crate::web::Web::new(state.clone(), Some(images.clone()), config.metrics.clone());
     let admin_app = api::router(state.clone())
+        .merge(crate::web::router(web.clone()))
         .merge(image_api)
         .merge(power_api)
         .merge(crate::discovery::http::router(discovery.clone(), state.clone()))
@@ -247,6 +254,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     });
 
     tokio::spawn(discovery.run(cancel.clone()));
+    tokio::spawn(crate::web::sampler(web, cancel.clone()));
     tokio::spawn(crate::wiring::follow_store(service.clone(), tracker.clone(), topology, cancel.clone()));
     let mut seeder_addr = None;
     if config.image.seed {

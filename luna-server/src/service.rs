@@ -1098,6 +1098,7 @@ impl Service {
         if let Some(p) = progress.filter(|p| *p > 100) {
             return Err(ModelError::invalid("status progress", p, "must be 0 to 100").into());
         }
+        count_report(step);
         // This one is newer than any report still queued for the node.
         self.status.forget(name);
         retrying!(
@@ -1163,6 +1164,7 @@ impl Service {
     /// [`Service::record_node_status`] without waiting, for the packet path (needs a tokio
     /// runtime); returns the round that will write it.
     pub fn queue_node_status(&self, name: &str, step: &str, message: String) -> u64 {
+        count_report(step);
         let status = NodeStatus { step: step.to_string(), progress: None, time: unix_now(), message: Some(message) };
         self.status.enqueue(&self.store, name, status)
     }
@@ -1346,4 +1348,8 @@ fn natural_key(s: &str) -> Vec<(String, u64)> {
 pub fn random_bmc_password() -> String {
     use rand::distributions::{Alphanumeric, DistString};
     Alphanumeric.sample_string(&mut rand::rngs::OsRng, 16)
+}
+/// Counts a status report by step (`luna_status_reports_total`).
+fn count_report(step: &str) {
+    crate::metrics::global().status_reports.get_or_create(&crate::metrics::l1("step", step)).inc();
 }

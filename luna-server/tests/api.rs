@@ -17,7 +17,7 @@ async fn app() -> Router {
     let store = luna_server::store::open("sqlite://:memory:").await.unwrap();
     let service = Service::new(store);
     service.ensure_cluster("test").await.unwrap();
-    router(Arc::new(AppState { service, admin_token: TOKEN.into() }))
+    router(Arc::new(AppState::new(service, TOKEN.into())))
 }
 
 async fn call(app: &Router, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {

@@ -130,7 +130,7 @@ async fn env(config: DiscoveryConfig) -> Env {
     let discovery = Discovery::new(service.clone(), config, Arc::new(discovery::transport::Udp));
     let boot = BootContext::new(BootTokens::new(TOKEN.as_bytes()), dir.path().to_path_buf(), unix_now())
         .with_discovery(discovery.clone());
-    let state = Arc::new(AppState { service: service.clone(), admin_token: TOKEN.into() });
+    let state = Arc::new(AppState::new(service.clone(), TOKEN.into()));
     let app = router(state.clone())
         .merge(luna_server::discovery::http::router(discovery.clone(), state.clone()))
         .merge(boot::router(state, boot));

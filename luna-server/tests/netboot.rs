@@ -29,7 +29,7 @@ async fn env() -> Env {
     let service = Service::new(store);
     service.ensure_cluster("test").await.unwrap();
     let boot = BootContext::new(BootTokens::new(TOKEN.as_bytes()), dir.path().to_path_buf(), unix_now());
-    let state = Arc::new(AppState { service: service.clone(), admin_token: TOKEN.into() });
+    let state = Arc::new(AppState::new(service.clone(), TOKEN.into()));
     let app = router(state.clone()).merge(boot::router(state, boot));
     let e = Env { app, service, _dir: dir };
     for (path, body) in [

@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use luna_tests::{privileged, Cluster, ClusterOptions, Vm, BOOTED_MARKER};
+use luna_tests::{privileged, work_dir, Browser, Cluster, ClusterOptions, Vm, BOOTED_MARKER};
 use serde_json::{json, Value};
 
 const SUBNET: &str = "10.79.0";
@@ -90,6 +90,35 @@ fn wait_status(c: &Cluster, vms: &[&Vm], node: &str, step: &str, timeout: Durati
 }
 
 /// Sets the current revision's recorded SHA-256; returns the old one.
+/// `GET /metrics` with the admin token, parsed by a Prometheus text parser.
+fn metrics(c: &Cluster) -> prometheus_parse::Scrape {
+    let token = std::fs::read_to_string(c.dir().join("token")).unwrap();
+    let out =
+        c.ns.command("curl")
+            .args(["-sS", "--fail-with-body", "--max-time", "30", "-H"])
+            .arg(format!("Authorization: Bearer {}", token.trim()))
+            .arg(format!("{}/metrics", c.url()))
+            .output()
+            .unwrap();
+    assert!(out.status.success(), "GET /metrics: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("/metrics parses")
+}
+
+/// The sum of `name` over the samples whose labels include `labels`.
+fn metric(m: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    m.samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
 fn set_recorded_sha256(c: &Cluster, sha256: &str) -> String {
     // The stored object (`luna osimage show` adds swarm counters to each revision).
     let image = c.api("GET", &format!("/api/v1/osimage/{IMAGE}"), None).unwrap();
@@ -138,6 +167,14 @@ fn nodes_pxe_boot_into_the_packed_image_through_the_swarm() {
         std::thread::sleep(Duration::from_millis(500));
     }
 
+    // The live page, open while the nodes boot (its screenshot is the README's).
+    let token = std::fs::read_to_string(c.dir().join("token")).unwrap();
+    let mut page = Browser::launch_in(&c.ns, 1280, 640).expect("chromium (scripts/install-deps.sh)");
+    page.navigate(&format!("{}/?token={}", c.url(), token.trim())).unwrap();
+    page.wait_for("window.luna && luna.snapshots >= 1", Duration::from_secs(30)).unwrap();
+    let shots = work_dir().join("liveview");
+    let mut shot_taken = false;
+
     // --- 1. two nodes through the swarm, one in service mode, all at once -------------------
     let phase = Instant::now();
     let vm1 = c.boot("e2e-node001", &mac(1)).unwrap();
@@ -154,6 +191,16 @@ fn nodes_pxe_boot_into_the_packed_image_through_the_swarm() {
         // The tracker's view of the image's torrent while the nodes download.
         if let Ok(r) = c.current_revision(IMAGE) {
             max_leechers = max_leechers.max(r["tracker"]["leechers"].as_u64().unwrap_or(0));
+        }
+        // One picture of the page mid-boot: a node downloading, with bytes from its peers.
+        if !shot_taken
+            && page
+                .eval("(luna.counts.download || 0) > 0 && luna.stats && luna.stats.seeder_bytes > 0")
+                .unwrap_or_default()
+                == json!(true)
+        {
+            page.screenshot(&shots.join("e2e-during.png")).unwrap();
+            shot_taken = true;
         }
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -203,6 +250,30 @@ fn nodes_pxe_boot_into_the_packed_image_through_the_swarm() {
         }
     }
     println!("{}", c.cli(&["node", "list"]).unwrap());
+
+    // The page saw it all without a reload; /metrics counted every part of the boot.
+    page.wait_for("document.querySelectorAll('.t.s-booted').length === 2", Duration::from_secs(10)).unwrap();
+    assert_eq!(page.eval("luna.snapshots").unwrap(), json!(1), "the page reloaded or fell behind");
+    page.screenshot(&shots.join("e2e-booted.png")).unwrap();
+    let m = metrics(&c);
+    assert!(metric(&m, "luna_dhcp_packets_total", &[("type", "discover"), ("outcome", "answered")]) >= 3.0);
+    assert!(metric(&m, "luna_dhcp_packets_total", &[("type", "request"), ("outcome", "answered")]) >= 3.0);
+    assert!(metric(&m, "luna_boot_scripts_total", &[("outcome", "served")]) >= 3.0);
+    assert!(metric(&m, "luna_plan_requests_total", &[("outcome", "served")]) >= 2.0);
+    for step in ["download", "unpack", "installed", "booted"] {
+        assert!(metric(&m, "luna_status_reports_total", &[("step", step)]) >= 2.0, "{step}");
+    }
+    assert!(metric(&m, "luna_tracker_announces_total", &[("event", "completed")]) >= 2.0);
+    assert!(metric(&m, "luna_seeder_uploaded_bytes", &[("osimage", IMAGE)]) > 0.0);
+    assert_eq!(metric(&m, "luna_pack_jobs_total", &[("outcome", "done")]), 1.0);
+    assert_eq!(metric(&m, "luna_nodes", &[("step", "booted")]), 2.0);
+    let stats = page.eval("luna.stats").unwrap();
+    assert!(stats["node_bytes_from_peers"].as_u64().unwrap_or(0) > 0, "{stats}");
+    println!(
+        "e2e: live view: server sent {} B (seeder) + {} B (http), nodes got {} B from peers, {} B over http",
+        stats["seeder_bytes"], stats["http_bytes"], stats["node_bytes_from_peers"], stats["node_bytes_over_http"]
+    );
+    drop(page);
     drop((vm1, vm2, vm3));
 
     // --- 2. a digest that does not match: refused, no switch of root -------------------------

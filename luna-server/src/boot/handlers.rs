@@ -713,24 +713,53 @@ async fn status(
         tracing::info!(node = %node.name, step = %report.step, detail, "node status");
     }
     // `installed` also decides whether the node boots from its disk from now on.
+    let bytes = (report.bytes_from_peers, report.bytes_over_http);
     let recorded = if report.step == "installed" && report.progress.is_none() {
         st.app.service.set_node_installed(&node.name, report.message).await
     } else {
         st.app.service.set_node_status(&node.name, &report.step, report.progress, report.message).await
     };
     match recorded {
-        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Ok(_) => {
+            if let (Some(peers), Some(http)) = bytes {
+                st.app.live.node_bytes(&node.name, peers, http);
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
         Err(e) => ApiError(e).into_response(),
     }
+}
+
+/// `served` (2xx), `refused` (4xx) or `error`, for the boot counters.
+fn outcome(resp: &Response) -> [crate::metrics::Label; 1] {
+    let s = resp.status();
+    let o = if s.is_success() {
+        "served"
+    } else if s.is_client_error() {
+        "refused"
+    } else {
+        "error"
+    };
+    crate::metrics::l1("outcome", o)
+}
+
+async fn count_plan(resp: Response) -> Response {
+    crate::metrics::global().plan_requests.get_or_create(&outcome(&resp)).inc();
+    resp
+}
+
+async fn count_script(resp: Response) -> Response {
+    crate::metrics::global().boot_scripts.get_or_create(&outcome(&resp)).inc();
+    resp
 }
 
 pub fn router(app: Arc<AppState>, boot: BootContext) -> Router {
     let state = Arc::new(BootState { app, boot });
     Router::new()
-        .route("/boot/plan", get(plan))
+        .route("/boot/plan", get(plan).layer(axum::middleware::map_response(count_plan)))
         .route("/boot/status", post(status))
         .route("/boot/nocloud/{file}", get(nocloud))
-        .route("/boot/ipxe", get(ipxe_script))
+        .route("/boot/ipxe", get(ipxe_script).layer(axum::middleware::map_response(count_script)))
         .route("/boot/ipxe/bind", get(bind))
         .route("/boot/ipxe/discover", get(super::discover::discover))
         .route("/boot/node/{name}/{file}", get(node_file))

@@ -382,6 +382,41 @@ pub mod client {
     }
 }
 
+/// The DHCP message type (option 53) of a raw datagram, lower-case, for the packet counters:
+/// a scan of the options (no decoding of the rest, so counting costs nothing on the packet
+/// path); `unknown` when the datagram has no readable type.
+pub fn message_type_name(bytes: &[u8]) -> &'static str {
+    const COOKIE: [u8; 4] = [99, 130, 83, 99];
+    if bytes.len() < HEADER_LEN || bytes[HEADER_LEN - 4..HEADER_LEN] != COOKIE {
+        return "unknown";
+    }
+    let mut i = HEADER_LEN;
+    while i < bytes.len() {
+        match bytes[i] {
+            0 => i += 1,
+            255 => break,
+            code => {
+                let Some(&len) = bytes.get(i + 1) else { break };
+                if code == 53 && len == 1 {
+                    return match bytes.get(i + 2) {
+                        Some(1) => "discover",
+                        Some(2) => "offer",
+                        Some(3) => "request",
+                        Some(4) => "decline",
+                        Some(5) => "ack",
+                        Some(6) => "nak",
+                        Some(7) => "release",
+                        Some(8) => "inform",
+                        _ => "unknown",
+                    };
+                }
+                i += 2 + usize::from(len);
+            }
+        }
+    }
+    "unknown"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,5 +521,28 @@ mod tests {
         let back = Request::decode(&a).unwrap();
         assert_eq!(back.relay_info, Some(relay));
         assert_eq!(back.server_id(), Some("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn message_type_name_reads_option_53_only() {
+        let mac: MacAddr = "52:54:00:00:00:01".parse().unwrap();
+        for (kind, name) in
+            [(MessageType::Discover, "discover"), (MessageType::Request, "request"), (MessageType::Release, "release")]
+        {
+            let mut m = client::message(kind, mac, 7);
+            // Another option, so the scan may have to step over it.
+            m.opts_mut().insert(DhcpOption::Hostname("node001".into()));
+            let bytes = client::encode(&m, None);
+            assert_eq!(message_type_name(&bytes), name);
+        }
+        assert_eq!(message_type_name(&[0u8; 100]), "unknown");
+        let mut no_cookie = client::encode(&client::discover(mac, 7), None);
+        no_cookie[236] = 0;
+        assert_eq!(message_type_name(&no_cookie), "unknown");
+        // A truncated option list ends the scan.
+        let mut cut = vec![0u8; HEADER_LEN];
+        cut[236..240].copy_from_slice(&[99, 130, 83, 99]);
+        cut.extend([12, 200, b'x']);
+        assert_eq!(message_type_name(&cut), "unknown");
     }
 }

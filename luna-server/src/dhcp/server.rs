@@ -545,7 +545,18 @@ async fn answer(shared: &Shared, iface: &str, sock: &UdpSocket, bytes: &[u8]) ->
     let nets = shared.local_nets(iface);
     let addrs: Vec<Ipv4Addr> = nets.iter().map(Ipv4Net::addr).collect();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let outcome = shared.handler.process(iface, &addrs, bytes, now).await?;
+    let counted = |outcome: &str| {
+        let labels = crate::metrics::l2("type", super::packet::message_type_name(bytes), "outcome", outcome);
+        crate::metrics::global().dhcp_packets.get_or_create(&labels).inc();
+    };
+    let outcome = match shared.handler.process(iface, &addrs, bytes, now).await {
+        Ok(o) => o,
+        Err(e) => {
+            counted("error");
+            return Err(e);
+        }
+    };
+    counted(if outcome.reply.is_some() { "answered" } else { "ignored" });
     if let Some(reply) = &outcome.reply {
         send(sock, iface, &nets, reply)
             .await

@@ -1,7 +1,7 @@
 //! What every HTTP part shares: the state handlers reach, the admin-token check and the one
 //! mapping from service errors to HTTP statuses and `ErrorBody`s.
 //!
-//! `api` (admin routes), `boot` (the node's boot path) and `image::http` depend on this module;
+//! `api` (admin routes), `boot` (the node's boot path), `image::http` and `web` depend on this module;
 //! it depends on none of them.
 
 use std::sync::Arc;
@@ -13,6 +13,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use luna_core::api::{ErrorBody, ErrorCode};
 
+use crate::live::Live;
+use crate::metrics::Metrics;
 use crate::service::{Service, ServiceError};
 use crate::store::StoreError;
 
@@ -20,6 +22,24 @@ use crate::store::StoreError;
 pub struct AppState {
     pub service: Service,
     pub admin_token: String,
+    /// The server's metrics (the process-wide registry, `metrics::global()`).
+    pub metrics: Arc<Metrics>,
+    /// The live view's feed (status changes, node bytes).
+    pub live: Arc<Live>,
+}
+
+impl AppState {
+    /// The state with the process's metrics and a feed of its own. `serve` uses
+    /// [`AppState::with_live`] instead, with the feed that watches the service's store.
+    pub fn new(service: Service, admin_token: String) -> Self {
+        let metrics = crate::metrics::global().clone();
+        let live = Arc::new(Live::new(metrics.clone()));
+        AppState { service, admin_token, metrics, live }
+    }
+
+    pub fn with_live(service: Service, admin_token: String, live: Arc<Live>) -> Self {
+        AppState { service, admin_token, metrics: live.metrics().clone(), live }
+    }
 }
 
 /// An error on its way to the client.

@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::TryStreamExt as _;
 use luna_core::api::ErrorCode;
 use luna_core::model::{validate_name, Kind};
 use serde::de::DeserializeOwned;
@@ -137,7 +138,13 @@ async fn download(
         };
     }
     match ServeFile::new(&path).oneshot(req).await {
-        Ok(resp) => resp.map(Body::new),
+        Ok(resp) => resp.map(|body| {
+            // Counted as the bytes go out (a Range answer counts only its part).
+            let sent = Body::new(body).into_data_stream().inspect_ok(|chunk| {
+                crate::metrics::global().http_fallback_bytes.inc_by(chunk.len() as u64);
+            });
+            Body::from_stream(sent)
+        }),
         Err(e) => error_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Internal,

@@ -51,6 +51,8 @@ pub struct Jobs {
 struct Inner {
     next: JobId,
     jobs: BTreeMap<JobId, JobStatus>,
+    /// When each running job started (its duration goes to `luna_pack_duration_seconds`).
+    clocks: BTreeMap<JobId, std::time::Instant>,
 }
 
 impl Jobs {
@@ -81,6 +83,7 @@ impl Jobs {
                     finished: None,
                 },
             );
+            i.clocks.insert(id, std::time::Instant::now());
             let finished: Vec<JobId> = i.jobs.values().filter(|j| j.state != JobState::Running).map(|j| j.id).collect();
             for old in finished.iter().take(finished.len().saturating_sub(KEEP_FINISHED)) {
                 i.jobs.remove(old);
@@ -114,6 +117,12 @@ impl Jobs {
         self.with(|i| {
             if let Some(j) = i.jobs.get_mut(&id) {
                 j.finished = Some(crate::service::unix_now());
+                let outcome = crate::metrics::l1("outcome", if result.is_ok() { "done" } else { "failed" });
+                let m = crate::metrics::global();
+                m.pack_jobs.get_or_create(&outcome).inc();
+                if let Some(t) = i.clocks.remove(&id) {
+                    m.pack_seconds.get_or_create(&outcome).observe(t.elapsed().as_secs_f64());
+                }
                 match result {
                     Ok(rev) => {
                         j.state = JobState::Done;

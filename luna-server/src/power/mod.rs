@@ -206,6 +206,11 @@ impl Power {
         let names = node_names(service, &req).await?;
         let targets = resolve(service, &names).await?;
         let results = self.run(targets, op).await;
+        for r in &results {
+            let outcome = if r.error.is_none() { "ok" } else { "failed" };
+            let labels = crate::metrics::l2("action", op.action.as_str(), "outcome", outcome);
+            crate::metrics::global().power_actions.get_or_create(&labels).inc();
+        }
         Ok(PowerReply { action: op.action, results })
     }
 

@@ -105,6 +105,16 @@ impl TrackerHandle {
     pub fn announce_bytes(&self, raw_query: &str, remote: SocketAddr) -> Vec<u8> {
         let result =
             query::parse_announce(raw_query, remote).and_then(|req| self.announce(&req).map(|resp| (req, resp)));
+        let event = match &result {
+            Ok((req, _)) => match req.event {
+                super::Event::None => "none",
+                super::Event::Started => "started",
+                super::Event::Stopped => "stopped",
+                super::Event::Completed => "completed",
+            },
+            Err(_) => "refused",
+        };
+        crate::metrics::global().tracker_announces.get_or_create(&crate::metrics::l1("event", event)).inc();
         match result {
             Ok((req, resp)) => encode::encode_announce(&resp, req.compact, req.no_peer_id),
             Err(e) => {
