@@ -52,6 +52,8 @@ PACKAGES=(
     dpkg-dev binutils lintian systemd-container
     # ACLs in the osimage clone test (setfacl, getfacl)
     acl
+    # charts of the benchmarks (bench-swarm writes docs/*.png with gnuplot)
+    gnuplot-nox
     # misc used by scripts and tests
     curl ca-certificates util-linux
     # self-signed certificates for the Redfish emulator (tests/power.rs)

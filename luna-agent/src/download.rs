@@ -50,6 +50,9 @@ pub struct Job<'a> {
     pub client: &'a Client,
     pub reporter: &'a Arc<Reporter>,
     pub stall: Duration,
+    /// Unpack into `root`; `false` downloads and verifies only (`luna-agent install
+    /// --no-unpack`, for measuring the network without the CPU cost of unpacking).
+    pub unpack: bool,
 }
 
 /// What a finished fetch did.
@@ -101,6 +104,14 @@ pub async fn fetch(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched, Fetc
         .unwrap_or_else(|| FetchError::Download { url: job.image.http_url.clone(), reason: "no attempt made".into() }))
 }
 
+/// The consumer of a download that unpacks nothing: reads the stream to its end (the SHA-256 is
+/// taken on the network side, as when unpacking).
+fn discard(mut reader: impl std::io::Read, root: &Path) -> Result<UnpackStats, UnpackError> {
+    std::io::copy(&mut reader, &mut std::io::sink())
+        .map_err(|e| UnpackError::Io { path: root.display().to_string(), source: e })?;
+    Ok(UnpackStats::default())
+}
+
 /// One pass over the archive.
 pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched, FetchError> {
     let url = job.image.http_url.clone();
@@ -109,8 +120,14 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched,
     let (pool, recycle) = BlockPool::new();
     let root: PathBuf = job.root.to_path_buf();
     let os = job.os.clone();
+    let unpack = job.unpack;
     let consumer = tokio::task::spawn_blocking(move || {
-        unpack_tar_zst(BlockReader::new(move || rx.blocking_recv(), recycle), &root, &*os)
+        let reader = BlockReader::new(move || rx.blocking_recv(), recycle);
+        if unpack {
+            unpack_tar_zst(reader, &root, &*os)
+        } else {
+            discard(reader, &root)
+        }
     });
 
     let mut source = match swarm {

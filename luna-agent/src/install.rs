@@ -77,6 +77,8 @@ pub struct Config {
     /// Extra peers (tests without a tracker).
     pub initial_peers: Vec<SocketAddr>,
     pub window: u64,
+    /// Unpack the image (else download and verify only: `install --no-unpack`, measuring).
+    pub unpack: bool,
 }
 
 impl Default for Config {
@@ -90,6 +92,7 @@ impl Default for Config {
             swarm: true,
             initial_peers: Vec::new(),
             window: DEFAULT_WINDOW,
+            unpack: true,
         }
     }
 }
@@ -274,6 +277,7 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
         client: &ctx.client,
         reporter: &ctx.reporter,
         stall: ctx.args.stall,
+        unpack: cfg.unpack,
     };
     let fetched = download::fetch(&job, swarm.as_ref()).await;
     let fetched = match fetched {
