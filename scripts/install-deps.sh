@@ -54,6 +54,8 @@ PACKAGES=(
     acl
     # charts of the benchmarks (bench-swarm writes docs/*.png with gnuplot)
     gnuplot-nox
+    # packet loss in bench-storm (this kernel has no sch_netem; nf_tables numgen drops)
+    nftables
     # misc used by scripts and tests
     curl ca-certificates util-linux
     # self-signed certificates for the Redfish emulator (tests/power.rs)
