@@ -187,8 +187,7 @@ impl SwarmBed {
         let mut cmd = server.command(cargo_bin("luna-server")?);
         cmd.arg("--config").arg(&config).arg("serve").env("RUST_LOG", "warn");
         let proc = ChildGuard::spawn(&mut cmd, "bench-swarm-luna")?;
-        let mut bed =
-            SwarmBed { nodes, server_proc: Some(proc), server, switch, dir, archive_size: 0, token };
+        let mut bed = SwarmBed { nodes, server_proc: Some(proc), server, switch, dir, archive_size: 0, token };
         crate::bench::wait_tcp(&bed.server, &format!("{SERVER_IP}:{HTTP_PORT}"), Duration::from_secs(60))?;
         bed.archive_size = bed.pack()?;
         Ok(bed)
@@ -271,10 +270,9 @@ impl SwarmBed {
         let node = &self.nodes[i];
         let url = format!("http://{SERVER_IP}:{HTTP_PORT}/boot/ipxe?mac={}", bench_mac(i));
         let script = node.ns.run("curl", &["-sS", "--fail", "--max-time", "30", &url])?;
-        let line = script
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("kernel "))
-            .ok_or_else(|| HarnessError::Setup(format!("{}: no kernel line in its iPXE script:\n{script}", node.name)))?;
+        let line = script.lines().find_map(|l| l.trim().strip_prefix("kernel ")).ok_or_else(|| {
+            HarnessError::Setup(format!("{}: no kernel line in its iPXE script:\n{script}", node.name))
+        })?;
         let line = line.split(" || ").next().unwrap_or(line);
         // The first word is the kernel's URL; the rest is the command line.
         let cmdline = line.split_once(' ').map(|(_, rest)| rest).unwrap_or("");
@@ -330,7 +328,9 @@ fn populate(config: &Path, chroot: &Path, n: usize) -> Result<Vec<(String, Ipv4A
         let patch = serde_json::json!({"frontend_address": SERVER_IP.to_string(), "http_port": HTTP_PORT});
         svc.update(Kind::Cluster, "luna", patch).await.map_err(err)?;
         let gw = SERVER_IP.to_string();
-        svc.create(Kind::Network, serde_json::json!({"name": "bed", "cidr": CIDR, "gateway": gw})).await.map_err(err)?;
+        svc.create(Kind::Network, serde_json::json!({"name": "bed", "cidr": CIDR, "gateway": gw}))
+            .await
+            .map_err(err)?;
         svc.create(Kind::Osimage, serde_json::json!({"name": "img", "path": chroot.display().to_string()}))
             .await
             .map_err(err)?;

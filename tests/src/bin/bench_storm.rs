@@ -60,7 +60,12 @@ struct Tally {
 
 impl Tally {
     fn new() -> Self {
-        Tally { lat: vec![Vec::new(); STEPS.len()], failed: vec![0; STEPS.len()], retries: vec![0; STEPS.len()], errors: Vec::new() }
+        Tally {
+            lat: vec![Vec::new(); STEPS.len()],
+            failed: vec![0; STEPS.len()],
+            retries: vec![0; STEPS.len()],
+            errors: Vec::new(),
+        }
     }
 }
 
@@ -227,11 +232,7 @@ async fn boot(
         }
         Err(e) => return fail(1, e),
     };
-    let token = script
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("luna.token="))
-        .unwrap_or_default()
-        .to_string();
+    let token = script.split_whitespace().find_map(|w| w.strip_prefix("luna.token=")).unwrap_or_default().to_string();
     let kernel = script.lines().find_map(|l| l.trim().strip_prefix("kernel ")?.split(' ').next()).unwrap_or_default();
     let initrd = script
         .lines()

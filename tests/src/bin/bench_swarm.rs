@@ -118,7 +118,9 @@ fn run(bed: &SwarmBed, a: &Args, method: Method, n: usize, sb: f64) -> Result<Ro
             .output()
             .lines()
             .iter()
-            .find_map(|l| l.split_once(" bytes from peers").and_then(|(s, _)| s.rsplit(' ').next()?.parse::<u64>().ok()))
+            .find_map(|l| {
+                l.split_once(" bytes from peers").and_then(|(s, _)| s.rsplit(' ').next()?.parse::<u64>().ok())
+            })
             .unwrap_or(0);
     }
     eprintln!("  {} N={n}: agents started in {:.2} s", method.name(), spawned.as_secs_f64());
