@@ -104,7 +104,7 @@ fn make_image_tree(dir: &Path, mib: usize) -> Result<(PathBuf, PathBuf)> {
     write(&root.join("boot").join(format!("vmlinuz-{KVER}")), b"not really a kernel")?;
     write(&root.join("etc/hostname"), b"bench\n")?;
     for i in 0..mib {
-        write(&root.join(format!("usr/share/data/blob{i}")), &random_bytes(i as u64 + 11, 1 << 20))?;
+        write(&root.join(format!("usr/share/data/blob{i}")), &random_bytes(2 * i as u64 + 11, 1 << 20))?;
     }
     let dracut = dir.join("fake-dracut");
     write(
@@ -236,7 +236,7 @@ impl SwarmBed {
         }
         loop {
             let rev = self.revision()?;
-            if rev["seeder"]["complete"].as_bool() == Some(true) {
+            if rev["seeder"]["healthy"].as_bool() == Some(true) {
                 return rev["archive_size"].as_u64().ok_or_else(|| HarnessError::Setup(format!("no size in {rev}")));
             }
             if Instant::now() > deadline {
@@ -334,8 +334,8 @@ fn populate(config: &Path, chroot: &Path, n: usize) -> Result<Vec<(String, Ipv4A
         svc.create(Kind::Osimage, serde_json::json!({"name": "img", "path": chroot.display().to_string()}))
             .await
             .map_err(err)?;
-        let group =
-            serde_json::json!({"name": "g", "osimage": "img", "interfaces": [{"name": "BOOTIF", "network": "bed"}]});
+        let group = serde_json::json!({"name": "g", "osimage": "img", "partscript": "",
+            "interfaces": [{"name": "BOOTIF", "network": "bed"}]});
         svc.create(Kind::Group, group).await.map_err(err)?;
         let req = NodeCreate {
             name: format!("n[0001-{n:04}]"),
