@@ -394,10 +394,15 @@ fn main() -> Result<()> {
     std::fs::write(files.join("vmlinuz"), vec![0u8; 8 << 20])?;
     std::fs::write(files.join("initrd.img"), vec![0u8; 32 << 20])?;
     // Every node's address on the generator's interface (the server answers each one there).
-    let batch: String = nodes.iter().map(|n| format!("addr add {}/20 dev {CLIENT_DEV}\n", n.ip)).collect();
+    // (The generator's own address may be a node's: it is there already.)
+    let batch: String = nodes
+        .iter()
+        .filter(|n| n.ip != bench::CLIENT_IP)
+        .map(|n| format!("addr add {}/20 dev {CLIENT_DEV}\n", n.ip))
+        .collect();
     let batch_path = dir.path().join("addrs.batch");
     std::fs::write(&batch_path, batch)?;
-    link.client.ip(&["-force", "-batch", &batch_path.display().to_string()]).context("add node addresses")?;
+    link.client.ip(&["-batch", &batch_path.display().to_string()]).context("add node addresses")?;
     let server = bench::start_luna(&link, &config)?;
     bench::wait_tcp(&link.client, &format!("{SERVER_IP}:7050"), Duration::from_secs(60))?;
     let rss0 = peak_rss(server.pid())?;
