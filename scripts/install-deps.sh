@@ -59,6 +59,10 @@ PACKAGES=(
     dpkg-dev binutils lintian systemd-container
     # ACLs in the osimage clone test (setfacl, getfacl)
     acl
+    # charts of the benchmarks (bench-swarm writes docs/*.png with gnuplot)
+    gnuplot-nox
+    # packet loss in bench-storm (this kernel has no sch_netem; nf_tables numgen drops)
+    nftables
     # misc used by scripts and tests
     curl ca-certificates util-linux
     # the live web page test drives a headless browser (tests/liveview.rs)

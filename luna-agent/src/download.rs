@@ -61,6 +61,9 @@ pub struct Job<'a> {
     pub client: &'a Client,
     pub reporter: &'a Arc<Reporter>,
     pub stall: Duration,
+    /// Unpack into `root`; `false` downloads and verifies only (`luna-agent install
+    /// --no-unpack`, for measuring the network without the CPU cost of unpacking).
+    pub unpack: bool,
 }
 
 /// What a finished fetch did.
@@ -112,6 +115,14 @@ pub async fn fetch(job: &Job<'_>, swarm: Option<&Swarm>) -> Result<Fetched, Fetc
         .unwrap_or_else(|| FetchError::Download { url: job.image.http_url.clone(), reason: "no attempt made".into() }))
 }
 
+/// The consumer of a download that unpacks nothing: reads the stream to its end (the SHA-256 is
+/// taken on the network side, as when unpacking).
+fn discard(mut reader: impl std::io::Read, root: &Path) -> Result<UnpackStats, UnpackError> {
+    std::io::copy(&mut reader, &mut std::io::sink())
+        .map_err(|e| UnpackError::Io { path: root.display().to_string(), source: e })?;
+    Ok(UnpackStats::default())
+}
+
 /// Copies the stream into `path` (created anew).
 fn write_file(mut reader: impl std::io::Read, path: &Path) -> Result<UnpackStats, UnpackError> {
     let io_err = |source| UnpackError::Io { path: path.display().to_string(), source };
@@ -139,10 +150,12 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>, url: &str) -> Resu
     let root: PathBuf = job.root.to_path_buf();
     let os = job.os.clone();
     let sink = job.sink;
+    let unpack = job.unpack;
     let consumer = tokio::task::spawn_blocking(move || {
         let reader = BlockReader::new(move || rx.blocking_recv(), recycle);
         match sink {
-            Sink::Unpack => unpack_tar_zst(reader, &root, &*os),
+            Sink::Unpack if unpack => unpack_tar_zst(reader, &root, &*os),
+            Sink::Unpack => discard(reader, &root),
             Sink::File(name) => write_file(reader, &root.join(name)),
         }
     });

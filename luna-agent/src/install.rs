@@ -96,6 +96,8 @@ pub struct Config {
     pub window: u64,
     /// What the `disk` root mode reads (`/sys`, `/proc/self/mountinfo`).
     pub disk: disk::Paths,
+    /// Unpack the image (else download and verify only: `install --no-unpack`, measuring).
+    pub unpack: bool,
 }
 
 impl Default for Config {
@@ -110,6 +112,7 @@ impl Default for Config {
             initial_peers: Vec::new(),
             window: DEFAULT_WINDOW,
             disk: disk::Paths::default(),
+            unpack: true,
         }
     }
 }
@@ -322,6 +325,7 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
         client: &ctx.client,
         reporter: &ctx.reporter,
         stall: ctx.args.stall,
+        unpack: cfg.unpack,
     };
     let fetched = download::fetch(&job, swarm.as_ref()).await;
     let fetched = match fetched {

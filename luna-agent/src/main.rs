@@ -10,8 +10,10 @@ use luna_agent::os::RealOs;
 use luna_agent::{install, Config};
 
 const USAGE: &str = "usage:
-  luna-agent install [--no-swarm] [--sysroot DIR] [--cmdline FILE]
-      fill the root from the install plan (reads luna.* from the kernel command line)
+  luna-agent install [--no-swarm] [--sysroot DIR] [--scratch DIR] [--no-unpack] [--cmdline FILE]
+      fill the root from the install plan (reads luna.* from the kernel command line);
+      --scratch: the torrent session's directory (default /run/luna); --no-unpack: download
+      and verify the image but unpack nothing (measuring the network, bench-swarm)
   luna-agent service [--cmdline FILE]
       report service mode to the server
   luna-agent status STEP [MESSAGE] [--cmdline FILE]
@@ -104,6 +106,12 @@ fn real_main() -> anyhow::Result<()> {
             }
             if let Some(s) = args.opt("--sysroot")? {
                 cfg.sysroot = s.into();
+            }
+            if let Some(s) = args.opt("--scratch")? {
+                cfg.scratch = s.into();
+            }
+            if args.flag("--no-unpack") {
+                cfg.unpack = false;
             }
             args.done()?;
             let outcome = runtime()?.block_on(install::install(&cfg, Arc::new(RealOs)))?;
@@ -211,6 +219,7 @@ fn fetch(mut args: Args) -> anyhow::Result<()> {
             client: &client,
             reporter: &reporter,
             stall: std::time::Duration::from_secs(stall),
+            unpack: true,
         };
         let fetched = download::fetch(&job, swarm.as_ref()).await;
         let peak = swarm.as_ref().map(|s| s.window.peak_bytes());

@@ -340,6 +340,7 @@ fn setup(extra_cmdline: &str) -> (Env, impl FnOnce(&str, Behaviour) -> Server) {
         initial_peers: Vec::new(),
         window: 4 << 20,
         disk: Default::default(),
+        unpack: true,
     };
     let c2 = content.clone();
     let cmdline_path = cfg.cmdline.clone();
@@ -732,6 +733,31 @@ async fn hash_mismatch_clears_and_retries_then_gives_up() {
     assert_eq!(server.steps().last().map(String::as_str), Some("error"));
 }
 
+/// `install --no-unpack` (bench-swarm's network-only curve): the image is downloaded and its
+/// SHA-256 checked, nothing is unpacked, the node still reports `installed`; a corrupt archive
+/// still fails verification.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_unpack_downloads_and_verifies_only() {
+    let (mut env, start) = setup("");
+    env.cfg.unpack = false;
+    let server = start("", Behaviour::default());
+    // The test plan's postscript runs a program from the image: there is no image here.
+    set_plan(&env, &server, |p| p.postscript.clear());
+    let outcome = install::install(&env.cfg, fake()).await.expect("install");
+    assert_eq!(outcome.fetched.bytes_from_http, env.archive.len() as u64);
+    assert_eq!(outcome.fetched.stats.files, 0);
+    assert!(!env.sysroot.join("usr/bin/big").exists(), "nothing unpacked");
+    assert!(server.steps().iter().any(|s| s == "verify"));
+    assert_eq!(server.steps().last().map(String::as_str), Some("installed"));
+
+    let (mut env, start) = setup("");
+    env.cfg.unpack = false;
+    let server = start("", Behaviour { corrupt: 99, ..Default::default() });
+    let err = install::install(&env.cfg, fake()).await.unwrap_err();
+    assert_eq!(err.step(), "verify", "{err}");
+    assert_eq!(server.image_requests.lock().unwrap().len(), 3, "bounded retries");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_token_is_not_retried_forever() {
     let (env, start) = setup("");
@@ -935,6 +961,7 @@ async fn agents_booting_together_get_a_big_image_from_the_swarm() {
                 client: &client,
                 reporter: &reporter,
                 stall: std::time::Duration::from_secs(30),
+                unpack: true,
             }
         })
         .collect();

@@ -29,6 +29,7 @@ mod net;
 mod netns;
 mod process;
 mod ra;
+pub mod swarm_bed;
 mod vm;
 
 use std::path::PathBuf;

@@ -1,0 +1,245 @@
+//! Benchmark (not a test): N nodes installing one image at once through luna's swarm, against
+//! the HTTP-only way (every node pulls the whole image from the server, as Warewulf, Grendel
+//! and OpenCHAMI do), in the same invocation.
+//!
+//!     cargo build -p luna-server && cargo build -p luna-agent --profile agent \
+//!         --target x86_64-unknown-linux-musl
+//!     cargo run -p luna-tests --bin bench-swarm -- [--nodes 1,8,32,64] [--rate-mbit 20]
+//!         [--image-mib 12] [--no-unpack] [--methods swarm,http] [--out docs]
+//!
+//! The bed (`luna_tests::swarm_bed`): a switch (bridge) with luna-server's namespace and one
+//! namespace per node on it, every link shaped with `tc tbf` to the same rate B both ways, so the
+//! network and not the CPUs binds. Each node runs the real static `luna-agent install` with the
+//! kernel command line the server's iPXE script gave it: plan, swarm download (or HTTP with
+//! `--no-swarm`), streaming unpack into its own tmpfs (skipped with `--no-unpack`), digest check,
+//! status reports; everything an install does but the switch root.
+//!
+//! For each N and method: T(N), the wall time from starting the N agents until the last one
+//! exited having reported `installed` (checked in the server's node status); E(N), the bytes the
+//! server's interface sent in that time (and the seeder's own counter). Printed as a table with
+//! T(N)/(S/B) and E(N)/S (S = archive size); written to `<out>/bench-swarm.csv` and as a chart
+//! (time against N, log N axis, both methods) to `<out>/bench-swarm.png` (gnuplot). Needs root,
+//! `tc`, `curl` and `gnuplot`. Targets at N = 64: swarm T/(S/B) <= 1.5 and E/S <= 2.5.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use luna_tests::swarm_bed::{gnuplot, BedOptions, SwarmBed};
+
+const TARGET_TIME: f64 = 1.5;
+const TARGET_EGRESS: f64 = 2.5;
+const TARGET_N: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Method {
+    /// luna's way: the server seeds, nodes share pieces (HTTP only as fallback).
+    Swarm,
+    /// Every node pulls the image from the server over HTTP (`luna-agent install --no-swarm`).
+    Http,
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Swarm => "swarm",
+            Method::Http => "http",
+        }
+    }
+}
+
+/// Install time and server egress of N nodes booting at once, swarm against HTTP only.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Node counts, measured in this order.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    nodes: Vec<usize>,
+    /// Rate of every link (the server's included), both ways, in Mbit/s.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    rate_mbit: u32,
+    /// Incompressible data in the image, in MiB (S/B should be several seconds).
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    image_mib: u64,
+    /// Download and verify only, unpack nothing (the network-only curve).
+    #[arg(long)]
+    no_unpack: bool,
+    /// Methods, measured in this order for every N.
+    #[arg(long, value_delimiter = ',', default_value = "swarm,http")]
+    methods: Vec<Method>,
+    /// `[image] seeder_peer_slots` of the server.
+    #[arg(long, default_value_t = luna_server::image::DEFAULT_SEEDER_PEER_SLOTS)]
+    seeder_slots: u32,
+    /// Directory for bench-swarm.csv and bench-swarm.png (default: the workspace's docs/).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+struct Row {
+    method: Method,
+    n: usize,
+    secs: f64,
+    iface: u64,
+    seeder: u64,
+    from_peers: u64,
+}
+
+fn run(bed: &SwarmBed, a: &Args, method: Method, n: usize, sb: f64) -> Result<Row> {
+    let base = bed.dir.path().join(format!("run-{}-{n}", method.name()));
+    let dirs: Vec<PathBuf> = (0..n).map(|i| base.join(format!("{i}"))).collect();
+    for (i, d) in dirs.iter().enumerate() {
+        bed.boot_cmdline(i, d).with_context(|| format!("boot script of {}", bed.nodes[i].name))?;
+    }
+    let (tx0, seed0) = (bed.server_tx()?, bed.seeder_uploaded()?);
+    let limit = Duration::from_secs_f64(120.0 + 3.0 * sb * n as f64);
+    let t0 = Instant::now();
+    let mut agents = Vec::with_capacity(n);
+    for (i, d) in dirs.iter().enumerate() {
+        agents.push(bed.start_agent(i, d, method == Method::Swarm, !a.no_unpack)?);
+    }
+    let spawned = t0.elapsed();
+    for (i, agent) in agents.iter_mut().enumerate() {
+        let left = limit.saturating_sub(t0.elapsed());
+        let status = agent.wait_timeout(left).with_context(|| format!("agent of {}", bed.nodes[i].name))?;
+        if !status.success() {
+            bail!("agent of {} failed ({status}):\n{}", bed.nodes[i].name, agent.output().tail(30));
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let (tx1, seed1) = (bed.server_tx()?, bed.seeder_uploaded()?);
+    let mut from_peers = 0;
+    for (i, agent) in agents.iter().enumerate() {
+        let step = bed.last_step(i)?;
+        if step != "installed" {
+            bail!("{} last reported '{step}', not 'installed'", bed.nodes[i].name);
+        }
+        from_peers += agent
+            .output()
+            .lines()
+            .iter()
+            .find_map(|l| {
+                l.split_once(" bytes from peers").and_then(|(s, _)| s.rsplit(' ').next()?.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+    }
+    eprintln!("  {} N={n}: agents started in {:.2} s", method.name(), spawned.as_secs_f64());
+    drop(agents);
+    let _ = std::fs::remove_dir_all(&base);
+    // Let the tracker see the finished nodes leave before the next run.
+    std::thread::sleep(Duration::from_secs(2));
+    Ok(Row { method, n, secs, iface: tx1.saturating_sub(tx0), seeder: seed1.saturating_sub(seed0), from_peers })
+}
+
+fn chart(out: &std::path::Path, csv: &std::path::Path, a: &Args, s: u64) -> Result<()> {
+    let png = out.join("bench-swarm.png");
+    let sb = s as f64 * 8.0 / (f64::from(a.rate_mbit) * 1e6);
+    let script = format!(
+        "set terminal pngcairo size 900,560 noenhanced\nset output '{png}'\nset datafile separator ','\n\
+         set title 'luna: N nodes installing a {mib:.0} MiB image at once, every link {rate} Mbit/s (S/B = {sb:.1} s)'\n\
+         set logscale x 2\nset logscale y 2\nset xlabel 'nodes (N)'\nset ylabel 'time until all installed, s'\n\
+         set key top left\nset grid\n\
+         plot '{csv}' using ($1==1 ? $2 : 1/0):4 with linespoints lw 2 pt 7 title 'luna swarm', \
+         '{csv}' using ($1==2 ? $2 : 1/0):4 with linespoints lw 2 pt 5 title 'HTTP only (every node from the server)', \
+         {sb} with lines dt 2 title 'S/B (one node alone)'\n",
+        png = png.display(),
+        csv = csv.display(),
+        mib = s as f64 / f64::from(1 << 20),
+        rate = a.rate_mbit,
+    );
+    gnuplot(&script).context("draw the chart (apt-get install gnuplot-nox)")?;
+    println!("chart: {}", png.display());
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    if a.nodes.is_empty() || a.nodes.contains(&0) {
+        bail!("--nodes needs counts of at least 1, got {:?}", a.nodes);
+    }
+    if a.methods.is_empty() {
+        bail!("--methods needs swarm, http or both");
+    }
+    luna_tests::bench::raise_nofile();
+    let max = *a.nodes.iter().max().unwrap_or(&1);
+    let opts = BedOptions {
+        nodes: max,
+        rate_mbit: a.rate_mbit,
+        image_mib: a.image_mib as usize,
+        seeder_slots: a.seeder_slots,
+    };
+    let t = Instant::now();
+    let bed = SwarmBed::start(&opts).context("build the bench bed")?;
+    let s = bed.archive_size;
+    let sb = s as f64 * 8.0 / (f64::from(a.rate_mbit) * 1e6);
+    println!(
+        "bench-swarm: {max} node namespaces, links {} Mbit/s, archive S = {s} bytes, S/B = {sb:.2} s, \
+         unpack {}, seeder slots {} (bed up in {:.0} s; load average {})",
+        a.rate_mbit,
+        if a.no_unpack { "off" } else { "on" },
+        a.seeder_slots,
+        t.elapsed().as_secs_f64(),
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
+    );
+    let mut rows = Vec::new();
+    for &n in &a.nodes {
+        for &m in &a.methods {
+            let row = run(&bed, &a, m, n, sb).with_context(|| format!("{} with {n} nodes", m.name()))?;
+            println!(
+                "  {:<5} N={:<4} T={:7.2} s  T/(S/B)={:6.2}  E/S={:6.2} (seeder {:.2}, from peers {:.2})",
+                m.name(),
+                n,
+                row.secs,
+                row.secs / sb,
+                row.iface as f64 / s as f64,
+                row.seeder as f64 / s as f64,
+                row.from_peers as f64 / s as f64
+            );
+            rows.push(row);
+        }
+    }
+
+    println!("\n| N | method | T(N) s | T(N)/(S/B) | E(N)/S (interface) | E(N)/S (seeder) |");
+    println!("|---|---|---|---|---|---|");
+    let mut csv = String::from(
+        "method_id,nodes,method,t_s,t_over_sb,e_iface_bytes,e_over_s,e_seeder_bytes,archive_bytes,rate_mbit,unpack\n",
+    );
+    for r in &rows {
+        let (tr, er) = (r.secs / sb, r.iface as f64 / s as f64);
+        println!(
+            "| {} | {} | {:.2} | {tr:.2} | {er:.2} | {:.2} |",
+            r.n,
+            r.method.name(),
+            r.secs,
+            r.seeder as f64 / s as f64
+        );
+        let _ = writeln!(
+            csv,
+            "{},{},{},{:.3},{tr:.3},{},{er:.3},{},{s},{},{}",
+            if r.method == Method::Swarm { 1 } else { 2 },
+            r.n,
+            r.method.name(),
+            r.secs,
+            r.iface,
+            r.seeder,
+            a.rate_mbit,
+            !a.no_unpack
+        );
+    }
+    let out = a.out.clone().unwrap_or_else(|| luna_tests::workspace_root().join("docs"));
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    let csv_path = out.join("bench-swarm.csv");
+    std::fs::write(&csv_path, &csv).with_context(|| format!("write {}", csv_path.display()))?;
+    println!("csv: {}", csv_path.display());
+    chart(&out, &csv_path, &a, s)?;
+
+    if let Some(r) = rows.iter().find(|r| r.method == Method::Swarm && r.n == TARGET_N) {
+        let (tr, er) = (r.secs / sb, r.iface as f64 / s as f64);
+        let ok = tr <= TARGET_TIME && er <= TARGET_EGRESS;
+        println!(
+            "target at N={TARGET_N}: swarm T/(S/B) {tr:.2} (<= {TARGET_TIME}), E/S {er:.2} (<= {TARGET_EGRESS}): {}",
+            if ok { "met" } else { "MISSED" }
+        );
+    }
+    Ok(())
+}
