@@ -258,9 +258,10 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     tokio::spawn(crate::wiring::follow_store(service.clone(), tracker.clone(), topology, cancel.clone()));
     let mut seeder_addr = None;
     if config.image.seed {
-        let seeder = crate::image::seeder::Seeder::start(images.clone(), Some(crate::wiring::registrar(tracker.clone())))
-            .await
-            .map_err(|e| ServerError::Seeder(e.to_string()))?;
+        let seeder =
+            crate::image::seeder::Seeder::start(images.clone(), Some(crate::wiring::registrar(tracker.clone())))
+                .await
+                .map_err(|e| ServerError::Seeder(e.to_string()))?;
         seeder_addr = Some(seeder.listen_addr());
         // Revisions packed on the other servers come through the swarm into this seeder.
         let replicator = crate::image::replicate::Replicator::new(

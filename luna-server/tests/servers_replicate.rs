@@ -6,6 +6,7 @@
 //! Runs against nx-27017 made a one-member replica set (`tests/assets/nx-replset.py`) when
 //! `LUNA_TEST_MONGO=1`; everything listens on 127.0.0.1 (no namespaces needed).
 
+mod https_support;
 mod image_support;
 
 use std::path::{Path, PathBuf};
@@ -22,7 +23,10 @@ const POLL_S: u64 = 2;
 
 struct Server {
     child: Child,
+    /// The boot port (plain HTTP: files, tracker).
     port: u16,
+    /// The admin API (HTTPS).
+    api: u16,
     log: PathBuf,
     data: PathBuf,
 }
@@ -38,13 +42,23 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
-fn write_config(dir: &Path, name: &str, store: &str, port: u16, slice: &str) -> (PathBuf, PathBuf) {
+/// Every server but `init` uses the certificate `init` generated, as servers sharing a store
+/// share a certificate.
+fn write_config(dir: &Path, name: &str, store: &str, port: u16, api: u16, slice: &str) -> (PathBuf, PathBuf) {
     let data = dir.join(name);
     std::fs::create_dir_all(&data).expect("data dir");
+    let tls = match name {
+        "init" => String::new(),
+        _ => format!(
+            "tls_cert = {:?}\ntls_key = {:?}\n",
+            dir.join("init/tls/server.pem").display().to_string(),
+            dir.join("init/tls/server.key").display().to_string()
+        ),
+    };
     let dracut = image_support::fake_dracut(dir, "", true);
     let config = format!(
         "store = {store:?}\nlisten = \"127.0.0.1:{port}\"\ntoken_file = {token:?}\ndata_dir = {data:?}\n\
-         cluster_name = \"servers\"\n[tftp]\nenabled = false\n\
+         cluster_name = \"servers\"\n[http]\napi_listen = \"127.0.0.1:{api}\"\n{tls}[tftp]\nenabled = false\n\
          [dhcp]\nslice = {slice:?}\n\
          [image]\ndracut = {dracut:?}\nseed_listen = \"127.0.0.1:0\"\n\
          [server]\nid = {name:?}\nadvertise = [\"127.0.0.1\"]\nheartbeat_interval_s = {POLL_S}\nreplicate_interval_s = {POLL_S}\n",
@@ -67,13 +81,14 @@ fn luna_server(config: &Path, args: &[&str], log: &Path) -> Command {
 
 async fn start(dir: &Path, name: &str, store: &str, slice: &str) -> Server {
     let port = free_port();
-    let (config, data) = write_config(dir, name, store, port, slice);
+    let api = free_port();
+    let (config, data) = write_config(dir, name, store, port, api, slice);
     let log = dir.join(format!("{name}.log"));
     let child = luna_server(&config, &[], &log).spawn().expect("start luna-server");
-    let mut server = Server { child, port, log, data };
+    let mut server = Server { child, port, api, log, data };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok((200, _)) = call(port, "GET", "/api/v1/cluster", None).await {
+        if let Ok((200, _)) = call(api, "GET", "/api/v1/cluster", None).await {
             return server;
         }
         if let Some(status) = server.child.try_wait().expect("wait") {
@@ -87,18 +102,19 @@ async fn start(dir: &Path, name: &str, store: &str, slice: &str) -> Server {
     }
 }
 
-/// One HTTP/1.0 request; the body as JSON (or as bytes under "raw" when it is not JSON).
-async fn call(port: u16, method: &str, path: &str, body: Option<Value>) -> std::io::Result<(u16, Value)> {
-    let (status, bytes) = call_raw(port, method, path, body).await?;
+/// One request to the admin API (HTTPS); the body as JSON.
+async fn call(api: u16, method: &str, path: &str, body: Option<Value>) -> std::io::Result<(u16, Value)> {
+    let (status, bytes) = https_support::request(api, TOKEN, method, path, body.map(|b| b.to_string())).await?;
     let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     Ok((status, json))
 }
 
+/// One plain HTTP/1.0 request to the boot port (no credentials: that port refuses them).
 async fn call_raw(port: u16, method: &str, path: &str, body: Option<Value>) -> std::io::Result<(u16, Vec<u8>)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n\
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
@@ -140,20 +156,21 @@ async fn a_revision_packed_on_one_server_reaches_the_other_through_the_swarm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = with_database(&nx.url("admin"), &unique_db_name("replicate"));
     std::fs::write(dir.path().join("token"), TOKEN).expect("token");
-    let (init, _) = write_config(dir.path(), "init", &store, free_port(), "10.141.200.0-10.141.200.9");
+    let (init, _) = write_config(dir.path(), "init", &store, free_port(), free_port(), "10.141.200.0-10.141.200.9");
     let status = luna_server(&init, &["init"], &dir.path().join("init.log")).status().expect("init");
     assert!(status.success(), "init: {}", std::fs::read_to_string(dir.path().join("init.log")).unwrap_or_default());
+    https_support::trust_ca(&dir.path().join("init/tls/ca.pem"));
 
     let a = start(dir.path(), "a", &store, "10.141.200.10-10.141.200.99").await;
     let b = start(dir.path(), "b", &store, "10.141.200.100-10.141.200.199").await;
     let chroot = dir.path().join("chroot");
     image_support::make_chroot(&chroot);
-    ok(a.port, "PATCH", "/api/v1/cluster", json!({"frontend_address": "127.0.0.1", "http_port": a.port})).await;
-    ok(a.port, "POST", "/api/v1/osimage", json!({"name": "compute", "path": chroot})).await;
+    ok(a.api, "PATCH", "/api/v1/cluster", json!({"frontend_address": "127.0.0.1", "http_port": a.port})).await;
+    ok(a.api, "POST", "/api/v1/osimage", json!({"name": "compute", "path": chroot})).await;
 
     // Both servers are listed, with fresh heartbeats, by either one.
     let servers = wait_for(Duration::from_secs(10), "both servers listed", || async {
-        let (_, v) = call(b.port, "GET", "/api/v1/cluster/servers", None).await.ok()?;
+        let (_, v) = call(b.api, "GET", "/api/v1/cluster/servers", None).await.ok()?;
         let ids: Vec<&str> = v.as_array()?.iter().filter_map(|s| s["id"].as_str()).collect();
         (ids.contains(&"a") && ids.contains(&"b")).then_some(v)
     })
@@ -167,10 +184,10 @@ async fn a_revision_packed_on_one_server_reaches_the_other_through_the_swarm() {
     }
 
     // Pack on A.
-    let job = ok(a.port, "POST", "/api/v1/osimage/compute/pack", json!({})).await;
+    let job = ok(a.api, "POST", "/api/v1/osimage/compute/pack", json!({})).await;
     let job = job["job"].as_u64().expect("job id");
     wait_for(Duration::from_secs(120), "the pack on a finished", || async {
-        let (_, j) = call(a.port, "GET", &format!("/api/v1/jobs/{job}"), None).await.ok()?;
+        let (_, j) = call(a.api, "GET", &format!("/api/v1/jobs/{job}"), None).await.ok()?;
         match j["state"].as_str() {
             Some("done") | Some("finished") | Some("succeeded") => Some(()),
             Some("failed") => panic!("pack failed: {j}"),
@@ -179,7 +196,7 @@ async fn a_revision_packed_on_one_server_reaches_the_other_through_the_swarm() {
     })
     .await;
     let packed = Instant::now();
-    let (_, revs) = call(a.port, "GET", "/api/v1/osimage/compute/revisions", None).await.unwrap();
+    let (_, revs) = call(a.api, "GET", "/api/v1/osimage/compute/revisions", None).await.unwrap();
     let rev = revs[0].clone();
     let (id, info_hash, sha) =
         (rev["id"].as_u64().unwrap(), rev["info_hash"].as_str().unwrap(), rev["sha256"].as_str().unwrap());
@@ -187,7 +204,7 @@ async fn a_revision_packed_on_one_server_reaches_the_other_through_the_swarm() {
     // B holds it (downloaded, verified, published) and seeds it, within the poll interval (plus
     // a heartbeat for A to say it holds the revision and the download itself).
     let b_rev = wait_for(Duration::from_secs(60), "b seeds the revision", || async {
-        let (_, v) = call(b.port, "GET", "/api/v1/osimage/compute/revisions", None).await.ok()?;
+        let (_, v) = call(b.api, "GET", "/api/v1/osimage/compute/revisions", None).await.ok()?;
         let r = v.as_array()?.iter().find(|r| r["id"].as_u64() == Some(id))?.clone();
         (r["seeder"]["healthy"] == json!(true)).then_some(r)
     })
@@ -203,7 +220,7 @@ async fn a_revision_packed_on_one_server_reaches_the_other_through_the_swarm() {
     }
     // Both list both servers as holding and seeding it.
     wait_for(Duration::from_secs(20), "a and b listed as holding and seeding", || async {
-        let (_, v) = call(a.port, "GET", "/api/v1/osimage/compute/revisions", None).await.ok()?;
+        let (_, v) = call(a.api, "GET", "/api/v1/osimage/compute/revisions", None).await.ok()?;
         let r = v.as_array()?.iter().find(|r| r["id"].as_u64() == Some(id))?.clone();
         (r["held_by"] == json!(["a", "b"]) && r["seeded_by"] == json!(["a", "b"])).then_some(())
     })
@@ -218,11 +235,11 @@ async fn a_revision_packed_on_one_server_reaches_the_other_through_the_swarm() {
     let want: Vec<String> = [b.port, a.port].iter().map(|p| format!("http://127.0.0.1:{p}/announce")).collect();
     assert_eq!(trackers, want);
     // The store was not written by the replica: still the one revision a packed.
-    let (_, img) = call(b.port, "GET", "/api/v1/osimage/compute", None).await.unwrap();
+    let (_, img) = call(b.api, "GET", "/api/v1/osimage/compute", None).await.unwrap();
     assert_eq!(img["revisions"].as_array().unwrap().len(), 1, "{img}");
 
     // A third server whose DHCP slice overlaps B's is refused, naming both, and starts nothing.
-    let (c_config, _) = write_config(dir.path(), "c", &store, free_port(), "10.141.200.150-10.141.200.250");
+    let (c_config, _) = write_config(dir.path(), "c", &store, free_port(), free_port(), "10.141.200.150-10.141.200.250");
     let c_log = dir.path().join("c.log");
     let mut c = luna_server(&c_config, &[], &c_log).spawn().expect("start c");
     let status = wait_for(Duration::from_secs(30), "c exits", || {
@@ -238,7 +255,7 @@ async fn a_revision_packed_on_one_server_reaches_the_other_through_the_swarm() {
             && log.contains("10.141.200.100-10.141.200.199"),
         "{log}"
     );
-    let (_, v) = call(b.port, "GET", "/api/v1/cluster/servers", None).await.unwrap();
+    let (_, v) = call(b.api, "GET", "/api/v1/cluster/servers", None).await.unwrap();
     assert!(!v.as_array().unwrap().iter().any(|s| s["id"] == json!("c")), "{v}");
     drop((a, b));
 }

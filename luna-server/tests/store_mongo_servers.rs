@@ -12,6 +12,8 @@
 //! Runs against nx-27017 made a one-member replica set (`tests/assets/nx-replset.py`) when
 //! `LUNA_TEST_MONGO=1`.
 
+mod https_support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use luna_server::store::conformance::{mongo_gate, unique_db_name, with_database, NxServer};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "store-servers-test-token";
 /// Nodes per rack (one batch).
@@ -103,45 +104,11 @@ async fn start(dir: &Path, name: &str, store: &str) -> Server {
     }
 }
 
-/// Trusts the CA `init` generated; set once `init` ran.
-static TLS: std::sync::OnceLock<tokio_rustls::TlsConnector> = std::sync::OnceLock::new();
-
-fn trust_ca(ca: &Path) {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls::pki_types::CertificateDer::from_pem_file(ca).expect("ca.pem")).expect("ca");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("tls versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let _ = TLS.set(tokio_rustls::TlsConnector::from(Arc::new(config)));
-}
-
-/// One REST call over HTTPS and HTTP/1.0 (no chunked replies, one connection per call).
+/// One REST call over HTTPS (`/api/v1` + `path`); the body as JSON.
 async fn call(port: u16, method: &str, path: &str, body: Option<Value>) -> std::io::Result<(u16, Value)> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
-    let mut s = TLS.get().expect("trust_ca ran").connect(name, tcp).await?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = format!(
-        "{method} /api/v1{path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut out = Vec::new();
-    match s.read_to_end(&mut out).await {
-        // A peer that closes without close_notify after the whole answer (HTTP/1.0) is fine.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => {}
-        r => {
-            r?;
-        }
-    }
-    let text = String::from_utf8_lossy(&out);
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let json = text.split_once("\r\n\r\n").and_then(|(_, b)| serde_json::from_str(b).ok()).unwrap_or(Value::Null);
-    Ok((status, json))
+    let (status, bytes) =
+        https_support::request(port, TOKEN, method, &format!("/api/v1{path}"), body.map(|b| b.to_string())).await?;
+    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
 }
 
 async fn ok(port: u16, method: &str, path: &str, body: Value) {
@@ -200,7 +167,7 @@ async fn two_servers_one_killed_mid_batch() {
     let status = luna_server(&init_config, &["init"], &dir.path().join("init.log")).status().expect("init");
     let init_log = std::fs::read_to_string(dir.path().join("init.log")).unwrap_or_default();
     assert!(status.success(), "luna-server init: {init_log}");
-    trust_ca(&dir.path().join("init/tls/ca.pem"));
+    https_support::trust_ca(&dir.path().join("init/tls/ca.pem"));
     let b = start(dir.path(), "b", &store).await;
     ok(b.port, "POST", "/network", json!({"name": "cluster", "cidr": "10.141.0.0/20"})).await;
     ok(b.port, "POST", "/osimage", json!({"name": "compute", "path": "/images/compute"})).await;

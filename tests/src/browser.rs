@@ -90,6 +90,9 @@ impl Browser {
                 "--disable-dev-shm-usage",
                 "--hide-scrollbars",
                 "--remote-debugging-pipe",
+                // the pages under test are luna-server's, over HTTPS with the test cluster's
+                // own CA, which this throw-away profile does not know
+                "--ignore-certificate-errors",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank");

@@ -23,6 +23,8 @@ pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 1);
 /// The bed's network: room for 4094 nodes.
 pub const CIDR: &str = "10.98.0.0/20";
 const HTTP_PORT: u16 = 7050;
+/// The admin API (HTTPS, the certificate `luna-server init` made for `SERVER_IP`).
+const API_PORT: u16 = 7051;
 const KVER: &str = "6.1.0-99-amd64";
 
 /// How the bed is built.
@@ -150,7 +152,8 @@ impl SwarmBed {
             format!(
                 "store = \"sqlite://{d}/luna.db\"\nlisten = \"{SERVER_IP}:{HTTP_PORT}\"\ntoken_file = \"{d}/token\"\n\
                  data_dir = \"{d}/data\"\n[tftp]\nenabled = false\n[image]\nseed = true\n\
-                 seed_listen = \"{SERVER_IP}:6881\"\ndracut = \"{}\"\nkeep_revisions = 1\nseeder_peer_slots = {}\n",
+                 seed_listen = \"{SERVER_IP}:6881\"\ndracut = \"{}\"\nkeep_revisions = 1\nseeder_peer_slots = {}\n\
+                 [http]\napi_listen = \"{SERVER_IP}:{API_PORT}\"\ntls_names = [\"{SERVER_IP}\"]\n",
                 dracut.display(),
                 opts.seeder_slots
             )
@@ -198,12 +201,14 @@ impl SwarmBed {
         let mut cmd = self.server.command("curl");
         cmd.args(["-sS", "--fail-with-body", "--max-time", "30", "-X", method])
             .arg("-H")
-            .arg(format!("Authorization: Bearer {}", self.token));
+            .arg(format!("Authorization: Bearer {}", self.token))
+            .arg("--cacert")
+            .arg(self.dir.path().join("data/tls/ca.pem"));
         if let Some(b) = body {
             cmd.args(["-H", "Content-Type: application/json", "--data"]).arg(b.to_string());
         }
         let out = cmd
-            .arg(format!("http://{SERVER_IP}:{HTTP_PORT}{path}"))
+            .arg(format!("https://{SERVER_IP}:{API_PORT}{path}"))
             .output()
             .map_err(|e| HarnessError::io("run curl", e))?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();

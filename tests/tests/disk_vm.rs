@@ -237,7 +237,8 @@ fn debian_installs_to_disk_and_boots_from_it_bios_and_uefi() {
     let out =
         c.ns.command(luna_tests::cargo_bin("luna").unwrap())
             .args(["node", "reinstall", "node[001-002]"])
-            .env("LUNA_SERVER", c.url())
+            .env("LUNA_SERVER", c.api_url())
+            .env("LUNA_CA", c.ca())
             .env("LUNA_TOKEN_FILE", c.dir().join("token"))
             .env_remove("LUNA_TOKEN")
             .output()

@@ -89,7 +89,6 @@ fn wait_status(c: &Cluster, vms: &[&Vm], node: &str, step: &str, timeout: Durati
     }
 }
 
-/// Sets the current revision's recorded SHA-256; returns the old one.
 /// `GET /metrics` with the admin token, parsed by a Prometheus text parser.
 fn metrics(c: &Cluster) -> prometheus_parse::Scrape {
     let token = std::fs::read_to_string(c.dir().join("token")).unwrap();
@@ -97,7 +96,9 @@ fn metrics(c: &Cluster) -> prometheus_parse::Scrape {
         c.ns.command("curl")
             .args(["-sS", "--fail-with-body", "--max-time", "30", "-H"])
             .arg(format!("Authorization: Bearer {}", token.trim()))
-            .arg(format!("{}/metrics", c.url()))
+            .arg("--cacert")
+            .arg(c.ca())
+            .arg(format!("{}/metrics", c.api_url()))
             .output()
             .unwrap();
     assert!(out.status.success(), "GET /metrics: {}", String::from_utf8_lossy(&out.stderr));
@@ -119,6 +120,7 @@ fn metric(m: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> 
         .sum()
 }
 
+/// Sets the current revision's recorded SHA-256; returns the old one.
 fn set_recorded_sha256(c: &Cluster, sha256: &str) -> String {
     // The stored object (`luna osimage show` adds swarm counters to each revision).
     let image = c.api("GET", &format!("/api/v1/osimage/{IMAGE}"), None).unwrap();
@@ -170,7 +172,7 @@ fn nodes_pxe_boot_into_the_packed_image_through_the_swarm() {
     // The live page, open while the nodes boot (its screenshot is the README's).
     let token = std::fs::read_to_string(c.dir().join("token")).unwrap();
     let mut page = Browser::launch_in(&c.ns, 1280, 640).expect("chromium (scripts/install-deps.sh)");
-    page.navigate(&format!("{}/?token={}", c.url(), token.trim())).unwrap();
+    page.navigate(&format!("{}/?token={}", c.api_url(), token.trim())).unwrap();
     page.wait_for("window.luna && luna.snapshots >= 1", Duration::from_secs(30)).unwrap();
     let shots = work_dir().join("liveview");
     let mut shot_taken = false;

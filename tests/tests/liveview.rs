@@ -19,7 +19,13 @@ use serde_json::{json, Value};
 
 /// luna-server on 127.0.0.1 with no DHCP, TFTP or seeder (nothing here needs them).
 struct Server {
+    /// `https://127.0.0.1:PORT`: the admin API, the page, `/metrics`.
     url: String,
+    /// `http://127.0.0.1:PORT`: the boot port (scripts, tracker).
+    boot_url: String,
+    ca: PathBuf,
+    /// Trusts the server's CA (and nothing else).
+    agent: ureq::Agent,
     token: String,
     child: ChildGuard,
     _dir: tempfile::TempDir,
@@ -30,13 +36,15 @@ impl Server {
         std::fs::create_dir_all(work_dir()).unwrap();
         let dir = tempfile::Builder::new().prefix("liveview-").tempdir_in(work_dir()).unwrap();
         let port = free_port().unwrap();
+        let api_port = free_port().unwrap();
         let d = dir.path();
         let config = d.join("luna.toml");
         std::fs::write(
             &config,
             format!(
                 "store = \"sqlite://{db}\"\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{token}\"\n\
-                 data_dir = \"{data}\"\n[tftp]\nenabled = false\n[image]\nseed = false\n",
+                 data_dir = \"{data}\"\n[tftp]\nenabled = false\n[image]\nseed = false\n\
+                 [http]\napi_listen = \"127.0.0.1:{api_port}\"\n",
                 db = d.join("luna.db").display(),
                 token = d.join("token").display(),
                 data = d.join("data").display(),
@@ -49,11 +57,24 @@ impl Server {
         let child = ChildGuard::spawn(Command::new(&bin).arg("--config").arg(&config), "luna-server-liveview").unwrap();
         child.wait_for("http listening", Duration::from_secs(60)).unwrap();
         let token = std::fs::read_to_string(d.join("token")).unwrap().trim().to_string();
-        Server { url: format!("http://127.0.0.1:{port}"), token, child, _dir: dir }
+        let ca = d.join("data/tls/ca.pem");
+        let tls = luna_cli::client::tls_config(&ca).unwrap();
+        let agent = ureq::AgentBuilder::new().tls_config(tls).build();
+        Server {
+            url: format!("https://127.0.0.1:{api_port}"),
+            boot_url: format!("http://127.0.0.1:{port}"),
+            ca,
+            agent,
+            token,
+            child,
+            _dir: dir,
+        }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
-        let req = ureq::request(method, &format!("{}/api/v1{path}", self.url))
+        let req = self
+            .agent
+            .request(method, &format!("{}/api/v1{path}", self.url))
             .set("Authorization", &format!("Bearer {}", self.token));
         let res = match body {
             Some(b) => req.send_json(b),
@@ -87,7 +108,9 @@ impl Server {
     }
 
     fn metrics(&self) -> prometheus_parse::Scrape {
-        let text = ureq::get(&format!("{}/metrics", self.url))
+        let text = self
+            .agent
+            .get(&format!("{}/metrics", self.url))
             .set("Authorization", &format!("Bearer {}", self.token))
             .call()
             .unwrap()
@@ -257,15 +280,15 @@ fn page_follows_status_reports_live() {
     println!("liveview: screenshot {}", shot.display());
 
     // Metrics: read with a real parser. The boot path and the tracker count what they serve.
-    let boot = ureq::get(&format!("{}/boot/ipxe?mac=52:54:00:aa:bb:01", server.url)).call().unwrap();
+    let boot = ureq::get(&format!("{}/boot/ipxe?mac=52:54:00:aa:bb:01", server.boot_url)).call().unwrap();
     assert!(boot.into_string().unwrap().starts_with("#!ipxe"));
     let hash = "%124Vx%9a%bc%de%f0%124Vx%9a%bc%de%f0%124Vx";
     let announce = format!(
         "{}/announce?info_hash={hash}&peer_id=-XX0001-000000000001&port=6999&uploaded=0&downloaded=0&left=5&event=started",
-        server.url
+        server.boot_url
     );
     ureq::get(&announce).call().unwrap();
-    ureq::get(&format!("{}/announce?info_hash=short", server.url)).call().unwrap();
+    ureq::get(&format!("{}/announce?info_hash=short", server.boot_url)).call().unwrap();
     let after = server.metrics();
     let moved = |name: &str, labels: &[(&str, &str)]| sample(&after, name, labels) - sample(&before, name, labels);
     assert_eq!(moved("luna_boot_scripts_total", &[("outcome", "served")]), 1.0);
@@ -280,9 +303,9 @@ fn page_follows_status_reports_live() {
     let prometheus_parse::Value::Histogram(buckets) = &commits.value else { panic!("{commits:?}") };
     assert!(buckets.last().unwrap().count >= 20.0, "every status write is a commit: {buckets:?}");
     // Without the token (and not on the allow list): refused.
-    let anon = ureq::get(&format!("{}/metrics", server.url)).call();
+    let anon = server.agent.get(&format!("{}/metrics", server.url)).call();
     assert!(matches!(anon, Err(ureq::Error::Status(401, _))), "{anon:?}");
-    let anon = ureq::get(&format!("{}/api/v1/live", server.url)).call();
+    let anon = server.agent.get(&format!("{}/api/v1/live", server.url)).call();
     assert!(matches!(anon, Err(ureq::Error::Status(401, _))), "{anon:?}");
 
     // `luna node watch` on the same stream: one line per change off a terminal, and it ends
@@ -290,6 +313,7 @@ fn page_follows_status_reports_live() {
     let mut watch = Command::new(cargo_bin("luna").unwrap())
         .args(["node", "watch", "compute[08-09],gpu02"])
         .env("LUNA_SERVER", &server.url)
+        .env("LUNA_CA", &server.ca)
         .env("LUNA_TOKEN", &server.token)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -318,6 +342,7 @@ fn page_follows_status_reports_live() {
     let bad = Command::new(cargo_bin("luna").unwrap())
         .args(["node", "watch", "compute01,nosuch[1-2]"])
         .env("LUNA_SERVER", &server.url)
+        .env("LUNA_CA", &server.ca)
         .env("LUNA_TOKEN", &server.token)
         .output()
         .unwrap();
