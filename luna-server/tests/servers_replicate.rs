@@ -239,7 +239,8 @@ async fn a_revision_packed_on_one_server_reaches_the_other_through_the_swarm() {
     assert_eq!(img["revisions"].as_array().unwrap().len(), 1, "{img}");
 
     // A third server whose DHCP slice overlaps B's is refused, naming both, and starts nothing.
-    let (c_config, _) = write_config(dir.path(), "c", &store, free_port(), free_port(), "10.141.200.150-10.141.200.250");
+    let (c_config, _) =
+        write_config(dir.path(), "c", &store, free_port(), free_port(), "10.141.200.150-10.141.200.250");
     let c_log = dir.path().join("c.log");
     let mut c = luna_server(&c_config, &[], &c_log).spawn().expect("start c");
     let status = wait_for(Duration::from_secs(30), "c exits", || {
