@@ -146,9 +146,9 @@ done
 luna node list
 
 say "the live view: open it in a browser inside the namespace (or forward the port)"
-echo "  http://$SERVER_IP:7050/  (it asks for the admin token: $WORK/token)"
-echo "  e.g. ip netns exec $NS chromium --user-data-dir=\$(mktemp -d) http://$SERVER_IP:7050/"
-echo "  or in this terminal: ip netns exec $NS env LUNA_SERVER=http://$SERVER_IP:7050 LUNA_TOKEN_FILE=$WORK/token $BIN/luna node watch"
+echo "  https://$SERVER_IP:7051/  (it asks for the admin token: $WORK/token; the CA is $WORK/data/tls/ca.pem)"
+echo "  e.g. ip netns exec $NS chromium --user-data-dir=\$(mktemp -d) --ignore-certificate-errors https://$SERVER_IP:7051/"
+echo "  or in this terminal: ip netns exec $NS env LUNA_SERVER=https://$SERVER_IP:7051 LUNA_CA=$WORK/data/tls/ca.pem LUNA_TOKEN_FILE=$WORK/token $BIN/luna node watch"
 
 say "booting $VMS VMs (qemu, TCG) from the network into the image"
 START=$(date +%s)
