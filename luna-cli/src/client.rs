@@ -185,9 +185,11 @@ impl Client {
     /// comment every 15 s; a stream silent for 60 s is taken as dead).
     pub fn stream(&self, path: &str) -> Result<impl Read + Send, ClientError> {
         let url = self.api_url(path);
+        // its own agent for the longer read timeout; the same trust as every call (the CA only)
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5))
             .timeout_read(Duration::from_secs(60))
+            .tls_config(tls_config(&self.ca)?)
             .build();
         let res = agent
             .get(&url)

@@ -370,6 +370,10 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     };
     notify_stopping();
     cancel.cancel();
+    match heartbeat.leave().await {
+        Ok(()) => tracing::info!("server record removed from the store"),
+        Err(e) => tracing::warn!(error = %e, "server record not removed; it goes stale"),
+    }
     // No announce is answered any more: keep the swarms for the next start.
     let saved =
         crate::tracker::persist::SavedSwarm { saved_at_unix: crate::service::unix_now(), torrents: tracker.save() };

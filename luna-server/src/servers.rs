@@ -388,6 +388,23 @@ impl Heartbeat {
         Err(ServersError::Busy)
     }
 
+    /// Removes this server's record on a clean stop, so the others stop counting it at once and
+    /// a restart under the same id (whatever its advertised URLs now) is not taken for a second
+    /// machine with that id. A server that dies keeps its record until it goes stale.
+    pub async fn leave(&self) -> Result<(), ServersError> {
+        let key = format!("{PREFIX}{}", self.info().id);
+        for _ in 0..3 {
+            let Some(cur) = self.store.get(Collection::Meta, &key).await? else { return Ok(()) };
+            let delete = Write::Delete { collection: Collection::Meta, key: key.clone(), expect: Expect::Rev(cur.rev) };
+            match self.store.commit(vec![delete]).await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ServersError::Busy)
+    }
+
     /// Beats every interval until `stop` is cancelled.
     pub async fn run(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         loop {
@@ -577,5 +594,17 @@ mod tests {
         assert!(!l[0].stale && !l[1].stale);
         let ids = store.get(Collection::Meta, INDEX).await.unwrap().unwrap().doc;
         assert_eq!(ids["ids"], serde_json::json!(["a", "bb"]));
+
+        // A clean stop removes the record: the same id starts again at once, even with other
+        // URLs (before, a fresh heartbeat at other URLs read as a second machine with that id).
+        hb.leave().await.unwrap();
+        hb.leave().await.unwrap();
+        assert_eq!(
+            list(store.as_ref(), 110, 5).await.unwrap().iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            ["bb"]
+        );
+        let mut again = info("a", Some("10.0.0.100-10.0.0.149"), 111);
+        again.urls = vec!["http://10.0.0.1:7050".into()];
+        Heartbeat::register(store.clone(), again, Some(range), 5, 111, None, Arc::new(View::new("a"))).await.unwrap();
     }
 }

@@ -1119,6 +1119,7 @@ impl Service {
     /// osimage it was decided from are checked at commit. Any other node gets the status only.
     pub async fn set_node_installed(&self, name: &str, message: Option<String>) -> Result<Node> {
         let status = NodeStatus { step: "installed".to_string(), progress: None, time: unix_now(), message };
+        count_report("installed");
         self.status.forget(name);
         retrying!(
             async {

@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use axum::Router;
+use luna_core::model::Kind;
 use luna_server::api::router;
 use luna_server::boot::{self, BootContext, BootTokens};
 use luna_server::http::AppState;
@@ -28,6 +29,9 @@ async fn env() -> Env {
     let store = luna_server::store::open("sqlite://:memory:").await.unwrap();
     let service = Service::new(store);
     service.ensure_cluster("test").await.unwrap();
+    // Nodes reach the boot port at this address (their requests' Host says so too); an admin
+    // preview, which comes over the API's port, is rendered with it.
+    service.update(Kind::Cluster, "", json!({"frontend_address": "10.141.255.254"})).await.unwrap();
     let boot = BootContext::new(BootTokens::new(TOKEN.as_bytes()), dir.path().to_path_buf(), unix_now());
     let state = Arc::new(AppState::new(service.clone(), TOKEN.into()));
     let app = router(state.clone()).merge(boot::router(state, boot));

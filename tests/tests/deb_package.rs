@@ -137,14 +137,20 @@ impl Container {
         c
     }
 
-    /// The container's PID 1, as the host sees it: the child of systemd-nspawn.
+    /// The container's PID 1, as the host sees it: the child of systemd-nspawn running systemd.
     fn wait_leader(&mut self) -> u32 {
         let nspawn = self.nspawn.as_ref().unwrap().pid();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let children =
                 std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children")).unwrap_or_default();
-            if let Some(pid) = children.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            // nspawn's first child may be its short-lived outer child: the container's PID 1 is
+            // the child that has become systemd
+            let init = children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok())
+                .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "systemd"));
+            if let Some(pid) = init {
                 return pid;
             }
             assert!(Instant::now() < deadline, "systemd-nspawn started no container");

@@ -257,7 +257,13 @@ fn nodes_pxe_boot_into_the_packed_image_through_the_swarm() {
     page.wait_for("document.querySelectorAll('.t.s-booted').length === 2", Duration::from_secs(10)).unwrap();
     assert_eq!(page.eval("luna.snapshots").unwrap(), json!(1), "the page reloaded or fell behind");
     page.screenshot(&shots.join("e2e-booted.png")).unwrap();
-    let m = metrics(&c);
+    // the node gauges are sampled once a second: wait for the sample with both nodes booted
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut m = metrics(&c);
+    while metric(&m, "luna_nodes", &[("step", "booted")]) != 2.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        m = metrics(&c);
+    }
     assert!(metric(&m, "luna_dhcp_packets_total", &[("type", "discover"), ("outcome", "answered")]) >= 3.0);
     assert!(metric(&m, "luna_dhcp_packets_total", &[("type", "request"), ("outcome", "answered")]) >= 3.0);
     assert!(metric(&m, "luna_boot_scripts_total", &[("outcome", "served")]) >= 3.0);

@@ -258,10 +258,19 @@ fn lchroot_blocks_pack_and_leaves_no_mount_when_killed() {
     }
     assert!(host_mounts_under(&root).is_empty(), "{:?}", host_mounts_under(&root));
     // no process is left in the session's mount namespace, so the kernel dropped its mounts
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(other) = std::fs::read_link(entry.path().join("ns/mnt")) {
-            assert_ne!(other, ns, "{} is still in the session's mount namespace", entry.path().display());
-        }
+    // (helpers killed with lchroot, e.g. by their parent-death signal, may take a moment to go)
+    let in_ns = || -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path().join("ns/mnt")).is_ok_and(|o| o == ns))
+            .map(|e| e.path().display().to_string())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !in_ns().is_empty() {
+        assert!(Instant::now() < deadline, "{:?} still in the session's mount namespace", in_ns());
+        std::thread::sleep(Duration::from_millis(50));
     }
     // the lock went with the process: pack is no longer refused for lchroot (it fails later,
     // on the stand-in image's kernel)

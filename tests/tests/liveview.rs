@@ -289,7 +289,13 @@ fn page_follows_status_reports_live() {
     );
     ureq::get(&announce).call().unwrap();
     ureq::get(&format!("{}/announce?info_hash=short", server.boot_url)).call().unwrap();
-    let after = server.metrics();
+    // the node gauges are sampled once a second: wait for the sample that has the last changes
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut after = server.metrics();
+    while sample(&after, "luna_nodes", &[("step", "booted")]) != 2.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        after = server.metrics();
+    }
     let moved = |name: &str, labels: &[(&str, &str)]| sample(&after, name, labels) - sample(&before, name, labels);
     assert_eq!(moved("luna_boot_scripts_total", &[("outcome", "served")]), 1.0);
     assert_eq!(moved("luna_tracker_announces_total", &[("event", "started")]), 1.0);
