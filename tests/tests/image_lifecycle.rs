@@ -247,6 +247,20 @@ fn lchroot_blocks_pack_and_leaves_no_mount_when_killed() {
     let (code, out2, e2) = s.lchroot_out("lt-lchroot-b", &["/bin/echo", "second"]);
     assert_eq!((code, out2.trim()), (0, "second"), "{e2}");
 
+    // the processes in the session's mount namespace, taken before the kill: afterwards the
+    // namespace's inode number can be reused by a new namespace (another test's session), so
+    // "who is in it now" would count strangers
+    let in_ns = || -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path().join("ns/mnt")).is_ok_and(|o| o == ns))
+            .map(|e| e.path().display().to_string())
+            .collect()
+    };
+    let members = in_ns();
+    assert!(members.contains(&format!("/proc/{inner}")), "{members:?}");
+
     // SIGKILL to lchroot alone: the command dies with it, and nothing is left mounted
     // SAFETY: kill(2) on the pid of a child we spawned.
     assert_eq!(unsafe { libc::kill(lchroot_pid, libc::SIGKILL) }, 0);
@@ -259,17 +273,10 @@ fn lchroot_blocks_pack_and_leaves_no_mount_when_killed() {
     assert!(host_mounts_under(&root).is_empty(), "{:?}", host_mounts_under(&root));
     // no process is left in the session's mount namespace, so the kernel dropped its mounts
     // (helpers killed with lchroot, e.g. by their parent-death signal, may take a moment to go)
-    let in_ns = || -> Vec<String> {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter(|e| std::fs::read_link(e.path().join("ns/mnt")).is_ok_and(|o| o == ns))
-            .map(|e| e.path().display().to_string())
-            .collect()
-    };
+    let left = || in_ns().into_iter().filter(|p| members.contains(p)).collect::<Vec<_>>();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !in_ns().is_empty() {
-        assert!(Instant::now() < deadline, "{:?} still in the session's mount namespace", in_ns());
+    while !left().is_empty() {
+        assert!(Instant::now() < deadline, "{:?} still in the session's mount namespace", left());
         std::thread::sleep(Duration::from_millis(50));
     }
     // the lock went with the process: pack is no longer refused for lchroot (it fails later,
