@@ -5,8 +5,10 @@
 //! while `luna group change` (`Service::update` of the group) rewrites all their interfaces and
 //! 8 `luna node change` (`Service::change_nodes`) run at the same time. Every admin operation
 //! runs in its own task; a counting store wrapper attributes each commit to its task, so the
-//! test sees how many tries each operation needed: at most two (one lost race against another
-//! admin operation), and none gives up with "busy". Before status moved out of the node
+//! test sees how many tries each operation needed: one more than the admin operations it races
+//! (the group change can lose once to each of the 8 node changes, a node change once to the
+//! group change; under load that happens), never one per status report, and none gives up
+//! with "busy". Before status moved out of the node
 //! document, the group change needed many tries or gave up.
 
 use std::collections::HashMap;
@@ -109,6 +111,9 @@ async fn status_storm_against_admin_changes(url: &str, nodes: usize, rounds: usi
         let mut ops = Vec::new();
         let interfaces = if round % 2 == 0 { two.clone() } else { one.clone() };
         let s = svc.clone();
+        // A try is lost only to another admin change: the group change to each of the 8 node
+        // changes it races at most once, a node change to the group change at most once. The
+        // storm's status reports never cost a try (they would cost hundreds).
         ops.push((
             format!("group change, round {round}"),
             tokio::spawn(async move {
@@ -126,12 +131,13 @@ async fn status_storm_against_admin_changes(url: &str, nodes: usize, rounds: usi
         }
         // Let this round's operations finish before the next starts: each round is one group
         // change racing 8 node changes, the storm running throughout.
-        for (what, op) in ops {
+        for (i, (what, op)) in ops.into_iter().enumerate() {
             let id = op.id();
             let result = op.await.unwrap();
             let (commits, conflicts) = tries.lock().unwrap().get(&id).copied().unwrap_or_default();
             assert!(result.is_ok(), "{what} failed after {commits} tries: {}", result.unwrap_err());
-            assert!(commits <= 2, "{what} needed {commits} tries ({conflicts} conflicts)");
+            let rivals = if i == 0 { 8 } else { 1 };
+            assert!(commits <= 1 + rivals, "{what} needed {commits} tries ({conflicts} conflicts)");
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -260,11 +266,11 @@ async fn a_version_1_store_moves_node_status_out_of_the_node_documents() {
 }
 
 /// The same storm on the MongoDB backend (nx-27017; `LUNA_TEST_MONGO=1`), smaller: the Python
-/// server took 139 s for the sqlite test's 256 nodes and 4 rounds.
+/// server took 139 s for the sqlite test's 256 nodes and 4 rounds, and up to 180 s for 64 nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_changes_do_not_lose_to_a_status_storm_mongodb() {
     use luna_server::store::conformance::{mongo_gate, NxServer};
     let Some(bin) = mongo_gate() else { return };
     let server = NxServer::start(&bin).await.expect("nx-27017 starts");
-    status_storm_against_admin_changes(&server.url("status_storm"), 64, 2).await;
+    status_storm_against_admin_changes(&server.url("status_storm"), 32, 2).await;
 }
