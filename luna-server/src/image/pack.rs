@@ -286,21 +286,10 @@ pub fn pack(
     if !report(PackStep::Torrent, 0, 0, 0.0) {
         return Err(ArchiveError::Cancelled.into());
     }
-    let meta = Metainfo {
-        announce: opts.announce.clone(),
-        url_list: opts.web_seed.iter().cloned().collect(),
-        name: archive_file.clone(),
-        length: size,
-        piece_length,
-        pieces,
-        private: true,
-        creation_date: opts.now,
-        created_by: concat!("luna ", env!("CARGO_PKG_VERSION")).into(),
-    };
-    let info_hash = hex::encode(meta.info_hash());
+    let url_list = opts.web_seed.iter().cloned().collect();
     let torrent_file = torrent_name(&image.name);
     let torrent_path = dir.join(&torrent_file);
-    std::fs::write(&torrent_path, meta.to_bytes()).map_err(io_err("cannot write", &torrent_path))?;
+    let info_hash = write_torrent(opts, &archive_file, size, piece_length, pieces, url_list, &torrent_path)?;
 
     for f in [&torrent_path, &dir.join(&kernel), &dir.join(&initrd), &archive_path] {
         sync_file(f)?;
@@ -336,6 +325,31 @@ pub fn pack(
     })
 }
 
+/// Writes the private torrent of the revision's file `name` to `path`; returns its info hash (hex).
+fn write_torrent(
+    opts: &PackOptions,
+    name: &str,
+    length: u64,
+    piece_length: u64,
+    pieces: Vec<[u8; 20]>,
+    url_list: Vec<String>,
+    path: &Path,
+) -> Result<String> {
+    let meta = Metainfo {
+        announce: opts.announce.clone(),
+        url_list,
+        name: name.into(),
+        length,
+        piece_length,
+        pieces,
+        private: true,
+        creation_date: opts.now,
+        created_by: concat!("luna ", env!("CARGO_PKG_VERSION")).into(),
+    };
+    std::fs::write(path, meta.to_bytes()).map_err(io_err("cannot write", path))?;
+    Ok(hex::encode(meta.info_hash()))
+}
+
 /// The squashfs and its torrent (and marker): built from the tree, or, for a boot-only pack,
 /// the previous revision's reused when it has one (same tree).
 fn pack_squashfs(
@@ -365,21 +379,9 @@ fn pack_squashfs(
             (built.size, built.sha256, built.pieces.hashes, built.pieces.piece_length)
         }
     };
-    let meta = Metainfo {
-        announce: opts.announce.clone(),
-        url_list: Vec::new(),
-        name: file.clone(),
-        length: size,
-        piece_length,
-        pieces,
-        private: true,
-        creation_date: opts.now,
-        created_by: concat!("luna ", env!("CARGO_PKG_VERSION")).into(),
-    };
-    let info_hash = hex::encode(meta.info_hash());
     let torrent = squashfs_torrent_name(&image.name);
     let torrent_path = dir.join(&torrent);
-    std::fs::write(&torrent_path, meta.to_bytes()).map_err(io_err("cannot write", &torrent_path))?;
+    let info_hash = write_torrent(opts, &file, size, piece_length, pieces, Vec::new(), &torrent_path)?;
     sync_file(&torrent_path)?;
     sync_file(&path)?;
     Verified::of(&path, &sha256, &info_hash)
