@@ -4,7 +4,8 @@
 //!
 //! - slow clients: trickled request heads are cut after `[http] header_timeout_s`, connections
 //!   beyond the per-address and total caps are closed at once, others are still served, and
-//!   the open-file soft limit was raised to the hard limit;
+//!   the open-file soft limit was raised to the hard limit; on the HTTPS API port, trickled TLS
+//!   handshakes are cut after the same timeout while the API answers others;
 //! - floods of unknown info hashes are capped and a full scrape stays small while the API
 //!   answers;
 //! - tracker poisoning: `ip=` is ignored by default and a peer id cannot be stopped from
@@ -19,10 +20,14 @@ use std::time::{Duration, Instant};
 
 use luna_server::tracker::query::percent_encode;
 
+mod https_support;
+
 /// The server as a child process, killed (and reaped) on drop, even when the test fails.
 struct Server {
     child: Child,
     addr: SocketAddr,
+    /// The HTTPS admin API.
+    api: SocketAddr,
     token: String,
     _dir: tempfile::TempDir,
 }
@@ -85,7 +90,8 @@ max_torrents = 160
         .spawn()
         .unwrap();
     let token = std::fs::read_to_string(d.join("token")).unwrap().trim().to_string();
-    let server = Server { child, addr, token, _dir: dir };
+    let api = SocketAddr::from((ip, api_port));
+    let server = Server { child, addr, api, token, _dir: dir };
     let deadline = Instant::now() + Duration::from_secs(30);
     while TcpStream::connect(addr).is_err() {
         assert!(Instant::now() < deadline, "luna-server did not listen on {addr}: {}", log_of(server._dir.path()));
@@ -209,6 +215,52 @@ fn slow_heads_are_cut_and_connection_caps_hold() {
     }
     let (status, body) = get(C, srv.addr, "/scrape", None);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}
+
+#[test]
+fn slow_tls_handshakes_are_cut_and_the_api_still_answers() {
+    let srv = start(Ipv4Addr::new(127, 31, 4, 1));
+    https_support::trust_ca(&srv._dir.path().join("data/tls/ca.pem"));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let api = |path: &str| rt.block_on(https_support::request_at(srv.api, &srv.token, "GET", path, None));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(srv.api).is_err() {
+        assert!(Instant::now() < deadline, "the API did not listen on {}: {}", srv.api, log_of(srv._dir.path()));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A opens 8 connections (its cap) that start a TLS handshake and never finish it: a
+    // record header announcing a 512-byte ClientHello, then one byte every 300 ms.
+    let started = Instant::now();
+    let mut slow: Vec<TcpStream> = (0..8).map(|_| connect_from(A, srv.api)).collect();
+    for s in &mut slow {
+        s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut ninth = connect_from(A, srv.api);
+    assert!(closed_within(&mut ninth, Duration::from_secs(1)), "a 9th handshake from one address was kept");
+    // Meanwhile the API answers another address.
+    let (status, body) = api("/api/v1/cluster").expect("the API over HTTPS");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let mut cut = 0;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(300));
+        for s in &mut slow {
+            let _ = s.write_all(&[0]);
+        }
+        cut = slow.iter_mut().map(|s| closed_within(s, Duration::from_millis(1))).filter(|c| *c).count();
+        if cut == slow.len() {
+            break;
+        }
+    }
+    let took = started.elapsed();
+    assert_eq!(cut, 8, "slow handshakes still open after {took:?}");
+    assert!(took < Duration::from_secs(5), "slow handshakes cut only after {took:?} (header_timeout_s = 2)");
+    // (a record still 490 bytes short is not yet parsed: the timeout cut them, not an error)
+    assert!(took > Duration::from_millis(1500), "slow handshakes cut after {took:?}, before the timeout");
+    // A's places are free again: a new connection from A is kept (the cap would close it at once).
+    let mut again = connect_from(A, srv.api);
+    assert!(!closed_within(&mut again, Duration::from_millis(500)), "A's places were not given back");
 }
 
 #[test]

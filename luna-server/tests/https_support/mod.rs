@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -32,14 +33,26 @@ pub async fn request(
     path: &str,
     body: Option<String>,
 ) -> std::io::Result<(u16, Vec<u8>)> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    request_at(SocketAddr::from(([127, 0, 0, 1], port)), token, method, path, body).await
+}
+
+/// [`request`] to the API at `addr` (its certificate names that address).
+pub async fn request_at(
+    addr: SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::from(addr.ip());
     let mut s = TLS.get().expect("trust_ca ran").connect(name, tcp).await?;
     let body = body.unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+        "{method} {path} HTTP/1.0\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+        body.len(),
+        host = addr.ip()
     );
     s.write_all(req.as_bytes()).await?;
     let mut out = Vec::new();
