@@ -7,6 +7,11 @@ use luna_core::mac::MacAddr;
 
 /// Default for `luna.stall=SECS`: how long the swarm may make no progress before HTTP takes over.
 pub const DEFAULT_STALL: Duration = Duration::from_secs(30);
+/// Default for `luna.linger=SECS`: the longest a node that has the image keeps seeding it for
+/// the nodes still downloading before it switches root (it stops sooner when the tracker lists
+/// no node still downloading, or when no peer fetched anything from it for a while; see
+/// `torrent::Linger`). 0: stop seeding at once.
+pub const DEFAULT_LINGER: Duration = Duration::from_secs(120);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootArgs {
@@ -19,6 +24,8 @@ pub struct BootArgs {
     /// `luna.service=1`: boot into the service shell, install nothing.
     pub service: bool,
     pub stall: Duration,
+    /// `luna.linger=SECS` (see [`DEFAULT_LINGER`]).
+    pub linger: Duration,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -73,6 +80,7 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
     let (mut url, mut node, mut token, mut mac, mut bootif) = (None, None, None, None, None);
     let mut service = false;
     let mut stall = DEFAULT_STALL;
+    let mut linger = DEFAULT_LINGER;
     for word in words(cmdline) {
         let (key, value) = word.split_once('=').unwrap_or((word.as_str(), ""));
         match key {
@@ -92,6 +100,11 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
                     value.parse().map_err(|_| CmdlineError::Bad { key: "luna.stall", value: value.into() })?;
                 stall = Duration::from_secs(secs.max(1));
             }
+            "luna.linger" => {
+                let secs: u64 =
+                    value.parse().map_err(|_| CmdlineError::Bad { key: "luna.linger", value: value.into() })?;
+                linger = Duration::from_secs(secs);
+            }
             // PXE's form: hardware type 01 (ethernet), then the MAC with dashes.
             "BOOTIF" => {
                 let bad = || CmdlineError::Bad { key: "BOOTIF", value: value.into() };
@@ -106,7 +119,7 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
         return Err(CmdlineError::Bad { key: "luna.url", value: url });
     }
     let node = node.filter(|n| !n.is_empty()).ok_or(CmdlineError::Missing("luna.node"))?;
-    Ok(BootArgs { url, node, token: token.unwrap_or_default(), mac: mac.or(bootif), service, stall })
+    Ok(BootArgs { url, node, token: token.unwrap_or_default(), mac: mac.or(bootif), service, stall, linger })
 }
 
 pub fn read(path: &Path) -> Result<BootArgs, CmdlineError> {
@@ -148,6 +161,7 @@ mod tests {
         assert_eq!(a.mac, Some("52:54:00:12:34:56".parse().unwrap()));
         assert!(!a.service);
         assert_eq!(a.stall, DEFAULT_STALL);
+        assert_eq!(a.linger, DEFAULT_LINGER);
     }
 
     #[test]
@@ -157,6 +171,7 @@ mod tests {
         assert_eq!(a.mac, Some("52:54:00:aa:bb:cc".parse().unwrap()));
         assert!(a.service);
         assert_eq!(a.stall, Duration::from_secs(5));
+        assert_eq!(parse("luna.url=http://s:1 luna.node=n1 luna.linger=0").unwrap().linger, Duration::ZERO);
         assert!(parse("luna.url=http://s:1 luna.node=n1 luna.service").unwrap().service);
     }
 
@@ -175,6 +190,8 @@ mod tests {
         );
         let e = parse("luna.url=http://x luna.node=n luna.stall=soon").unwrap_err();
         assert_eq!(e.to_string(), "kernel command line has a bad luna.stall: 'soon'");
+        let e = parse("luna.url=http://x luna.node=n luna.linger=-1").unwrap_err();
+        assert_eq!(e.to_string(), "kernel command line has a bad luna.linger: '-1'");
         assert!(parse("luna.url=http://x luna.node=n BOOTIF=52-54-00-aa-bb-cc").is_err());
     }
 
