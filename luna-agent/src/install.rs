@@ -490,6 +490,7 @@ async fn start_swarm(ctx: &Ctx<'_>, image: &PlanImage, nic: &str, ip: Option<Ipv
             .chain(&image.http_mirrors)
             .filter_map(|u| url_ip(u))
             .collect(),
+        piece_spread: ctx.args.piece_spread,
     };
     match Swarm::start(torrent, &ctx.cfg.scratch, opts).await {
         Ok(s) => Some(s),

@@ -390,6 +390,11 @@ pub struct SwarmOptions {
     /// Addresses of the servers (their seeders), to tell bytes from the server from bytes from
     /// other nodes in [`Census`].
     pub servers: Vec<IpAddr>,
+    /// Fetch a random one of the next `piece_spread` pieces the reader needs that a peer has
+    /// (a luna patch to librqbit; 1: strictly in order). Nodes booting together read the image
+    /// at the same place: in order, they all asked for the same piece at the same moment, the
+    /// server's upload slot holders got each piece twice, and nodes had little to trade.
+    pub piece_spread: u32,
 }
 
 /// A running librqbit session leeching (and seeding) the image.
@@ -448,6 +453,7 @@ impl Swarm {
                     peer_opts: Some(PeerConnectionOptions {
                         max_request_window: Some(PEER_REQUEST_WINDOW),
                         keep_alive_interval: Some(KEEP_ALIVE),
+                        piece_spread: Some(opts.piece_spread.max(1) as usize),
                         ..Default::default()
                     }),
                     initial_peers: (!opts.initial_peers.is_empty()).then(|| opts.initial_peers.clone()),
