@@ -22,11 +22,15 @@ pub struct FetchedBytes {
 pub struct Reporter {
     client: Client,
     last_progress: Mutex<Option<(Instant, u8)>>,
+    /// The progress report in flight. A step waits for it: the server keeps the last report it
+    /// got, and a late `download` progress used to land after `installed` (seen in bench-swarm
+    /// once installed nodes no longer spent seconds stopping their swarm before reporting).
+    in_flight: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Reporter {
     pub fn new(client: Client) -> Arc<Self> {
-        Arc::new(Self { client, last_progress: Mutex::new(None) })
+        Arc::new(Self { client, last_progress: Mutex::new(None), in_flight: Mutex::new(None) })
     }
 
     /// Reports a step, retrying up to four times; failures are logged, not returned.
@@ -48,6 +52,11 @@ impl Reporter {
     }
 
     async fn report(&self, report: StatusReport) {
+        let pending = self.in_flight.lock().take();
+        if let Some(p) = pending {
+            // Bounded by the client's timeout.
+            let _ = p.await;
+        }
         let step = &report.step;
         let mut backoff = Backoff::standard();
         if let Err(e) = retry(4, &mut backoff, || self.client.status_once(&report)).await {
@@ -73,6 +82,10 @@ impl Reporter {
 
     /// Sends a progress report in the background if one is due; never waits for the server.
     pub fn progress(self: &Arc<Self>, step: &str, pct: u8, bytes: FetchedBytes) {
+        // One at a time: while one is in flight, later ones are not sent (the next due one is).
+        if self.in_flight.lock().as_ref().is_some_and(|p| !p.is_finished()) {
+            return;
+        }
         if !self.progress_due(pct, Instant::now()) {
             return;
         }
@@ -84,11 +97,12 @@ impl Reporter {
             bytes_over_http: Some(bytes.over_http),
             ..Default::default()
         };
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = me.client.status_once(&report).await {
                 tracing::debug!("progress report lost: {e}");
             }
         });
+        *self.in_flight.lock() = Some(task);
     }
 }
 
