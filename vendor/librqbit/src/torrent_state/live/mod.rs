@@ -1702,14 +1702,25 @@ impl PeerHandler {
 
             // Acquire a piece using the strategy: try steal (10x) → reserve → steal (3x).
             let new_piece_notify = self.state.new_pieces_notify.notified();
+            // luna patch: a HAVE (or bitfield) from this peer wakes the requester too. Upstream
+            // waited only for pieces released by other peers, so a peer that got a piece we
+            // need was asked for it up to 5 s later: in a swarm of nodes streaming the same
+            // image, most connections sat idle while their peers had pieces to give.
+            let peer_has_new = self.on_bitfield_notify.notified();
             let next = match self.acquire_next_piece()? {
                 Some(next) => next,
                 None => {
                     debug!("no pieces to request");
+                    let woken = async {
+                        tokio::select! {
+                            _ = new_piece_notify => {}
+                            _ = peer_has_new => {}
+                        }
+                    };
                     match aframe!(tokio::time::timeout(
                         // Half of default rw timeout not to race with it.
                         Duration::from_secs(5),
-                        new_piece_notify
+                        woken
                     ))
                     .await
                     {
