@@ -223,6 +223,10 @@ fn main() -> Result<()> {
         image_mib: a.image_mib as usize,
         seeder_slots: a.seeder_slots,
     };
+    // Every node may talk to every other and to the server: (N + 1)² neighbours in the one
+    // kernel's ARP table.
+    let _neigh = luna_tests::bench::NeighTable::raise(((max + 1) * (max + 1)) as u64)
+        .context("raise the kernel's ARP table for the bed")?;
     let t = Instant::now();
     let bed = SwarmBed::start(&opts).context("build the bench bed")?;
     let s = bed.archive_size;
