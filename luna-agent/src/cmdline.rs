@@ -129,7 +129,16 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
         return Err(CmdlineError::Bad { key: "luna.url", value: url });
     }
     let node = node.filter(|n| !n.is_empty()).ok_or(CmdlineError::Missing("luna.node"))?;
-    Ok(BootArgs { url, node, token: token.unwrap_or_default(), mac: mac.or(bootif), service, stall, linger, piece_spread })
+    Ok(BootArgs {
+        url,
+        node,
+        token: token.unwrap_or_default(),
+        mac: mac.or(bootif),
+        service,
+        stall,
+        linger,
+        piece_spread,
+    })
 }
 
 pub fn read(path: &Path) -> Result<BootArgs, CmdlineError> {

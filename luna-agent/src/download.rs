@@ -194,7 +194,10 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>, url: &str) -> Resu
                         // The piece at the read position is late, but others keep coming:
                         // the swarm delivers, wait on (`read` is cancel safe).
                         Err(_) if !watch.stalled(swarm.map_or(0, Swarm::progress)) => {
-                            tracing::debug!("no byte at {offset} for {} s, but pieces ahead arrive", job.stall.as_secs());
+                            tracing::debug!(
+                                "no byte at {offset} for {} s, but pieces ahead arrive",
+                                job.stall.as_secs()
+                            );
                         }
                         Err(_) => break Some(format!("swarm stalled {}s at byte {offset}", job.stall.as_secs())),
                     }

@@ -690,7 +690,12 @@ impl Linger {
 
     /// `None`: seed on. `incomplete` is the tracker's count of peers still downloading
     /// (`None` when it did not answer).
-    pub fn step(&mut self, elapsed: std::time::Duration, uploaded: u64, incomplete: Option<u32>) -> Option<&'static str> {
+    pub fn step(
+        &mut self,
+        elapsed: std::time::Duration,
+        uploaded: u64,
+        incomplete: Option<u32>,
+    ) -> Option<&'static str> {
         if uploaded > self.uploaded {
             self.uploaded = uploaded;
             self.last_upload = elapsed;

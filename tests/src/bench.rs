@@ -211,8 +211,10 @@ impl NeighTable {
         let mut saved = Vec::new();
         // gc_thresh1: below it nothing is collected; 2: collected after 5 s; 3: the hard limit.
         for (key, want) in NEIGH_KEYS.iter().zip([entries, entries * 2, entries * 4]) {
-            let now =
-                std::fs::read_to_string(key).map_err(|e| HarnessError::io(format!("read {key}"), e))?.trim().to_string();
+            let now = std::fs::read_to_string(key)
+                .map_err(|e| HarnessError::io(format!("read {key}"), e))?
+                .trim()
+                .to_string();
             if now.parse::<u64>().unwrap_or(0) < want {
                 std::fs::write(key, want.to_string()).map_err(|e| HarnessError::io(format!("write {key}"), e))?;
                 saved.push((*key, now));

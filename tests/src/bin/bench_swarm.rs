@@ -156,10 +156,12 @@ fn run(bed: &SwarmBed, a: &Args, method: Method, n: usize, sb: f64) -> Result<Ro
         secs = secs.max(installed[i].with_context(|| format!("{} never logged '{INSTALLED}'", bed.nodes[i].name))?);
         let lines = agent.output().lines();
         from_peers += lines.iter().find_map(|l| census_bytes(l, " bytes from peers")).unwrap_or(0);
-        // The census right after the download (the first one: a stalled one comes first).
-        from_server +=
-            lines.iter().filter(|l| l.contains("swarm census")).find_map(|l| census_bytes(l, " bytes from the server"))
-                .unwrap_or(0);
+        // The census right after the download (a stalled one comes first; not the debug timeline).
+        from_server += lines
+            .iter()
+            .filter(|l| l.contains("swarm census") && !l.contains("DEBUG"))
+            .find_map(|l| census_bytes(l, " bytes from the server"))
+            .unwrap_or(0);
         fallbacks += usize::from(lines.iter().any(|l| l.contains("continuing over http")));
     }
     eprintln!(
