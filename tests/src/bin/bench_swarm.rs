@@ -269,6 +269,9 @@ fn main() -> Result<()> {
         "method_id,nodes,method,t_s,t_over_sb,e_iface_bytes,e_over_s,e_seeder_bytes,archive_bytes,rate_mbit,unpack,\
          fallbacks,exit_s\n",
     );
+    // One method after the other, so that gnuplot draws each as one line (a row of the other
+    // method is a gap for it).
+    rows.sort_by_key(|r| (r.method == Method::Http, r.n));
     for r in &rows {
         let (tr, er) = (r.secs / sb, r.iface as f64 / s as f64);
         println!(
