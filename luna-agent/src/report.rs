@@ -110,6 +110,57 @@ impl Reporter {
 mod tests {
     use super::*;
 
+    /// A status endpoint that answers `download` reports 300 ms late and logs what happened.
+    fn slow_status_server() -> (String, Arc<Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        let events = log.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let events = events.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut len = 0;
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                        line.clear();
+                    }
+                    let mut body = vec![0; len];
+                    let _ = reader.read_exact(&mut body);
+                    let report: StatusReport = serde_json::from_slice(&body).unwrap_or_default();
+                    events.lock().push(format!("got {}", report.step));
+                    if report.step == "download" {
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                    events.lock().push(format!("answered {}", report.step));
+                    let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n");
+                });
+            }
+        });
+        (url, log)
+    }
+
+    #[tokio::test]
+    async fn a_step_goes_out_after_the_progress_report_in_flight() {
+        let (url, log) = slow_status_server();
+        let r = Reporter::new(Client::new(&url, "n1", "t").unwrap());
+        r.progress("download", 100, FetchedBytes::default());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        r.progress("download", 100, FetchedBytes::default()); // in flight still: not sent again
+        r.step("installed", None).await;
+        assert_eq!(
+            *log.lock(),
+            ["got download", "answered download", "got installed", "answered installed"],
+            "the server keeps the last report: installed must be it"
+        );
+    }
+
     #[test]
     fn progress_is_rate_limited() {
         let r = Reporter::new(Client::new("http://127.0.0.1:9", "n", "t").unwrap());
