@@ -7,6 +7,14 @@ use luna_core::mac::MacAddr;
 
 /// Default for `luna.stall=SECS`: how long the swarm may make no progress before HTTP takes over.
 pub const DEFAULT_STALL: Duration = Duration::from_secs(30);
+/// Default for `luna.linger=SECS`: the longest a node that has the image keeps seeding it for
+/// the nodes still downloading before it switches root (it stops sooner when the tracker lists
+/// no node still downloading, or when no peer fetched anything from it for a while; see
+/// `torrent::Linger`). 0: stop seeding at once.
+pub const DEFAULT_LINGER: Duration = Duration::from_secs(120);
+/// Default for `luna.piece_spread=N`: the swarm fetches a random one of the next N pieces the
+/// reader needs (1: strictly in order). See `torrent::SwarmOptions::piece_spread`.
+pub const DEFAULT_PIECE_SPREAD: u32 = 8;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootArgs {
@@ -19,6 +27,10 @@ pub struct BootArgs {
     /// `luna.service=1`: boot into the service shell, install nothing.
     pub service: bool,
     pub stall: Duration,
+    /// `luna.linger=SECS` (see [`DEFAULT_LINGER`]).
+    pub linger: Duration,
+    /// `luna.piece_spread=N`, at least 1 (see [`DEFAULT_PIECE_SPREAD`]).
+    pub piece_spread: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -73,6 +85,8 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
     let (mut url, mut node, mut token, mut mac, mut bootif) = (None, None, None, None, None);
     let mut service = false;
     let mut stall = DEFAULT_STALL;
+    let mut linger = DEFAULT_LINGER;
+    let mut piece_spread = DEFAULT_PIECE_SPREAD;
     for word in words(cmdline) {
         let (key, value) = word.split_once('=').unwrap_or((word.as_str(), ""));
         match key {
@@ -92,6 +106,15 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
                     value.parse().map_err(|_| CmdlineError::Bad { key: "luna.stall", value: value.into() })?;
                 stall = Duration::from_secs(secs.max(1));
             }
+            "luna.linger" => {
+                let secs: u64 =
+                    value.parse().map_err(|_| CmdlineError::Bad { key: "luna.linger", value: value.into() })?;
+                linger = Duration::from_secs(secs);
+            }
+            "luna.piece_spread" => {
+                let bad = || CmdlineError::Bad { key: "luna.piece_spread", value: value.into() };
+                piece_spread = value.parse().ok().filter(|n| (1..=1024).contains(n)).ok_or_else(bad)?;
+            }
             // PXE's form: hardware type 01 (ethernet), then the MAC with dashes.
             "BOOTIF" => {
                 let bad = || CmdlineError::Bad { key: "BOOTIF", value: value.into() };
@@ -106,7 +129,16 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
         return Err(CmdlineError::Bad { key: "luna.url", value: url });
     }
     let node = node.filter(|n| !n.is_empty()).ok_or(CmdlineError::Missing("luna.node"))?;
-    Ok(BootArgs { url, node, token: token.unwrap_or_default(), mac: mac.or(bootif), service, stall })
+    Ok(BootArgs {
+        url,
+        node,
+        token: token.unwrap_or_default(),
+        mac: mac.or(bootif),
+        service,
+        stall,
+        linger,
+        piece_spread,
+    })
 }
 
 pub fn read(path: &Path) -> Result<BootArgs, CmdlineError> {
@@ -148,6 +180,7 @@ mod tests {
         assert_eq!(a.mac, Some("52:54:00:12:34:56".parse().unwrap()));
         assert!(!a.service);
         assert_eq!(a.stall, DEFAULT_STALL);
+        assert_eq!(a.linger, DEFAULT_LINGER);
     }
 
     #[test]
@@ -157,6 +190,8 @@ mod tests {
         assert_eq!(a.mac, Some("52:54:00:aa:bb:cc".parse().unwrap()));
         assert!(a.service);
         assert_eq!(a.stall, Duration::from_secs(5));
+        assert_eq!(parse("luna.url=http://s:1 luna.node=n1 luna.linger=0").unwrap().linger, Duration::ZERO);
+        assert_eq!(parse("luna.url=http://s:1 luna.node=n1 luna.piece_spread=1").unwrap().piece_spread, 1);
         assert!(parse("luna.url=http://s:1 luna.node=n1 luna.service").unwrap().service);
     }
 
@@ -175,6 +210,10 @@ mod tests {
         );
         let e = parse("luna.url=http://x luna.node=n luna.stall=soon").unwrap_err();
         assert_eq!(e.to_string(), "kernel command line has a bad luna.stall: 'soon'");
+        let e = parse("luna.url=http://x luna.node=n luna.linger=-1").unwrap_err();
+        assert_eq!(e.to_string(), "kernel command line has a bad luna.linger: '-1'");
+        let e = parse("luna.url=http://x luna.node=n luna.piece_spread=0").unwrap_err();
+        assert_eq!(e.to_string(), "kernel command line has a bad luna.piece_spread: '0'");
         assert!(parse("luna.url=http://x luna.node=n BOOTIF=52-54-00-aa-bb-cc").is_err());
     }
 

@@ -2,7 +2,8 @@
 //! and a small bounded channel into a blocking thread that decompresses and unpacks them into
 //! the target root. Neither the archive nor more than a few chunks of it are ever held.
 //!
-//! If the swarm makes no progress for the stall time, or fails, the same stream continues over
+//! If the swarm makes no progress for the stall time (no byte at the read position, and no piece
+//! completed anywhere in that time), or fails, the same stream continues over
 //! HTTP with `Range: bytes=<consumed>-`. A hash mismatch empties the root and starts over
 //! (over HTTP), a bounded number of times.
 
@@ -182,17 +183,29 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>, url: &str) -> Resu
         let chunk = match &mut source {
             Source::Swarm(stream) => {
                 let mut chunk = pool.take(CHUNK);
-                let failed = match tokio::time::timeout(job.stall, stream.read(&mut chunk)).await {
-                    Ok(Ok(n)) => {
-                        chunk.truncate(n);
-                        None
+                let mut watch = StallWatch::new(swarm.map_or(0, Swarm::progress));
+                let failed = loop {
+                    match tokio::time::timeout(job.stall, stream.read(&mut chunk)).await {
+                        Ok(Ok(n)) => {
+                            chunk.truncate(n);
+                            break None;
+                        }
+                        Ok(Err(e)) => break Some(format!("swarm failed at byte {offset}: {e}")),
+                        // The piece at the read position is late, but others keep coming:
+                        // the swarm delivers, wait on (`read` is cancel safe).
+                        Err(_) if !watch.stalled(swarm.map_or(0, Swarm::progress)) => {
+                            tracing::debug!(
+                                "no byte at {offset} for {} s, but pieces ahead arrive",
+                                job.stall.as_secs()
+                            );
+                        }
+                        Err(_) => break Some(format!("swarm stalled {}s at byte {offset}", job.stall.as_secs())),
                     }
-                    Ok(Err(e)) => Some(format!("swarm failed at byte {offset}: {e}")),
-                    Err(_) => Some(format!("swarm stalled {}s at byte {offset}", job.stall.as_secs())),
                 };
                 if let Some(why) = failed {
                     if let Some(s) = swarm {
                         s.window.park();
+                        tracing::warn!("{}", s.census());
                     }
                     tracing::warn!("{why}; continuing over http");
                     job.reporter.step("http-fallback", Some(why)).await;
@@ -286,9 +299,38 @@ pub async fn fetch_once(job: &Job<'_>, swarm: Option<&Swarm>, url: &str) -> Resu
     Ok(out)
 }
 
+/// Whether the swarm stalled, asked each time the read position got nothing for the stall time:
+/// only when librqbit did not complete any piece either (the reader waits for one piece while
+/// the others arrive: a slow peer holds that one, and librqbit steals it from it in time).
+#[derive(Debug)]
+struct StallWatch {
+    progress: u64,
+}
+
+impl StallWatch {
+    fn new(progress: u64) -> Self {
+        StallWatch { progress }
+    }
+
+    /// `progress`: the bytes librqbit has verified now.
+    fn stalled(&mut self, progress: u64) -> bool {
+        let moved = progress > self.progress;
+        self.progress = progress;
+        !moved
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stall_is_no_progress_anywhere_for_the_stall_time() {
+        let mut w = StallWatch::new(100);
+        assert!(!w.stalled(400), "pieces ahead of the reader arrived: not a stall");
+        assert!(w.stalled(400), "nothing for another stall time: stalled");
+        assert!(StallWatch::new(0).stalled(0));
+    }
 
     #[test]
     fn http_attempts_go_round_the_servers_holding_the_image() {

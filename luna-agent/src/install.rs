@@ -328,6 +328,9 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
         unpack: cfg.unpack,
     };
     let fetched = download::fetch(&job, swarm.as_ref()).await;
+    if let Some(s) = &swarm {
+        tracing::info!("{}", s.census());
+    }
     let fetched = match fetched {
         Ok(f) => f,
         Err(e) => {
@@ -384,10 +387,15 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
         Ok::<_, AgentError>(None)
     }
     .await;
-    if let Some(s) = swarm {
-        s.stop(true).await;
-    }
-    let on_disk = rest?;
+    let on_disk = match rest {
+        Ok(d) => d,
+        Err(e) => {
+            if let Some(s) = swarm {
+                s.stop(true).await;
+            }
+            return Err(e);
+        }
+    };
     // "booted" is the booted OS's to say (the image's boot-time hook); until then the node is
     // installed and switching root. A BMC that could not be set up is told here too, so it
     // stays visible in the node's last agent status.
@@ -404,6 +412,13 @@ async fn run(ctx: &Ctx<'_>) -> Result<Outcome, AgentError> {
         None => installed,
     };
     ctx.reporter.step("installed", Some(done)).await;
+    tracing::info!("reported installed to the server");
+    // The node is installed; before it switches root it seeds on for the nodes still
+    // downloading (they were fetching from it: see `torrent::Linger`).
+    if let Some(s) = swarm {
+        s.linger(ctx.args.linger).await;
+        s.stop(true).await;
+    }
     Ok(Outcome { plan, nic, fetched })
 }
 
@@ -437,6 +452,12 @@ async fn setup_bmc(ctx: &Ctx<'_>, plan: &InstallPlan) -> Result<(), String> {
     }
 }
 
+/// The address in a URL's host, when it is one (luna's URLs name servers by address).
+fn url_ip(url: &str) -> Option<std::net::IpAddr> {
+    let host = reqwest::Url::parse(url).ok()?.host_str()?.to_string();
+    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
 async fn start_swarm(ctx: &Ctx<'_>, image: &PlanImage, nic: &str, ip: Option<Ipv4Addr>) -> Option<Swarm> {
     // The plan's server first, then every other server holding the image.
     let mut torrent = None;
@@ -463,6 +484,13 @@ async fn start_swarm(ctx: &Ctx<'_>, image: &PlanImage, nic: &str, ip: Option<Ipv
         device: ip.filter(|ip| !ip.is_loopback()).map(|_| nic.to_string()),
         initial_peers: ctx.cfg.initial_peers.clone(),
         window: ctx.cfg.window,
+        servers: std::iter::once(&image.torrent_url)
+            .chain(&image.torrent_mirrors)
+            .chain(std::iter::once(&image.http_url))
+            .chain(&image.http_mirrors)
+            .filter_map(|u| url_ip(u))
+            .collect(),
+        piece_spread: ctx.args.piece_spread,
     };
     match Swarm::start(torrent, &ctx.cfg.scratch, opts).await {
         Ok(s) => Some(s),

@@ -26,7 +26,8 @@ const USAGE: &str = "usage:
       streaming unpack against `zstd -dc | tar -x` (N rounds, default 3; median ratio)
   luna-agent bench-fetch ARCHIVE [SCRATCH]
       seed ARCHIVE, fetch it through the swarm in a second process, report its peak RSS
-environment: LUNA_LOG=error|warn|info|debug|trace (default info)";
+environment: LUNA_LOG=error|warn|info|debug|trace (default info), or per target:
+  LUNA_LOG=info,luna_agent::torrent=debug (a swarm census every 2 s)";
 
 struct Args {
     rest: Vec<String>,
@@ -58,14 +59,20 @@ impl Args {
 }
 
 fn init_logs() {
-    let level = match std::env::var("LUNA_LOG").as_deref() {
-        Ok("error") => tracing::Level::ERROR,
-        Ok("warn") => tracing::Level::WARN,
-        Ok("debug") => tracing::Level::DEBUG,
-        Ok("trace") => tracing::Level::TRACE,
-        _ => tracing::Level::INFO,
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let spec = std::env::var("LUNA_LOG").unwrap_or_default();
+    // A level, or per-target levels: `info,luna_agent::torrent=debug`.
+    let filter = match spec.parse::<tracing_subscriber::filter::Targets>() {
+        Ok(t) if !spec.is_empty() => t,
+        Ok(_) => tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO),
+        Err(e) => {
+            eprintln!("LUNA_LOG={spec:?} is not a level nor a list of target=level ({e}); logging at info");
+            tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
+        }
     };
-    tracing_subscriber::fmt().with_max_level(level).with_writer(std::io::stderr).with_target(false).init();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
+    tracing_subscriber::registry().with(fmt).with(filter).init();
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -22,11 +22,15 @@ pub struct FetchedBytes {
 pub struct Reporter {
     client: Client,
     last_progress: Mutex<Option<(Instant, u8)>>,
+    /// The progress report in flight. A step waits for it: the server keeps the last report it
+    /// got, and a late `download` progress used to land after `installed` (seen in bench-swarm
+    /// once installed nodes no longer spent seconds stopping their swarm before reporting).
+    in_flight: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Reporter {
     pub fn new(client: Client) -> Arc<Self> {
-        Arc::new(Self { client, last_progress: Mutex::new(None) })
+        Arc::new(Self { client, last_progress: Mutex::new(None), in_flight: Mutex::new(None) })
     }
 
     /// Reports a step, retrying up to four times; failures are logged, not returned.
@@ -48,6 +52,11 @@ impl Reporter {
     }
 
     async fn report(&self, report: StatusReport) {
+        let pending = self.in_flight.lock().take();
+        if let Some(p) = pending {
+            // Bounded by the client's timeout.
+            let _ = p.await;
+        }
         let step = &report.step;
         let mut backoff = Backoff::standard();
         if let Err(e) = retry(4, &mut backoff, || self.client.status_once(&report)).await {
@@ -73,6 +82,10 @@ impl Reporter {
 
     /// Sends a progress report in the background if one is due; never waits for the server.
     pub fn progress(self: &Arc<Self>, step: &str, pct: u8, bytes: FetchedBytes) {
+        // One at a time: while one is in flight, later ones are not sent (the next due one is).
+        if self.in_flight.lock().as_ref().is_some_and(|p| !p.is_finished()) {
+            return;
+        }
         if !self.progress_due(pct, Instant::now()) {
             return;
         }
@@ -84,17 +97,69 @@ impl Reporter {
             bytes_over_http: Some(bytes.over_http),
             ..Default::default()
         };
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = me.client.status_once(&report).await {
                 tracing::debug!("progress report lost: {e}");
             }
         });
+        *self.in_flight.lock() = Some(task);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A status endpoint that answers `download` reports 300 ms late and logs what happened.
+    fn slow_status_server() -> (String, Arc<Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        let events = log.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let events = events.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut len = 0;
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                        line.clear();
+                    }
+                    let mut body = vec![0; len];
+                    let _ = reader.read_exact(&mut body);
+                    let report: StatusReport = serde_json::from_slice(&body).unwrap_or_default();
+                    events.lock().push(format!("got {}", report.step));
+                    if report.step == "download" {
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                    events.lock().push(format!("answered {}", report.step));
+                    let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n");
+                });
+            }
+        });
+        (url, log)
+    }
+
+    #[tokio::test]
+    async fn a_step_goes_out_after_the_progress_report_in_flight() {
+        let (url, log) = slow_status_server();
+        let r = Reporter::new(Client::new(&url, "n1", "t").unwrap());
+        r.progress("download", 100, FetchedBytes::default());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        r.progress("download", 100, FetchedBytes::default()); // in flight still: not sent again
+        r.step("installed", None).await;
+        assert_eq!(
+            *log.lock(),
+            ["got download", "answered download", "got installed", "answered installed"],
+            "the server keeps the last report: installed must be it"
+        );
+    }
 
     #[test]
     fn progress_is_rate_limited() {

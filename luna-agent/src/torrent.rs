@@ -44,7 +44,7 @@
 
 use std::collections::BTreeMap;
 use std::io::IoSlice;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -67,6 +67,17 @@ pub const DEFAULT_WINDOW: u64 = 24 << 20;
 const PARKED_BPS: u32 = 16 << 10;
 /// Chunk requests in flight per peer (16 KiB each).
 const PEER_REQUEST_WINDOW: usize = 64;
+/// Keep-alive to every peer. librqbit drops a connection on which nothing arrived for its
+/// read timeout (10 s) but sends keep-alives only every 120 s, so two nodes with nothing to
+/// trade yet (all nodes of a cluster start empty, at the same place) dropped each other after
+/// 10 s and met again only after librqbit's reconnect backoff (10 s, then 60 s, then 360 s).
+const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(4);
+/// How often the debug timeline logs a [`Census`].
+const CENSUS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often a lingering node asks the tracker whether nodes are still downloading.
+const LINGER_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+/// A lingering node stops when no peer fetched anything from it for this long.
+pub const LINGER_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 type SetRate = Box<dyn Fn(Option<NonZeroU32>) + Send + Sync>;
 type Wake = Box<dyn Fn() + Send + Sync>;
@@ -376,6 +387,14 @@ pub struct SwarmOptions {
     /// Peers to contact besides those the tracker names (tests without a tracker).
     pub initial_peers: Vec<SocketAddr>,
     pub window: u64,
+    /// Addresses of the servers (their seeders), to tell bytes from the server from bytes from
+    /// other nodes in [`Census`].
+    pub servers: Vec<IpAddr>,
+    /// Fetch a random one of the next `piece_spread` pieces the reader needs that a peer has
+    /// (a luna patch to librqbit; 1: strictly in order). Nodes booting together read the image
+    /// at the same place: in order, they all asked for the same piece at the same moment, the
+    /// server's upload slot holders got each piece twice, and nodes had little to trade.
+    pub piece_spread: u32,
 }
 
 /// A running librqbit session leeching (and seeding) the image.
@@ -385,6 +404,17 @@ pub struct Swarm {
     pub window: Arc<Window>,
     /// Ours, not librqbit's random one: [`Swarm::stop`] announces with it.
     peer_id: librqbit::dht::Id20,
+    servers: Vec<IpAddr>,
+    /// The debug timeline's task.
+    census: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        if let Some(t) = self.census.take() {
+            t.abort();
+        }
+    }
 }
 
 impl Swarm {
@@ -422,6 +452,8 @@ impl Swarm {
                     overwrite: true,
                     peer_opts: Some(PeerConnectionOptions {
                         max_request_window: Some(PEER_REQUEST_WINDOW),
+                        keep_alive_interval: Some(KEEP_ALIVE),
+                        piece_spread: Some(opts.piece_spread.max(1) as usize),
                         ..Default::default()
                     }),
                     initial_peers: (!opts.initial_peers.is_empty()).then(|| opts.initial_peers.clone()),
@@ -444,7 +476,21 @@ impl Swarm {
                 t.wake_piece_requesters();
             }
         }));
-        Ok(Swarm { session, handle, window, peer_id })
+        // A timeline of the swarm at debug level (`LUNA_LOG=luna_agent::torrent=debug`): how a
+        // stall came about.
+        let census = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+            let (torrent, servers) = (Arc::downgrade(&handle), opts.servers.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(CENSUS_EVERY);
+                loop {
+                    tick.tick().await;
+                    let Some(t) = torrent.upgrade() else { break };
+                    let progress = t.stats().progress_bytes;
+                    tracing::debug!(progress, "{}", census_of(&t, &servers));
+                }
+            })
+        });
+        Ok(Swarm { session, handle, window, peer_id, servers: opts.servers, census })
     }
 
     /// The archive in order (librqbit's `FileStream`, which is not nameable from outside).
@@ -452,9 +498,74 @@ impl Swarm {
         Ok(Box::new(self.handle.clone().stream(0).await?))
     }
 
+    /// Bytes of the image librqbit has verified so far (anywhere in the file).
+    pub fn progress(&self) -> u64 {
+        self.handle.stats().progress_bytes
+    }
+
     /// Port peers can reach this node on.
     pub fn listen_port(&self) -> Option<u16> {
         self.session.listen_addr().map(|a| a.port())
+    }
+
+    /// Where the image came from and the state of every peer librqbit knows, now.
+    pub fn census(&self) -> Census {
+        census_of(&self.handle, &self.servers)
+    }
+
+    /// Seeds on after the install, for the nodes still downloading: until the tracker lists
+    /// none, no peer fetched anything for [`LINGER_IDLE`], or `max` is up (see [`Linger`]).
+    /// Without an HTTP tracker to ask, it does not linger. Returns why it stopped.
+    pub async fn linger(&self, max: std::time::Duration) -> &'static str {
+        if max.is_zero() {
+            return "lingering is off (luna.linger=0)";
+        }
+        let Some(port) = self.listen_port() else { return "not listening for peers" };
+        let Some(tracker) = self.http_trackers().into_iter().next() else { return "no tracker to ask" };
+        let client = match reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).build() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot ask the tracker whether nodes still download");
+                return "no http client";
+            }
+        };
+        let info_hash = self.handle.info_hash().0;
+        let started = tokio::time::Instant::now();
+        let mut linger = Linger::new(max, LINGER_IDLE, self.handle.stats().uploaded_bytes);
+        tracing::info!("seeding on for the nodes still downloading (at most {} s)", max.as_secs());
+        loop {
+            let stats = self.handle.stats();
+            let query =
+                announce_query(&info_hash, &self.peer_id.0, port, stats.uploaded_bytes, stats.progress_bytes, 0, "");
+            let sep = if tracker.contains('?') { '&' } else { '?' };
+            let incomplete = match client.get(format!("{tracker}{sep}{query}&numwant=0")).send().await {
+                Ok(r) => r.bytes().await.ok().and_then(|b| incomplete_in(&b)),
+                Err(e) => {
+                    tracing::debug!(%tracker, error = %e, "cannot announce while lingering");
+                    None
+                }
+            };
+            let elapsed = started.elapsed();
+            if let Some(why) = linger.step(elapsed, self.handle.stats().uploaded_bytes, incomplete) {
+                let c = self.census();
+                tracing::info!("stopped seeding after {:.1} s: {why}; {c}", elapsed.as_secs_f64());
+                return why;
+            }
+            tokio::time::sleep(LINGER_POLL).await;
+        }
+    }
+
+    fn http_trackers(&self) -> Vec<String> {
+        let mut t: Vec<String> = self
+            .handle
+            .shared()
+            .trackers
+            .iter()
+            .map(|u| u.to_string())
+            .filter(|u| u.starts_with("http://") || u.starts_with("https://"))
+            .collect();
+        t.sort();
+        t
     }
 
     /// Ends the session and tells the trackers: `completed` when the node got the whole
@@ -463,7 +574,7 @@ impl Swarm {
     pub async fn stop(self, finished: bool) {
         let stats = self.handle.stats();
         let port = self.listen_port();
-        let trackers: Vec<String> = self.handle.shared().trackers.iter().map(|u| u.to_string()).collect();
+        let trackers = self.http_trackers();
         let info_hash = self.handle.info_hash().0;
         self.session.stop().await;
         let Some(port) = port else { return };
@@ -473,7 +584,7 @@ impl Swarm {
             Err(e) => return tracing::warn!(error = %e, "cannot announce the end of the download"),
         };
         let events: &[&str] = if finished { &["completed", "stopped"] } else { &["stopped"] };
-        for tracker in trackers.iter().filter(|u| u.starts_with("http://") || u.starts_with("https://")) {
+        for tracker in &trackers {
             for event in events {
                 let query = announce_query(
                     &info_hash,
@@ -516,11 +627,151 @@ fn announce_query(
         }
         out
     }
+    let event = if event.is_empty() { String::new() } else { format!("&event={event}") };
     format!(
-        "info_hash={}&peer_id={}&port={port}&uploaded={uploaded}&downloaded={downloaded}&left={left}&event={event}&compact=1",
+        "info_hash={}&peer_id={}&port={port}&uploaded={uploaded}&downloaded={downloaded}&left={left}{event}&compact=1",
         enc(info_hash),
         enc(peer_id)
     )
+}
+
+fn census_of(handle: &ManagedTorrent, servers: &[IpAddr]) -> Census {
+    let stats = handle.stats();
+    let mut c = Census { uploaded: stats.uploaded_bytes, ..Census::default() };
+    if let Some(agg) = stats.live.as_ref().map(|l| &l.snapshot.peer_stats) {
+        (c.seen, c.live, c.queued, c.connecting, c.dead, c.not_needed) =
+            (agg.seen, agg.live, agg.queued, agg.connecting, agg.dead, agg.not_needed);
+    }
+    if let Some(live) = handle.live() {
+        // librqbit's per-peer table is nameable only through its serde form.
+        let filter = serde_json::from_value(serde_json::json!({"state": "all"}));
+        let table = filter.map(|f| live.per_peer_stats_snapshot(f)).ok().and_then(|t| serde_json::to_value(t).ok());
+        let peers = table.as_ref().and_then(|t| t["peers"].as_object());
+        for (addr, p) in peers.into_iter().flatten() {
+            let Ok(addr) = addr.parse::<SocketAddr>() else { continue };
+            let n = |k: &str| p["counters"][k].as_u64().unwrap_or(0);
+            c.add_peer(
+                servers.contains(&addr.ip()),
+                p["state"].as_str() == Some("live"),
+                n("fetched_bytes"),
+                n("uploaded_bytes"),
+                n("errors") as u32,
+            );
+        }
+    }
+    c
+}
+
+/// `incomplete` of a tracker's announce answer (peers still downloading), if it has one.
+fn incomplete_in(answer: &[u8]) -> Option<u32> {
+    use bip_bencode::{BDecodeOpt, BRefAccess, BencodeRef};
+    let root = BencodeRef::decode(answer, BDecodeOpt::default()).ok()?;
+    let n = root.dict()?.lookup(b"incomplete")?.int()?;
+    u32::try_from(n).ok()
+}
+
+/// When a node that has the image stops seeding it (sans-IO: elapsed time, upload counter and
+/// the tracker's count of downloading peers in, a reason to stop out). Nodes of a cluster
+/// booting together fetch the image in the same order, so the first to finish are the ones
+/// the others were fetching from; when they left at once, the rest lost their sources
+/// mid-piece and, at 64 nodes, stalled into the HTTP fallback.
+#[derive(Debug)]
+pub struct Linger {
+    max: std::time::Duration,
+    idle: std::time::Duration,
+    uploaded: u64,
+    last_upload: std::time::Duration,
+}
+
+impl Linger {
+    pub fn new(max: std::time::Duration, idle: std::time::Duration, uploaded: u64) -> Self {
+        Linger { max, idle, uploaded, last_upload: std::time::Duration::ZERO }
+    }
+
+    /// `None`: seed on. `incomplete` is the tracker's count of peers still downloading
+    /// (`None` when it did not answer).
+    pub fn step(
+        &mut self,
+        elapsed: std::time::Duration,
+        uploaded: u64,
+        incomplete: Option<u32>,
+    ) -> Option<&'static str> {
+        if uploaded > self.uploaded {
+            self.uploaded = uploaded;
+            self.last_upload = elapsed;
+        }
+        if incomplete == Some(0) {
+            Some("no node is downloading any more")
+        } else if elapsed.saturating_sub(self.last_upload) >= self.idle {
+            Some("no peer fetched anything for a while")
+        } else if elapsed >= self.max {
+            Some("lingered as long as luna.linger allows")
+        } else {
+            None
+        }
+    }
+}
+
+/// Where the image came from and the peers librqbit knows: for the logs (a stalled swarm says
+/// why) and the bench.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Verified-or-not bytes received from the servers' seeders and from other nodes.
+    pub from_server: u64,
+    pub from_nodes: u64,
+    /// Nodes that sent us anything.
+    pub nodes_fed_us: u32,
+    /// Bytes uploaded, and to how many peers.
+    pub uploaded: u64,
+    pub fed_peers: u32,
+    /// Peers by librqbit's state: connected, being connected, waiting to be tried, in
+    /// reconnect backoff after an error, done with (left without error).
+    pub live: u32,
+    pub connecting: u32,
+    pub queued: u32,
+    pub dead: u32,
+    pub not_needed: u32,
+    pub seen: u32,
+    pub server_live: bool,
+    /// Connection errors over all peers.
+    pub errors: u32,
+}
+
+impl Census {
+    fn add_peer(&mut self, server: bool, live: bool, fetched: u64, uploaded: u64, errors: u32) {
+        if server {
+            self.from_server += fetched;
+            self.server_live |= live;
+        } else {
+            self.from_nodes += fetched;
+            self.nodes_fed_us += u32::from(fetched > 0);
+        }
+        self.fed_peers += u32::from(uploaded > 0);
+        self.errors += errors;
+    }
+}
+
+impl std::fmt::Display for Census {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "swarm census: {} bytes from the server ({}connected), {} bytes from {} nodes, {} bytes uploaded \
+             to {} peers; peers seen {}, live {}, connecting {}, queued {}, in backoff {}, done {}; {} connection errors",
+            self.from_server,
+            if self.server_live { "" } else { "not " },
+            self.from_nodes,
+            self.nodes_fed_us,
+            self.uploaded,
+            self.fed_peers,
+            self.seen,
+            self.live,
+            self.connecting,
+            self.queued,
+            self.dead,
+            self.not_needed,
+            self.errors
+        )
+    }
 }
 
 #[cfg(test)]
@@ -535,6 +786,49 @@ mod tests {
             q.contains("&peer_id=-LU0001-abcdefghij%2B%20&port=6881&uploaded=1&downloaded=2&left=0&event=completed"),
             "{q}"
         );
+    }
+
+    #[test]
+    fn announce_without_event_has_no_event_key() {
+        let q = announce_query(&[1; 20], &[2; 20], 1, 0, 0, 0, "");
+        assert!(!q.contains("event="), "{q}");
+        assert!(q.ends_with("&left=0&compact=1"), "{q}");
+    }
+
+    #[test]
+    fn incomplete_is_read_from_the_trackers_answer() {
+        assert_eq!(incomplete_in(b"d8:completei3e10:incompletei7e8:intervali30e5:peers0:e"), Some(7));
+        assert_eq!(incomplete_in(b"d14:failure reason3:bade"), None);
+        assert_eq!(incomplete_in(b"d10:incompletei-1ee"), None);
+        assert_eq!(incomplete_in(b"not bencode"), None);
+    }
+
+    #[test]
+    fn linger_stops_when_nobody_downloads_nobody_fetches_or_time_is_up() {
+        let s = std::time::Duration::from_secs;
+        let mut l = Linger::new(s(60), s(10), 100);
+        assert_eq!(l.step(s(0), 100, Some(5)), None, "nodes downloading: seed on");
+        assert_eq!(l.step(s(9), 100, None), None, "the tracker did not answer: seed on while not idle");
+        assert_eq!(l.step(s(10), 100, Some(5)), Some("no peer fetched anything for a while"));
+        let mut l = Linger::new(s(60), s(10), 100);
+        for t in 1..60 {
+            assert_eq!(l.step(s(t), 100 + t, Some(3)), None, "uploading at {t} s");
+        }
+        assert_eq!(l.step(s(60), 200, Some(3)), Some("lingered as long as luna.linger allows"));
+        let mut l = Linger::new(s(60), s(10), 0);
+        assert_eq!(l.step(s(1), 5, Some(0)), Some("no node is downloading any more"));
+    }
+
+    #[test]
+    fn census_tells_the_server_from_the_nodes() {
+        let mut c = Census::default();
+        c.add_peer(true, true, 1000, 0, 0);
+        c.add_peer(false, true, 300, 50, 1);
+        c.add_peer(false, false, 0, 20, 2);
+        c.add_peer(false, false, 0, 0, 0);
+        assert_eq!((c.from_server, c.from_nodes, c.nodes_fed_us, c.fed_peers, c.errors), (1000, 300, 1, 2, 3));
+        assert!(c.server_live);
+        assert!(c.to_string().contains("1000 bytes from the server (connected), 300 bytes from 1 nodes"), "{c}");
     }
 
     fn window(cap: u64, plen: u64) -> Arc<Window> {

@@ -11,6 +11,11 @@ use luna_agent::torrent::{Swarm, SwarmOptions, DEFAULT_WINDOW};
 
 /// Records every request target and answers with an empty peer list.
 fn fake_tracker() -> (String, Arc<Mutex<Vec<String>>>) {
+    fake_tracker_with(|_| b"d8:intervali30e5:peers0:e".to_vec())
+}
+
+/// Records every request target and answers with `answer(every target so far, this one last)`.
+fn fake_tracker_with(answer: impl Fn(&[String]) -> Vec<u8> + Send + 'static) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/announce", listener.local_addr().unwrap());
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -31,9 +36,9 @@ fn fake_tracker() -> (String, Arc<Mutex<Vec<String>>>) {
             if let Some(target) = line.split_whitespace().nth(1) {
                 log.lock().unwrap().push(target.to_string());
             }
-            let body = b"d8:intervali30e5:peers0:e";
+            let body = answer(&log.lock().unwrap());
             let _ = write!(conn, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
-            let _ = conn.write_all(body);
+            let _ = conn.write_all(&body);
         }
     });
     (url, seen)
@@ -100,5 +105,46 @@ async fn a_finished_agent_announces_completed_then_stopped() {
         assert_eq!(decoded(param(t, "peer_id")), decoded(param(first, "peer_id")), "same peer id as librqbit's");
         assert_eq!(decoded(param(t, "info_hash")), decoded(param(first, "info_hash")));
         assert_eq!(param(t, "port"), Some(port.as_str()));
+    }
+}
+
+/// An installed node seeds on while the tracker lists nodes still downloading, telling it that
+/// it has everything (left=0, no event, no peers wanted), and stops once none is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_installed_agent_seeds_on_until_no_node_downloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("image.tar.zst");
+    std::fs::write(&file, vec![7u8; 300 * 1024]).unwrap();
+    // Two nodes still downloading for the first two polls, then none.
+    let (url, seen) = fake_tracker_with(|targets| {
+        let polls = targets.iter().filter(|t| param(t, "numwant") == Some("0")).count();
+        let incomplete = if polls < 3 { 2 } else { 0 };
+        format!("d8:completei1e10:incompletei{incomplete}e8:intervali30e5:peers0:e").into_bytes()
+    });
+    let spawner = librqbit::spawn_utils::BlockingSpawner::new(1);
+    let opts = librqbit::CreateTorrentOptions { name: None, trackers: vec![url], piece_length: Some(64 * 1024) };
+    let torrent = librqbit::create_torrent(&file, opts, &spawner).await.unwrap().as_bytes().unwrap().to_vec();
+    let swarm = Swarm::start(
+        torrent.into(),
+        &dir.path().join("scratch"),
+        SwarmOptions { listen_ip: Some("127.0.0.1".parse().unwrap()), window: DEFAULT_WINDOW, ..Default::default() },
+    )
+    .await
+    .unwrap();
+    for _ in 0..100 {
+        if !seen.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(swarm.linger(Duration::ZERO).await, "lingering is off (luna.linger=0)");
+    let why = tokio::time::timeout(Duration::from_secs(20), swarm.linger(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(why, "no node is downloading any more");
+    swarm.stop(true).await;
+    let seen = seen.lock().unwrap().clone();
+    let polls: Vec<&String> = seen.iter().filter(|t| param(t, "numwant") == Some("0")).collect();
+    assert_eq!(polls.len(), 3, "polled until the tracker listed nobody downloading: {seen:?}");
+    for t in &polls {
+        assert_eq!((param(t, "left"), param(t, "event")), (Some("0"), None), "{t}");
     }
 }

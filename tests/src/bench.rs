@@ -188,3 +188,47 @@ pub fn raise_nofile() -> u64 {
 pub fn have(program: &str) -> bool {
     Command::new(program).arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
 }
+
+/// The kernel's ARP table (`net.ipv4.neigh.default.gc_thresh1..3`) raised for a bench, put back
+/// when dropped. The table is one for the whole kernel, shared by every network namespace, and
+/// its default hard limit is 1024 entries: N simulated nodes that all talk to each other need
+/// about N² (64 swarm nodes: 4096), so past about 32 nodes new neighbours were refused
+/// ("neighbor table overflow!" in dmesg), connections between nodes never came up and their
+/// agents fell back to HTTP. On real hardware every node has its own table.
+pub struct NeighTable {
+    saved: Vec<(&'static str, String)>,
+}
+
+const NEIGH_KEYS: [&str; 3] = [
+    "/proc/sys/net/ipv4/neigh/default/gc_thresh1",
+    "/proc/sys/net/ipv4/neigh/default/gc_thresh2",
+    "/proc/sys/net/ipv4/neigh/default/gc_thresh3",
+];
+
+impl NeighTable {
+    /// Room for at least `entries` neighbours before the kernel collects any (never lowers).
+    pub fn raise(entries: u64) -> Result<NeighTable> {
+        let mut saved = Vec::new();
+        // gc_thresh1: below it nothing is collected; 2: collected after 5 s; 3: the hard limit.
+        for (key, want) in NEIGH_KEYS.iter().zip([entries, entries * 2, entries * 4]) {
+            let now = std::fs::read_to_string(key)
+                .map_err(|e| HarnessError::io(format!("read {key}"), e))?
+                .trim()
+                .to_string();
+            if now.parse::<u64>().unwrap_or(0) < want {
+                std::fs::write(key, want.to_string()).map_err(|e| HarnessError::io(format!("write {key}"), e))?;
+                saved.push((*key, now));
+            }
+        }
+        Ok(NeighTable { saved })
+    }
+}
+
+impl Drop for NeighTable {
+    fn drop(&mut self) {
+        // Highest first: the kernel does not check their order, but keep them sane throughout.
+        for (key, old) in self.saved.iter().rev() {
+            let _ = std::fs::write(key, old);
+        }
+    }
+}

@@ -270,8 +270,9 @@ impl SwarmBed {
     }
 
     /// Writes node `i`'s kernel command line as its iPXE script from the server gives it (asked
-    /// from the node's own address, so the token is bound to it) to `dir/cmdline`.
-    pub fn boot_cmdline(&self, i: usize, dir: &Path) -> Result<PathBuf> {
+    /// from the node's own address, so the token is bound to it), with `extra` appended, to
+    /// `dir/cmdline`.
+    pub fn boot_cmdline(&self, i: usize, dir: &Path, extra: &str) -> Result<PathBuf> {
         let node = &self.nodes[i];
         let url = format!("http://{SERVER_IP}:{HTTP_PORT}/boot/ipxe?mac={}", bench_mac(i));
         let script = node.ns.run("curl", &["-sS", "--fail", "--max-time", "30", &url])?;
@@ -286,14 +287,14 @@ impl SwarmBed {
         }
         mkdir(dir)?;
         let path = dir.join("cmdline");
-        write(&path, cmdline.as_bytes())?;
+        write(&path, format!("{cmdline} {extra}").trim_end().as_bytes())?;
         Ok(path)
     }
 
     /// Starts the real agent's install for node `i` (into `dir/sysroot`, a tmpfs the agent
     /// mounts in the private mount namespace `ip netns exec` gives it): the whole install but
     /// the switch root.
-    pub fn start_agent(&self, i: usize, dir: &Path, swarm: bool, unpack: bool) -> Result<ChildGuard> {
+    pub fn start_agent(&self, i: usize, dir: &Path, swarm: bool, unpack: bool, log: &str) -> Result<ChildGuard> {
         let node = &self.nodes[i];
         let mut cmd = node.ns.command(agent_bin()?);
         cmd.arg("install")
@@ -309,7 +310,7 @@ impl SwarmBed {
         if !unpack {
             cmd.arg("--no-unpack");
         }
-        cmd.env("LUNA_LOG", "info");
+        cmd.env("LUNA_LOG", log);
         ChildGuard::spawn(&mut cmd, &format!("agent-{}", node.name))
     }
 

@@ -86,6 +86,12 @@ struct Wanted {
     marker: &'static str,
 }
 
+/// Keep-alive to every node. librqbit (the nodes' agent too) drops a connection on which nothing
+/// arrived for 10 s but sends keep-alives only every 120 s: a node that fetched its pieces from
+/// other nodes for 10 s lost its connection to the seeder, and came back only after librqbit's
+/// reconnect backoff (10 s, then 60 s, then 360 s).
+const SEEDER_KEEP_ALIVE: Duration = Duration::from_secs(4);
+
 /// librqbit's live-peer limit for `[image] seeder_peer_slots` (0 = librqbit's default).
 fn slots(configured: u32) -> Option<usize> {
     (configured > 0).then_some(configured as usize)
@@ -279,6 +285,10 @@ impl Seeder {
             // Upload slots: the peers beyond them are refused (librqbit drops incoming peers
             // above its live-peer limit) and get the pieces from the slot holders.
             peer_limit: slots(self.state.config.seeder_peer_slots),
+            peer_opts: Some(librqbit::PeerConnectionOptions {
+                keep_alive_interval: Some(SEEDER_KEEP_ALIVE),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         match self.session.add_torrent(AddTorrent::from_bytes(w.torrent.clone()), Some(opts)).await {

@@ -385,6 +385,9 @@ fn main() -> Result<()> {
     if nofile < 4 * n as u64 + 256 {
         bail!("open-files limit {nofile} is too low for {n} clients");
     }
+    // The server's namespace learns every client's address, the generator's the server's (the
+    // kernel's one ARP table holds both, and whatever else runs).
+    let _neigh = bench::NeighTable::raise(2 * n as u64 + 256)?;
     let dir = tempfile::Builder::new().prefix("bench-storm-").tempdir()?;
     let link = Link::new()?;
     let luna_dir = dir.path().join("luna");

@@ -6,6 +6,7 @@
 //!         --target x86_64-unknown-linux-musl
 //!     cargo run -p luna-tests --bin bench-swarm -- [--nodes 1,8,32,64] [--rate-mbit 20]
 //!         [--image-mib 12] [--no-unpack] [--methods swarm,http] [--out docs]
+//!         [--agent-args 'luna.linger=0'] [--agent-log info,luna_agent::torrent=debug]
 //!
 //! The bed (`luna_tests::swarm_bed`): a switch (bridge) with luna-server's namespace and one
 //! namespace per node on it, every link shaped with `tc tbf` to the same rate B both ways, so the
@@ -15,8 +16,10 @@
 //! status reports; everything an install does but the switch root.
 //!
 //! For each N and method: T(N), the wall time from starting the N agents until the last one
-//! exited having reported `installed` (checked in the server's node status); E(N), the bytes the
-//! server's interface sent in that time (and the seeder's own counter). Printed as a table with
+//! had reported `installed` (its log line once the server took the report; checked again in the
+//! server's node status); E(N), the bytes the server's interface sent until every agent exited
+//! (installed nodes seed on for the others, `luna.linger`), and the seeder's own counter; how
+//! many agents fell back to HTTP, and when the last one exited. Printed as a table with
 //! T(N)/(S/B) and E(N)/S (S = archive size); written to `<out>/bench-swarm.csv` and as a chart
 //! (time against N, log N axis, both methods) to `<out>/bench-swarm.png` (gnuplot). Needs root,
 //! `tc`, `curl` and `gnuplot`. Targets at N = 64: swarm T/(S/B) <= 1.5 and E/S <= 2.5.
@@ -71,6 +74,12 @@ struct Args {
     /// `[image] seeder_peer_slots` of the server.
     #[arg(long, default_value_t = luna_server::image::DEFAULT_SEEDER_PEER_SLOTS)]
     seeder_slots: u32,
+    /// Words appended to every node's kernel command line (e.g. `luna.linger=0 luna.stall=60`).
+    #[arg(long, default_value = "")]
+    agent_args: String,
+    /// `LUNA_LOG` of the agents (`info,luna_agent::torrent=debug`: a swarm census every 2 s).
+    #[arg(long, default_value = "info")]
+    agent_log: String,
     /// Directory for bench-swarm.csv and bench-swarm.png (default: the workspace's docs/).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -83,52 +92,100 @@ struct Row {
     iface: u64,
     seeder: u64,
     from_peers: u64,
+    /// Until every agent exited (the swarm's seed on after `installed`: `luna.linger`).
+    exit_secs: f64,
+    /// Agents whose swarm stalled and that went on over HTTP.
+    fallbacks: usize,
+}
+
+/// The line the agent logs once the server has its `installed` report (it may seed on after).
+const INSTALLED: &str = "reported installed to the server";
+
+/// A number of bytes in the agents' census line (`<n> bytes from the server`).
+fn census_bytes(line: &str, what: &str) -> Option<u64> {
+    line.split_once(what).and_then(|(s, _)| s.rsplit(' ').next()?.parse().ok())
 }
 
 fn run(bed: &SwarmBed, a: &Args, method: Method, n: usize, sb: f64) -> Result<Row> {
     let base = bed.dir.path().join(format!("run-{}-{n}", method.name()));
     let dirs: Vec<PathBuf> = (0..n).map(|i| base.join(format!("{i}"))).collect();
     for (i, d) in dirs.iter().enumerate() {
-        bed.boot_cmdline(i, d).with_context(|| format!("boot script of {}", bed.nodes[i].name))?;
+        bed.boot_cmdline(i, d, &a.agent_args).with_context(|| format!("boot script of {}", bed.nodes[i].name))?;
     }
     let (tx0, seed0) = (bed.server_tx()?, bed.seeder_uploaded()?);
     let limit = Duration::from_secs_f64(120.0 + 3.0 * sb * n as f64);
     let t0 = Instant::now();
     let mut agents = Vec::with_capacity(n);
     for (i, d) in dirs.iter().enumerate() {
-        agents.push(bed.start_agent(i, d, method == Method::Swarm, !a.no_unpack)?);
+        agents.push(bed.start_agent(i, d, method == Method::Swarm, !a.no_unpack, &a.agent_log)?);
     }
     let spawned = t0.elapsed();
-    for (i, agent) in agents.iter_mut().enumerate() {
-        let left = limit.saturating_sub(t0.elapsed());
-        let status = agent.wait_timeout(left).with_context(|| format!("agent of {}", bed.nodes[i].name))?;
-        if !status.success() {
-            bail!("agent of {} failed ({status}):\n{}", bed.nodes[i].name, agent.output().tail(30));
+    // When each agent reported `installed`, and when it exited (after seeding on).
+    let mut installed: Vec<Option<f64>> = vec![None; n];
+    let mut exited = 0;
+    while exited < n {
+        if t0.elapsed() > limit {
+            let slow: Vec<&str> =
+                (0..n).filter(|i| installed[*i].is_none()).map(|i| bed.nodes[i].name.as_str()).collect();
+            bail!("{} of {n} agents not installed after {} s: {slow:?}", slow.len(), limit.as_secs());
         }
+        exited = 0;
+        for (i, agent) in agents.iter_mut().enumerate() {
+            let status = agent.try_wait().with_context(|| format!("agent of {}", bed.nodes[i].name))?;
+            if installed[i].is_none() && agent.output().contains(INSTALLED) {
+                installed[i] = Some(t0.elapsed().as_secs_f64());
+            }
+            if let Some(status) = status {
+                if !status.success() {
+                    bail!("agent of {} failed ({status}):\n{}", bed.nodes[i].name, agent.output().tail(30));
+                }
+                exited += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    let secs = t0.elapsed().as_secs_f64();
+    let exit_secs = t0.elapsed().as_secs_f64();
     let (tx1, seed1) = (bed.server_tx()?, bed.seeder_uploaded()?);
-    let mut from_peers = 0;
+    let mut secs = 0f64;
+    let (mut from_peers, mut from_server, mut fallbacks) = (0, 0, 0);
     for (i, agent) in agents.iter().enumerate() {
         let step = bed.last_step(i)?;
         if step != "installed" {
             bail!("{} last reported '{step}', not 'installed'", bed.nodes[i].name);
         }
-        from_peers += agent
-            .output()
-            .lines()
+        secs = secs.max(installed[i].with_context(|| format!("{} never logged '{INSTALLED}'", bed.nodes[i].name))?);
+        let lines = agent.output().lines();
+        from_peers += lines.iter().find_map(|l| census_bytes(l, " bytes from peers")).unwrap_or(0);
+        // The census right after the download (a stalled one comes first; not the debug timeline).
+        from_server += lines
             .iter()
-            .find_map(|l| {
-                l.split_once(" bytes from peers").and_then(|(s, _)| s.rsplit(' ').next()?.parse::<u64>().ok())
-            })
+            .filter(|l| l.contains("swarm census") && !l.contains("DEBUG"))
+            .find_map(|l| census_bytes(l, " bytes from the server"))
             .unwrap_or(0);
+        fallbacks += usize::from(lines.iter().any(|l| l.contains("continuing over http")));
     }
-    eprintln!("  {} N={n}: agents started in {:.2} s", method.name(), spawned.as_secs_f64());
+    eprintln!(
+        "  {} N={n}: agents started in {:.2} s, all exited after {exit_secs:.2} s, {fallbacks} fell back to http, \
+         {:.2} S from the seeder by the agents' count; logs: {}",
+        method.name(),
+        spawned.as_secs_f64(),
+        from_server as f64 / bed.archive_size as f64,
+        agents.first().map(|a| a.output().log_path().display().to_string()).unwrap_or_default()
+    );
     drop(agents);
     let _ = std::fs::remove_dir_all(&base);
     // Let the tracker see the finished nodes leave before the next run.
     std::thread::sleep(Duration::from_secs(2));
-    Ok(Row { method, n, secs, iface: tx1.saturating_sub(tx0), seeder: seed1.saturating_sub(seed0), from_peers })
+    Ok(Row {
+        method,
+        n,
+        secs,
+        exit_secs,
+        iface: tx1.saturating_sub(tx0),
+        seeder: seed1.saturating_sub(seed0),
+        from_peers,
+        fallbacks,
+    })
 }
 
 fn chart(out: &std::path::Path, csv: &std::path::Path, a: &Args, s: u64) -> Result<()> {
@@ -168,6 +225,10 @@ fn main() -> Result<()> {
         image_mib: a.image_mib as usize,
         seeder_slots: a.seeder_slots,
     };
+    // Every node may talk to every other and to the server: (N + 1)² neighbours in the one
+    // kernel's ARP table.
+    let _neigh = luna_tests::bench::NeighTable::raise(((max + 1) * (max + 1)) as u64)
+        .context("raise the kernel's ARP table for the bed")?;
     let t = Instant::now();
     let bed = SwarmBed::start(&opts).context("build the bench bed")?;
     let s = bed.archive_size;
@@ -186,36 +247,45 @@ fn main() -> Result<()> {
         for &m in &a.methods {
             let row = run(&bed, &a, m, n, sb).with_context(|| format!("{} with {n} nodes", m.name()))?;
             println!(
-                "  {:<5} N={:<4} T={:7.2} s  T/(S/B)={:6.2}  E/S={:6.2} (seeder {:.2}, from peers {:.2})",
+                "  {:<5} N={:<4} T={:7.2} s  T/(S/B)={:6.2}  E/S={:6.2} (seeder {:.2}, from peers {:.2}, \
+                 {} fell back to http; last exit {:.2} s)",
                 m.name(),
                 n,
                 row.secs,
                 row.secs / sb,
                 row.iface as f64 / s as f64,
                 row.seeder as f64 / s as f64,
-                row.from_peers as f64 / s as f64
+                row.from_peers as f64 / s as f64,
+                row.fallbacks,
+                row.exit_secs
             );
             rows.push(row);
         }
     }
 
-    println!("\n| N | method | T(N) s | T(N)/(S/B) | E(N)/S (interface) | E(N)/S (seeder) |");
-    println!("|---|---|---|---|---|---|");
+    println!("\n| N | method | T(N) s | T(N)/(S/B) | E(N)/S (interface) | E(N)/S (seeder) | fell back | last exit s |");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut csv = String::from(
-        "method_id,nodes,method,t_s,t_over_sb,e_iface_bytes,e_over_s,e_seeder_bytes,archive_bytes,rate_mbit,unpack\n",
+        "method_id,nodes,method,t_s,t_over_sb,e_iface_bytes,e_over_s,e_seeder_bytes,archive_bytes,rate_mbit,unpack,\
+         fallbacks,exit_s\n",
     );
+    // One method after the other, so that gnuplot draws each as one line (a row of the other
+    // method is a gap for it).
+    rows.sort_by_key(|r| (r.method == Method::Http, r.n));
     for r in &rows {
         let (tr, er) = (r.secs / sb, r.iface as f64 / s as f64);
         println!(
-            "| {} | {} | {:.2} | {tr:.2} | {er:.2} | {:.2} |",
+            "| {} | {} | {:.2} | {tr:.2} | {er:.2} | {:.2} | {} | {:.2} |",
             r.n,
             r.method.name(),
             r.secs,
-            r.seeder as f64 / s as f64
+            r.seeder as f64 / s as f64,
+            r.fallbacks,
+            r.exit_secs
         );
         let _ = writeln!(
             csv,
-            "{},{},{},{:.3},{tr:.3},{},{er:.3},{},{s},{},{}",
+            "{},{},{},{:.3},{tr:.3},{},{er:.3},{},{s},{},{},{},{:.3}",
             if r.method == Method::Swarm { 1 } else { 2 },
             r.n,
             r.method.name(),
@@ -223,7 +293,9 @@ fn main() -> Result<()> {
             r.iface,
             r.seeder,
             a.rate_mbit,
-            !a.no_unpack
+            !a.no_unpack,
+            r.fallbacks,
+            r.exit_secs
         );
     }
     let out = a.out.clone().unwrap_or_else(|| luna_tests::workspace_root().join("docs"));

@@ -83,6 +83,12 @@ pub struct PeerConnectionOptions {
     /// one at a stream's read position after a seek, is requested only after
     /// those, so a smaller window makes streams react faster to seeks.
     pub max_request_window: Option<usize>,
+
+    /// luna patch: reserve a random one of the first `piece_spread` pieces a
+    /// stream wants that the peer has, instead of always the first (default 1:
+    /// strictly in order). Nodes streaming the same file together otherwise
+    /// all fetch the same piece at the same moment, and have nothing to trade.
+    pub piece_spread: Option<usize>,
 }
 
 pub(crate) struct PeerConnection<H> {

@@ -1048,6 +1048,7 @@ impl Session {
             max_request_window: other
                 .max_request_window
                 .or(self.peer_opts.max_request_window),
+            piece_spread: other.piece_spread.or(self.peer_opts.piece_spread),
         }
     }
 
@@ -1363,7 +1364,9 @@ impl Session {
                     force_tracker_interval: opts.force_tracker_interval,
                     peer_connect_timeout: peer_opts.connect_timeout,
                     peer_read_write_timeout: peer_opts.read_write_timeout,
+                    peer_keep_alive_interval: peer_opts.keep_alive_interval,
                     peer_max_request_window: peer_opts.max_request_window,
+                    peer_piece_spread: peer_opts.piece_spread,
                     allow_overwrite: opts.overwrite,
                     output_folder,
                     ratelimits: opts.ratelimits,

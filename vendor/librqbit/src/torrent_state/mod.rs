@@ -112,7 +112,11 @@ pub(crate) struct ManagedTorrentOptions {
     pub force_tracker_interval: Option<Duration>,
     pub peer_connect_timeout: Option<Duration>,
     pub peer_read_write_timeout: Option<Duration>,
+    // luna patch: the per-torrent keep-alive interval reaches the peer connections.
+    pub peer_keep_alive_interval: Option<Duration>,
     pub peer_max_request_window: Option<usize>,
+    // luna patch: see `PeerConnectionOptions::piece_spread`.
+    pub peer_piece_spread: Option<usize>,
     pub allow_overwrite: bool,
     pub output_folder: PathBuf,
     pub ratelimits: LimitsConfig,

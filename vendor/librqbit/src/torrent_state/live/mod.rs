@@ -495,6 +495,8 @@ impl TorrentStateLive {
         let options = PeerConnectionOptions {
             connect_timeout: self.shared.options.peer_connect_timeout,
             read_write_timeout: self.shared.options.peer_read_write_timeout,
+            // luna patch: it was left at the default (120 s) whatever the torrent asked.
+            keep_alive_interval: self.shared.options.peer_keep_alive_interval,
             ..Default::default()
         };
         let peer_connection = PeerConnection::new(
@@ -560,6 +562,8 @@ impl TorrentStateLive {
         let options = PeerConnectionOptions {
             connect_timeout: state.shared.options.peer_connect_timeout,
             read_write_timeout: state.shared.options.peer_read_write_timeout,
+            // luna patch: it was left at the default (120 s) whatever the torrent asked.
+            keep_alive_interval: state.shared.options.peer_keep_alive_interval,
             ..Default::default()
         };
         let peer_connection = PeerConnection::new(
@@ -1463,6 +1467,8 @@ impl PeerHandler {
                     peer: self.addr,
                     peer_avg_time: self.counters.average_piece_download_time(),
                     priority_pieces: self.state.streams.iter_next_pieces(&self.state.lengths),
+                    // luna patch: see `PeerConnectionOptions::piece_spread`.
+                    spread: self.state.shared.options.peer_piece_spread.unwrap_or(1).max(1),
                     file_priorities,
                     file_infos: &self.state.metadata.file_infos,
                     // luna patch: and the storage has room for it (`TorrentStorage::wants_piece`).
@@ -1696,14 +1702,25 @@ impl PeerHandler {
 
             // Acquire a piece using the strategy: try steal (10x) → reserve → steal (3x).
             let new_piece_notify = self.state.new_pieces_notify.notified();
+            // luna patch: a HAVE (or bitfield) from this peer wakes the requester too. Upstream
+            // waited only for pieces released by other peers, so a peer that got a piece we
+            // need was asked for it up to 5 s later: in a swarm of nodes streaming the same
+            // image, most connections sat idle while their peers had pieces to give.
+            let peer_has_new = self.on_bitfield_notify.notified();
             let next = match self.acquire_next_piece()? {
                 Some(next) => next,
                 None => {
                     debug!("no pieces to request");
+                    let woken = async {
+                        tokio::select! {
+                            _ = new_piece_notify => {}
+                            _ = peer_has_new => {}
+                        }
+                    };
                     match aframe!(tokio::time::timeout(
                         // Half of default rw timeout not to race with it.
                         Duration::from_secs(5),
-                        new_piece_notify
+                        woken
                     ))
                     .await
                     {
