@@ -271,6 +271,8 @@ async fn a_revision_packed_on_one_server_reaches_the_other_through_the_swarm() {
     let signal = |sig: &str| assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
     signal("-STOP");
     let resume = Resume(pid.clone());
+    // A changed tree: revision 2 has archive and squashfs torrents of its own.
+    std::fs::write(chroot.join("etc/revision-2"), "2\n").unwrap();
     pack(a.api).await;
     let (_, revs) = call(a.api, "GET", "/api/v1/osimage/compute/revisions", None).await.unwrap();
     let rev2 = revs.as_array().unwrap().iter().find(|r| r["id"] == json!(2)).expect("revision 2").clone();
@@ -287,13 +289,14 @@ async fn a_revision_packed_on_one_server_reaches_the_other_through_the_swarm() {
     .await;
     assert!(!b_rev2.exists(), "nothing of revision 2 was published on b");
     std::fs::rename(&kept, &kernel).unwrap();
+    assert_ne!(rev2["info_hash"], rev["info_hash"]);
     wait_for(Duration::from_secs(60), "b takes revision 2 once the kernel is right", || async {
         let (_, v) = call(b.api, "GET", "/api/v1/osimage/compute/revisions", None).await.ok()?;
         let r = v.as_array()?.iter().find(|r| r["id"] == json!(2))?.clone();
-        (r["seeder"]["healthy"] == json!(true)).then_some(())
+        let held = b_rev2.join(".verified").is_file() && b_rev2.join(".verified-squashfs").is_file();
+        (held && r["seeder"]["healthy"] == json!(true)).then_some(())
     })
     .await;
-    assert!(b_rev2.join(".verified").is_file() && b_rev2.join(".verified-squashfs").is_file());
 
     // A third server whose DHCP slice overlaps B's is refused, naming both, and starts nothing.
     let (c_config, _) =
