@@ -127,8 +127,8 @@ async fn env(config: DiscoveryConfig) -> Env {
     let service = Service::new(store);
     service.ensure_cluster("test").await.unwrap();
     let discovery = Discovery::new(service.clone(), config, Arc::new(discovery::transport::Udp));
-    let boot = BootContext::new(BootTokens::new(TOKEN.as_bytes()), dir.path().to_path_buf())
-        .with_discovery(discovery.clone());
+    let boot =
+        BootContext::new(BootTokens::new(TOKEN.as_bytes()), dir.path().to_path_buf()).with_discovery(discovery.clone());
     let state = Arc::new(AppState::new(service.clone(), TOKEN.into()));
     let app = router(state.clone())
         .merge(luna_server::discovery::http::router(discovery.clone(), state.clone()))

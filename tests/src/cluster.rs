@@ -109,12 +109,18 @@ impl Cluster {
         let probe = "import socket, sys; socket.create_connection((sys.argv[1], 27017), 1)";
         while !cluster.ns.command(&python).args(["-c", probe, &ip]).status().is_ok_and(|s| s.success()) {
             if Instant::now() > deadline {
-                return Err(HarnessError::Setup(format!("nx-27017 did not listen on {ip}:27017: {}", nx.output().tail(20))));
+                return Err(HarnessError::Setup(format!(
+                    "nx-27017 did not listen on {ip}:27017: {}",
+                    nx.output().tail(20)
+                )));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         let db = luna_server::store::conformance::unique_db_name("cluster");
-        let url = format!("mongodb://{ip}:27017/{db}?replicaSet={}&maxPoolSize=100", luna_server::store::conformance::NX_SET_NAME);
+        let url = format!(
+            "mongodb://{ip}:27017/{db}?replicaSet={}&maxPoolSize=100",
+            luna_server::store::conformance::NX_SET_NAME
+        );
         cluster.mongo = Some(MongoStore { url, _nx: nx });
         let ns_b = Netns::new()?;
         cluster.ns.add_veth("vb0", &ns_b, "eth0")?;
@@ -524,9 +530,7 @@ impl Drop for Cluster {
 /// The `[server]` section of a [`Cluster::start_pair`] server: identity, address, 2 s
 /// heartbeats and replication rounds.
 fn pair_section(id: &str, ip: &str) -> String {
-    format!(
-        "[server]\nid = \"{id}\"\nadvertise = [\"{ip}\"]\nheartbeat_interval_s = 2\nreplicate_interval_s = 2\n"
-    )
+    format!("[server]\nid = \"{id}\"\nadvertise = [\"{ip}\"]\nheartbeat_interval_s = 2\nreplicate_interval_s = 2\n")
 }
 
 /// A private copy of dracut's base directory (`/usr/lib/dracut`) under `dir` whose

@@ -31,7 +31,10 @@ fn fail(c: &Cluster, vms: &[&Vm], what: &str) -> ! {
     }
     for (name, log) in [("a", c.server_log()), ("b", c.server_b_log())] {
         let tail: Vec<&str> = log.lines().rev().take(30).collect();
-        msg.push_str(&format!("--- luna-server {name} (last 30 lines)\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+        msg.push_str(&format!(
+            "--- luna-server {name} (last 30 lines)\n{}\n",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ));
     }
     panic!("{msg}");
 }

@@ -64,7 +64,6 @@ impl BootContext {
         self.discovery = Some(discovery);
         self
     }
-
 }
 
 /// The boot routes' state: the shared HTTP state and the boot context.
@@ -474,7 +473,11 @@ fn ledger_failed(node: &str, remote: SocketAddr, e: LedgerError) -> Response {
         LedgerError::Store(e) => ApiError(ServiceError::Store(e)).into_response(),
         LedgerError::Corrupt { .. } => {
             tracing::error!(node, error = %e, "boot request failed");
-            error_response(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal, "boot token ledger unreadable".into())
+            error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                "boot token ledger unreadable".into(),
+            )
         }
     }
 }

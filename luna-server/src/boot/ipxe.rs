@@ -216,7 +216,8 @@ pub fn kernel_cmdline(n: &NodeBoot) -> String {
     ];
     if !n.fallback_bases.is_empty() {
         // The agent's plan fetch and status reports go to the next server when one is down.
-        let bases: Vec<String> = n.fallback_bases.iter().map(|b| url(b.trim_end_matches('/')).replace(',', "%2C")).collect();
+        let bases: Vec<String> =
+            n.fallback_bases.iter().map(|b| url(b.trim_end_matches('/')).replace(',', "%2C")).collect();
         args.push(format!("luna.fallback={}", bases.join(",")));
     }
     args.extend(n.dns.iter().map(|d| format!("nameserver={d}")));

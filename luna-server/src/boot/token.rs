@@ -324,7 +324,10 @@ impl Ledger {
     async fn store(&self, node: &str, rev: Option<u64>, rec: &TokenRecord) -> Result<bool, LedgerError> {
         let doc = serde_json::to_value(rec).expect("a token record serialises");
         let expect = rev.map_or(Expect::Absent, Expect::Rev);
-        match self.store.commit(vec![Write::Put { collection: Collection::BootToken, key: node.into(), expect, doc }]).await
+        match self
+            .store
+            .commit(vec![Write::Put { collection: Collection::BootToken, key: node.into(), expect, doc }])
+            .await
         {
             Ok(()) => Ok(true),
             Err(StoreError::Conflict { .. }) => Ok(false),
@@ -411,7 +414,8 @@ impl Ledger {
             if !expired {
                 continue;
             }
-            let del = Write::Delete { collection: Collection::BootToken, key: rec.key.clone(), expect: Expect::Rev(rec.rev) };
+            let del =
+                Write::Delete { collection: Collection::BootToken, key: rec.key.clone(), expect: Expect::Rev(rec.rev) };
             match self.store.commit(vec![del]).await {
                 Ok(()) => gone += 1,
                 Err(StoreError::Conflict { .. }) => {}
@@ -574,7 +578,8 @@ mod tests {
         let first = l.issue(&b, IP, 2_000, 1).unwrap();
         let tok = l.issue(&b, IP, 2_001, 2).unwrap();
         let (theirs, their_rec) = l.t.issue_record(&other, OTHER, 2_001, 3).unwrap();
-        let check = |l: &Rules, b: &Binding<'_>, tok: &str, from, now| l.t.check_agent(l.rec.as_ref(), b, tok, from, now);
+        let check =
+            |l: &Rules, b: &Binding<'_>, tok: &str, from, now| l.t.check_agent(l.rec.as_ref(), b, tok, from, now);
         assert_eq!(check(&l, &b, &tok, IP, 2_002), Ok(()));
         assert_eq!(l.take_plan(&b, &tok, IP, 2_002), Ok(()));
         assert_eq!(check(&l, &b, &tok, IP, 2_003), Ok(()), "after the plan, again");
@@ -669,7 +674,8 @@ mod tests {
             .unwrap();
         assert_eq!(l.sweep(1_000 + BOOT_TOKEN_TTL_SECS).await.unwrap(), 1, "only the garbled record");
         assert_eq!(l.sweep(1_000 + BOOT_TOKEN_TTL_SECS + 1).await.unwrap(), 1);
-        let left: Vec<String> = store.list(Collection::BootToken, "").await.unwrap().into_iter().map(|r| r.key).collect();
+        let left: Vec<String> =
+            store.list(Collection::BootToken, "").await.unwrap().into_iter().map(|r| r.key).collect();
         assert_eq!(left, ["node002"]);
     }
 }

@@ -478,8 +478,7 @@ impl Dhcp<'_> {
                 }
                 match self.choose(&pool, u) {
                     Choice::Free(ip) => {
-                        let writes =
-                            self.lease_writes(u, ip, u.candidates.get(&ip), net, LeaseState::Offered, &pool);
+                        let writes = self.lease_writes(u, ip, u.candidates.get(&ip), net, LeaseState::Offered, &pool);
                         let reply = self.reply(MessageType::Offer, &offer(ip));
                         Decision::Act(Action { writes, reply: Some(reply), allocated: Some(ip), ..Action::default() })
                     }
@@ -522,7 +521,9 @@ impl Dhcp<'_> {
                     if pool.allows(wanted) {
                         match u.candidates.get(&wanted) {
                             None => return Decision::Probe { network: net.name.clone(), ips: vec![wanted] },
-                            Some(c) if !c.claimed && c.lease.as_ref().is_some_and(|l| live_hold(&l.value, &mac, now)) => {
+                            Some(c)
+                                if !c.claimed && c.lease.as_ref().is_some_and(|l| live_hold(&l.value, &mac, now)) =>
+                            {
                                 let writes = self.lease_writes(u, wanted, Some(c), net, LeaseState::Bound, &pool);
                                 let reply = self.reply(MessageType::Ack, &offer(wanted));
                                 return Decision::Act(Action { writes, reply: Some(reply), ..Action::default() });
@@ -1396,7 +1397,10 @@ mod tests {
         // SELECTING another address from us: its record is looked up, and with no offer of
         // ours there: NAK.
         let other_addr = client::request_selecting(mac(9), 1, ip("10.141.200.8"), server);
-        assert_eq!(run(other_addr.clone(), &view), Decision::Probe { network: "cluster".into(), ips: vec![ip("10.141.200.8")] });
+        assert_eq!(
+            run(other_addr.clone(), &view),
+            Decision::Probe { network: "cluster".into(), ips: vec![ip("10.141.200.8")] }
+        );
         let mut probed = view.clone();
         unknown_mut(&mut probed).candidates.insert(ip("10.141.200.8"), Candidate::default());
         assert_eq!(reply(run(other_addr, &probed)).msg_type(), Some(MessageType::Nak));
@@ -1576,13 +1580,15 @@ mod tests {
         for (first_is_a, choose_a) in [(true, true), (true, false), (false, true), (false, false)] {
             let mut table = BTreeMap::new();
             let mut offers = Vec::new();
-            let order = if first_is_a { [(&cfg_a, &ctx_a), (&cfg_b, &ctx_b)] } else { [(&cfg_b, &ctx_b), (&cfg_a, &ctx_a)] };
+            let order =
+                if first_is_a { [(&cfg_a, &ctx_a), (&cfg_b, &ctx_b)] } else { [(&cfg_b, &ctx_b), (&cfg_a, &ctx_a)] };
             for (c, x) in order {
                 let a = decide_on_table(c, x, client::discover(mac(9), 1), &mut table);
                 let r = a.reply.expect("both servers offer");
                 offers.push((r.message.yiaddr(), x.local_addrs[0]));
             }
-            let (offered_a, offered_b) = if first_is_a { (offers[0].0, offers[1].0) } else { (offers[1].0, offers[0].0) };
+            let (offered_a, offered_b) =
+                if first_is_a { (offers[0].0, offers[1].0) } else { (offers[1].0, offers[0].0) };
             assert!((ip("10.141.200.1")..=ip("10.141.200.10")).contains(&offered_a), "{offered_a}");
             assert!((ip("10.141.200.11")..=ip("10.141.200.20")).contains(&offered_b), "{offered_b}");
             let (chosen, server) = if choose_a { (offered_a, sa) } else { (offered_b, sb) };
@@ -1607,5 +1613,4 @@ mod tests {
             assert_eq!(table[&Lease::mac_key(&mac(9))].value.ip, chosen);
         }
     }
-
 }
