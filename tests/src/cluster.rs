@@ -95,9 +95,10 @@ impl Cluster {
     /// Two luna-servers, one cluster: nx-27017 (`nx_bin`, as a one-member replica set) and
     /// server A (`.1`) in the bridge's namespace, server B (`.250`) in a namespace of its own
     /// on the bridge; both answer DHCP (known nodes), TFTP, boot, tracker and seeder, share the
-    /// token and the certificate (its names cover both) and heartbeat every 2 s. The cluster
-    /// has no frontend address, so each server's DHCP answer points a node at that server. The
-    /// API calls go to A until [`Cluster::kill_server_a`].
+    /// token and the certificate (its names cover both) and heartbeat every 2 s. The frontend
+    /// address is A's, but each server's `[dhcp] boot_url` names itself (`{server}`), so its
+    /// DHCP answer points a node at that server. The API calls go to A until
+    /// [`Cluster::kill_server_a`].
     pub fn start_pair(opts: ClusterOptions, nx_bin: &Path) -> Result<Cluster> {
         let mut cluster = Self::prepare(opts)?;
         let ip = cluster.server_ip();
@@ -130,6 +131,8 @@ impl Cluster {
         cluster.init_and_spawn()?;
         cluster.write_config_b()?;
         cluster.spawn_server_b()?;
+        // Packing names the frontend's tracker; the servers' DHCP ignores it (PAIR_BOOT_URL).
+        cluster.cli(&["cluster", "change", "--frontend-address", &ip])?;
         Ok(cluster)
     }
 
@@ -164,7 +167,12 @@ impl Cluster {
         let cluster = self;
         cluster.write_config()?;
         let server_bin = cargo_bin("luna-server")?;
-        let out = Command::new(&server_bin)
+        // With the store in the namespace (a pair), init must run there too.
+        let mut init = match cluster.mongo {
+            Some(_) => cluster.ns.command(&server_bin),
+            None => Command::new(&server_bin),
+        };
+        let out = init
             .arg("--config")
             .arg(cluster.config_path())
             .arg("init")
@@ -225,14 +233,16 @@ impl Cluster {
     fn write_config(&self) -> Result<()> {
         let d = self.dir();
         let ip = self.server_ip();
-        let (store, tls_names, server) = match &self.mongo {
-            None => (format!("sqlite://{}", d.join("luna.db").display()), format!("\"{ip}\""), String::new()),
-            Some(m) => (m.url.clone(), format!("\"{ip}\", \"{}\"", self.server_b_ip()), pair_section("a", &ip)),
+        let (store, tls_names, server, boot_url) = match &self.mongo {
+            None => (format!("sqlite://{}", d.join("luna.db").display()), format!("\"{ip}\""), String::new(), ""),
+            Some(m) => {
+                (m.url.clone(), format!("\"{ip}\", \"{}\"", self.server_b_ip()), pair_section("a", &ip), PAIR_BOOT_URL)
+            }
         };
         let config = format!(
             "store = \"{store}\"\nlisten = \"{ip}:7050\"\ntoken_file = \"{token}\"\ndata_dir = \"{data}\"\n\
              [http]\napi_listen = \"{ip}:7051\"\ntls_names = [{tls_names}]\n\
-             [dhcp]\ninterfaces = [\"br0\"]\n[tftp]\nroot = \"{tftp}\"\nbind = \"{ip}:69\"\n\
+             [dhcp]\ninterfaces = [\"br0\"]\n{boot_url}[tftp]\nroot = \"{tftp}\"\nbind = \"{ip}:69\"\n\
              [image]\ndracut = \"{dracut}\"\nseed = {seed}\nseed_listen = \"{ip}:6881\"\nupload_limit_bytes_per_s = {limit}\n{extra}\n{server}",
             token = d.join("token").display(),
             data = d.join("data").display(),
@@ -257,7 +267,7 @@ impl Cluster {
         let config = format!(
             "store = \"{store}\"\nlisten = \"{ip}:7050\"\ntoken_file = \"{token}\"\ndata_dir = \"{data}\"\n\
              [http]\napi_listen = \"{ip}:7051\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n\
-             [dhcp]\ninterfaces = [\"eth0\"]\n[tftp]\nroot = \"{tftp}\"\nbind = \"{ip}:69\"\n\
+             [dhcp]\ninterfaces = [\"eth0\"]\n{PAIR_BOOT_URL}[tftp]\nroot = \"{tftp}\"\nbind = \"{ip}:69\"\n\
              [image]\ndracut = \"{dracut}\"\nseed = {seed}\nseed_listen = \"{ip}:6881\"\nupload_limit_bytes_per_s = {limit}\n{extra}\n{server}",
             token = d.join("token").display(),
             data = data.display(),
@@ -526,6 +536,10 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// A [`Cluster::start_pair`] server's DHCP points nodes at itself (`{server}`), not at the
+/// cluster's frontend address (A's), so nodes that reach only B boot.
+const PAIR_BOOT_URL: &str = "boot_url = \"http://{server}:{http_port}/boot/ipxe?mac={mac}\"\n";
 
 /// The `[server]` section of a [`Cluster::start_pair`] server: identity, address, 2 s
 /// heartbeats and replication rounds.

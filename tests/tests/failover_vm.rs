@@ -1,7 +1,7 @@
 //! Two luna-servers, one cluster, and server A dies mid-boot (issue 21's proof): A and B on
 //! one MongoDB-wire store (`Cluster::start_pair`: nx-27017 as a one-member replica set), the
-//! busybox test image packed on A and replicated to B through the swarm. Two VMs PXE-boot; B's
-//! answers are delayed (netem) so that both take A's DHCP offer and A's boot script; A is
+//! busybox test image packed on A and replicated to B through the swarm. Two VMs PXE-boot; B
+//! does not hear DHCP meanwhile (nftables), so both take A's offer and A's boot script; A is
 //! SIGKILLed as soon as both scripts went out. Both must still install: the kernel and
 //! initramfs from B (`kernel A || kernel B`), the plan from B with the token A minted (the
 //! token ledger is in the store; the agent moves to `luna.fallback`), the image from B and the
@@ -111,24 +111,27 @@ fn nodes_finish_installing_from_b_when_a_dies_mid_boot() {
     wait_replicated(&c, rev);
     let replicated = t0.elapsed();
 
-    // B answers 400 ms late until A is gone, so both VMs take A's offer and A's script.
+    // B does not hear DHCP until A is gone (nftables in B's namespace), so both VMs take A's
+    // offer and A's boot script (which names B as the fallback).
     let b_ns = c.server_b_ns().expect("b's namespace").name().to_string();
-    let tc = |args: &[&str]| {
+    let nft = |args: &[&str]| {
         let ok = std::process::Command::new("ip")
-            .args(["netns", "exec", &b_ns, "tc", "qdisc"])
+            .args(["netns", "exec", &b_ns, "nft"])
             .args(args)
             .status()
             .is_ok_and(|s| s.success());
-        assert!(ok, "tc qdisc {args:?} in b's namespace");
+        assert!(ok, "nft {args:?} in b's namespace");
     };
-    tc(&["add", "dev", "eth0", "root", "netem", "delay", "400ms"]);
+    nft(&["add", "table", "inet", "failover"]);
+    nft(&["add", "chain", "inet", "failover", "in", "{ type filter hook input priority 0; }"]);
+    nft(&["add", "rule", "inet", "failover", "in", "udp", "dport", "67", "drop"]);
     let boot = Instant::now();
     let vm1 = c.boot("fo-node001", &mac(1)).unwrap();
     let vm2 = c.boot("fo-node002", &mac(2)).unwrap();
     let scripts = wait_steps(&c, &[&vm1, &vm2], &["node001", "node002"], &["ipxe", "kernel", "plan"], boot);
     c.kill_server_a();
     let killed = boot.elapsed();
-    tc(&["del", "dev", "eth0", "root"]);
+    nft(&["delete", "table", "inet", "failover"]);
     for vm in [&vm1, &vm2] {
         let from_a = format!("{SUBNET}.1:7050/boot/ipxe");
         if !vm.serial().contains(&from_a) {
