@@ -89,7 +89,11 @@ fn wait_replicated(c: &Cluster, rev: u32) -> Value {
     }
 }
 
+// About 7.7 min here (91 s of it the pack, two VMs under TCG): over the suite's budget, so it
+// runs on request, like the debootstrap VM tests: `cargo test -p luna-tests --test failover_vm
+// -- --ignored` with LUNA_TEST_PRIVILEGED=1 LUNA_TEST_MONGO=1.
 #[test]
+#[ignore = "a 7-8 min VM test: run with --ignored (LUNA_TEST_PRIVILEGED=1 LUNA_TEST_MONGO=1)"]
 fn nodes_finish_installing_from_b_when_a_dies_mid_boot() {
     if !privileged() {
         return;
