@@ -20,6 +20,9 @@ pub const DEFAULT_PIECE_SPREAD: u32 = 8;
 pub struct BootArgs {
     /// `luna.url`, without a trailing slash.
     pub url: String,
+    /// `luna.fallback=URL[,URL…]`: the cluster's other luna-servers (no trailing slashes), tried
+    /// in turn for the plan and status reports when `url` cannot be reached.
+    pub fallbacks: Vec<String>,
     pub node: String,
     pub token: String,
     /// `luna.mac`, else the MAC in `BOOTIF=01-…`.
@@ -83,6 +86,7 @@ fn flag(value: &str) -> Option<bool> {
 
 pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
     let (mut url, mut node, mut token, mut mac, mut bootif) = (None, None, None, None, None);
+    let mut fallbacks = Vec::new();
     let mut service = false;
     let mut stall = DEFAULT_STALL;
     let mut linger = DEFAULT_LINGER;
@@ -92,6 +96,14 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
         match key {
             "luna.url" => url = Some(value.trim_end_matches('/').to_string()),
             "luna.node" => node = Some(value.to_string()),
+            "luna.fallback" => {
+                for u in value.split(',').filter(|u| !u.is_empty()) {
+                    if !u.starts_with("http://") && !u.starts_with("https://") {
+                        return Err(CmdlineError::Bad { key: "luna.fallback", value: u.into() });
+                    }
+                    fallbacks.push(u.trim_end_matches('/').to_string());
+                }
+            }
             "luna.token" => token = Some(value.to_string()),
             "luna.mac" => {
                 mac = Some(
@@ -131,6 +143,7 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
     let node = node.filter(|n| !n.is_empty()).ok_or(CmdlineError::Missing("luna.node"))?;
     Ok(BootArgs {
         url,
+        fallbacks,
         node,
         token: token.unwrap_or_default(),
         mac: mac.or(bootif),
@@ -203,6 +216,13 @@ mod tests {
     #[test]
     fn errors_name_the_input() {
         assert_eq!(parse("luna.node=n"), Err(CmdlineError::Missing("luna.url")));
+        let a = parse("luna.url=http://a:1 luna.node=n luna.fallback=http://b:1/,https://c:2").unwrap();
+        assert_eq!(a.fallbacks, ["http://b:1", "https://c:2"]);
+        assert!(parse("luna.url=http://a:1 luna.node=n").unwrap().fallbacks.is_empty());
+        assert_eq!(
+            parse("luna.url=http://a:1 luna.node=n luna.fallback=http://b:1,ftp://c"),
+            Err(CmdlineError::Bad { key: "luna.fallback", value: "ftp://c".into() })
+        );
         assert_eq!(parse("luna.url=http://x"), Err(CmdlineError::Missing("luna.node")));
         assert_eq!(
             parse("luna.url=ftp://x luna.node=n"),

@@ -2,6 +2,8 @@
 //! HTTP with Range. Every call retries with jittered backoff ([`crate::backoff`]).
 
 pub use luna_core::api::percent_encode as encode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,7 +37,11 @@ impl HttpError {
 #[derive(Clone, Debug)]
 pub struct Client {
     http: reqwest::Client,
-    base: String,
+    /// The node's server first, then the cluster's other servers (`luna.fallback`).
+    bases: Arc<[String]>,
+    /// The base in use: moves on to the next one when a request cannot reach it (shared by
+    /// clones, so the reporter follows the plan fetch to the server that answers).
+    current: Arc<AtomicUsize>,
     node: String,
     token: String,
 }
@@ -64,14 +70,36 @@ impl Client {
         };
         Ok(Self {
             http,
-            base: base.trim_end_matches('/').to_string(),
+            bases: vec![base.trim_end_matches('/').to_string()].into(),
+            current: Arc::new(AtomicUsize::new(0)),
             node: node.to_string(),
             token: token.to_string(),
         })
     }
 
+    /// The same client with the cluster's other servers to fall back to, in order.
+    pub fn with_fallbacks(mut self, fallbacks: &[String]) -> Self {
+        let mut bases = self.bases.to_vec();
+        bases.extend(fallbacks.iter().map(|b| b.trim_end_matches('/').to_string()));
+        self.bases = bases.into();
+        self
+    }
+
+    fn base(&self) -> &str {
+        &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
+    }
+
+    /// After a request to `url` could not reach its server: the next request goes to the next
+    /// server (with one server, to the same one again).
+    fn unreachable(&self, url: &str) {
+        if self.bases.len() > 1 && url.starts_with(self.base()) {
+            let next = self.current.fetch_add(1, Ordering::Relaxed).wrapping_add(1) % self.bases.len();
+            tracing::warn!("{url} unreachable; trying the next luna server {}", self.bases[next]);
+        }
+    }
+
     fn boot_url(&self, what: &str) -> String {
-        format!("{}/boot/{what}?node={}&token={}", self.base, encode(&self.node), encode(&self.token))
+        format!("{}/boot/{what}?node={}&token={}", self.base(), encode(&self.node), encode(&self.token))
     }
 
     pub fn plan_url(&self) -> String {
@@ -92,10 +120,14 @@ impl Client {
         Err(HttpError::Status { url: url.to_string(), status: status.as_u16(), body })
     }
 
-    /// One GET of the install plan.
+    /// One GET of the install plan (a server that cannot be reached makes the next attempt go
+    /// to the next server).
     pub async fn plan_once(&self) -> Result<InstallPlan, HttpError> {
         let url = self.plan_url();
-        let resp = self.http.get(&url).timeout(Duration::from_secs(30)).send().await.map_err(|e| transport(&url, e))?;
+        let resp = self.http.get(&url).timeout(Duration::from_secs(30)).send().await.map_err(|e| {
+            self.unreachable(&url);
+            transport(&url, e)
+        })?;
         let body = Self::check(&url, resp).await?.bytes().await.map_err(|e| transport(&url, e))?;
         serde_json::from_slice(&body).map_err(|e| HttpError::Decode { url, reason: e.to_string() })
     }
@@ -113,7 +145,10 @@ impl Client {
             .body(body)
             .send()
             .await
-            .map_err(|e| transport(&url, e))?;
+            .map_err(|e| {
+                self.unreachable(&url);
+                transport(&url, e)
+            })?;
         Self::check(&url, resp).await.map(drop)
     }
 
@@ -197,6 +232,44 @@ mod tests {
         let c = Client::new("http://10.0.0.1:7050/", "n 1", "t&k").unwrap();
         assert_eq!(c.plan_url(), "http://10.0.0.1:7050/boot/plan?node=n%201&token=t%26k");
         assert_eq!(c.status_url(), "http://10.0.0.1:7050/boot/status?node=n%201&token=t%26k");
+    }
+
+    /// A server that answers every request with 204, counting them.
+    async fn answering() -> (String, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let n = Arc::new(AtomicUsize::new(0));
+        let count = n.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n").await;
+            }
+        });
+        (url, n)
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_hands_over_to_the_next() {
+        // Nothing listens on the first address (a port bound and closed again).
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (live, served) = answering().await;
+        let c = Client::new(&format!("http://{dead}/"), "n", "t").unwrap().with_fallbacks(&[format!("{live}/")]);
+        let report = StatusReport { step: "download".into(), ..Default::default() };
+        assert!(matches!(c.status_once(&report).await, Err(HttpError::Transport { .. })));
+        // A clone (the reporter's) follows.
+        let reporter = c.clone();
+        reporter.status_once(&report).await.unwrap();
+        c.status_once(&report).await.unwrap();
+        assert_eq!(served.load(Ordering::SeqCst), 2);
+        assert!(c.plan_url().starts_with(&format!("{live}/boot/plan?")), "{}", c.plan_url());
+        // Alone, a client stays with its server.
+        let alone = Client::new(&format!("http://{dead}"), "n", "t").unwrap();
+        assert!(alone.status_once(&report).await.is_err());
+        assert!(alone.plan_url().starts_with(&format!("http://{dead}/")));
     }
 
     #[test]

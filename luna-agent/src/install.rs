@@ -152,7 +152,7 @@ pub fn boot_args(cfg: &Config) -> Result<BootArgs, AgentError> {
 }
 
 fn client(args: &BootArgs) -> Result<Client, AgentError> {
-    Client::new(&args.url, &args.node, &args.token).map_err(AgentError::Plan)
+    Ok(Client::new(&args.url, &args.node, &args.token).map_err(AgentError::Plan)?.with_fallbacks(&args.fallbacks))
 }
 
 /// `luna-agent install`. On failure the error has been reported as step `error`.

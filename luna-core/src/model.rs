@@ -533,6 +533,13 @@ pub struct ImageRevision {
     pub sha256: String,
     pub kernel: String,
     pub initrd: String,
+    /// SHA-256 (lower-case hex) of the kernel and of the initramfs: the other servers check
+    /// their copies against them before publishing a replica. Empty in revisions packed before
+    /// they were recorded (such a replica is published unchecked, with a warning).
+    #[serde(default)]
+    pub kernel_sha256: String,
+    #[serde(default)]
+    pub initrd_sha256: String,
     pub torrent: String,
     pub info_hash: String,
     /// Torrent piece size in bytes (0 in revisions packed before it was recorded).

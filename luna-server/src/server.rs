@@ -182,10 +182,11 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
         config.discovery.clone(),
         Arc::new(crate::discovery::transport::Udp),
     );
-    let boot =
-        BootContext::new(BootTokens::new(admin_token.as_bytes()), config.data_dir.clone(), crate::service::unix_now())
-            .with_discovery(discovery.clone())
-            .with_servers(view.clone());
+    let boot = BootContext::new(BootTokens::new(admin_token.as_bytes()), config.data_dir.clone())
+        .with_discovery(discovery.clone())
+        .with_servers(view.clone());
+    // Every server sweeps the shared ledger (a delete is a CAS: two sweeping at once is harmless).
+    let token_sweep = boot::token::Ledger::new(BootTokens::new(admin_token.as_bytes()), store.clone());
     live.seed(&crate::web::snapshot(&service).await?);
     let state = Arc::new(AppState::with_live(service.clone(), admin_token, live));
 
@@ -254,6 +255,7 @@ pub async fn serve(config: Config, mut shutdown: watch::Receiver<bool>) -> Resul
     });
 
     tokio::spawn(discovery.run(cancel.clone()));
+    tokio::spawn(token_sweep.sweep_every(boot::token::SWEEP_INTERVAL, cancel.clone()));
     tokio::spawn(crate::web::sampler(web, cancel.clone()));
     tokio::spawn(crate::wiring::follow_store(service.clone(), tracker.clone(), topology, cancel.clone()));
     let mut seeder_addr = None;

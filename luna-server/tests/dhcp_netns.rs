@@ -224,6 +224,7 @@ impl Clients {
              case \"$1\" in\n\
              deconfig) ip addr flush dev \"$interface\" ;;\n\
              bound|renew) ip addr flush dev \"$interface\"; ip addr add \"$ip/${mask:-24}\" dev \"$interface\"; env > \"$DHCP_OUT\" ;;\n\
+             nak) echo \"${message:-nak}\" >> \"$DHCP_OUT.nak\" ;;\n\
              esac\n\
              exit 0\n",
         );
@@ -235,7 +236,8 @@ impl Clients {
         self.dir.join(format!("{tool}-{}.env", self.runs.get()))
     }
 
-    /// One udhcpc run (three tries a second apart); the env of its `bound` call, if it got one.
+    /// One udhcpc run (three tries a second apart); the env of its `bound` call, if it got one,
+    /// with the messages of the NAKs it got on the way under `naks`.
     fn udhcpc(&self, ns: &Netns, iface: &str, extra: &[&str]) -> Option<BTreeMap<String, String>> {
         let out = self.out("udhcpc");
         let status = ns
@@ -254,7 +256,11 @@ impl Clients {
         );
         let status = status.status;
         if status.success() {
-            Some(env_file(&out))
+            let mut env = env_file(&out);
+            if let Ok(naks) = std::fs::read_to_string(format!("{}.nak", out.display())) {
+                env.insert("naks".into(), naks);
+            }
+            Some(env)
         } else {
             assert!(!out.exists(), "udhcpc failed but wrote {}", out.display());
             None
@@ -469,8 +475,9 @@ fn real_clients_against_the_server_in_a_namespace() {
 
 /// Waits for one HTTP request on `addr` inside namespace `ns` and returns its request line.
 /// Two DHCP servers (two namespaces, one bridge, one store), each with its own `[dhcp] slice` of
-/// the cluster's range: the known node gets the same static address from either; with A
-/// stopped, strangers get addresses from B's slice only, never twice the same.
+/// the cluster's range: the known node gets the same static address from either; strangers get
+/// an address from the slice of the server they chose, without a NAK; with A stopped, strangers
+/// get addresses from B's slice only, never twice the same.
 #[test]
 fn two_servers_split_the_discovery_range_by_slice() {
     if !privileged() {
@@ -517,10 +524,27 @@ fn two_servers_split_the_discovery_range_by_slice() {
         let env = clients.udhcpc(&cli, "dcl", &[]).expect("no lease for the known node");
         assert_eq!(env["ip"], "10.77.0.11");
     }
-    // (Strangers while both answer are not asked here: both offer, and the shared `mac/` lease
-    // record keeps only one offer, so the other server NAKs the client's REQUEST; see the
-    // ARCHITECTURE limits.)
+    // Strangers while both answer: both offer, each from its slice; the client takes one and
+    // that server ACKs at once (no NAK: the shared `mac/` record names only the offer written
+    // last, but the chosen server finds its own in its `ip/` record), the other stays silent.
     let mut given = Vec::new();
+    let mut servers = std::collections::BTreeSet::new();
+    for i in 0..6u8 {
+        set_mac(&cli, "dcl", &format!("52:54:00:bb:02:{i:02x}"));
+        let env = clients.udhcpc(&cli, "dcl", &[]).expect("no lease while both answer");
+        assert_eq!(env.get("naks"), None, "a server NAKed the offer the client chose");
+        let ip: std::net::Ipv4Addr = env["ip"].parse().unwrap();
+        let slice = match env["serverid"].as_str() {
+            "10.77.0.1" => slice_a,
+            "10.77.0.2" => slice_b,
+            other => panic!("server id {other}"),
+        };
+        assert!(slice.contains(ip), "{ip} is not in the slice {slice} of server {}", env["serverid"]);
+        assert!(!given.contains(&ip), "{ip} given twice");
+        given.push(ip);
+        servers.insert(env["serverid"].clone());
+    }
+    eprintln!("strangers were served by {servers:?}");
     // A is gone: strangers get B's slice only, the known node its address from B.
     drop(a);
     for i in 0..3u8 {

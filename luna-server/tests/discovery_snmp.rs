@@ -26,7 +26,6 @@ use luna_server::api::router;
 use luna_server::boot::{self, BootContext, BootTokens};
 use luna_server::discovery::{self, Discovery, DiscoveryConfig};
 use luna_server::http::AppState;
-use luna_server::service::unix_now;
 use luna_server::service::Service;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -128,8 +127,8 @@ async fn env(config: DiscoveryConfig) -> Env {
     let service = Service::new(store);
     service.ensure_cluster("test").await.unwrap();
     let discovery = Discovery::new(service.clone(), config, Arc::new(discovery::transport::Udp));
-    let boot = BootContext::new(BootTokens::new(TOKEN.as_bytes()), dir.path().to_path_buf(), unix_now())
-        .with_discovery(discovery.clone());
+    let boot =
+        BootContext::new(BootTokens::new(TOKEN.as_bytes()), dir.path().to_path_buf()).with_discovery(discovery.clone());
     let state = Arc::new(AppState::new(service.clone(), TOKEN.into()));
     let app = router(state.clone())
         .merge(luna_server::discovery::http::router(discovery.clone(), state.clone()))

@@ -25,17 +25,30 @@ struct Env {
 }
 
 async fn env() -> Env {
+    env_on(luna_server::store::open("sqlite://:memory:").await.unwrap(), true).await
+}
+
+/// A boot server on `store`; `seed`: the first one, which creates the cluster's objects (a
+/// second server on the same store finds them there).
+async fn env_on(store: Arc<dyn luna_server::store::Store>, seed: bool) -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let store = luna_server::store::open("sqlite://:memory:").await.unwrap();
     let service = Service::new(store);
     service.ensure_cluster("test").await.unwrap();
-    // Nodes reach the boot port at this address (their requests' Host says so too); an admin
-    // preview, which comes over the API's port, is rendered with it.
-    service.update(Kind::Cluster, "", json!({"frontend_address": "10.141.255.254"})).await.unwrap();
-    let boot = BootContext::new(BootTokens::new(TOKEN.as_bytes()), dir.path().to_path_buf(), unix_now());
+    let boot = BootContext::new(BootTokens::new(TOKEN.as_bytes()), dir.path().to_path_buf());
     let state = Arc::new(AppState::new(service.clone(), TOKEN.into()));
     let app = router(state.clone()).merge(boot::router(state, boot));
     let e = Env { app, service, _dir: dir };
+    // A published revision, as `luna osimage pack` leaves it (every server holds its files).
+    let rev_dir = e._dir.path().join("images/compute/1");
+    std::fs::create_dir_all(&rev_dir).unwrap();
+    std::fs::write(rev_dir.join("vmlinuz"), (0..=255u8).cycle().take(10_000).collect::<Vec<u8>>()).unwrap();
+    std::fs::write(rev_dir.join("initrd.img"), b"initrd").unwrap();
+    if !seed {
+        return e;
+    }
+    // Nodes reach the boot port at this address (their requests' Host says so too); an admin
+    // preview, which comes over the API's port, is rendered with it.
+    e.service.update(Kind::Cluster, "", json!({"frontend_address": "10.141.255.254"})).await.unwrap();
     for (path, body) in [
         (
             "/network",
@@ -50,11 +63,6 @@ async fn env() -> Env {
         let (s, v) = e.call("POST", &format!("/api/v1{path}"), Some(body), true, None).await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
     }
-    // A published revision, as `luna osimage pack` leaves it.
-    let rev_dir = e._dir.path().join("images/compute/1");
-    std::fs::create_dir_all(&rev_dir).unwrap();
-    std::fs::write(rev_dir.join("vmlinuz"), (0..=255u8).cycle().take(10_000).collect::<Vec<u8>>()).unwrap();
-    std::fs::write(rev_dir.join("initrd.img"), b"initrd").unwrap();
     let patch = json!({"revisions": [{"id": 1, "created": 1, "kernel_version": "6.1.0-1-amd64", "archive": "compute.tar.zst",
         "archive_size": 10, "sha256": "ab", "kernel": "vmlinuz", "initrd": "initrd.img", "torrent": "compute.torrent",
         "info_hash": "cd"}], "current_revision": 1});
@@ -573,4 +581,71 @@ async fn overlay_nodes_get_the_squashfs_or_a_clear_error() {
         e.call("GET", &format!("/boot/plan?node=node002&token={token}"), None, false, Some("10.141.0.2")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!((&v["root"], &v["image"]["sha256"]), (&json!("tmpfs"), &json!("ab")));
+}
+
+/// Two boot servers on one MongoDB-wire store (nx-27017 as a one-member replica set, each
+/// server with its own connection): the token ledger is in the store, so a token server A put
+/// into a node's script fetches the plan from B and reports to B, and every refusal holds
+/// across the two (the plan once, only from the node's address, only for that node, nothing
+/// after `installed` but `booted`, a superseded token nothing). `LUNA_TEST_MONGO=1`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_minted_on_one_server_is_honoured_and_policed_by_another() {
+    use luna_server::store::conformance::{mongo_gate, unique_db_name, NxServer};
+    let Some(bin) = mongo_gate() else { return };
+    let nx = NxServer::start(&bin).await.expect("nx-27017 starts");
+    let url = nx.url(&unique_db_name("tokens"));
+    let a = env_on(luna_server::store::open(&url).await.expect("store a"), true).await;
+    let b = env_on(luna_server::store::open(&url).await.expect("store b"), false).await;
+    a.add_node("node001", "52:54:00:00:00:01").await;
+    a.add_node("node002", "52:54:00:00:00:02").await;
+    let (ip, elsewhere) = ("10.141.0.1", "10.141.0.9");
+
+    let token = a.token("52:54:00:00:00:01", ip).await;
+    let plan_path = format!("/boot/plan?node=node001&token={token}");
+    // Not from another address, not for another node, on either server.
+    for e in [&a, &b] {
+        let (s, _) = e.call("GET", &plan_path, None, false, Some(elsewhere)).await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+        let (s, _) = e.call("GET", &format!("/boot/plan?node=node002&token={token}"), None, false, Some(ip)).await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+    }
+    // A is gone: B hands the plan out, once, and A (back) does not hand it out again.
+    let (s, v) = b.call("GET", &plan_path, None, false, Some(ip)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["hostname"], "node001");
+    for e in [&a, &b] {
+        let (s, _) = e.call("GET", &plan_path, None, false, Some(ip)).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "the plan goes once");
+    }
+    // Reports go to B; `installed` there spends the token on A as well.
+    let status = format!("/boot/status?node=node001&token={token}");
+    let (s, v) = b.call("POST", &status, Some(json!({"step": "download", "progress": 7})), false, Some(ip)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let (s, _) = b.call("POST", &status, Some(json!({"step": "download"})), false, Some(elsewhere)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, v) = b.call("POST", &status, Some(json!({"step": "installed"})), false, Some(ip)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    assert_eq!(a.service.node("node001").await.unwrap().status.unwrap().step, "installed");
+    for e in [&a, &b] {
+        let (s, _) = e.call("POST", &status, Some(json!({"step": "download"})), false, Some(ip)).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "a spent token reports nothing but booted");
+    }
+    let (s, _) = a.call("POST", &status, Some(json!({"step": "booted"})), false, Some(ip)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    // A newer token from B supersedes A's older one everywhere.
+    let old = a.token("52:54:00:00:00:02", "10.141.0.2").await;
+    let new = b.token("52:54:00:00:00:02", "10.141.0.2").await;
+    let (s, _) = b.call("GET", &format!("/boot/plan?node=node002&token={old}"), None, false, Some("10.141.0.2")).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "superseded");
+    let (s, v) = a.call("GET", &format!("/boot/plan?node=node002&token={new}"), None, false, Some("10.141.0.2")).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The store holds hashes, never a token.
+    let store = luna_server::store::open(&url).await.unwrap();
+    let recs = store.list(luna_server::store::Collection::BootToken, "").await.unwrap();
+    assert_eq!(recs.len(), 2);
+    for r in recs {
+        for t in [&token, &old, &new] {
+            assert!(!r.doc.to_string().contains(&t[t.len() - 64..]), "{}", r.doc);
+        }
+    }
 }

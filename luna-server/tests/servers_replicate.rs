@@ -1,6 +1,8 @@
 //! Two `luna-server` processes (the real binary) on one MongoDB-wire store: both register and
 //! heartbeat, a revision packed on A appears on B through the swarm (same revision and info
-//! hash, verified, seeded by B), torrents name both trackers, and a third server whose DHCP
+//! hash, archive and squashfs verified and seeded by B, kernel and initramfs checked against
+//! the SHA-256 the revision records), a revision whose kernel A serves altered is refused by B
+//! until A serves the right one, torrents name both trackers, and a third server whose DHCP
 //! slice overlaps B's is refused at start.
 //!
 //! Runs against nx-27017 made a one-member replica set (`tests/assets/nx-replset.py`) when
@@ -133,6 +135,30 @@ async fn ok(port: u16, method: &str, path: &str, body: Value) -> Value {
     v
 }
 
+/// Packs osimage `compute` on the server with admin port `api` and waits for the job.
+async fn pack(api: u16) {
+    let job = ok(api, "POST", "/api/v1/osimage/compute/pack", json!({})).await;
+    let job = job["job"].as_u64().expect("job id");
+    wait_for(Duration::from_secs(120), "the pack finished", || async {
+        let (_, j) = call(api, "GET", &format!("/api/v1/jobs/{job}"), None).await.ok()?;
+        match j["state"].as_str() {
+            Some("done") | Some("finished") | Some("succeeded") => Some(()),
+            Some("failed") => panic!("pack failed: {j}"),
+            _ => None,
+        }
+    })
+    .await;
+}
+
+/// Resumes a stopped process when dropped (also when the test fails while it is stopped).
+struct Resume(String);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0]).status();
+    }
+}
+
 /// Polls `f` every 200 ms until it returns Some, or panics after `limit` naming `what`.
 async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
 where
@@ -166,7 +192,8 @@ async fn a_revision_packed_on_one_server_reaches_the_other_through_the_swarm() {
     let chroot = dir.path().join("chroot");
     image_support::make_chroot(&chroot);
     ok(a.api, "PATCH", "/api/v1/cluster", json!({"frontend_address": "127.0.0.1", "http_port": a.port})).await;
-    ok(a.api, "POST", "/api/v1/osimage", json!({"name": "compute", "path": chroot})).await;
+    // Overlay root mode: the pack also builds the squashfs, which travels like the archive.
+    ok(a.api, "POST", "/api/v1/osimage", json!({"name": "compute", "path": chroot, "root": "overlay"})).await;
 
     // Both servers are listed, with fresh heartbeats, by either one.
     let servers = wait_for(Duration::from_secs(10), "both servers listed", || async {
@@ -184,17 +211,7 @@ async fn a_revision_packed_on_one_server_reaches_the_other_through_the_swarm() {
     }
 
     // Pack on A.
-    let job = ok(a.api, "POST", "/api/v1/osimage/compute/pack", json!({})).await;
-    let job = job["job"].as_u64().expect("job id");
-    wait_for(Duration::from_secs(120), "the pack on a finished", || async {
-        let (_, j) = call(a.api, "GET", &format!("/api/v1/jobs/{job}"), None).await.ok()?;
-        match j["state"].as_str() {
-            Some("done") | Some("finished") | Some("succeeded") => Some(()),
-            Some("failed") => panic!("pack failed: {j}"),
-            _ => None,
-        }
-    })
-    .await;
+    pack(a.api).await;
     let packed = Instant::now();
     let (_, revs) = call(a.api, "GET", "/api/v1/osimage/compute/revisions", None).await.unwrap();
     let rev = revs[0].clone();
@@ -217,7 +234,16 @@ async fn a_revision_packed_on_one_server_reaches_the_other_through_the_swarm() {
         let name = rev[f].as_str().unwrap();
         let (x, y) = (a.data.join("images/compute/1").join(name), b.data.join("images/compute/1").join(name));
         assert_eq!(std::fs::read(&x).unwrap(), std::fs::read(&y).unwrap(), "{f}");
+        // The revision records the digest B checked its copy against.
+        assert_eq!(rev[format!("{f}_sha256")].as_str(), Some(image_support::sha256_file(&x).as_str()), "{f}");
     }
+    // The squashfs came through the swarm too, verified (its marker), and B seeds it.
+    let sq = &rev["squashfs"];
+    let b_dir = b.data.join("images/compute").join(id.to_string());
+    let b_sq = b_dir.join(sq["file"].as_str().expect("the revision has a squashfs"));
+    assert_eq!(image_support::sha256_file(&b_sq), sq["sha256"].as_str().unwrap(), "b's squashfs is a's");
+    assert!(b_dir.join(".verified-squashfs").is_file(), "b verified the squashfs");
+    assert!(b_dir.join(sq["torrent"].as_str().unwrap()).is_file());
     // Both list both servers as holding and seeding it.
     wait_for(Duration::from_secs(20), "a and b listed as holding and seeding", || async {
         let (_, v) = call(a.api, "GET", "/api/v1/osimage/compute/revisions", None).await.ok()?;
@@ -237,6 +263,40 @@ async fn a_revision_packed_on_one_server_reaches_the_other_through_the_swarm() {
     // The store was not written by the replica: still the one revision a packed.
     let (_, img) = call(b.api, "GET", "/api/v1/osimage/compute", None).await.unwrap();
     assert_eq!(img["revisions"].as_array().unwrap().len(), 1, "{img}");
+
+    // A kernel that is not the one the revision records is refused. B is paused while A packs
+    // revision 2 and starts serving another kernel under its name; B, resumed, refuses the
+    // revision (nothing published), and takes it once A serves the right file again.
+    let pid = b.child.id().to_string();
+    let signal = |sig: &str| assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    signal("-STOP");
+    let resume = Resume(pid.clone());
+    // A changed tree: revision 2 has archive and squashfs torrents of its own.
+    std::fs::write(chroot.join("etc/revision-2"), "2\n").unwrap();
+    pack(a.api).await;
+    let (_, revs) = call(a.api, "GET", "/api/v1/osimage/compute/revisions", None).await.unwrap();
+    let rev2 = revs.as_array().unwrap().iter().find(|r| r["id"] == json!(2)).expect("revision 2").clone();
+    let kernel = a.data.join("images/compute/2").join(rev2["kernel"].as_str().unwrap());
+    let kept = kernel.with_extension("kept");
+    std::fs::rename(&kernel, &kept).unwrap();
+    std::fs::write(&kernel, b"not the kernel the revision records").unwrap();
+    drop(resume);
+    let b_rev2 = b.data.join("images/compute/2");
+    wait_for(Duration::from_secs(30), "b refuses the altered kernel", || async {
+        let log = std::fs::read_to_string(&b.log).unwrap_or_default();
+        (log.contains("revision 2") && log.contains("sha256 is")).then_some(())
+    })
+    .await;
+    assert!(!b_rev2.exists(), "nothing of revision 2 was published on b");
+    std::fs::rename(&kept, &kernel).unwrap();
+    assert_ne!(rev2["info_hash"], rev["info_hash"]);
+    wait_for(Duration::from_secs(60), "b takes revision 2 once the kernel is right", || async {
+        let (_, v) = call(b.api, "GET", "/api/v1/osimage/compute/revisions", None).await.ok()?;
+        let r = v.as_array()?.iter().find(|r| r["id"] == json!(2))?.clone();
+        let held = b_rev2.join(".verified").is_file() && b_rev2.join(".verified-squashfs").is_file();
+        (held && r["seeder"]["healthy"] == json!(true)).then_some(())
+    })
+    .await;
 
     // A third server whose DHCP slice overlaps B's is refused, naming both, and starts nothing.
     let (c_config, _) =

@@ -3,13 +3,17 @@
 //! its objects made with the real `luna` CLI and REST API. Nodes are qemu VMs on the bridge that
 //! network-boot from it.
 //!
+//! [`Cluster::start_pair`] makes it two luna-servers on one MongoDB-wire store (nx-27017 as a
+//! one-member replica set, in the bridge's namespace): server A on the bridge as above, server B
+//! in a namespace of its own plugged into the bridge, both answering DHCP and boot.
+//!
 //! Packing runs dracut on the host as a real server does, but through a wrapper that points it
 //! at a private copy of dracut's base directory holding this tree's `95luna` module and the
 //! `luna-agent` built with the test, so what is tested is this tree, not what is installed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -47,9 +51,27 @@ impl Default for ClusterOptions {
     }
 }
 
+/// The second server of a [`Cluster::start_pair`] cluster.
+struct Second {
+    server: Option<ChildGuard>,
+    /// B's namespace, plugged into the bridge (dropped after its server).
+    ns: Netns,
+}
+
+/// The store of a [`Cluster::start_pair`] cluster.
+struct MongoStore {
+    url: String,
+    /// nx-27017 in the bridge's namespace (stopped after the servers).
+    _nx: ChildGuard,
+}
+
 /// A running luna cluster; everything is torn down on drop (VMs first: drop them before).
 pub struct Cluster {
     server: Option<ChildGuard>,
+    second: Option<Second>,
+    mongo: Option<MongoStore>,
+    /// The API calls go to server B (after [`Cluster::kill_server_a`]).
+    api_on_b: AtomicBool,
     /// Logs of servers stopped by [`Cluster::restart`].
     old_logs: Vec<String>,
     opts: ClusterOptions,
@@ -63,6 +85,59 @@ impl Cluster {
     /// Creates the namespace and bridge, runs `luna-server init` and starts the server, then
     /// points the cluster object at the bridge (frontend address, DHCP interface).
     pub fn start(opts: ClusterOptions) -> Result<Cluster> {
+        let mut cluster = Self::prepare(opts)?;
+        cluster.init_and_spawn()?;
+        let ip = cluster.server_ip();
+        cluster.cli(&["cluster", "change", "--frontend-address", &ip, "--dhcp-interfaces", "br0"])?;
+        Ok(cluster)
+    }
+
+    /// Two luna-servers, one cluster: nx-27017 (`nx_bin`, as a one-member replica set) and
+    /// server A (`.1`) in the bridge's namespace, server B (`.250`) in a namespace of its own
+    /// on the bridge; both answer DHCP (known nodes), TFTP, boot, tracker and seeder, share the
+    /// token and the certificate (its names cover both) and heartbeat every 2 s. The frontend
+    /// address is A's, but each server's `[dhcp] boot_url` names itself (`{server}`), so its
+    /// DHCP answer points a node at that server. The API calls go to A until
+    /// [`Cluster::kill_server_a`].
+    pub fn start_pair(opts: ClusterOptions, nx_bin: &Path) -> Result<Cluster> {
+        let mut cluster = Self::prepare(opts)?;
+        let ip = cluster.server_ip();
+        let nx_dir = cluster.dir().join("nx");
+        std::fs::create_dir_all(&nx_dir).map_err(|e| HarnessError::io(format!("create {}", nx_dir.display()), e))?;
+        let (python, args) = luna_server::store::conformance::nx_replset_command(nx_bin, &ip, 27017, &nx_dir);
+        let nx = cluster.ns.spawn("nx-27017", &python.to_string_lossy(), &args)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let probe = "import socket, sys; socket.create_connection((sys.argv[1], 27017), 1)";
+        while !cluster.ns.command(&python).args(["-c", probe, &ip]).status().is_ok_and(|s| s.success()) {
+            if Instant::now() > deadline {
+                return Err(HarnessError::Setup(format!(
+                    "nx-27017 did not listen on {ip}:27017: {}",
+                    nx.output().tail(20)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let db = luna_server::store::conformance::unique_db_name("cluster");
+        let url = format!(
+            "mongodb://{ip}:27017/{db}?replicaSet={}&maxPoolSize=100",
+            luna_server::store::conformance::NX_SET_NAME
+        );
+        cluster.mongo = Some(MongoStore { url, _nx: nx });
+        let ns_b = Netns::new()?;
+        cluster.ns.add_veth("vb0", &ns_b, "eth0")?;
+        cluster.ns.set_master("vb0", "br0")?;
+        ns_b.add_addr("eth0", &format!("{}/24", cluster.server_b_ip()))?;
+        cluster.second = Some(Second { server: None, ns: ns_b });
+        cluster.init_and_spawn()?;
+        cluster.write_config_b()?;
+        cluster.spawn_server_b()?;
+        // Packing names the frontend's tracker; the servers' DHCP ignores it (PAIR_BOOT_URL).
+        cluster.cli(&["cluster", "change", "--frontend-address", &ip])?;
+        Ok(cluster)
+    }
+
+    /// The namespace, bridge, scratch directory and dracut wrapper; nothing runs yet.
+    fn prepare(opts: ClusterOptions) -> Result<Cluster> {
         let base = work_dir();
         std::fs::create_dir_all(&base).map_err(|e| HarnessError::io(format!("create {}", base.display()), e))?;
         let dir = tempfile::Builder::new()
@@ -71,12 +146,33 @@ impl Cluster {
             .map_err(|e| HarnessError::io(format!("temp dir in {}", base.display()), e))?;
         let ns = Netns::new()?;
         ns.add_bridge("br0")?;
-        let cluster = Cluster { server: None, old_logs: Vec::new(), opts, taps: AtomicU32::new(0), dir, ns };
+        let cluster = Cluster {
+            server: None,
+            second: None,
+            mongo: None,
+            api_on_b: AtomicBool::new(false),
+            old_logs: Vec::new(),
+            opts,
+            taps: AtomicU32::new(0),
+            dir,
+            ns,
+        };
         cluster.ns.add_addr("br0", &format!("{}/24", cluster.server_ip()))?;
         cluster.write_dracut_wrapper()?;
+        Ok(cluster)
+    }
+
+    /// `luna-server init` with A's configuration, then A.
+    fn init_and_spawn(&mut self) -> Result<()> {
+        let cluster = self;
         cluster.write_config()?;
         let server_bin = cargo_bin("luna-server")?;
-        let out = Command::new(&server_bin)
+        // With the store in the namespace (a pair), init must run there too.
+        let mut init = match cluster.mongo {
+            Some(_) => cluster.ns.command(&server_bin),
+            None => Command::new(&server_bin),
+        };
+        let out = init
             .arg("--config")
             .arg(cluster.config_path())
             .arg("init")
@@ -89,11 +185,7 @@ impl Cluster {
                 stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             });
         }
-        let mut cluster = cluster;
-        cluster.spawn_server()?;
-        let ip = cluster.server_ip();
-        cluster.cli(&["cluster", "change", "--frontend-address", &ip, "--dhcp-interfaces", "br0"])?;
-        Ok(cluster)
+        cluster.spawn_server()
     }
 
     /// The server's address on the bridge.
@@ -101,14 +193,27 @@ impl Cluster {
         format!("{}.1", self.opts.subnet)
     }
 
+    /// Server B's address on the bridge ([`Cluster::start_pair`]).
+    pub fn server_b_ip(&self) -> String {
+        format!("{}.250", self.opts.subnet)
+    }
+
     /// `http://<server>:7050`: the boot port (scripts, images, tracker).
     pub fn url(&self) -> String {
         format!("http://{}:7050", self.server_ip())
     }
 
-    /// `https://<server>:7051`: the admin API.
+    /// `https://<server>:7051`: the admin API (server B's after [`Cluster::kill_server_a`]).
     pub fn api_url(&self) -> String {
-        format!("https://{}:7051", self.server_ip())
+        match self.api_on_b.load(Ordering::SeqCst) {
+            true => format!("https://{}:7051", self.server_b_ip()),
+            false => format!("https://{}:7051", self.server_ip()),
+        }
+    }
+
+    /// `https://<B>:7051`: server B's admin API ([`Cluster::start_pair`]).
+    pub fn api_url_b(&self) -> String {
+        format!("https://{}:7051", self.server_b_ip())
     }
 
     /// The CA `luna-server init` generated, which the API's certificate verifies against.
@@ -128,12 +233,17 @@ impl Cluster {
     fn write_config(&self) -> Result<()> {
         let d = self.dir();
         let ip = self.server_ip();
+        let (store, tls_names, server, boot_url) = match &self.mongo {
+            None => (format!("sqlite://{}", d.join("luna.db").display()), format!("\"{ip}\""), String::new(), ""),
+            Some(m) => {
+                (m.url.clone(), format!("\"{ip}\", \"{}\"", self.server_b_ip()), pair_section("a", &ip), PAIR_BOOT_URL)
+            }
+        };
         let config = format!(
-            "store = \"sqlite://{db}\"\nlisten = \"{ip}:7050\"\ntoken_file = \"{token}\"\ndata_dir = \"{data}\"\n\
-             [http]\napi_listen = \"{ip}:7051\"\ntls_names = [\"{ip}\"]\n\
-             [dhcp]\ninterfaces = [\"br0\"]\n[tftp]\nroot = \"{tftp}\"\nbind = \"{ip}:69\"\n\
-             [image]\ndracut = \"{dracut}\"\nseed = {seed}\nseed_listen = \"{ip}:6881\"\nupload_limit_bytes_per_s = {limit}\n{extra}",
-            db = d.join("luna.db").display(),
+            "store = \"{store}\"\nlisten = \"{ip}:7050\"\ntoken_file = \"{token}\"\ndata_dir = \"{data}\"\n\
+             [http]\napi_listen = \"{ip}:7051\"\ntls_names = [{tls_names}]\n\
+             [dhcp]\ninterfaces = [\"br0\"]\n{boot_url}[tftp]\nroot = \"{tftp}\"\nbind = \"{ip}:69\"\n\
+             [image]\ndracut = \"{dracut}\"\nseed = {seed}\nseed_listen = \"{ip}:6881\"\nupload_limit_bytes_per_s = {limit}\n{extra}\n{server}",
             token = d.join("token").display(),
             data = d.join("data").display(),
             tftp = d.join("tftpboot").display(),
@@ -144,6 +254,71 @@ impl Cluster {
         );
         let path = self.config_path();
         std::fs::write(&path, config).map_err(|e| HarnessError::io(format!("write {}", path.display()), e))
+    }
+
+    /// Server B's `luna-b.toml`: A's store, token and certificate; its own address, data
+    /// directory and DHCP interface.
+    fn write_config_b(&self) -> Result<()> {
+        let d = self.dir();
+        let ip = self.server_b_ip();
+        let store = self.mongo.as_ref().map(|m| m.url.clone()).unwrap_or_default();
+        let data = d.join("data-b");
+        std::fs::create_dir_all(&data).map_err(|e| HarnessError::io(format!("create {}", data.display()), e))?;
+        let config = format!(
+            "store = \"{store}\"\nlisten = \"{ip}:7050\"\ntoken_file = \"{token}\"\ndata_dir = \"{data}\"\n\
+             [http]\napi_listen = \"{ip}:7051\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n\
+             [dhcp]\ninterfaces = [\"eth0\"]\n{PAIR_BOOT_URL}[tftp]\nroot = \"{tftp}\"\nbind = \"{ip}:69\"\n\
+             [image]\ndracut = \"{dracut}\"\nseed = {seed}\nseed_listen = \"{ip}:6881\"\nupload_limit_bytes_per_s = {limit}\n{extra}\n{server}",
+            token = d.join("token").display(),
+            data = data.display(),
+            cert = d.join("data/tls/server.pem").display(),
+            key = d.join("data/tls/server.key").display(),
+            tftp = d.join("tftpboot").display(),
+            dracut = d.join("dracut").display(),
+            seed = self.opts.seed,
+            limit = self.opts.upload_limit,
+            extra = self.opts.extra_config,
+            server = pair_section("b", &ip),
+        );
+        let path = d.join("luna-b.toml");
+        std::fs::write(&path, config).map_err(|e| HarnessError::io(format!("write {}", path.display()), e))
+    }
+
+    fn spawn_server_b(&mut self) -> Result<()> {
+        let bin = cargo_bin("luna-server")?;
+        let config = self.dir().join("luna-b.toml");
+        let second = self.second.as_mut().ok_or_else(|| HarnessError::Setup("not a two-server cluster".into()))?;
+        let server = second.ns.spawn(
+            "luna-server-b",
+            &bin.to_string_lossy(),
+            &["--config".to_string(), config.to_string_lossy().into_owned()],
+        )?;
+        server.wait_for("http listening", Duration::from_secs(60))?;
+        second.server = Some(server);
+        Ok(())
+    }
+
+    /// Kills server A at once (SIGKILL: no clean stop, its heartbeat record stays until
+    /// stale); the API calls go to B from now on.
+    pub fn kill_server_a(&mut self) {
+        if let Some(mut a) = self.server.take() {
+            a.kill();
+            self.old_logs.push(a.output().lines().join("\n"));
+        }
+        self.api_on_b.store(true, Ordering::SeqCst);
+    }
+
+    /// Server B's namespace ([`Cluster::start_pair`]).
+    pub fn server_b_ns(&self) -> Option<&Netns> {
+        self.second.as_ref().map(|s| &s.ns)
+    }
+
+    /// Everything server B logged so far ([`Cluster::start_pair`]).
+    pub fn server_b_log(&self) -> String {
+        match self.second.as_ref().and_then(|s| s.server.as_ref()) {
+            Some(s) => s.output().lines().join("\n"),
+            None => String::new(),
+        }
     }
 
     /// `dracut` as the server runs it (`[image] dracut`): this tree's 95luna module and agent.
@@ -356,7 +531,20 @@ impl Drop for Cluster {
         if let Some(mut s) = self.server.take() {
             let _ = s.terminate(Duration::from_secs(5));
         }
+        if let Some(mut s) = self.second.as_mut().and_then(|s| s.server.take()) {
+            let _ = s.terminate(Duration::from_secs(5));
+        }
     }
+}
+
+/// A [`Cluster::start_pair`] server's DHCP points nodes at itself (`{server}`), not at the
+/// cluster's frontend address (A's), so nodes that reach only B boot.
+const PAIR_BOOT_URL: &str = "boot_url = \"http://{server}:{http_port}/boot/ipxe?mac={mac}\"\n";
+
+/// The `[server]` section of a [`Cluster::start_pair`] server: identity, address, 2 s
+/// heartbeats and replication rounds.
+fn pair_section(id: &str, ip: &str) -> String {
+    format!("[server]\nid = \"{id}\"\nadvertise = [\"{ip}\"]\nheartbeat_interval_s = 2\nreplicate_interval_s = 2\n")
 }
 
 /// A private copy of dracut's base directory (`/usr/lib/dracut`) under `dir` whose

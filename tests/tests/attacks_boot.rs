@@ -169,7 +169,7 @@ fn boot_credentials_go_only_to_the_nodes_own_boot_once() {
     c.restart(false).unwrap();
     assert_eq!((mode(&data), mode(&db), mode(&wal)), (0o700, 0o600, 0o600));
     assert!(c.server_log().contains("tightened"), "the fix is logged");
-    // The restarted server has its own ledger: the old token fetches no plan.
+    // The ledger is in the store: after the restart the spent token still fetches no plan.
     let (code, _) = http(&node, "GET", &format!("{url}{plan_path}"), None);
     assert_eq!(code, 403);
 }

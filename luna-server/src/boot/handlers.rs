@@ -12,7 +12,7 @@
 //!   decided by `boot::token` (sans-IO); a source address alone unlocks nothing.
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use std::net::SocketAddr;
 
@@ -29,14 +29,15 @@ use serde::Deserialize;
 use tower::ServiceExt;
 
 use crate::boot::ipxe::{self, MenuInput, NodeBoot};
-use crate::boot::token::{Binding, BootTokens, Ledger, Refusal};
+use crate::boot::token::{Binding, BootTokens, Ledger, LedgerError, Refusal};
 use crate::http::{error_response, is_admin, ApiError, AppState};
 use crate::object_as;
 use crate::service::{unix_now, Service, ServiceError};
 
 /// What the boot path needs besides the service.
 pub struct BootContext {
-    ledger: Mutex<Ledger>,
+    /// Signs and checks per-boot tokens; what each may still do is in the store's ledger.
+    tokens: BootTokens,
     pub data_dir: PathBuf,
     /// Switch-port autodiscovery (learned tables, binding of unknown MACs); none: off.
     pub discovery: Option<Arc<crate::discovery::Discovery>>,
@@ -46,10 +47,10 @@ pub struct BootContext {
 }
 
 impl BootContext {
-    /// The boot path of a server that started at `started` (unix seconds): tokens issued
-    /// before then fetch no plan.
-    pub fn new(tokens: BootTokens, data_dir: PathBuf, started: u64) -> Self {
-        BootContext { ledger: Mutex::new(Ledger::new(tokens, started)), data_dir, discovery: None, servers: None }
+    /// The boot path; tokens are checked against the ledger in the service's store, so a token
+    /// any server of the cluster issued is honoured here.
+    pub fn new(tokens: BootTokens, data_dir: PathBuf) -> Self {
+        BootContext { tokens, data_dir, discovery: None, servers: None }
     }
 
     /// Node scripts fall back to the kernel and initramfs of the other live servers in `view`.
@@ -63,18 +64,14 @@ impl BootContext {
         self.discovery = Some(discovery);
         self
     }
-
-    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
-        // A panic while holding the lock cannot leave the ledger half-updated (every update is
-        // one assignment), so a poisoned lock is still usable.
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 /// The boot routes' state: the shared HTTP state and the boot context.
 pub struct BootState {
     pub app: Arc<AppState>,
     pub boot: BootContext,
+    /// The boot-token ledger in the store.
+    pub ledger: Ledger,
 }
 
 /// What a MAC gets at the iPXE stage.
@@ -284,12 +281,17 @@ async fn ipxe_script(
         BootPlan::Node(n) => {
             let b = Binding { node: &n.name, mac: n.mac, ip: n.ip };
             let from = remote_ipv4(remote).unwrap_or(Ipv4Addr::UNSPECIFIED);
-            let issued = st.boot.ledger().issue(&b, from, unix_now(), rand::random());
+            let issued = st.ledger.issue(&b, from, unix_now(), rand::random()).await;
             match issued {
                 Ok(token) => n.token = token,
-                Err(why) => {
+                Err(LedgerError::Refused(why)) => {
                     tracing::warn!(node = %n.name, %mac, %remote, reason = %why, "boot script refused");
                     return script(ipxe::render_refused_redhcp(&base, NOT_FROM_NODE));
+                }
+                Err(e) => {
+                    // The node retries; the script says why without naming the node.
+                    tracing::error!(node = %n.name, %mac, error = %e, "boot token not recorded");
+                    return script(ipxe::render_error(&base, "the boot server cannot record a boot token now"));
                 }
             }
             record(&st.app.service, &n.name, "ipxe", "boot script served");
@@ -464,6 +466,22 @@ fn refused(node: &str, remote: SocketAddr, why: Refusal) -> Response {
     denied(node)
 }
 
+/// A ledger answer as a response: a refusal is a 403 naming nothing; a store failure a 5xx.
+fn ledger_failed(node: &str, remote: SocketAddr, e: LedgerError) -> Response {
+    match e {
+        LedgerError::Refused(why) => refused(node, remote, why),
+        LedgerError::Store(e) => ApiError(ServiceError::Store(e)).into_response(),
+        LedgerError::Corrupt { .. } => {
+            tracing::error!(node, error = %e, "boot request failed");
+            error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                "boot token ledger unreadable".into(),
+            )
+        }
+    }
+}
+
 /// Everything the agent needs, from the store alone.
 pub async fn install_plan(service: &Service, node: &Node, base: &str) -> Result<InstallPlan, ServiceError> {
     let cluster = service.cluster().await?;
@@ -606,8 +624,8 @@ async fn plan(
     let Some(b) = binding(&node) else { return refused(&node.name, remote, Refusal::Invalid) };
     // Checked before the plan is built (no work for a stranger) and taken after (a plan that
     // failed to build does not use the token up).
-    if let Err(why) = st.boot.ledger().check_plan(&b, &token, from, unix_now()) {
-        return refused(&node.name, remote, why);
+    if let Err(e) = st.ledger.check_plan(&b, &token, from, unix_now()).await {
+        return ledger_failed(&node.name, remote, e);
     }
     let cluster = match st.app.service.cluster().await {
         Ok(c) => c,
@@ -621,8 +639,8 @@ async fn plan(
     if let (Some(image), Some(view)) = (p.image.as_mut(), &st.boot.servers) {
         add_mirrors(image, &base, &view.servers());
     }
-    if let Err(why) = st.boot.ledger().take_plan(&b, &token, from, unix_now()) {
-        return refused(&node.name, remote, why);
+    if let Err(e) = st.ledger.take_plan(&b, &token, from, unix_now()).await {
+        return ledger_failed(&node.name, remote, e);
     }
     // Waits: the agent's next report must not be overtaken by this one.
     st.app.service.record_node_status(&node.name, "plan", "install plan fetched".into(), true).await;
@@ -652,8 +670,8 @@ async fn nocloud(
         Err(r) => return r,
     };
     let Some(b) = binding(&node) else { return refused(&node.name, remote, Refusal::Invalid) };
-    if let Err(why) = st.boot.ledger().check_agent(&b, &token, from, unix_now()) {
-        return refused(&node.name, remote, why);
+    if let Err(e) = st.ledger.check_agent(&b, &token, from, unix_now()).await {
+        return ledger_failed(&node.name, remote, e);
     }
     let cluster = match st.app.service.cluster().await {
         Ok(c) => c,
@@ -704,8 +722,8 @@ async fn status(
             format!("invalid status step '{}'", report.step),
         );
     }
-    if let Err(why) = st.boot.ledger().report(&b, &token, &report.step, from, unix_now()) {
-        return refused(&node.name, remote, why);
+    if let Err(e) = st.ledger.report(&b, &token, &report.step, from, unix_now()).await {
+        return ledger_failed(&node.name, remote, e);
     }
     if report.progress.is_none() {
         // The log is the node's boot history: the store keeps only the latest step.
@@ -754,7 +772,8 @@ async fn count_script(resp: Response) -> Response {
 }
 
 pub fn router(app: Arc<AppState>, boot: BootContext) -> Router {
-    let state = Arc::new(BootState { app, boot });
+    let ledger = Ledger::new(boot.tokens.clone(), app.service.store().clone());
+    let state = Arc::new(BootState { app, boot, ledger });
     Router::new()
         .route("/boot/plan", get(plan).layer(axum::middleware::map_response(count_plan)))
         .route("/boot/status", post(status))

@@ -214,6 +214,12 @@ pub fn kernel_cmdline(n: &NodeBoot) -> String {
         format!("BOOTIF=01-{mac}"),
         format!("ip={}::{gw}:{}:{}::none", n.ip, n.netmask, host_field(&n.hostname, &n.name)),
     ];
+    if !n.fallback_bases.is_empty() {
+        // The agent's plan fetch and status reports go to the next server when one is down.
+        let bases: Vec<String> =
+            n.fallback_bases.iter().map(|b| url(b.trim_end_matches('/')).replace(',', "%2C")).collect();
+        args.push(format!("luna.fallback={}", bases.join(",")));
+    }
     args.extend(n.dns.iter().map(|d| format!("nameserver={d}")));
     if let Some(domain) = n.domain.as_deref().filter(|d| !d.is_empty()) {
         args.push(format!("luna.domain={}", arg_value(domain)));
@@ -411,6 +417,10 @@ mod tests {
         assert!(parts[1].starts_with("kernel http://10.141.255.253:7050/boot/compute/vmlinuz "), "{kernel}");
         assert!(parts[2].starts_with("kernel http://10.141.255.252:7050/boot/compute/vmlinuz "), "{kernel}");
         assert!(parts[1].contains("luna.token=tok-123_ABC"), "the same command line: {kernel}");
+        assert!(
+            parts[0].contains(" luna.fallback=http://10.141.255.253:7050,http://10.141.255.252:7050 "),
+            "the agent gets the other servers: {kernel}"
+        );
         assert_eq!(parts[3], "goto failed");
         let initrd = s.lines().find(|l| l.starts_with("initrd ")).unwrap();
         assert_eq!(
@@ -421,6 +431,7 @@ mod tests {
         let single = render_node_script(&node());
         assert!(single.contains("\nkernel http://10.141.255.254:7050/boot/compute/vmlinuz "), "{single}");
         assert_eq!(single.matches(" || ").count(), 3, "kernel, initrd, boot: {single}");
+        assert!(!single.contains("luna.fallback"), "{single}");
     }
 
     fn node() -> NodeBoot {

@@ -471,14 +471,14 @@ impl Dhcp<'_> {
                     let writes = if keep {
                         Vec::new()
                     } else {
-                        self.lease_writes(u, h.value.ip, Some(&own(h)), net, LeaseState::Offered)
+                        self.lease_writes(u, h.value.ip, Some(&own(h)), net, LeaseState::Offered, &pool)
                     };
                     let reply = self.reply(MessageType::Offer, &offer(h.value.ip));
                     return Decision::Act(Action { writes, reply: Some(reply), ..Action::default() });
                 }
                 match self.choose(&pool, u) {
                     Choice::Free(ip) => {
-                        let writes = self.lease_writes(u, ip, u.candidates.get(&ip), net, LeaseState::Offered);
+                        let writes = self.lease_writes(u, ip, u.candidates.get(&ip), net, LeaseState::Offered, &pool);
                         let reply = self.reply(MessageType::Offer, &offer(ip));
                         Decision::Act(Action { writes, reply: Some(reply), allocated: Some(ip), ..Action::default() })
                     }
@@ -491,8 +491,12 @@ impl Dhcp<'_> {
             MessageType::Request => {
                 let sid = self.req.server_id();
                 if let Some(sid) = sid.filter(|s| *s != server) {
-                    // The client took another server's offer: free ours now, not at expiry.
-                    return match owned.filter(|h| h.value.state == LeaseState::Offered && h.value.expires > now) {
+                    // The client took another server's offer: free ours now, not at expiry (only
+                    // ours: an offer outside our pool is the other server's, maybe the chosen one).
+                    let ours = |h: &&Versioned<Lease>| {
+                        h.value.state == LeaseState::Offered && h.value.expires > now && pool.allows(h.value.ip)
+                    };
+                    return match owned.filter(ours) {
                         Some(h) => {
                             let doc = Lease { state: LeaseState::Released, expires: now, ..h.value.clone() };
                             let writes = vec![put(Lease::ip_key(h.value.ip), Some(h), &doc)];
@@ -505,11 +509,28 @@ impl Dhcp<'_> {
                     return ignore(format!("request from {mac} names no address"));
                 };
                 if let Some(h) = held.filter(|h| h.value.ip == wanted) {
-                    let writes = self.lease_writes(u, wanted, Some(&own(h)), net, LeaseState::Bound);
+                    let writes = self.lease_writes(u, wanted, Some(&own(h)), net, LeaseState::Bound, &pool);
                     let reply = self.reply(MessageType::Ack, &offer(wanted));
                     return Decision::Act(Action { writes, reply: Some(reply), ..Action::default() });
                 }
                 if sid.is_some() {
+                    // SELECTING our offer while another server offered too (two servers answer
+                    // strangers, each from its slice): the one `mac/` record names the offer
+                    // written last, maybe the other server's, but our `ip/` record still holds
+                    // `wanted` for this MAC. That is our offer: ACK it (RFC 2131 §4.3.2).
+                    if pool.allows(wanted) {
+                        match u.candidates.get(&wanted) {
+                            None => return Decision::Probe { network: net.name.clone(), ips: vec![wanted] },
+                            Some(c)
+                                if !c.claimed && c.lease.as_ref().is_some_and(|l| live_hold(&l.value, &mac, now)) =>
+                            {
+                                let writes = self.lease_writes(u, wanted, Some(c), net, LeaseState::Bound, &pool);
+                                let reply = self.reply(MessageType::Ack, &offer(wanted));
+                                return Decision::Act(Action { writes, reply: Some(reply), ..Action::default() });
+                            }
+                            Some(_) => {}
+                        }
+                    }
                     return self.nak(server, format!("address {wanted} was not offered to {mac}"));
                 }
                 // Per-MAC churn cap: a machine holding a live address here does not hop to
@@ -526,7 +547,7 @@ impl Dhcp<'_> {
                 match u.candidates.get(&wanted) {
                     None => Decision::Probe { network: net.name.clone(), ips: vec![wanted] },
                     Some(c) if c.free_for(&mac, now) => {
-                        let writes = self.lease_writes(u, wanted, Some(c), net, LeaseState::Bound);
+                        let writes = self.lease_writes(u, wanted, Some(c), net, LeaseState::Bound, &pool);
                         let reply = self.reply(MessageType::Ack, &offer(wanted));
                         Decision::Act(Action {
                             writes,
@@ -605,9 +626,11 @@ impl Dhcp<'_> {
     }
 
     /// The batch that gives `ip` to this MAC in `state`: its `ip/` and `mac/` records (each by
-    /// revision, or created), the removal of the address it held before, if another, and the
-    /// removal of the `mac/` record of the machine it takes the address over from, if that
-    /// record still names the address.
+    /// revision, or created), the removal of the address it held before, if another (unless
+    /// that is a live hold outside this server's pool: another server's offer or lease, which
+    /// the client may still take from that server; it expires on its own), and the removal of
+    /// the `mac/` record of the machine it takes the address over from, if that record still
+    /// names the address.
     fn lease_writes(
         &self,
         u: &Unknown,
@@ -615,6 +638,7 @@ impl Dhcp<'_> {
         target: Option<&Candidate>,
         net: &Network,
         state: LeaseState,
+        pool: &Pool,
     ) -> Vec<Write> {
         let existing = target.and_then(|c| c.lease.as_ref());
         let now = self.ctx.now;
@@ -633,7 +657,8 @@ impl Dhcp<'_> {
         let mut writes =
             vec![put(Lease::ip_key(ip), existing, &doc), put(Lease::mac_key(&self.mac), u.lease.as_ref(), &doc)];
         if let (Some(l), Some(h)) = (&u.lease, &u.held) {
-            if l.value.ip != ip && h.value.ip == l.value.ip && h.value.held_by(&self.mac) {
+            let elsewhere = !pool.allows(h.value.ip) && live_hold(&h.value, &self.mac, now);
+            if l.value.ip != ip && h.value.ip == l.value.ip && h.value.held_by(&self.mac) && !elsewhere {
                 writes.push(Write::Delete {
                     collection: Collection::Lease,
                     key: Lease::ip_key(h.value.ip),
@@ -652,6 +677,11 @@ impl Dhcp<'_> {
         }
         writes
     }
+}
+
+/// Whether an `ip/` record holds its address for `mac` right now (offered or bound, unexpired).
+fn live_hold(l: &Lease, mac: &MacAddr, now: u64) -> bool {
+    l.mac == *mac && matches!(l.state, LeaseState::Offered | LeaseState::Bound) && l.expires > now
 }
 
 /// This MAC's own `ip/` record as a candidate (nobody to take it over from).
@@ -1364,11 +1394,16 @@ mod tests {
         assert!(
             matches!(&a.writes[0], Write::Put { expect: Expect::Rev(5), doc, .. } if doc["state"] == "bound" && doc["expires"] == 4600)
         );
-        // SELECTING another address from us: NAK.
+        // SELECTING another address from us: its record is looked up, and with no offer of
+        // ours there: NAK.
+        let other_addr = client::request_selecting(mac(9), 1, ip("10.141.200.8"), server);
         assert_eq!(
-            reply(run(client::request_selecting(mac(9), 1, ip("10.141.200.8"), server), &view)).msg_type(),
-            Some(MessageType::Nak)
+            run(other_addr.clone(), &view),
+            Decision::Probe { network: "cluster".into(), ips: vec![ip("10.141.200.8")] }
         );
+        let mut probed = view.clone();
+        unknown_mut(&mut probed).candidates.insert(ip("10.141.200.8"), Candidate::default());
+        assert_eq!(reply(run(other_addr, &probed)).msg_type(), Some(MessageType::Nak));
         // SELECTING another server: our offer is freed at once.
         let a = act(run(client::request_selecting(mac(9), 1, ip("10.9.9.9"), ip("10.141.255.1")), &view));
         assert_eq!(a.reply, None);
@@ -1477,5 +1512,105 @@ mod tests {
             reply(handle(&cfg, &req, &ctx(), &known_view())).destination,
             Destination::Relay("10.141.255.1:6767".parse().unwrap())
         );
+    }
+
+    /// One server of two on a shared lease table: decides on `req` with the table as the store
+    /// would load it (the `mac/` record, the `ip/` record it names, probed addresses), and
+    /// commits the writes (checking every expectation, as the store's compare-and-swap does).
+    fn decide_on_table(
+        cfg: &DhcpConfig,
+        ctx: &RequestContext,
+        req: Message,
+        table: &mut BTreeMap<String, Versioned<Lease>>,
+    ) -> Action {
+        let mut view = unknown_view(Some("10.141.200.1-10.141.200.20"));
+        let m = mac(9);
+        let u = unknown_mut(&mut view);
+        u.lease = table.get(&Lease::mac_key(&m)).cloned();
+        u.held = u.lease.as_ref().and_then(|l| table.get(&Lease::ip_key(l.value.ip)).cloned());
+        let req = Request::from_message(req);
+        for _ in 0..50 {
+            match handle(cfg, &req, ctx, &view) {
+                Decision::Probe { ips, .. } => {
+                    for i in ips {
+                        let c = Candidate { lease: table.get(&Lease::ip_key(i)).cloned(), ..Candidate::default() };
+                        unknown_mut(&mut view).candidates.insert(i, c);
+                    }
+                }
+                Decision::Act(a) => {
+                    for w in &a.writes {
+                        let (_, key, expect) = w.target();
+                        let found = table.get(key).map(|r| r.rev);
+                        match expect {
+                            Expect::Absent => assert_eq!(found, None, "{key} exists"),
+                            Expect::Rev(n) => assert_eq!(found, Some(n), "{key} moved"),
+                        }
+                    }
+                    for w in &a.writes {
+                        match w {
+                            Write::Put { key, doc, .. } => {
+                                let rev = table.get(key).map_or(1, |r| r.rev + 1);
+                                table.insert(key.clone(), v(rev, serde_json::from_value(doc.clone()).unwrap()));
+                            }
+                            Write::Delete { key, .. } => {
+                                table.remove(key);
+                            }
+                            Write::Check { .. } => {}
+                        }
+                    }
+                    return a;
+                }
+                Decision::Ignore(_) => return Action::default(),
+            }
+        }
+        panic!("probing never ended");
+    }
+
+    /// Two servers answer a stranger's DISCOVER, each from its slice, on one lease table; the
+    /// client may take either offer. The server it names ACKs (it used to NAK: the shared
+    /// `mac/` record named the other server's offer), the other stays silent, and the address
+    /// ends bound to the client in both records.
+    #[test]
+    fn two_servers_offer_to_one_stranger_and_the_chosen_one_acks() {
+        let (sa, sb) = (ip("10.141.255.254"), ip("10.141.255.253"));
+        let cfg_a = DhcpConfig { slice: Some("10.141.200.1-10.141.200.10".parse().unwrap()), ..cfg() };
+        let cfg_b = DhcpConfig { slice: Some("10.141.200.11-10.141.200.20".parse().unwrap()), ..cfg() };
+        let ctx_a = ctx();
+        let ctx_b = RequestContext { local_addrs: vec![sb], ..ctx() };
+        for (first_is_a, choose_a) in [(true, true), (true, false), (false, true), (false, false)] {
+            let mut table = BTreeMap::new();
+            let mut offers = Vec::new();
+            let order =
+                if first_is_a { [(&cfg_a, &ctx_a), (&cfg_b, &ctx_b)] } else { [(&cfg_b, &ctx_b), (&cfg_a, &ctx_a)] };
+            for (c, x) in order {
+                let a = decide_on_table(c, x, client::discover(mac(9), 1), &mut table);
+                let r = a.reply.expect("both servers offer");
+                offers.push((r.message.yiaddr(), x.local_addrs[0]));
+            }
+            let (offered_a, offered_b) =
+                if first_is_a { (offers[0].0, offers[1].0) } else { (offers[1].0, offers[0].0) };
+            assert!((ip("10.141.200.1")..=ip("10.141.200.10")).contains(&offered_a), "{offered_a}");
+            assert!((ip("10.141.200.11")..=ip("10.141.200.20")).contains(&offered_b), "{offered_b}");
+            let (chosen, server) = if choose_a { (offered_a, sa) } else { (offered_b, sb) };
+            let req = client::request_selecting(mac(9), 2, chosen, server);
+            // Both receive the broadcast REQUEST, in either order.
+            let mut acks = 0;
+            for (c, x) in order {
+                let a = decide_on_table(c, x, req.clone(), &mut table);
+                match a.reply {
+                    Some(r) => {
+                        assert_eq!(x.local_addrs[0], server, "only the chosen server answers");
+                        assert_eq!(r.msg_type(), Some(MessageType::Ack), "case {first_is_a} {choose_a}");
+                        assert_eq!(r.message.yiaddr(), chosen);
+                        acks += 1;
+                    }
+                    None => assert_ne!(x.local_addrs[0], server, "the chosen server is silent"),
+                }
+            }
+            assert_eq!(acks, 1);
+            let bound = &table[&Lease::ip_key(chosen)].value;
+            assert_eq!((bound.mac, bound.state), (mac(9), LeaseState::Bound));
+            assert_eq!(table[&Lease::mac_key(&mac(9))].value.ip, chosen);
+        }
     }
 }

@@ -185,6 +185,15 @@ impl Verified {
     }
 }
 
+/// Lower-case hex SHA-256 of the file at `path`.
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    use sha2::Digest;
+    let mut f = File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
 /// Hard-links `src` to `dst`, copying when they are on different file systems.
 fn link_or_copy(src: &Path, dst: &Path) -> Result<()> {
     match std::fs::hard_link(src, dst) {
@@ -294,6 +303,10 @@ pub fn pack(
     for f in [&torrent_path, &dir.join(&kernel), &dir.join(&initrd), &archive_path] {
         sync_file(f)?;
     }
+    // Recorded for the servers that replicate the revision (they check their copies).
+    let (kernel_path, initrd_path) = (dir.join(&kernel), dir.join(&initrd));
+    let kernel_sha256 = sha256_file(&kernel_path).map_err(io_err("cannot read", &kernel_path))?;
+    let initrd_sha256 = sha256_file(&initrd_path).map_err(io_err("cannot read", &initrd_path))?;
     Verified::of(&archive_path, &sha256, &info_hash)
         .and_then(|v| v.write(dir))
         .map_err(io_err("cannot write marker in", dir))?;
@@ -317,6 +330,8 @@ pub fn pack(
         sha256,
         kernel,
         initrd,
+        kernel_sha256,
+        initrd_sha256,
         torrent: torrent_file,
         info_hash,
         piece_length,
@@ -405,6 +420,8 @@ mod tests {
             sha256: String::new(),
             kernel: String::new(),
             initrd: String::new(),
+            kernel_sha256: String::new(),
+            initrd_sha256: String::new(),
             torrent: String::new(),
             info_hash: String::new(),
             piece_length: 0,

@@ -229,6 +229,8 @@ mod tests {
             sha256: String::new(),
             kernel: "k".into(),
             initrd: "i".into(),
+            kernel_sha256: String::new(),
+            initrd_sha256: String::new(),
             torrent: "t".into(),
             info_hash: String::new(),
             piece_length: 0,

@@ -7,18 +7,23 @@
 //! records and:
 //! 1. fetches the `.torrent` over HTTP from a holder and checks that its info dict hashes to the
 //!    revision's `info_hash` (so a wrong or tampered file is refused before anything else);
-//! 2. fetches the kernel and initramfs over HTTP into `images/<osimage>/.<rev>.tmp/`;
+//! 2. fetches the kernel and initramfs over HTTP into `images/<osimage>/.<rev>.tmp/` and checks
+//!    each against the SHA-256 the revision records (`kernel_sha256`, `initrd_sha256`; a
+//!    revision packed before they were recorded is taken with a warning);
 //! 3. downloads the archive with this server's own seeder session from the holders' seeders and
 //!    the torrent's trackers (every piece checked against the torrent's SHA-1s);
 //! 4. checks the archive's SHA-256 against the revision's `sha256`;
-//! 5. writes the `.verified` marker, renames the directory into place (under the image's pack
+//! 5. when the revision has a squashfs (overlay root mode), does 1, 3 and 4 for it too (its
+//!    torrent, info hash, file and SHA-256) and writes its `.verified-squashfs` marker;
+//! 6. writes the `.verified` marker, renames the directory into place (under the image's pack
 //!    lock) and bumps the image state: the seeder seeds it without re-hashing and the next
 //!    heartbeat lists it as held.
 //!
-//! Invariants: the revision number, archive and info hash are the packing server's (nothing in
-//! the store is written); a revision directory appears only whole and verified; a failure
-//! removes the temporary directory and is retried at the next round; revisions the object no
-//! longer keeps are deleted here as on the packing server.
+//! Invariants: the revision number, archive and info hashes are the packing server's (nothing in
+//! the store is written); a revision directory appears only whole and verified (every file the
+//! revision names, hash-checked); a failure removes the temporary directory and is retried at
+//! the next round; revisions the object no longer keeps are deleted here as on the packing
+//! server.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -27,7 +32,7 @@ use std::time::Duration;
 
 use luna_core::model::{AnyObject, ImageRevision, Kind};
 
-use super::pack::Verified;
+use super::pack::{sha256_file, Verified, SQUASHFS_VERIFIED_MARKER};
 use super::publish;
 use super::seeder::Seeder;
 use super::ImageState;
@@ -50,13 +55,18 @@ pub struct Replicator {
     interval: Duration,
 }
 
-/// What a round should fetch: kept revisions without a verified directory here.
+/// What a round should fetch: kept revisions without a verified directory here (the archive's
+/// marker, and the squashfs's when the revision has one).
 pub fn missing(state: &ImageState, images: &[luna_core::model::Osimage]) -> Vec<(String, ImageRevision)> {
     let mut out = Vec::new();
     for img in images {
         for r in &img.revisions {
             let dir = state.layout.revision_dir(&img.name, r.id);
-            if Verified::read(&dir).is_none_or(|v| v.info_hash != r.info_hash) {
+            let archive = Verified::read(&dir).is_some_and(|v| v.info_hash == r.info_hash);
+            let squashfs = r.squashfs.as_ref().is_none_or(|sq| {
+                Verified::read_named(&dir, SQUASHFS_VERIFIED_MARKER).is_some_and(|v| v.info_hash == sq.info_hash)
+            });
+            if !(archive && squashfs) {
                 out.push((img.name.clone(), r.clone()));
             }
         }
@@ -165,40 +175,81 @@ impl Replicator {
         tmp: &Path,
     ) -> Result<(), String> {
         let bases: Vec<&String> = holders.iter().flat_map(|h| h.1.iter()).collect();
-        let torrent = self.get_any(&bases, image, rev.id, &rev.torrent).await?;
-        let summary = super::metainfo::parse(&torrent).map_err(|e| e.to_string())?;
-        if hex::encode(summary.info_hash) != rev.info_hash {
-            return Err(format!(
-                "the torrent served by the holders hashes to {}, not the revision's {}",
-                hex::encode(summary.info_hash),
-                rev.info_hash
-            ));
-        }
-        if summary.name != rev.archive {
-            return Err(format!("the torrent names '{}', not the revision's archive '{}'", summary.name, rev.archive));
-        }
-        write(tmp, &rev.torrent, &torrent)?;
-        for file in [&rev.kernel, &rev.initrd] {
+        let peers: Vec<SocketAddr> = holders.iter().filter_map(|h| h.2.map(SocketAddr::V4)).collect();
+        for (file, want) in [(&rev.kernel, &rev.kernel_sha256), (&rev.initrd, &rev.initrd_sha256)] {
             if file.is_empty() || file == &rev.archive {
                 continue;
             }
             let bytes = self.get_any(&bases, image, rev.id, file).await?;
+            let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            match check_sha256(file, &sha, want)? {
+                true => {}
+                false => tracing::warn!(
+                    image,
+                    rev = rev.id,
+                    file = %file,
+                    "the revision records no sha256 for this file (packed by an older luna): published unchecked"
+                ),
+            }
             write(tmp, file, &bytes)?;
         }
-        let peers: Vec<SocketAddr> = holders.iter().filter_map(|h| h.2.map(SocketAddr::V4)).collect();
-        self.seeder.fetch(torrent, tmp, peers, STALL).await?;
-        let archive = tmp.join(&rev.archive);
-        let path = archive.clone();
+        let archive = Payload {
+            file: &rev.archive,
+            torrent: &rev.torrent,
+            info_hash: &rev.info_hash,
+            sha256: &rev.sha256,
+            marker: super::pack::VERIFIED_MARKER,
+        };
+        self.swarm_fetch(image, rev.id, &archive, &bases, &peers, tmp).await?;
+        if let Some(sq) = &rev.squashfs {
+            let squashfs = Payload {
+                file: &sq.file,
+                torrent: &sq.torrent,
+                info_hash: &sq.info_hash,
+                sha256: &sq.sha256,
+                marker: SQUASHFS_VERIFIED_MARKER,
+            };
+            self.swarm_fetch(image, rev.id, &squashfs, &bases, &peers, tmp).await?;
+        }
+        Ok(())
+    }
+
+    /// Fetches a payload's torrent over HTTP (its info hash and file name checked), the file
+    /// itself through the swarm, checks its SHA-256 and writes its marker.
+    async fn swarm_fetch(
+        &self,
+        image: &str,
+        rev: u32,
+        p: &Payload<'_>,
+        bases: &[&String],
+        peers: &[SocketAddr],
+        tmp: &Path,
+    ) -> Result<(), String> {
+        let torrent = self.get_any(bases, image, rev, p.torrent).await?;
+        let summary = super::metainfo::parse(&torrent).map_err(|e| e.to_string())?;
+        if hex::encode(summary.info_hash) != p.info_hash {
+            return Err(format!(
+                "the torrent {} served by the holders hashes to {}, not the revision's {}",
+                p.torrent,
+                hex::encode(summary.info_hash),
+                p.info_hash
+            ));
+        }
+        if summary.name != p.file {
+            return Err(format!("the torrent {} names '{}', not the revision's '{}'", p.torrent, summary.name, p.file));
+        }
+        write(tmp, p.torrent, &torrent)?;
+        self.seeder.fetch(torrent, tmp, peers.to_vec(), STALL).await?;
+        let file = tmp.join(p.file);
+        let path = file.clone();
         let sha = tokio::task::spawn_blocking(move || sha256_file(&path))
             .await
             .map_err(|e| format!("hash task died: {e}"))?
-            .map_err(|e| format!("cannot read {}: {e}", archive.display()))?;
-        if sha != rev.sha256 {
-            return Err(format!("archive sha256 is {sha}, the revision says {}", rev.sha256));
-        }
-        Verified::of(&archive, &rev.sha256, &rev.info_hash)
-            .and_then(|v| v.write(tmp))
-            .map_err(|e| format!("cannot write the verified marker: {e}"))?;
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        check_sha256(p.file, &sha, p.sha256)?;
+        Verified::of(&file, p.sha256, p.info_hash)
+            .and_then(|v| v.write_named(tmp, p.marker))
+            .map_err(|e| format!("cannot write the verified marker {}: {e}", p.marker))?;
         Ok(())
     }
 
@@ -226,12 +277,25 @@ fn write(dir: &Path, file: &str, bytes: &[u8]) -> Result<(), String> {
     std::fs::write(dir.join(file), bytes).map_err(|e| format!("cannot write {}: {e}", dir.join(file).display()))
 }
 
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    use sha2::Digest;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
+/// A file of a revision that travels through the swarm (the archive, the squashfs).
+struct Payload<'a> {
+    file: &'a str,
+    torrent: &'a str,
+    info_hash: &'a str,
+    sha256: &'a str,
+    marker: &'static str,
+}
+
+/// Whether `file`'s digest `got` is the `want`ed one: `Ok(true)` if so, `Ok(false)` when the
+/// revision records none (packed before it was recorded), an error naming the file otherwise.
+fn check_sha256(file: &str, got: &str, want: &str) -> Result<bool, String> {
+    if want.is_empty() {
+        return Ok(false);
+    }
+    if got != want {
+        return Err(format!("{file}: sha256 is {got}, the revision says {want}"));
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -248,12 +312,22 @@ mod tests {
             sha256: "s".into(),
             kernel: "vmlinuz".into(),
             initrd: "initrd".into(),
+            kernel_sha256: String::new(),
+            initrd_sha256: String::new(),
             torrent: "c.torrent".into(),
             info_hash: hash.into(),
             piece_length: 0,
             tree_bytes: 0,
             squashfs: None,
         }
+    }
+
+    #[test]
+    fn digests_are_checked_when_recorded() {
+        assert_eq!(check_sha256("vmlinuz", "ab", "ab"), Ok(true));
+        assert_eq!(check_sha256("vmlinuz", "ab", ""), Ok(false));
+        let e = check_sha256("vmlinuz", "ab", "cd").unwrap_err();
+        assert!(e.contains("vmlinuz") && e.contains("ab") && e.contains("cd"), "{e}");
     }
 
     #[tokio::test]
@@ -273,7 +347,29 @@ mod tests {
                 Verified::of(&dir.join("c.tar.zst"), "s", h).unwrap().write(&dir).unwrap();
             }
         }
+        // 4 and 5 have a squashfs: 4 lacks its marker, 5 has it.
+        for id in [4, 5] {
+            let mut r = rev(id, "dd");
+            r.squashfs = Some(luna_core::model::SquashfsImage {
+                file: "c.squashfs".into(),
+                size: 1,
+                sha256: "q".into(),
+                torrent: "c.squashfs.torrent".into(),
+                info_hash: "ee".into(),
+                piece_length: 0,
+            });
+            img.revisions.push(r);
+            let dir = state.layout.revision_dir("c", id);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("c.tar.zst"), b"x").unwrap();
+            std::fs::write(dir.join("c.squashfs"), b"q").unwrap();
+            Verified::of(&dir.join("c.tar.zst"), "s", "dd").unwrap().write(&dir).unwrap();
+            if id == 5 {
+                let v = Verified::of(&dir.join("c.squashfs"), "q", "ee").unwrap();
+                v.write_named(&dir, SQUASHFS_VERIFIED_MARKER).unwrap();
+            }
+        }
         let m: Vec<u32> = missing(&state, &[img]).into_iter().map(|(_, r)| r.id).collect();
-        assert_eq!(m, [2, 3]);
+        assert_eq!(m, [2, 3, 4]);
     }
 }

@@ -700,6 +700,27 @@ pub fn nx_replset_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/assets/nx-replset.py")
 }
 
+/// The command that runs nx-27017 as the one-member replica set [`NX_SET_NAME`] (in memory,
+/// listening on `host:port`, its logs, pid and transaction-owner files in `dir`): the program
+/// (the venv's interpreter next to `bin`) and its arguments. [`NxServer`] runs it on the
+/// loopback; the VM fixture (`luna_tests::Cluster::start_pair`) inside a network namespace.
+pub fn nx_replset_command(bin: &Path, host: &str, port: u16, dir: &Path) -> (PathBuf, Vec<std::ffi::OsString>) {
+    // The venv's interpreter, which has nx-27017's modules.
+    let python = bin.with_file_name("python3");
+    let mut args: Vec<std::ffi::OsString> = vec![nx_replset_script().into()];
+    for a in ["--set-name", NX_SET_NAME, "--transaction-lifetime", "10", "--owner-file"] {
+        args.push(a.into());
+    }
+    args.push(dir.join("owner").into());
+    for a in ["--db", "memory", "--host", host, "-p", &port.to_string(), "--log-file"] {
+        args.push(a.into());
+    }
+    args.push(dir.join("nx.log").into());
+    args.push("--pid-file".into());
+    args.push(dir.join("nx.pid").into());
+    (python, args)
+}
+
 /// An in-memory nx-27017 on a free loopback port, announcing the one-member replica set
 /// [`NX_SET_NAME`], killed on drop.
 pub struct NxServer {
@@ -726,18 +747,9 @@ impl NxServer {
         let dir = std::env::temp_dir().join(format!("luna-nx27017-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let log = std::fs::File::create(dir.join("out.log"))?;
-        // The venv's interpreter, which has nx-27017's modules.
-        let python = bin.with_file_name("python3");
+        let (python, args) = nx_replset_command(bin, "127.0.0.1", port, &dir);
         let child = std::process::Command::new(&python)
-            .arg(nx_replset_script())
-            .args(["--set-name", NX_SET_NAME, "--transaction-lifetime", "10"])
-            .arg("--owner-file")
-            .arg(dir.join("owner"))
-            .args(["--db", "memory", "--host", "127.0.0.1", "-p", &port.to_string()])
-            .arg("--log-file")
-            .arg(dir.join("nx.log"))
-            .arg("--pid-file")
-            .arg(dir.join("nx.pid"))
+            .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -42,13 +42,17 @@ pub enum Collection {
     /// Node status (`NodeStatus`), keyed by node name: written by the boot path and the agent,
     /// apart from the node object so that reports never change the object's revision.
     Status,
+    /// The boot-token ledger (`boot::token::TokenRecord`), keyed by node name: the SHA-256 of
+    /// each node's latest per-boot token and what it may still do, shared by every server so a
+    /// token minted by one is honoured by the others; expired records are swept.
+    BootToken,
     /// Store bookkeeping: `schema`, and the service's referrer records (`users/<kind>/<name>`,
     /// whose revision changes whenever what refers to that object changes).
     Meta,
 }
 
 impl Collection {
-    pub const ALL: [Collection; 12] = [
+    pub const ALL: [Collection; 13] = [
         Collection::Object(Kind::Cluster),
         Collection::Object(Kind::Network),
         Collection::Object(Kind::Osimage),
@@ -60,6 +64,7 @@ impl Collection {
         Collection::Claim,
         Collection::Lease,
         Collection::Status,
+        Collection::BootToken,
         Collection::Meta,
     ];
 
@@ -70,6 +75,7 @@ impl Collection {
             Collection::Claim => "claim",
             Collection::Lease => "lease",
             Collection::Status => "status",
+            Collection::BootToken => "boot_token",
             Collection::Meta => "meta",
         }
     }
