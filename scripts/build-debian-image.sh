@@ -121,6 +121,13 @@ WantedBy=multi-user.target
 EOF
 mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants"
 ln -sf /etc/systemd/system/luna-booted.service "$ROOT/etc/systemd/system/multi-user.target.wants/luna-booted.service"
+if [ -x "$ROOT/usr/bin/cloud-init" ]; then
+    # The minbase has no generated locales (and none of /usr/share/locale): cloud-init's locale
+    # module would set en_US.UTF-8 and fail (update-locale exits 255); C.UTF-8 is built in.
+    mkdir -p "$ROOT/etc/cloud/cloud.cfg.d"
+    printf '# build-debian-image.sh: the minbase has no generated locales\nlocale: C.UTF-8\n' \
+        >"$ROOT/etc/cloud/cloud.cfg.d/05-luna-image.cfg"
+fi
 
 log "done: $(du -sh "$ROOT" | cut -f1) in $ROOT"
 echo "ROOT=$ROOT"

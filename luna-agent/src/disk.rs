@@ -207,10 +207,17 @@ pub fn disk_arg(cmdline: &str) -> Result<Option<String>, DiskError> {
 /// The kernel options the node's disk boot gets: its network boot's command line without what
 /// iPXE added for luna and dracut (`luna.*` (the token among them), `root=`, `BOOTIF=`, `ip=`,
 /// `nameserver=`, `initrd=`, `BOOT_IMAGE=`, `rd.*`): what is left is the osimage's
-/// `kernel_opts`. Words are re-quoted when they hold spaces.
+/// `kernel_opts`. Words are re-quoted when they hold spaces. Luna's script starts the line with
+/// `initrd=`; what comes before it is the loader's (iPXE's EFI build puts the image name first:
+/// `kernel initrd=initrd.img root=luna ...`) and is dropped too, else the disk's init would get
+/// `kernel` as an argument.
 pub fn kernel_opts(cmdline: &str) -> String {
     const DROP: [&str; 7] = ["root=", "BOOTIF=", "ip=", "nameserver=", "initrd=", "BOOT_IMAGE=", "rd."];
-    crate::cmdline::words(cmdline)
+    let mut words = crate::cmdline::words(cmdline);
+    if let Some(first) = words.iter().position(|w| w.starts_with("initrd=")) {
+        words.drain(..first);
+    }
+    words
         .into_iter()
         .filter(|w| !w.starts_with("luna.") && !DROP.iter().any(|d| w.starts_with(d)))
         .map(|w| match w.split_once('=') {
@@ -526,6 +533,11 @@ mod tests {
         let opts = kernel_opts(line);
         assert_eq!(opts, "console=ttyS0,115200n8 x=\"a b\" quiet");
         assert!(!opts.contains("SECRET"));
+        // iPXE's EFI build: the image name first (the line of a UEFI node in disk_vm).
+        let efi = "kernel initrd=initrd.img root=luna luna.node=n2 BOOTIF=01-52-54-00-4c-d1-02 console=ttyS0 panic=-1";
+        assert_eq!(kernel_opts(efi), "console=ttyS0 panic=-1");
+        // Without luna's initrd= nothing is taken for the loader's.
+        assert_eq!(kernel_opts("quiet root=luna console=ttyS0"), "quiet console=ttyS0");
         assert_eq!(
             grub_defaults("a='b'"),
             "# Written by luna-agent at install: the osimage's kernel options, as on the network boot.\n\

@@ -42,7 +42,11 @@ cloud-init status --wait > /dev/null 2>&1
 status=$(cloud-init status 2> /dev/null | awk '/^status:/ { print $2 }')
 eth1=$(ip -4 -o addr show dev eth1 2> /dev/null | awk '{ print $4 }' | head -n 1)
 rendered=$(ls /etc/systemd/network 2> /dev/null | tr '\n' ',')
-echo "LUNA-CLOUDINIT-PROBE host=$(hostname) etc_hostname=$(cat /etc/hostname) status=${status:-none} eth1=${eth1:-none} networkd=${rendered:-none}" > /dev/console
+{
+    cloud-init status --long 2> /dev/null | sed 's/^/LUNA-CLOUDINIT-LOG status: /'
+    grep -E 'WARNING|ERROR|Traceback|[Ff]ailed' /var/log/cloud-init.log 2> /dev/null | tail -n 30 | sed 's/^/LUNA-CLOUDINIT-LOG /'
+    echo "LUNA-CLOUDINIT-PROBE host=$(hostname) etc_hostname=$(cat /etc/hostname) status=${status:-none} eth1=${eth1:-none} networkd=${rendered:-none}"
+} > /dev/console
 EOF
 chmod 755 /usr/local/sbin/luna-cloudinit-probe
 cat > /etc/systemd/system/luna-cloudinit-probe.service <<'EOF'
@@ -148,20 +152,23 @@ fn cloud_init_sets_hostname_and_static_address_from_luna_nocloud() {
         .filter(|l| l.contains("node status") && l.contains(&format!("node={NODE} ")))
         .map(String::from)
         .collect();
-    assert!(
+    let check = |ok: bool, what: &str| {
+        if !ok {
+            fail(&c, &vm, &format!("{what}: {line}"));
+        }
+    };
+    check(
         reports.iter().any(|l| l.contains("step=personality") && l.contains("cloud-init seed in")),
-        "the agent wrote the NoCloud seed instead of its personality files: {reports:?}"
+        &format!("the agent wrote no NoCloud seed (its personality files instead?): {reports:?}"),
     );
-    assert_eq!(value(&line, "host"), NODE, "cloud-init set the host name: {line}");
-    assert_eq!(value(&line, "etc_hostname"), NODE, "{line}");
-    assert_eq!(value(&line, "eth1"), format!("{NODE_DATA_IP}/24"), "cloud-init set eth1's static address: {line}");
-    assert!(value(&line, "networkd").contains("cloud-init"), "rendered for systemd-networkd: {line}");
-    assert_eq!(value(&line, "status"), "done", "{line}");
+    check(value(&line, "host") == NODE && value(&line, "etc_hostname") == NODE, "cloud-init set no host name");
+    check(value(&line, "eth1") == format!("{NODE_DATA_IP}/24"), "cloud-init set no static address on eth1");
+    check(value(&line, "networkd").contains("cloud-init"), "cloud-init rendered nothing for systemd-networkd");
+    check(value(&line, "status") == "done", "cloud-init did not finish cleanly");
     let ping = c.ns.command("ping").args(["-c", "3", "-W", "2", NODE_DATA_IP]).output().unwrap();
-    assert!(
+    check(
         ping.status.success(),
-        "{NODE_DATA_IP} on the data network answers: {}",
-        String::from_utf8_lossy(&ping.stdout)
+        &format!("{NODE_DATA_IP} on the data network does not answer: {}", String::from_utf8_lossy(&ping.stdout)),
     );
     let booted = vm
         .wait_for(BOOTED_MARKER, Duration::from_secs(60))
