@@ -6,11 +6,19 @@
 #
 #   bash scripts/build-debian-image.sh [OUT_DIR]      # default: tests/work/debootstrap
 #   LUNA_DEBIAN_DISK=1 bash scripts/build-debian-image.sh [OUT_DIR]   # default: .../debootstrap-disk
+#   LUNA_DEBIAN_CLOUDINIT=1 bash scripts/build-debian-image.sh [OUT_DIR]   # .../debootstrap-cloudinit
 #
 # LUNA_DEBIAN_DISK=1 builds the flavour for `root = disk` (tests/tests/disk_vm.rs): grub for
 # BIOS and UEFI from the image (grub-pc-bin + grub-efi-amd64-bin + grub2-common: the grub-pc
 # and grub-efi-amd64 packages cannot both be installed) and the kernel's initramfs-tools
 # initramfs kept in /boot, which the node boots from its disk.
+#
+# LUNA_DEBIAN_CLOUDINIT=1 builds the flavour with cloud-init (tests/tests/cloudinit_vm.rs):
+# the `cloud-init` package (with its Depends only, as debootstrap installs them) and
+# systemd-networkd enabled, which applies the network configuration cloud-init renders (its
+# `networkd` renderer: the minbase has neither ifupdown nor netplan). luna-agent finds
+# /usr/bin/cloud-init in the tree and gives the node a NoCloud seed instead of its own
+# personality files.
 #
 # Prints ROOT=<tree> on stdout; logs go to stderr. The tree is cached (OUT_DIR/root, marked done
 # by OUT_DIR/root.v<N>); a second call returns at once. Needs root, debootstrap and the network
@@ -26,11 +34,22 @@ set -euo pipefail
 VERSION=1
 SUITE=${LUNA_DEBIAN_SUITE:-bookworm}
 DISK=${LUNA_DEBIAN_DISK:-0}
+CLOUDINIT=${LUNA_DEBIAN_CLOUDINIT:-0}
 INCLUDE=systemd,systemd-sysv,udev,kmod,iproute2,linux-image-amd64
 FLAVOUR=debootstrap
+if [ "$DISK" = 1 ] && [ "$CLOUDINIT" = 1 ]; then
+    printf 'build-debian-image: error: LUNA_DEBIAN_DISK=1 and LUNA_DEBIAN_CLOUDINIT=1 are two flavours: set one\n' >&2
+    exit 2
+fi
 if [ "$DISK" = 1 ]; then
     INCLUDE="$INCLUDE,grub-pc-bin,grub-efi-amd64-bin,grub2-common,initramfs-tools"
     FLAVOUR=debootstrap-disk
+fi
+if [ "$CLOUDINIT" = 1 ]; then
+    # python3-cffi-backend: provides the virtual python3-cffi-backend-api-* that
+    # python3-cryptography needs (debootstrap does not resolve virtual packages)
+    INCLUDE="$INCLUDE,cloud-init,python3-cffi-backend"
+    FLAVOUR=debootstrap-cloudinit
 fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -71,6 +90,12 @@ build_tree() {
     echo debian >"$ROOT/etc/hostname"
     # a fresh machine id on every boot (each node is its own machine)
     : >"$ROOT/etc/machine-id"
+    if [ "$CLOUDINIT" = 1 ]; then
+        [ -x "$ROOT/usr/bin/cloud-init" ] || die "the cloud-init flavour has no /usr/bin/cloud-init"
+        # cloud-init's networkd renderer writes /etc/systemd/network; networkd applies it
+        chroot "$ROOT" systemctl enable systemd-networkd.service >&2 ||
+            die "cannot enable systemd-networkd in $ROOT"
+    fi
 
     touch "$OUT/root.v$VERSION"
 }
@@ -96,6 +121,13 @@ WantedBy=multi-user.target
 EOF
 mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants"
 ln -sf /etc/systemd/system/luna-booted.service "$ROOT/etc/systemd/system/multi-user.target.wants/luna-booted.service"
+if [ -x "$ROOT/usr/bin/cloud-init" ]; then
+    # The minbase has no generated locales (and none of /usr/share/locale): cloud-init's locale
+    # module would set en_US.UTF-8 and fail (update-locale exits 255); C.UTF-8 is built in.
+    mkdir -p "$ROOT/etc/cloud/cloud.cfg.d"
+    printf '# build-debian-image.sh: the minbase has no generated locales\nlocale: C.UTF-8\n' \
+        >"$ROOT/etc/cloud/cloud.cfg.d/05-luna-image.cfg"
+fi
 
 log "done: $(du -sh "$ROOT" | cut -f1) in $ROOT"
 echo "ROOT=$ROOT"

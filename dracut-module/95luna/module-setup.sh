@@ -18,8 +18,10 @@ depends() {
 # called by dracut
 installkernel() {
     instmods tmpfs overlay xfs ext4 || :
-    # root = disk: the ESP (vfat with its default code pages) and the usual disk controllers.
-    instmods vfat nls_cp437 nls_iso8859_1 nls_utf8 || :
+    # root = disk: the ESP (vfat with its default code page and I/O charset: cp437 and, on
+    # Debian's kernels (FAT_DEFAULT_IOCHARSET), ascii; without nls_ascii the ESP mount fails with
+    # "IO charset ascii not found") and the usual disk controllers.
+    instmods vfat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8 || :
     instmods virtio_blk virtio_scsi sd_mod ahci nvme || :
     # ext4's metadata checksums (a soft dependency instmods may not follow)
     instmods crc32c crc32c_generic || :

@@ -73,7 +73,10 @@ mount -t vfat -o umask=0077,quiet "${part}2" "$root/boot/efi"
 /// for BIOS (`i386-pc` on every disk in `$LUNA_BOOT_DISKS`) and for UEFI (`x86_64-efi` into the
 /// ESP mounted on /boot/efi, as the removable-media path `EFI/BOOT/BOOTX64.EFI`: found by any
 /// firmware without an NVRAM entry), whichever the image has (both when it has both, so the
-/// disk boots either way); then the configuration (`update-grub`, else `grub-mkconfig`).
+/// disk boots either way); then the configuration (`update-grub`, else `grub-mkconfig`), with
+/// the root by UUID on the kernel command line (the `/dev/disk/by-uuid` link grub-mkconfig
+/// looks for is made when udev has not made it: measured, a chroot whose /dev has no such link
+/// got `root=/dev/loop0p3`).
 /// An image with neither is an error naming the packages.
 pub const BOOTLOADER_SCRIPT: &str = r#"# luna: install the image's boot loader on $LUNA_BOOT_DISKS
 set -eu
@@ -91,6 +94,14 @@ fi
 if [ -z "$done_any" ]; then
     echo "bootloader: the image has no grub for BIOS (/usr/lib/grub/i386-pc: grub-pc-bin) and none for UEFI with an ESP on /boot/efi (/usr/lib/grub/x86_64-efi: grub-efi-amd64-bin); add grub2-common and them to the image" >&2
     exit 3
+fi
+# grub-mkconfig puts root=UUID= on the kernel command line only when /dev/disk/by-uuid has the
+# root's link, else the device name (sda3 may be sdb3 on the next boot): the link is made here
+# when udev (in the initramfs) has not made it
+uuid=$(grub-probe --target=fs_uuid / 2> /dev/null || :)
+if [ -n "$uuid" ] && [ ! -e "/dev/disk/by-uuid/$uuid" ]; then
+    mkdir -p /dev/disk/by-uuid
+    ln -sf "$(grub-probe --target=device /)" "/dev/disk/by-uuid/$uuid"
 fi
 if [ -z "$(ls /boot/initrd.img-* /boot/initramfs-* 2> /dev/null)" ] && command -v update-initramfs > /dev/null; then
     update-initramfs -c -k all
@@ -196,10 +207,17 @@ pub fn disk_arg(cmdline: &str) -> Result<Option<String>, DiskError> {
 /// The kernel options the node's disk boot gets: its network boot's command line without what
 /// iPXE added for luna and dracut (`luna.*` (the token among them), `root=`, `BOOTIF=`, `ip=`,
 /// `nameserver=`, `initrd=`, `BOOT_IMAGE=`, `rd.*`): what is left is the osimage's
-/// `kernel_opts`. Words are re-quoted when they hold spaces.
+/// `kernel_opts`. Words are re-quoted when they hold spaces. Luna's script starts the line with
+/// `initrd=`; what comes before it is the loader's (iPXE's EFI build puts the image name first:
+/// `kernel initrd=initrd.img root=luna ...`) and is dropped too, else the disk's init would get
+/// `kernel` as an argument.
 pub fn kernel_opts(cmdline: &str) -> String {
     const DROP: [&str; 7] = ["root=", "BOOTIF=", "ip=", "nameserver=", "initrd=", "BOOT_IMAGE=", "rd."];
-    crate::cmdline::words(cmdline)
+    let mut words = crate::cmdline::words(cmdline);
+    if let Some(first) = words.iter().position(|w| w.starts_with("initrd=")) {
+        words.drain(..first);
+    }
+    words
         .into_iter()
         .filter(|w| !w.starts_with("luna.") && !DROP.iter().any(|d| w.starts_with(d)))
         .map(|w| match w.split_once('=') {
@@ -515,6 +533,11 @@ mod tests {
         let opts = kernel_opts(line);
         assert_eq!(opts, "console=ttyS0,115200n8 x=\"a b\" quiet");
         assert!(!opts.contains("SECRET"));
+        // iPXE's EFI build: the image name first (the line of a UEFI node in disk_vm).
+        let efi = "kernel initrd=initrd.img root=luna luna.node=n2 BOOTIF=01-52-54-00-4c-d1-02 console=ttyS0 panic=-1";
+        assert_eq!(kernel_opts(efi), "console=ttyS0 panic=-1");
+        // Without luna's initrd= nothing is taken for the loader's.
+        assert_eq!(kernel_opts("quiet root=luna console=ttyS0"), "quiet console=ttyS0");
         assert_eq!(
             grub_defaults("a='b'"),
             "# Written by luna-agent at install: the osimage's kernel options, as on the network boot.\n\

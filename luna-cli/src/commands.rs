@@ -876,9 +876,15 @@ impl<R: Read> Ctx<R> {
                 let results = crate::power::reinstall(&self.client, &a.hostlist)?;
                 let text = crate::power::render(&results, a.json);
                 self.out.push_str(&text);
-                let failed = results.iter().filter(|r| !r.ok()).count();
-                if failed > 0 {
-                    bail!("{failed} of {} nodes were not reinstalled", results.len());
+                // The error replaces the output: it names each failed node and why.
+                let failed: Vec<_> = results.iter().filter(|r| !r.ok()).cloned().collect();
+                if !failed.is_empty() {
+                    bail!(
+                        "{} of {} nodes were not reinstalled:\n{}",
+                        failed.len(),
+                        results.len(),
+                        crate::power::render(&failed, false).trim_end()
+                    );
                 }
                 Ok(())
             }

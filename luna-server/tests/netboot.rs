@@ -448,7 +448,7 @@ async fn installed_on_disk_boots_locally_until_reinstalled() {
     );
     let (s, script) = e.raw("GET", "/boot/ipxe?mac=52:54:00:00:00:02", None, false, Some("10.141.0.2"), None).await;
     assert_eq!(s, StatusCode::OK);
-    assert!(script.contains("sanboot --no-describe --drive 0x80") && script.contains("\nexit\n"), "{script}");
+    assert!(script.contains("sanboot --no-describe --drive 0x80") && script.contains("\nexit 1\n"), "{script}");
     assert!(!script.contains("luna.token="), "{script}");
     // The booted OS still reports booted with its (first boot's) token; the flag stays.
     let (s, _) = e.call("POST", &status, Some(json!({"step": "booted"})), false, Some("10.141.0.2")).await;

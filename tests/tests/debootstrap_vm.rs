@@ -14,48 +14,21 @@
 //! the initramfs; by default the static `--profile agent` build when there is one (the debug
 //! agent decompresses and hashes a real image slowly under TCG).
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use luna_tests::{privileged, work_dir, workspace_root, Cluster, ClusterOptions, Vm, BOOTED_MARKER};
+use luna_tests::{
+    debian_tree, privileged, reached_multi_user, Cluster, ClusterOptions, DebianFlavour, Vm, BOOTED_MARKER,
+    DEBIAN_KERNEL_OPTS as KERNEL_OPTS, MULTI_USER,
+};
 use serde_json::Value;
 
 const SUBNET: &str = "10.77.9";
 const MAC: &str = "52:54:00:4c:55:d1";
 const IMAGE: &str = "debian";
 const NODE: &str = "node001";
-/// no_timer_check: under TCG on a busy host the kernel's IO-APIC timer check can fail and
-/// panic ("IO-APIC + timer doesn't work"); systemd.show_status: the "Reached target" lines.
-const KERNEL_OPTS: &str = "console=ttyS0 panic=-1 rd.retry=600 no_timer_check systemd.show_status=1";
-/// What systemd prints when the boot is through (systemd 252: "[  OK  ] Reached target
-/// multi-user.target - Multi-User System.").
-const MULTI_USER: &str = "Multi-User System";
 /// From power-on to multi-user.target: iPXE, the image download and unpack and a systemd boot,
 /// all in TCG on a machine others load too.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(2700);
-
-/// The Debian tree, built (or found cached) by the builder the demo uses too.
-fn debian_tree() -> PathBuf {
-    let script = workspace_root().join("scripts/build-debian-image.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(work_dir().join("debootstrap"))
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", script.display()));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{} failed (needs debootstrap and the Debian mirror):\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let root = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("ROOT="))
-        .unwrap_or_else(|| panic!("{} printed no ROOT=: {stdout}", script.display()));
-    PathBuf::from(root.trim())
-}
 
 /// Fails the test naming `what`, with the node's status, the console tail and the server's.
 fn fail(c: &Cluster, vm: &Vm, what: &str) -> ! {
@@ -86,7 +59,7 @@ fn debian_minbase_pxe_boots_from_luna_to_multi_user() {
         return;
     }
     let t0 = Instant::now();
-    let root = debian_tree();
+    let root = debian_tree(DebianFlavour::Minbase).expect("the Debian tree");
     println!("debootstrap: tree {} ready after {:?}", root.display(), t0.elapsed());
 
     let opts = ClusterOptions {
@@ -126,7 +99,7 @@ fn debian_minbase_pxe_boots_from_luna_to_multi_user() {
     let deadline = booting + BOOT_TIMEOUT;
     let mut last = String::new();
     loop {
-        if vm.serial().lines().iter().any(|l| l.contains("Reached target") && l.contains(MULTI_USER)) {
+        if reached_multi_user(&vm) {
             break;
         }
         let n = c.api("GET", &format!("/api/v1/node/{NODE}"), None).unwrap();

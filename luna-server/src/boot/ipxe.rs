@@ -247,8 +247,9 @@ pub fn render_node_script(n: &NodeBoot) -> String {
              iseq ${{platform}} pcbios || goto firmware\n\
              sanboot --no-describe --drive 0x80 || goto firmware\n\
              :firmware\n\
-             # UEFI (or no bootable BIOS disk): back to the firmware's next boot entry.\n\
-             exit\n"
+             # UEFI (or no bootable BIOS disk): back to the firmware's next boot entry, with a\n\
+             # failure status: on success the UEFI boot manager stops and shows its menu (OVMF).\n\
+             exit 1\n"
         );
     }
     let what = if n.service { "service mode" } else { "install and boot" };
@@ -505,8 +506,9 @@ echo luna: node001: booting from the local disk
 iseq ${platform} pcbios || goto firmware
 sanboot --no-describe --drive 0x80 || goto firmware
 :firmware
-# UEFI (or no bootable BIOS disk): back to the firmware's next boot entry.
-exit
+# UEFI (or no bootable BIOS disk): back to the firmware's next boot entry, with a
+# failure status: on success the UEFI boot manager stops and shows its menu (OVMF).
+exit 1
 ";
         assert_eq!(render_node_script(&n), expected);
     }
