@@ -68,7 +68,8 @@ else:
 PY
 }
 
-total_ir() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}'; }
+# (awk reads to the end: an early exit would kill callgrind_annotate with SIGPIPE, fatal under pipefail)
+total_ir() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done = 1}'; }
 
 # run_luna COUNT MODE -> total Ir
 run_luna() {

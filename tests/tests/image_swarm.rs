@@ -376,7 +376,13 @@ fn eight_hosts_download_an_image_mostly_from_each_other() {
     );
     // Nobody else had the image: the server sent at least one copy, and the counters see it.
     assert!(uploaded >= size, "seeder counted {uploaded} bytes, less than one copy of {size}");
-    assert!(tx >= uploaded, "server veth sent {tx} bytes, less than its seeder counted ({uploaded})");
+    // The seeder counts a block when the kernel took it into the socket's send buffer; a host
+    // that hangs up when it is done resets its connections, and what was still queued there is
+    // never sent (seen once: 2.7 % of the upload). More than 5 % would be a counter that lies.
+    assert!(
+        tx as f64 >= uploaded as f64 * 0.95,
+        "server veth sent {tx} bytes, much less than its seeder counted ({uploaded})"
+    );
     // The hosts got most of it from each other: the server sent less than 3 copies for 8 hosts.
     assert!(
         uploaded < 3 * size,

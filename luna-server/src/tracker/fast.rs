@@ -1,5 +1,6 @@
 //! No longer used by luna-server (which serves every request through `crate::httpd`, hyper);
-//! kept for `bench_tracker … fast` as the comparison. The tracker's fast path: BitTorrent clients announce with a new TCP connection each time, so
+//! kept for `bench_tracker … fast` as the comparison, compiled only with the `test-support`
+//! feature (never in the `.deb`'s server). The tracker's fast path: BitTorrent clients announce with a new TCP connection each time, so
 //! per-connection cost decides how many announces a second the server takes. [`FastListener`]
 //! sits between the TCP listener and `axum::serve`: it reads the first request head of every
 //! connection itself and answers `GET /announce` and `GET /scrape` (HTTP/1.0 and 1.1, keep-alive

@@ -51,6 +51,9 @@
 //! [`TrackerConfig::seeder`]. They never expire and count as seeders in `complete`.
 
 pub mod encode;
+/// The old hand-written fast path, kept only as `bench_tracker … fast`'s comparison: not in a
+/// production build.
+#[cfg(feature = "test-support")]
 pub mod fast;
 pub mod http;
 pub mod persist;
