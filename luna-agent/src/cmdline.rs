@@ -12,9 +12,13 @@ pub const DEFAULT_STALL: Duration = Duration::from_secs(30);
 /// no node still downloading, or when no peer fetched anything from it for a while; see
 /// `torrent::Linger`). 0: stop seeding at once.
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(120);
-/// Default for `luna.piece_spread=N`: the swarm fetches a random one of the next N pieces the
-/// reader needs (1: strictly in order). See `torrent::SwarmOptions::piece_spread`.
+/// Default for `luna.piece_spread=N`: the swarm fetches a random one of the rarest (held by the
+/// fewest peers) of the next N pieces the reader needs (1: strictly in order). See `torrent::SwarmOptions::piece_spread`.
 pub const DEFAULT_PIECE_SPREAD: u32 = 8;
+/// Default for `luna.upload_slots=N`: the node uploads to at most N peers at a time and hands
+/// the slots on in turn (BitTorrent's choking; 0: to every peer at once). See
+/// `torrent::SwarmOptions::upload_slots`.
+pub const DEFAULT_UPLOAD_SLOTS: u32 = 4;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootArgs {
@@ -34,6 +38,8 @@ pub struct BootArgs {
     pub linger: Duration,
     /// `luna.piece_spread=N`, at least 1 (see [`DEFAULT_PIECE_SPREAD`]).
     pub piece_spread: u32,
+    /// `luna.upload_slots=N` (see [`DEFAULT_UPLOAD_SLOTS`]).
+    pub upload_slots: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -91,6 +97,7 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
     let mut stall = DEFAULT_STALL;
     let mut linger = DEFAULT_LINGER;
     let mut piece_spread = DEFAULT_PIECE_SPREAD;
+    let mut upload_slots = DEFAULT_UPLOAD_SLOTS;
     for word in words(cmdline) {
         let (key, value) = word.split_once('=').unwrap_or((word.as_str(), ""));
         match key {
@@ -127,6 +134,10 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
                 let bad = || CmdlineError::Bad { key: "luna.piece_spread", value: value.into() };
                 piece_spread = value.parse().ok().filter(|n| (1..=1024).contains(n)).ok_or_else(bad)?;
             }
+            "luna.upload_slots" => {
+                let bad = || CmdlineError::Bad { key: "luna.upload_slots", value: value.into() };
+                upload_slots = value.parse().ok().filter(|n| *n <= 1024).ok_or_else(bad)?;
+            }
             // PXE's form: hardware type 01 (ethernet), then the MAC with dashes.
             "BOOTIF" => {
                 let bad = || CmdlineError::Bad { key: "BOOTIF", value: value.into() };
@@ -151,6 +162,7 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
         stall,
         linger,
         piece_spread,
+        upload_slots,
     })
 }
 
@@ -205,6 +217,16 @@ mod tests {
         assert_eq!(a.stall, Duration::from_secs(5));
         assert_eq!(parse("luna.url=http://s:1 luna.node=n1 luna.linger=0").unwrap().linger, Duration::ZERO);
         assert_eq!(parse("luna.url=http://s:1 luna.node=n1 luna.piece_spread=1").unwrap().piece_spread, 1);
+        assert_eq!(parse("luna.url=http://s:1 luna.node=n1").unwrap().upload_slots, DEFAULT_UPLOAD_SLOTS);
+        assert_eq!(parse("luna.url=http://s:1 luna.node=n1 luna.upload_slots=0").unwrap().upload_slots, 0);
+        assert_eq!(
+            parse("luna.url=http://s:1 luna.node=n1 luna.upload_slots=-1"),
+            Err(CmdlineError::Bad { key: "luna.upload_slots", value: "-1".into() })
+        );
+        assert_eq!(
+            parse("luna.url=http://s:1 luna.node=n1 luna.upload_slots=4096"),
+            Err(CmdlineError::Bad { key: "luna.upload_slots", value: "4096".into() })
+        );
         assert!(parse("luna.url=http://s:1 luna.node=n1 luna.service").unwrap().service);
     }
 

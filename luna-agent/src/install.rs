@@ -491,6 +491,7 @@ async fn start_swarm(ctx: &Ctx<'_>, image: &PlanImage, nic: &str, ip: Option<Ipv
             .filter_map(|u| url_ip(u))
             .collect(),
         piece_spread: ctx.args.piece_spread,
+        upload_slots: ctx.args.upload_slots,
     };
     match Swarm::start(torrent, &ctx.cfg.scratch, opts).await {
         Ok(s) => Some(s),

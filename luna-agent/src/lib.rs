@@ -3,6 +3,7 @@
 //! fallback) straight into `/sysroot`, writes the node's personality and reports every step.
 
 pub mod backoff;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod bmc;
 pub mod cloudinit;

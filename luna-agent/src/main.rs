@@ -10,10 +10,9 @@ use luna_agent::os::RealOs;
 use luna_agent::{install, Config};
 
 const USAGE: &str = "usage:
-  luna-agent install [--no-swarm] [--sysroot DIR] [--scratch DIR] [--no-unpack] [--cmdline FILE]
+  luna-agent install [--no-swarm] [--sysroot DIR] [--scratch DIR] [--cmdline FILE]
       fill the root from the install plan (reads luna.* from the kernel command line);
-      --scratch: the torrent session's directory (default /run/luna); --no-unpack: download
-      and verify the image but unpack nothing (measuring the network, bench-swarm)
+      --scratch: the torrent session's directory (default /run/luna)
   luna-agent service [--cmdline FILE]
       report service mode to the server
   luna-agent status STEP [MESSAGE] [--cmdline FILE]
@@ -22,12 +21,21 @@ const USAGE: &str = "usage:
       stream an image into DIR without a plan (testing, measuring)
   luna-agent seed ARCHIVE --torrent OUT [--listen ADDR] [--tracker URL]
       write a .torrent for ARCHIVE and seed it until killed (testing, measuring)
+environment: LUNA_LOG=error|warn|info|debug|trace (default info), or per target:
+  LUNA_LOG=info,luna_agent::torrent=debug (a swarm census every 2 s)";
+
+/// The measuring commands, in an agent built with `--features bench` only.
+#[cfg(feature = "bench")]
+const BENCH_USAGE: &str = "
+measuring (built with --features bench):
+  luna-agent install --no-unpack ...
+      download and verify the image but unpack nothing (the network alone, bench-swarm)
   luna-agent bench-unpack ARCHIVE [SCRATCH] [--rounds N]
       streaming unpack against `zstd -dc | tar -x` (N rounds, default 3; median ratio)
   luna-agent bench-fetch ARCHIVE [SCRATCH]
-      seed ARCHIVE, fetch it through the swarm in a second process, report its peak RSS
-environment: LUNA_LOG=error|warn|info|debug|trace (default info), or per target:
-  LUNA_LOG=info,luna_agent::torrent=debug (a swarm census every 2 s)";
+      seed ARCHIVE, fetch it through the swarm in a second process, report its peak RSS";
+#[cfg(not(feature = "bench"))]
+const BENCH_USAGE: &str = "";
 
 struct Args {
     rest: Vec<String>,
@@ -97,7 +105,7 @@ fn main() -> ExitCode {
 fn real_main() -> anyhow::Result<()> {
     let mut all: Vec<String> = std::env::args().skip(1).collect();
     if all.is_empty() || all.iter().any(|a| a == "-h" || a == "--help") {
-        println!("{USAGE}");
+        println!("{USAGE}{BENCH_USAGE}");
         return Ok(());
     }
     let cmd = all.remove(0);
@@ -117,6 +125,7 @@ fn real_main() -> anyhow::Result<()> {
             if let Some(s) = args.opt("--scratch")? {
                 cfg.scratch = s.into();
             }
+            #[cfg(feature = "bench")]
             if args.flag("--no-unpack") {
                 cfg.unpack = false;
             }
@@ -146,6 +155,7 @@ fn real_main() -> anyhow::Result<()> {
         }
         "fetch" => fetch(args),
         "seed" => seed(args),
+        #[cfg(feature = "bench")]
         "bench-unpack" => {
             let rounds = match args.opt("--rounds")? {
                 Some(r) => r.parse().with_context(|| format!("--rounds '{r}' is not a number"))?,
@@ -157,6 +167,7 @@ fn real_main() -> anyhow::Result<()> {
             luna_agent::bench::bench_unpack(&archive, &scratch, rounds, &RealOs)?;
             Ok(())
         }
+        #[cfg(feature = "bench")]
         "bench-fetch" => {
             let archive = PathBuf::from(args.rest.first().context("bench-fetch needs an ARCHIVE")?);
             let scratch =
@@ -171,7 +182,7 @@ fn real_main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        other => bail!("unknown command '{other}'\n{USAGE}"),
+        other => bail!("unknown command '{other}'\n{USAGE}{BENCH_USAGE}"),
     }
 }
 

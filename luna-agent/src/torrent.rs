@@ -65,8 +65,10 @@ use parking_lot::Mutex;
 pub const DEFAULT_WINDOW: u64 = 24 << 20;
 /// Download rate after the fallback to HTTP: one chunk a second, the smallest librqbit accepts.
 const PARKED_BPS: u32 = 16 << 10;
-/// Chunk requests in flight per peer (16 KiB each).
-const PEER_REQUEST_WINDOW: usize = 64;
+/// Chunk requests in flight per peer (16 KiB each): one 256 KiB piece. With 64 (bench-swarm, 64
+/// nodes), a node that had pieces first had a MiB queued for each of 60 peers, a request waited
+/// longer than the stall time on slow links, and 20 Mbit/s links took 4.65 S/B against 4.34.
+const PEER_REQUEST_WINDOW: usize = 16;
 /// Keep-alive to every peer. librqbit drops a connection on which nothing arrived for its
 /// read timeout (10 s) but sends keep-alives only every 120 s, so two nodes with nothing to
 /// trade yet (all nodes of a cluster start empty, at the same place) dropped each other after
@@ -390,11 +392,17 @@ pub struct SwarmOptions {
     /// Addresses of the servers (their seeders), to tell bytes from the server from bytes from
     /// other nodes in [`Census`].
     pub servers: Vec<IpAddr>,
-    /// Fetch a random one of the next `piece_spread` pieces the reader needs that a peer has
-    /// (a luna patch to librqbit; 1: strictly in order). Nodes booting together read the image
+    /// Fetch a random one of the rarest of the next `piece_spread` pieces the reader needs that
+    /// a peer has (luna patches 6 and 9 to librqbit; 1: strictly in order). Nodes booting together read the image
     /// at the same place: in order, they all asked for the same piece at the same moment, the
     /// server's upload slot holders got each piece twice, and nodes had little to trade.
     pub piece_spread: u32,
+    /// Upload to at most this many peers at a time, handing the slots on in turn (a luna patch
+    /// to librqbit, BitTorrent's choking; 0: every peer at once, librqbit's own way). Unchoking
+    /// everyone, the first nodes to get a piece split their uplinks among the whole cluster,
+    /// every copy came slowly, was asked for again elsewhere meanwhile, and half of what the
+    /// nodes downloaded was such duplicates (bench-swarm, 64 nodes).
+    pub upload_slots: u32,
 }
 
 /// A running librqbit session leeching (and seeding) the image.
@@ -454,6 +462,7 @@ impl Swarm {
                         max_request_window: Some(PEER_REQUEST_WINDOW),
                         keep_alive_interval: Some(KEEP_ALIVE),
                         piece_spread: Some(opts.piece_spread.max(1) as usize),
+                        upload_slots: (opts.upload_slots > 0).then_some(opts.upload_slots as usize),
                         ..Default::default()
                     }),
                     initial_peers: (!opts.initial_peers.is_empty()).then(|| opts.initial_peers.clone()),

@@ -38,6 +38,23 @@ pub struct BedOptions {
     pub image_mib: usize,
     /// `[image] seeder_peer_slots` of the server.
     pub seeder_slots: u32,
+    /// How the hosts' (server's and nodes') uplinks queue; the switch's ports are FIFOs.
+    pub host_queue: HostQueue,
+}
+
+/// How a host's network interface queues what it sends faster than its link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostQueue {
+    /// One FIFO, 100 ms deep (`tc tbf`): a node's acknowledgements and piece requests to the
+    /// peer it downloads from wait behind everything it uploads to others.
+    Fifo,
+    /// Short packets first: a model of fq_codel, the qdisc Debian's hosts put on every interface
+    /// (systemd's `net.core.default_qdisc = fq_codel`), which this kernel lacks. fq_codel gives
+    /// a flow that sends little (acknowledgements and requests going back to the peer a node
+    /// downloads from) its turn before the bulk flows; the model (`tc htb`, two classes, `u32` on
+    /// the IP length) sends every packet under 128 bytes first and the rest from the same
+    /// 100 ms FIFO as `Fifo`.
+    SparseFirst,
 }
 
 /// One node of the bed.
@@ -127,6 +144,35 @@ pub fn shape(ns: &Netns, dev: &str, rate_mbit: u32) -> Result<()> {
         .map(drop)
 }
 
+/// Shapes the egress of a host's interface `dev` to `rate_mbit`, queueing as `queue` says.
+pub fn shape_host(ns: &Netns, dev: &str, rate_mbit: u32, queue: HostQueue) -> Result<()> {
+    match queue {
+        HostQueue::Fifo => shape(ns, dev, rate_mbit),
+        HostQueue::SparseFirst => {
+            let rate = format!("{rate_mbit}mbit");
+            // The bulk FIFO holds what tbf's `latency 100ms` lets it hold.
+            let limit = (u64::from(rate_mbit) * 1_000_000 / 8 / 10).max(16_000).to_string();
+            let tc = |args: &[&str]| ns.run("tc", args).map(drop);
+            tc(&["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "20"])?;
+            let class = |id: &str, parent: &str, guaranteed: &str, prio: &str| {
+                tc(&[
+                    "class", "add", "dev", dev, "parent", parent, "classid", id, "htb", "rate", guaranteed, "ceil",
+                    &rate, "burst", "32kb", "cburst", "32kb", "quantum", "1514", "prio", prio,
+                ])
+            };
+            class("1:1", "1:", &rate, "0")?;
+            class("1:10", "1:1", &format!("{}kbit", (rate_mbit * 100).max(8)), "0")?;
+            class("1:20", "1:1", &rate, "1")?;
+            tc(&["qdisc", "add", "dev", dev, "parent", "1:20", "bfifo", "limit", &limit])?;
+            // IPv4 total length (bytes 2-3) below 128.
+            tc(&[
+                "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "u16",
+                "0x0000", "0xff80", "at", "2", "flowid", "1:10",
+            ])
+        }
+    }
+}
+
 /// Bytes sent by `dev` in `ns` so far (`ip -s -j link`).
 pub fn tx_bytes(ns: &Netns, dev: &str) -> Result<u64> {
     let out = ns.ip(&["-s", "-j", "link", "show", dev])?;
@@ -172,7 +218,7 @@ impl SwarmBed {
         server.add_veth("s0", &switch, "ps")?;
         switch.set_master("ps", "br0")?;
         server.add_addr("s0", &format!("{SERVER_IP}/20"))?;
-        shape(&server, "s0", opts.rate_mbit)?;
+        shape_host(&server, "s0", opts.rate_mbit, opts.host_queue)?;
         shape(&switch, "ps", opts.rate_mbit)?;
         let mut nodes = Vec::with_capacity(opts.nodes);
         for (i, (name, ip)) in names.into_iter().enumerate() {
@@ -182,7 +228,7 @@ impl SwarmBed {
             switch.set_master(&port, "br0")?;
             ns.ip(&["link", "set", "h0", "address", &bench_mac(i).to_string()])?;
             ns.add_addr("h0", &format!("{ip}/20"))?;
-            shape(&ns, "h0", opts.rate_mbit)?;
+            shape_host(&ns, "h0", opts.rate_mbit, opts.host_queue)?;
             shape(&switch, &port, opts.rate_mbit)?;
             nodes.push(BedNode { name, ip, ns });
         }

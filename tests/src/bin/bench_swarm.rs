@@ -30,11 +30,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
-use luna_tests::swarm_bed::{gnuplot, BedOptions, SwarmBed};
+use luna_tests::swarm_bed::{gnuplot, BedOptions, HostQueue, SwarmBed};
 
 const TARGET_TIME: f64 = 1.5;
 const TARGET_EGRESS: f64 = 2.5;
 const TARGET_N: usize = 64;
+
+/// `--host-queue`: how the hosts' uplinks queue (`luna_tests::swarm_bed::HostQueue`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Queue {
+    /// One 100 ms FIFO (`tc tbf`).
+    Fifo,
+    /// Packets under 128 bytes first, then the same FIFO: a model of fq_codel.
+    SparseFirst,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Method {
@@ -74,6 +83,9 @@ struct Args {
     /// `[image] seeder_peer_slots` of the server.
     #[arg(long, default_value_t = luna_server::image::DEFAULT_SEEDER_PEER_SLOTS)]
     seeder_slots: u32,
+    /// How the server's and the nodes' interfaces queue (the switch's ports are FIFOs).
+    #[arg(long, value_enum, default_value_t = Queue::SparseFirst)]
+    host_queue: Queue,
     /// Words appended to every node's kernel command line (e.g. `luna.linger=0 luna.stall=60`).
     #[arg(long, default_value = "")]
     agent_args: String,
@@ -224,6 +236,10 @@ fn main() -> Result<()> {
         rate_mbit: a.rate_mbit,
         image_mib: a.image_mib as usize,
         seeder_slots: a.seeder_slots,
+        host_queue: match a.host_queue {
+            Queue::Fifo => HostQueue::Fifo,
+            Queue::SparseFirst => HostQueue::SparseFirst,
+        },
     };
     // Every node may talk to every other and to the server: (N + 1)² neighbours in the one
     // kernel's ARP table.
@@ -235,10 +251,11 @@ fn main() -> Result<()> {
     let sb = s as f64 * 8.0 / (f64::from(a.rate_mbit) * 1e6);
     println!(
         "bench-swarm: {max} node namespaces, links {} Mbit/s, archive S = {s} bytes, S/B = {sb:.2} s, \
-         unpack {}, seeder slots {} (bed up in {:.0} s; load average {})",
+         unpack {}, seeder slots {}, host queue {:?} (bed up in {:.0} s; load average {})",
         a.rate_mbit,
         if a.no_unpack { "off" } else { "on" },
         a.seeder_slots,
+        a.host_queue,
         t.elapsed().as_secs_f64(),
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
     );

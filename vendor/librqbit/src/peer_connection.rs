@@ -46,6 +46,11 @@ pub trait PeerConnectionHandler {
     fn should_transmit_have(&self, id: ValidPieceIndex) -> bool;
     fn on_uploaded_bytes(&self, bytes: u32);
     fn read_chunk(&self, chunk: &ChunkInfo, buf: &mut [u8]) -> anyhow::Result<()>;
+    /// luna patch: whether to unchoke the peer as soon as it is connected (upstream always
+    /// does; a torrent with upload slots unchokes peers in turn).
+    fn unchoke_on_connect(&self) -> bool {
+        true
+    }
     fn update_my_extended_handshake(
         &self,
         _handshake: &mut ExtendedHandshake<ByteBuf>,
@@ -89,6 +94,12 @@ pub struct PeerConnectionOptions {
     /// strictly in order). Nodes streaming the same file together otherwise
     /// all fetch the same piece at the same moment, and have nothing to trade.
     pub piece_spread: Option<usize>,
+
+    /// luna patch: upload to at most this many peers at a time (BitTorrent's
+    /// choking). `None` (the default) unchokes every peer on connect, as
+    /// upstream does. With `Some(k)` the torrent unchokes k interested peers
+    /// at a time and hands a slot on in turn (see `TorrentStateLive::task_choker`).
+    pub upload_slots: Option<usize>,
 }
 
 pub(crate) struct PeerConnection<H> {
@@ -345,14 +356,17 @@ impl<H: PeerConnectionHandler> PeerConnection<H> {
                 trace!("sent bitfield");
             }
 
-            let len = Message::Unchoke.serialize(&mut *write_buf, &Default::default)?;
-            with_timeout(
-                "writing",
-                rwtimeout,
-                write.write_all(&write_buf[..len]).map_err(Error::Write),
-            )
-            .await?;
-            trace!("sent unchoke");
+            // luna patch: a torrent with upload slots unchokes peers in turn.
+            if self.handler.unchoke_on_connect() {
+                let len = Message::Unchoke.serialize(&mut *write_buf, &Default::default)?;
+                with_timeout(
+                    "writing",
+                    rwtimeout,
+                    write.write_all(&write_buf[..len]).map_err(Error::Write),
+                )
+                .await?;
+                trace!("sent unchoke");
+            }
 
             let mut broadcast_closed = false;
 

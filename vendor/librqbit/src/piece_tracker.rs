@@ -61,6 +61,9 @@ where
     /// luna patch: pick at random among this many of the first eligible
     /// priority pieces (1: the first).
     pub spread: usize,
+    /// luna patch: how many peers have each piece; among the `spread` eligible pieces the
+    /// rarest is reserved (ties at random). None: any of them at random.
+    pub availability: Option<&'a [u16]>,
     /// File download priority ordering.
     pub file_priorities: &'a FilePriorities,
     /// File metadata for iterating pieces.
@@ -147,6 +150,12 @@ impl PieceTracker {
                 if eligible.len() >= req.spread {
                     break;
                 }
+            }
+        }
+        if let Some(counts) = req.availability {
+            let count = |p: &ValidPieceIndex| counts.get(p.get_usize()).copied().unwrap_or(0);
+            if let Some(min) = eligible.iter().map(count).min() {
+                eligible.retain(|p| count(p) == min);
             }
         }
         if !eligible.is_empty() {
@@ -406,6 +415,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true, // Peer has all pieces
@@ -440,6 +450,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |p| p.get() >= 2,
@@ -469,6 +480,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -503,6 +515,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -532,6 +545,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |p| p == piece, // Only has the failed piece
@@ -562,6 +576,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -575,6 +590,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -590,6 +606,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -630,6 +647,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -640,6 +658,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -658,6 +677,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -697,6 +717,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: priority.into_iter(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -724,6 +745,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| false, // Peer has nothing
@@ -773,6 +795,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -790,6 +813,7 @@ mod tests {
             peer_avg_time: None,
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -813,6 +837,7 @@ mod tests {
             peer_avg_time: Some(Duration::from_millis(1)),
             priority_pieces: std::iter::empty(),
             spread: 1,
+            availability: None,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |p| p.get() == 4, // Peer B only has piece 4
@@ -829,5 +854,37 @@ mod tests {
             }
             _ => panic!("Expected Stolen, got {:?}", result),
         }
+    }
+
+    /// luna patch: among the spread's eligible pieces the rarest is reserved.
+    #[test]
+    fn test_spread_takes_the_rarest() {
+        let lengths = Lengths::new(16384 * 8, 16384).unwrap();
+        let all: Vec<_> = (0..8).map(|i| lengths.validate_piece_index(i).unwrap()).collect();
+        let file_infos = make_test_file_infos(8);
+        let file_priorities = make_default_file_priorities(&file_infos);
+        // Pieces 3 and 5 are the rarest of the first six; 7 is rarer but beyond the spread.
+        let counts = [5u16, 3, 4, 1, 2, 1, 9, 0];
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..64 {
+            let mut tracker = PieceTracker::new(make_test_chunk_tracker(8));
+            let result = tracker.acquire_piece(AcquireRequest {
+                peer: peer(1),
+                peer_avg_time: None,
+                priority_pieces: all.iter().copied(),
+                spread: 6,
+                availability: Some(&counts),
+                file_priorities: &file_priorities,
+                file_infos: &file_infos,
+                peer_has_piece: |_| true,
+                can_steal: |_| true,
+            });
+            let AcquireResult::Reserved(p) = result else {
+                panic!("expected Reserved, got {result:?}");
+            };
+            assert!([3, 5].contains(&p.get()), "reserved piece {} is not the rarest", p.get());
+            seen.insert(p.get());
+        }
+        assert_eq!(seen.len(), 2, "ties are broken at random: {seen:?}");
     }
 }

@@ -1049,6 +1049,7 @@ impl Session {
                 .max_request_window
                 .or(self.peer_opts.max_request_window),
             piece_spread: other.piece_spread.or(self.peer_opts.piece_spread),
+            upload_slots: other.upload_slots.or(self.peer_opts.upload_slots),
         }
     }
 
@@ -1367,6 +1368,7 @@ impl Session {
                     peer_keep_alive_interval: peer_opts.keep_alive_interval,
                     peer_max_request_window: peer_opts.max_request_window,
                     peer_piece_spread: peer_opts.piece_spread,
+                    peer_upload_slots: peer_opts.upload_slots,
                     allow_overwrite: opts.overwrite,
                     output_folder,
                     ratelimits: opts.ratelimits,

@@ -117,6 +117,8 @@ pub(crate) struct ManagedTorrentOptions {
     pub peer_max_request_window: Option<usize>,
     // luna patch: see `PeerConnectionOptions::piece_spread`.
     pub peer_piece_spread: Option<usize>,
+    // luna patch: see `PeerConnectionOptions::upload_slots`.
+    pub peer_upload_slots: Option<usize>,
     pub allow_overwrite: bool,
     pub output_folder: PathBuf,
     pub ratelimits: LimitsConfig,

@@ -214,9 +214,37 @@ pub struct TorrentStateLive {
         ChunkInfo,
     )>,
     ratelimits: Limits,
+    /// luna patch: how many live peers have each piece, and when that was counted
+    /// (`piece_availability`).
+    availability: Mutex<(Option<Instant>, Arc<Vec<u16>>)>,
 }
 
 impl TorrentStateLive {
+    /// luna patch: how many live peers have each piece (rarest first within the piece spread,
+    /// see `PeerConnectionOptions::piece_spread`), counted from their bitfields at most every
+    /// `AVAILABILITY_MAX_AGE`. Must not be called with a peer entry locked.
+    fn piece_availability(&self) -> Arc<Vec<u16>> {
+        let mut g = self.availability.lock();
+        if let (Some(at), counts) = &*g {
+            if at.elapsed() < AVAILABILITY_MAX_AGE {
+                return counts.clone();
+            }
+        }
+        let mut counts = vec![0u16; self.lengths.total_pieces() as usize];
+        for e in self.peers.states.iter() {
+            if let Some(live) = e.value().get_live() {
+                for i in live.bitfield.iter_ones() {
+                    if let Some(c) = counts.get_mut(i) {
+                        *c = c.saturating_add(1);
+                    }
+                }
+            }
+        }
+        let counts = Arc::new(counts);
+        *g = (Some(Instant::now()), counts.clone());
+        counts
+    }
+
     fn max_request_window(&self) -> usize {
         self.shared
             .options
@@ -303,6 +331,7 @@ impl TorrentStateLive {
                 .collect(),
             ratelimit_upload_tx,
             ratelimits,
+            availability: Mutex::new((None, Arc::new(Vec::new()))),
         });
 
         state.spawn(
@@ -346,6 +375,13 @@ impl TorrentStateLive {
             format!("[{}]upload_scheduler", state.shared.id),
             state.clone().task_upload_scheduler(ratelimit_upload_rx),
         );
+        if let Some(slots) = state.shared.options.peer_upload_slots {
+            state.spawn(
+                debug_span!(parent: state.shared.span.clone(), "choker"),
+                format!("[{}]choker", state.shared.id),
+                state.clone().task_choker(slots.max(1)),
+            );
+        }
         Ok(state)
     }
 
@@ -440,6 +476,81 @@ impl TorrentStateLive {
         Ok(AddIncomingPeerResult::Added)
     }
 
+    /// luna patch: BitTorrent's choking, for a torrent with upload slots
+    /// (`PeerConnectionOptions::upload_slots`). At most `slots` interested peers are unchoked
+    /// at a time; once a peer has had its slot for `CHOKE_TURN`, or asked for nothing for
+    /// `CHOKE_IDLE`, and another interested peer waits, the slot passes to the peer that has
+    /// waited longest. Only peers that lack a piece we have get a slot, and a peer that is not
+    /// interested or lacks nothing we have gives its slot back at once. (librqbit stays
+    /// interested in every peer while it downloads, whether or not the peer has a piece it
+    /// lacks: such peers held slots they could not use.) Requests a peer sent before it saw our choke
+    /// are still answered, so no piece it asked for is left half-served.
+    ///
+    /// Upstream unchoked every peer: a node that had pieces nobody else had yet split its
+    /// uplink among every node of the cluster, each got its pieces slower than from anyone
+    /// else, they were stolen (requested again elsewhere) while the first copies still
+    /// came, and half of what the nodes downloaded was such duplicates (bench-swarm, 64 nodes).
+    async fn task_choker(self: Arc<Self>, slots: usize) -> crate::Result<()> {
+        let mut tick = tokio::time::interval(CHOKE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            // Copied, so that no peer entry is locked while the torrent's lock is held.
+            let have: Vec<usize> = match self.lock_read("choker: have").get_chunks() {
+                Ok(c) => c.get_have_pieces().as_slice().iter_ones().collect(),
+                Err(_) => continue,
+            };
+            let mut unchoked = Vec::new();
+            let mut waiting = Vec::new();
+            let mut choke = Vec::new();
+            for e in self.peers.states.iter() {
+                let Some(live) = e.value().get_live() else {
+                    continue;
+                };
+                let lacks = |i: &usize| live.bitfield.get(*i).is_none_or(|b| !*b);
+                let wants = live.peer_interested && have.iter().any(lacks);
+                match (wants, live.unchoked_since) {
+                    (true, Some(since)) => {
+                        // An idle turn counts as over (sorts first).
+                        let asked = live.last_request_at.is_some_and(|t| now.duration_since(t) < CHOKE_IDLE);
+                        let idle = !asked && now.duration_since(since) >= CHOKE_IDLE;
+                        unchoked.push((*e.key(), if idle { since.min(now - CHOKE_TURN) } else { since }))
+                    }
+                    (true, None) => waiting.push((*e.key(), live.choked_since)),
+                    (false, Some(_)) => choke.push(*e.key()),
+                    (false, None) => {}
+                }
+            }
+            // The longest-served first, the longest-waiting first.
+            unchoked.sort_by_key(|(_, since)| *since);
+            waiting.sort_by_key(|(_, since)| *since);
+            let mut turns_over = waiting.len().saturating_sub(slots.saturating_sub(unchoked.len()));
+            let mut kept = unchoked.len();
+            for (addr, since) in &unchoked {
+                if turns_over == 0 || now.duration_since(*since) < CHOKE_TURN {
+                    break;
+                }
+                choke.push(*addr);
+                turns_over -= 1;
+                kept -= 1;
+            }
+            for addr in choke {
+                self.peers.with_live_mut(addr, "choke", |live| {
+                    live.unchoked_since = None;
+                    live.choked_since = now;
+                    let _ = live.tx.send(WriterRequest::Message(Message::Choke));
+                });
+            }
+            for (addr, _) in waiting.iter().take(slots.saturating_sub(kept)) {
+                self.peers.with_live_mut(*addr, "unchoke", |live| {
+                    live.unchoked_since = Some(now);
+                    let _ = live.tx.send(WriterRequest::Message(Message::Unchoke));
+                });
+            }
+        }
+    }
+
     async fn task_upload_scheduler(
         self: Arc<Self>,
         mut rx: tokio::sync::mpsc::UnboundedReceiver<(
@@ -497,6 +608,7 @@ impl TorrentStateLive {
             read_write_timeout: self.shared.options.peer_read_write_timeout,
             // luna patch: it was left at the default (120 s) whatever the torrent asked.
             keep_alive_interval: self.shared.options.peer_keep_alive_interval,
+            upload_slots: self.shared.options.peer_upload_slots,
             ..Default::default()
         };
         let peer_connection = PeerConnection::new(
@@ -564,6 +676,7 @@ impl TorrentStateLive {
             read_write_timeout: state.shared.options.peer_read_write_timeout,
             // luna patch: it was left at the default (120 s) whatever the torrent asked.
             keep_alive_interval: state.shared.options.peer_keep_alive_interval,
+            upload_slots: state.shared.options.peer_upload_slots,
             ..Default::default()
         };
         let peer_connection = PeerConnection::new(
@@ -1015,6 +1128,14 @@ impl TorrentStateLive {
 }
 
 const DEFAULT_PEER_REQUEST_WINDOW: usize = 128;
+/// luna patch: how often `task_choker` looks at its upload slots.
+const CHOKE_TICK: Duration = Duration::from_millis(200);
+/// luna patch: how long a peer keeps an upload slot while others wait for one.
+const CHOKE_TURN: Duration = Duration::from_secs(2);
+/// luna patch: a peer that asked for nothing this long gives its upload slot to a waiting one.
+const CHOKE_IDLE: Duration = Duration::from_millis(500);
+/// luna patch: how stale `TorrentStateLive::piece_availability` may be.
+const AVAILABILITY_MAX_AGE: Duration = Duration::from_millis(50);
 
 struct PeerFlowControl {
     i_am_choked: bool,
@@ -1097,7 +1218,10 @@ impl PeerConnectionHandler for &'_ PeerHandler {
             }
             Message::Have(h) => self.on_have(h),
             Message::NotInterested => {
-                trace!("received \"not interested\", but we don't process it yet")
+                // luna patch: a peer that wants nothing gives its upload slot back
+                // (`task_choker`).
+                trace!("peer is not interested");
+                self.state.peers.mark_peer_interested(self.addr, false);
             }
             Message::Cancel(_) => {
                 trace!("received \"cancel\", but we don't process it yet")
@@ -1172,6 +1296,10 @@ impl PeerConnectionHandler for &'_ PeerHandler {
 
     fn read_chunk(&self, chunk: &ChunkInfo, buf: &mut [u8]) -> anyhow::Result<()> {
         self.state.file_ops().read_chunk(self.addr, chunk, buf)
+    }
+
+    fn unchoke_on_connect(&self) -> bool {
+        self.state.shared.options.peer_upload_slots.is_none()
     }
 
     fn on_extended_handshake(&self, hs: &ExtendedHandshake<ByteBuf>) -> anyhow::Result<()> {
@@ -1448,6 +1576,9 @@ impl PeerHandler {
 
         // Steal info to process after releasing the peer lock
         let mut steal_info: Option<(SocketAddr, ValidPieceIndex)> = None;
+        // luna patch: rarest first within the spread; counted before any peer entry is locked.
+        let spread = self.state.shared.options.peer_piece_spread.unwrap_or(1).max(1);
+        let availability = (spread > 1).then(|| self.state.piece_availability());
 
         let result = self
             .state
@@ -1468,7 +1599,8 @@ impl PeerHandler {
                     peer_avg_time: self.counters.average_piece_download_time(),
                     priority_pieces: self.state.streams.iter_next_pieces(&self.state.lengths),
                     // luna patch: see `PeerConnectionOptions::piece_spread`.
-                    spread: self.state.shared.options.peer_piece_spread.unwrap_or(1).max(1),
+                    spread,
+                    availability: availability.as_deref().map(|v| v.as_slice()),
                     file_priorities,
                     file_infos: &self.state.metadata.file_infos,
                     // luna patch: and the storage has room for it (`TorrentStorage::wants_piece`).
@@ -1511,6 +1643,12 @@ impl PeerHandler {
     fn on_download_request(&self, request: Request) -> anyhow::Result<()> {
         if self.state.torrent().options.disable_upload() {
             anyhow::bail!("upload disabled, but peer requested a piece")
+        }
+        // luna patch: the choker hands on the slots of peers that ask for nothing.
+        if self.state.shared.options.peer_upload_slots.is_some() {
+            self.state.peers.with_live_mut(self.addr, "last request", |live| {
+                live.last_request_at = Some(Instant::now());
+            });
         }
 
         let piece_index = match self.state.lengths.validate_piece_index(request.index) {
@@ -1632,6 +1770,24 @@ impl PeerHandler {
         .await;
     }
 
+    /// luna patch: like `wait_for_request_slot`, but a choke does not stop it (see the chunk
+    /// loop of `task_peer_chunk_requester`). Returns false if the peer is gone.
+    async fn wait_for_request_window(&self) -> bool {
+        loop {
+            let Some(notify) = self.request_slots_changed() else {
+                return false;
+            };
+            let notified = notify.notified();
+            let window = self.lock_flow_control("request window").request_window;
+            match self.requested_inflight_count() {
+                None => return false,
+                Some(n) if n < window => return true,
+                Some(_) => {}
+            }
+            notified.await;
+        }
+    }
+
     async fn wait_for_request_slot(&self) {
         loop {
             let Some(notify) = self.request_slots_changed() else {
@@ -1738,7 +1894,14 @@ impl PeerHandler {
                     length: chunk.size,
                 };
 
-                aframe!(self.wait_for_request_slot()).await;
+                // luna patch: a piece begun is asked for to its end even if the peer chokes us
+                // meanwhile (luna's peers answer every request they get, `task_choker`). Giving
+                // it back wasted what had come and what was on the way (cancels are not
+                // honoured), and on slow links (4 Mbit/s, 4 slots) most pieces never completed
+                // within a turn.
+                if !aframe!(self.wait_for_request_window()).await {
+                    return Ok(());
+                }
 
                 self.state
                     .ratelimits

@@ -1,6 +1,7 @@
 pub mod stats;
 
 use std::collections::HashSet;
+use std::time::Instant;
 use std::net::SocketAddr;
 use std::sync::{Arc, atomic::Ordering};
 
@@ -280,6 +281,13 @@ pub(crate) struct LivePeerState {
     pub tx: PeerTx,
 
     pub connection_kind: ConnectionKind,
+
+    // luna patch: with upload slots (`PeerConnectionOptions::upload_slots`), when we last
+    // unchoked the peer (None: we choke it) and since when it has been choked.
+    pub unchoked_since: Option<Instant>,
+    pub choked_since: Instant,
+    // luna patch: when the peer last asked us for a chunk.
+    pub last_request_at: Option<Instant>,
 }
 
 impl LivePeerState {
@@ -300,6 +308,9 @@ impl LivePeerState {
             request_slots_changed: Default::default(),
             tx,
             connection_kind,
+            unchoked_since: None,
+            choked_since: Instant::now(),
+            last_request_at: None,
         }
     }
 
