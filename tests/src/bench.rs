@@ -111,33 +111,40 @@ pub fn populate_luna(config: &Path, n: usize) -> Result<Vec<BenchNode>> {
         let group = serde_json::json!({"name": "g", "osimage": "img",
             "interfaces": [{"name": "BOOTIF", "network": "bench"}]});
         svc.create(Kind::Group, group).await.map_err(err)?;
-        let req = NodeCreate {
-            name: format!("b[0001-{n:04}]"),
-            group: "g".into(),
-            mac: None,
-            ips: Default::default(),
-            switch: None,
-            port: None,
-            localboot: false,
-            service: false,
-            setupbmc: false,
-            comment: String::new(),
-        };
-        let nodes = svc.add_nodes(req).await.map_err(err)?;
-        let mut out = Vec::with_capacity(n);
-        for (i, node) in nodes.iter().enumerate() {
-            let mac = bench_mac(i);
-            let patch = NodePatch { mac: Some(Some(mac)), ..Default::default() };
-            svc.change_nodes(&node.name, patch).await.map_err(err)?;
-            let ip = node
-                .interfaces
-                .iter()
-                .find_map(|i| i.ip)
-                .ok_or_else(|| HarnessError::Setup(format!("node {} got no address", node.name)))?;
-            out.push(BenchNode { name: node.name.clone(), mac, ip });
-        }
-        Ok(out)
+        add_nodes(&svc, "b", "g", n).await
     })
+}
+
+/// Adds nodes `<prefix>0001`… to `group` with the MACs [`bench_mac`] gives (0, 1, …); returns
+/// them with the addresses luna allocated.
+pub async fn add_nodes(svc: &Service, prefix: &str, group: &str, n: usize) -> Result<Vec<BenchNode>> {
+    let err = |e: luna_server::service::ServiceError| setup_err("add the bench nodes", e);
+    let req = NodeCreate {
+        name: format!("{prefix}[0001-{n:04}]"),
+        group: group.into(),
+        mac: None,
+        ips: Default::default(),
+        switch: None,
+        port: None,
+        localboot: false,
+        service: false,
+        setupbmc: false,
+        comment: String::new(),
+    };
+    let nodes = svc.add_nodes(req).await.map_err(err)?;
+    let mut out = Vec::with_capacity(n);
+    for (i, node) in nodes.iter().enumerate() {
+        let mac = bench_mac(i);
+        let patch = NodePatch { mac: Some(Some(mac)), ..Default::default() };
+        svc.change_nodes(&node.name, patch).await.map_err(err)?;
+        let ip = node
+            .interfaces
+            .iter()
+            .find_map(|i| i.ip)
+            .ok_or_else(|| HarnessError::Setup(format!("node {} got no address", node.name)))?;
+        out.push(BenchNode { name: node.name.clone(), mac, ip });
+    }
+    Ok(out)
 }
 
 /// Starts the workspace's `luna-server` binary (of the bench's own profile: run the benches

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use luna_core::api::{NodeCreate, NodePatch};
 use luna_core::model::Kind;
 use luna_server::config::Config;
 use luna_server::service::Service;
@@ -389,31 +388,8 @@ fn populate(config: &Path, chroot: &Path, n: usize) -> Result<Vec<(String, Ipv4A
         let group = serde_json::json!({"name": "g", "osimage": "img", "partscript": "",
             "interfaces": [{"name": "BOOTIF", "network": "bed"}]});
         svc.create(Kind::Group, group).await.map_err(err)?;
-        let req = NodeCreate {
-            name: format!("n[0001-{n:04}]"),
-            group: "g".into(),
-            mac: None,
-            ips: Default::default(),
-            switch: None,
-            port: None,
-            localboot: false,
-            service: false,
-            setupbmc: false,
-            comment: String::new(),
-        };
-        let nodes = svc.add_nodes(req).await.map_err(err)?;
-        let mut out = Vec::with_capacity(n);
-        for (i, node) in nodes.iter().enumerate() {
-            let patch = NodePatch { mac: Some(Some(bench_mac(i))), ..Default::default() };
-            svc.change_nodes(&node.name, patch).await.map_err(err)?;
-            let ip = node
-                .interfaces
-                .iter()
-                .find_map(|i| i.ip)
-                .ok_or_else(|| HarnessError::Setup(format!("node {} got no address", node.name)))?;
-            out.push((node.name.clone(), ip));
-        }
-        Ok(out)
+        let nodes = crate::bench::add_nodes(&svc, "n", "g", n).await?;
+        Ok(nodes.into_iter().map(|b| (b.name, b.ip)).collect())
     })
 }
 
