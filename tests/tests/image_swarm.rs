@@ -12,14 +12,13 @@
 //! disconnect from each other, so finished hosts do not keep upload slots).
 //!
 //! Why that holds: the seeder has `[image] seeder_peer_slots` upload slots (default 2), so two
-//! hosts at a time fetch from it (choking, in turns) and the others fetch from the hosts that
-//! have the pieces (librqbit clients pick pieces in order, so without slots all 8 ask the seeder
-//! for the same piece at once and it sent 7.5–8×). It also needs our librqbit patch (vendor/librqbit/
+//! hosts fetch from it and the other six are refused and fetch from those two and each other
+//! (librqbit clients pick pieces in order, so without slots all 8 ask the seeder for the same
+//! piece at once and it sent 7.5–8×). It also needs our librqbit patch (vendor/librqbit/
 //! LUNA-PATCH.md): unpatched, hosts that connected while empty never sent each other a HAVE.
-//! Measured (16 MiB archive): 2.58× and every host done in 6.9 s with choking slots (2.00× and
-//! about 9 s when the slots were a live-peer limit), against 7.4× and 15 s without slots. The
-//! test prints, per host, the bytes it got from the server and from the other hosts, and the
-//! ratio by seeder counter and veth bytes.
+//! Measured (16 MiB archive): 2.00× and every host done in about 9 s, against 7.4× and 15 s
+//! without slots. The test prints, per host, the bytes it got from the server and from the other
+//! hosts, and the ratio by seeder counter and veth bytes.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};

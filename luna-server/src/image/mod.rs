@@ -34,14 +34,13 @@ pub use jobs::{JobId, JobState, JobStatus, Jobs};
 pub use pack::{PackMode, PackStep};
 use publish::Layout;
 
-/// Default `[image] seeder_peer_slots`: the seeder uploads to this many nodes at a time and hands
-/// the slots on in turns (BitTorrent's choking, a luna patch to librqbit); the others fetch from
-/// the nodes that have the pieces. The server sends about one copy per slot, and more slots do not
-/// boot a swarm sooner: measured when the slots were librqbit's live-peer limit (8 hosts, 16 MiB,
-/// `tests/tests/image_swarm.rs`: 1 slot 1.0× in 9 s, 2 slots 2.0× in 9 s, 3 slots 2.9× in 9 s, 4
-/// slots 3.9× in 10 s, no limit 7.4× in 15 s); as choking slots, 2 slots: 2.6× in 6.9 s. Two
-/// rather than one so that a slow or failing slot holder does not hold up the others, and so that
-/// a two-node boot fetches from the server exactly as without slots.
+/// Default `[image] seeder_peer_slots`. Nodes fetch pieces in order, so the server sends about
+/// one copy per slot, and more slots do not boot a swarm sooner: the nodes' links are faster than
+/// the server's uplink and the refused nodes follow the slot holders piece by piece (8 hosts, 16
+/// MiB, `tests/tests/image_swarm.rs`: 1 slot 1.0× in 9 s, 2 slots 2.0× in 9 s, 3 slots 2.9× in
+/// 9 s, 4 slots 3.9× in 10 s, no limit 7.4× in 15 s). Two rather than one so that a slow or
+/// failing slot holder does not hold up the others, and so that a two-node boot fetches from the
+/// server exactly as without slots.
 pub const DEFAULT_SEEDER_PEER_SLOTS: u32 = 2;
 
 /// `[image]` in luna.toml.
@@ -63,9 +62,9 @@ pub struct ImageConfig {
     pub seed_listen: SocketAddr,
     /// Seeder upload limit in bytes per second; 0 = unlimited.
     pub upload_limit_bytes_per_s: u64,
-    /// Upload slots: how many peers the seeder uploads to at once per revision, in turns (0 = to
-    /// every peer at once). The others are choked meanwhile and fetch from the peers that have
-    /// the pieces; a peer that completes frees its slot. See ARCHITECTURE.md (seeder).
+    /// Upload slots: how many peers the seeder serves at once per revision (0 = librqbit's
+    /// default of 128). Peers beyond it are refused and fetch from the peers that got a slot; a
+    /// peer that completes disconnects and frees its slot. See ARCHITECTURE.md (seeder).
     pub seeder_peer_slots: u32,
 }
 
@@ -103,9 +102,9 @@ seed = {seed}
 seed_listen = "{listen}"
 # Seeder upload limit in bytes per second; 0 = unlimited.
 upload_limit_bytes_per_s = {limit}
-# Upload slots: peers the seeder uploads to at once per revision, in turns (0 = no limit).
-# The others fetch from the nodes that have the pieces meanwhile, so the server sends about
-# this many copies of an image however many nodes boot; a node that completes frees its slot.
+# Upload slots: peers the seeder serves at once per revision (0 = no limit). Others are
+# refused and fetch from the peers holding a slot, so the server sends about this many
+# copies of an image however many nodes boot; a node that completes frees its slot.
 seeder_peer_slots = {slots}
 "#,
         dracut = d.dracut,

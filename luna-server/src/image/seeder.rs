@@ -92,7 +92,7 @@ struct Wanted {
 /// reconnect backoff (10 s, then 60 s, then 360 s).
 const SEEDER_KEEP_ALIVE: Duration = Duration::from_secs(4);
 
-/// librqbit's upload slots for `[image] seeder_peer_slots` (0: every peer unchoked at once).
+/// librqbit's live-peer limit for `[image] seeder_peer_slots` (0 = librqbit's default).
 fn slots(configured: u32) -> Option<usize> {
     (configured > 0).then_some(configured as usize)
 }
@@ -282,11 +282,11 @@ impl Seeder {
             output_folder: Some(w.dir.to_string_lossy().into_owned()),
             overwrite: true,
             paused: false,
-            // Upload slots (a luna patch to librqbit: BitTorrent's choking): every node may
-            // connect, the seeder uploads to `seeder_peer_slots` of them at a time, in turns.
+            // Upload slots: the peers beyond them are refused (librqbit drops incoming peers
+            // above its live-peer limit) and get the pieces from the slot holders.
+            peer_limit: slots(self.state.config.seeder_peer_slots),
             peer_opts: Some(librqbit::PeerConnectionOptions {
                 keep_alive_interval: Some(SEEDER_KEEP_ALIVE),
-                upload_slots: slots(self.state.config.seeder_peer_slots),
                 ..Default::default()
             }),
             ..Default::default()
