@@ -19,6 +19,9 @@ pub const DEFAULT_PIECE_SPREAD: u32 = 8;
 /// the slots on in turn (BitTorrent's choking; 0: to every peer at once). See
 /// `torrent::SwarmOptions::upload_slots`.
 pub const DEFAULT_UPLOAD_SLOTS: u32 = 4;
+/// Default for `luna.peer_limit=N`: the node keeps at most N peer connections (the tracker may
+/// name hundreds of nodes). See `torrent::SwarmOptions::peer_limit`.
+pub const DEFAULT_PEER_LIMIT: u32 = 20;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootArgs {
@@ -40,6 +43,8 @@ pub struct BootArgs {
     pub piece_spread: u32,
     /// `luna.upload_slots=N` (see [`DEFAULT_UPLOAD_SLOTS`]).
     pub upload_slots: u32,
+    /// `luna.peer_limit=N`, 1 to 1024 (see [`DEFAULT_PEER_LIMIT`]).
+    pub peer_limit: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -98,6 +103,7 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
     let mut linger = DEFAULT_LINGER;
     let mut piece_spread = DEFAULT_PIECE_SPREAD;
     let mut upload_slots = DEFAULT_UPLOAD_SLOTS;
+    let mut peer_limit = DEFAULT_PEER_LIMIT;
     for word in words(cmdline) {
         let (key, value) = word.split_once('=').unwrap_or((word.as_str(), ""));
         match key {
@@ -134,6 +140,10 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
                 let bad = || CmdlineError::Bad { key: "luna.piece_spread", value: value.into() };
                 piece_spread = value.parse().ok().filter(|n| (1..=1024).contains(n)).ok_or_else(bad)?;
             }
+            "luna.peer_limit" => {
+                let bad = || CmdlineError::Bad { key: "luna.peer_limit", value: value.into() };
+                peer_limit = value.parse().ok().filter(|n| (1..=1024).contains(n)).ok_or_else(bad)?;
+            }
             "luna.upload_slots" => {
                 let bad = || CmdlineError::Bad { key: "luna.upload_slots", value: value.into() };
                 upload_slots = value.parse().ok().filter(|n| *n <= 1024).ok_or_else(bad)?;
@@ -163,6 +173,7 @@ pub fn parse(cmdline: &str) -> Result<BootArgs, CmdlineError> {
         linger,
         piece_spread,
         upload_slots,
+        peer_limit,
     })
 }
 
@@ -228,6 +239,14 @@ mod tests {
             Err(CmdlineError::Bad { key: "luna.upload_slots", value: "4096".into() })
         );
         assert!(parse("luna.url=http://s:1 luna.node=n1 luna.service").unwrap().service);
+        assert_eq!(parse("luna.url=http://s:1 luna.node=n1").unwrap().peer_limit, DEFAULT_PEER_LIMIT);
+        assert_eq!(parse("luna.url=http://s:1 luna.node=n1 luna.peer_limit=64").unwrap().peer_limit, 64);
+        for bad in ["0", "1025", "-3", "many"] {
+            assert_eq!(
+                parse(&format!("luna.url=http://s:1 luna.node=n1 luna.peer_limit={bad}")),
+                Err(CmdlineError::Bad { key: "luna.peer_limit", value: bad.into() })
+            );
+        }
     }
 
     #[test]

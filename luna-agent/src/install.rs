@@ -492,6 +492,7 @@ async fn start_swarm(ctx: &Ctx<'_>, image: &PlanImage, nic: &str, ip: Option<Ipv
             .collect(),
         piece_spread: ctx.args.piece_spread,
         upload_slots: ctx.args.upload_slots,
+        peer_limit: ctx.args.peer_limit,
     };
     match Swarm::start(torrent, &ctx.cfg.scratch, opts).await {
         Ok(s) => Some(s),

@@ -37,6 +37,8 @@ pub struct BedOptions {
     pub image_mib: usize,
     /// `[image] seeder_peer_slots` of the server.
     pub seeder_slots: u32,
+    /// `[image] seeder_super_seed` of the server.
+    pub super_seed: bool,
     /// How the hosts' (server's and nodes') uplinks queue; the switch's ports are FIFOs.
     pub host_queue: HostQueue,
 }
@@ -198,9 +200,10 @@ impl SwarmBed {
                 "store = \"sqlite://{d}/luna.db\"\nlisten = \"{SERVER_IP}:{HTTP_PORT}\"\ntoken_file = \"{d}/token\"\n\
                  data_dir = \"{d}/data\"\n[tftp]\nenabled = false\n[image]\nseed = true\n\
                  seed_listen = \"{SERVER_IP}:6881\"\ndracut = \"{}\"\nkeep_revisions = 1\nseeder_peer_slots = {}\n\
-                 [http]\napi_listen = \"{SERVER_IP}:{API_PORT}\"\ntls_names = [\"{SERVER_IP}\"]\n",
+                 seeder_super_seed = {}\n[http]\napi_listen = \"{SERVER_IP}:{API_PORT}\"\ntls_names = [\"{SERVER_IP}\"]\n",
                 dracut.display(),
-                opts.seeder_slots
+                opts.seeder_slots,
+                opts.super_seed
             )
             .as_bytes(),
         )?;
@@ -233,7 +236,10 @@ impl SwarmBed {
         }
 
         let mut cmd = server.command(cargo_bin("luna-server")?);
-        cmd.arg("--config").arg(&config).arg("serve").env("RUST_LOG", "warn");
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("serve")
+            .env("RUST_LOG", std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()));
         let proc = ChildGuard::spawn(&mut cmd, "bench-swarm-luna")?;
         let mut bed = SwarmBed { nodes, server_proc: Some(proc), server, switch, dir, archive_size: 0, token };
         crate::bench::wait_tcp(&bed.server, &format!("{SERVER_IP}:{HTTP_PORT}"), Duration::from_secs(60))?;

@@ -66,6 +66,10 @@ pub struct ImageConfig {
     /// default of 128). Peers beyond it are refused and fetch from the peers that got a slot; a
     /// peer that completes disconnects and frees its slot. See ARCHITECTURE.md (seeder).
     pub seeder_peer_slots: u32,
+    /// Super-seeding (BEP 16): the seeder tells each peer of a piece or two at a time, those it
+    /// has given out least, so that every piece reaches the swarm once before any leaves twice.
+    /// See ARCHITECTURE.md (seeder).
+    pub seeder_super_seed: bool,
 }
 
 impl Default for ImageConfig {
@@ -79,6 +83,7 @@ impl Default for ImageConfig {
             seed_listen: "0.0.0.0:6881".parse().expect("valid literal"),
             upload_limit_bytes_per_s: 0,
             seeder_peer_slots: DEFAULT_SEEDER_PEER_SLOTS,
+            seeder_super_seed: true,
         }
     }
 }
@@ -106,6 +111,9 @@ upload_limit_bytes_per_s = {limit}
 # refused and fetch from the peers holding a slot, so the server sends about this many
 # copies of an image however many nodes boot; a node that completes frees its slot.
 seeder_peer_slots = {slots}
+# Super-seeding: tell each peer of a piece or two at a time, those sent least first, so
+# that the whole image reaches the nodes once before any piece leaves the server twice.
+seeder_super_seed = {super_seed}
 "#,
         dracut = d.dracut,
         keep = d.keep_revisions,
@@ -115,6 +123,7 @@ seeder_peer_slots = {slots}
         listen = d.seed_listen,
         limit = d.upload_limit_bytes_per_s,
         slots = d.seeder_peer_slots,
+        super_seed = d.seeder_super_seed,
     )
 }
 

@@ -7,6 +7,10 @@
 //!     cargo run -p luna-tests --bin bench-swarm -- [--nodes 1,8,32,64] [--rate-mbit 20]
 //!         [--image-mib 12] [--no-unpack] [--methods swarm,http] [--out docs]
 //!         [--agent-args 'luna.linger=0'] [--agent-log info,luna_agent::torrent=debug]
+//!         [--seeder-slots 2] [--super-seed true|false]
+//!
+//! `BENCH_SERVER_LOG` is luna-server's `RUST_LOG` (default `warn`; e.g. `warn,librqbit=debug`
+//! for the seeder's peer connections).
 //!
 //! The bed (`luna_tests::swarm_bed`): a switch (bridge) with luna-server's namespace and one
 //! namespace per node on it, every link shaped with `tc tbf` to the same rate B both ways, so the
@@ -83,6 +87,9 @@ struct Args {
     /// `[image] seeder_peer_slots` of the server.
     #[arg(long, default_value_t = luna_server::image::DEFAULT_SEEDER_PEER_SLOTS)]
     seeder_slots: u32,
+    /// `[image] seeder_super_seed` of the server: `true` or `false`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    super_seed: bool,
     /// How the server's and the nodes' interfaces queue (the switch's ports are FIFOs).
     #[arg(long, value_enum, default_value_t = Queue::SparseFirst)]
     host_queue: Queue,
@@ -236,6 +243,7 @@ fn main() -> Result<()> {
         rate_mbit: a.rate_mbit,
         image_mib: a.image_mib as usize,
         seeder_slots: a.seeder_slots,
+        super_seed: a.super_seed,
         host_queue: match a.host_queue {
             Queue::Fifo => HostQueue::Fifo,
             Queue::SparseFirst => HostQueue::SparseFirst,
@@ -251,10 +259,11 @@ fn main() -> Result<()> {
     let sb = s as f64 * 8.0 / (f64::from(a.rate_mbit) * 1e6);
     println!(
         "bench-swarm: {max} node namespaces, links {} Mbit/s, archive S = {s} bytes, S/B = {sb:.2} s, \
-         unpack {}, seeder slots {}, host queue {:?} (bed up in {:.0} s; load average {})",
+         unpack {}, seeder slots {}, super-seeding {}, host queue {:?} (bed up in {:.0} s; load average {})",
         a.rate_mbit,
         if a.no_unpack { "off" } else { "on" },
         a.seeder_slots,
+        a.super_seed,
         a.host_queue,
         t.elapsed().as_secs_f64(),
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")

@@ -290,6 +290,19 @@ pub struct AddTorrentOptions {
     /// Max concurrent connected peers.
     pub peer_limit: Option<usize>,
 
+    /// luna patch: super-seeding (BEP 16) for a torrent we have whole: no bitfield, each peer
+    /// is told of a piece or two at a time, those given out least first (see
+    /// `TorrentStateLive::task_super_seed`).
+    #[serde(default)]
+    pub super_seed: bool,
+
+    /// luna patch: never connect to peers; only accept those that connect to us. A server's
+    /// seed with a few upload slots keeps them for the peers that come to it: connecting to
+    /// the addresses its tracker announce returned took those slots, for as long as a connect
+    /// attempt to a node that had gone took (see `TorrentStateLive::task_peer_adder`).
+    #[serde(default)]
+    pub accept_only: bool,
+
     /// This is used to restore the session from serialized state.
     pub preferred_id: Option<usize>,
 
@@ -1369,6 +1382,8 @@ impl Session {
                     peer_max_request_window: peer_opts.max_request_window,
                     peer_piece_spread: peer_opts.piece_spread,
                     peer_upload_slots: peer_opts.upload_slots,
+                    super_seed: opts.super_seed,
+                    accept_only: opts.accept_only,
                     allow_overwrite: opts.overwrite,
                     output_folder,
                     ratelimits: opts.ratelimits,

@@ -119,6 +119,10 @@ pub(crate) struct ManagedTorrentOptions {
     pub peer_piece_spread: Option<usize>,
     // luna patch: see `PeerConnectionOptions::upload_slots`.
     pub peer_upload_slots: Option<usize>,
+    // luna patch: see `AddTorrentOptions::super_seed`.
+    pub super_seed: bool,
+    // luna patch: see `AddTorrentOptions::accept_only`.
+    pub accept_only: bool,
     pub allow_overwrite: bool,
     pub output_folder: PathBuf,
     pub ratelimits: LimitsConfig,

@@ -42,6 +42,8 @@
 pub mod peer;
 pub mod peers;
 pub mod stats;
+// luna patch: super-seeding (BEP 16).
+mod super_seed;
 
 use std::{
     borrow::Cow,
@@ -217,6 +219,8 @@ pub struct TorrentStateLive {
     /// luna patch: how many live peers have each piece, and when that was counted
     /// (`piece_availability`).
     availability: Mutex<(Option<Instant>, Arc<Vec<u16>>)>,
+    /// luna patch: what a super-seeding torrent told each peer of (`task_super_seed`).
+    super_seed: Option<Mutex<super_seed::SuperSeed>>,
 }
 
 impl TorrentStateLive {
@@ -332,6 +336,11 @@ impl TorrentStateLive {
             ratelimit_upload_tx,
             ratelimits,
             availability: Mutex::new((None, Arc::new(Vec::new()))),
+            super_seed: paused
+                .shared
+                .options
+                .super_seed
+                .then(|| Mutex::new(super_seed::SuperSeed::new(lengths.total_pieces() as usize))),
         });
 
         state.spawn(
@@ -380,6 +389,13 @@ impl TorrentStateLive {
                 debug_span!(parent: state.shared.span.clone(), "choker"),
                 format!("[{}]choker", state.shared.id),
                 state.clone().task_choker(slots.max(1)),
+            );
+        }
+        if state.super_seed.is_some() {
+            state.spawn(
+                debug_span!(parent: state.shared.span.clone(), "super_seed"),
+                format!("[{}]super_seed", state.shared.id),
+                state.clone().task_super_seed(),
             );
         }
         Ok(state)
@@ -547,6 +563,40 @@ impl TorrentStateLive {
                     live.unchoked_since = Some(now);
                     let _ = live.tx.send(WriterRequest::Message(Message::Unchoke));
                 });
+            }
+        }
+    }
+
+    /// luna patch: super-seeding (BEP 16; `AddTorrentOptions::super_seed`, see
+    /// `super_seed.rs`). No bitfield is sent; every `SUPER_SEED_TICK` each live peer is told
+    /// (HAVE) of up to two pieces it lacks, those given out least first, near its first missing
+    /// piece, so that every piece reaches some peer before any piece leaves twice.
+    async fn task_super_seed(self: Arc<Self>) -> crate::Result<()> {
+        let Some(ss) = self.super_seed.as_ref() else {
+            return Ok(());
+        };
+        let mut tick = tokio::time::interval(SUPER_SEED_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            // Copied, so that no peer entry is locked while the offers are.
+            let peers: Vec<(SocketAddr, BF, PeerTx)> = self
+                .peers
+                .states
+                .iter()
+                .filter_map(|e| {
+                    let live = e.value().get_live()?;
+                    Some((*e.key(), live.bitfield.clone(), live.tx.clone()))
+                })
+                .collect();
+            let mut g = ss.lock();
+            g.retain(|a| peers.iter().any(|(p, _, _)| p == a));
+            for (addr, bf, tx) in &peers {
+                let has = |i: usize| bf.get(i).is_some_and(|b| *b);
+                for piece in g.offer(*addr, has, now) {
+                    let _ = tx.send(WriterRequest::Message(Message::Have(piece)));
+                }
             }
         }
     }
@@ -729,6 +779,11 @@ impl TorrentStateLive {
         let state = self;
         loop {
             let addr = peer_queue_rx.recv().await.ok_or(Error::TorrentIsNotLive)?;
+            // luna patch: see `AddTorrentOptions::accept_only`.
+            if state.shared.options.accept_only {
+                state.peers.mark_peer_not_needed(addr);
+                continue;
+            }
             if state.shared.options.disable_upload() && state.is_finished_and_no_active_streams() {
                 debug!(?addr, "ignoring peer as we are finished");
                 state.peers.mark_peer_not_needed(addr);
@@ -1135,6 +1190,8 @@ const CHOKE_TURN: Duration = Duration::from_secs(2);
 /// luna patch: a peer that asked for nothing this long gives its upload slot to a waiting one.
 const CHOKE_IDLE: Duration = Duration::from_millis(500);
 /// luna patch: how stale `TorrentStateLive::piece_availability` may be.
+// luna patch: how often a super-seeding torrent settles and makes its offers.
+const SUPER_SEED_TICK: Duration = Duration::from_millis(100);
 const AVAILABILITY_MAX_AGE: Duration = Duration::from_millis(50);
 
 struct PeerFlowControl {
@@ -1361,6 +1418,10 @@ impl PeerConnectionHandler for &'_ PeerHandler {
 
     fn should_send_bitfield(&self) -> bool {
         if self.state.torrent().options.disable_upload() {
+            return false;
+        }
+        // luna patch: a super-seeding torrent tells of its pieces one by one.
+        if self.state.super_seed.is_some() {
             return false;
         }
 
@@ -1684,6 +1745,15 @@ impl PeerHandler {
             anyhow::bail!(
                 "got request for a chunk that is not ready to upload. chunk {:?}",
                 chunk_info
+            );
+        }
+
+        if let Some(ss) = &self.state.super_seed {
+            ss.lock().on_request(
+                self.addr,
+                piece_index.get(),
+                chunk_info.chunk_index,
+                self.state.lengths.chunks_per_piece(piece_index),
             );
         }
 
