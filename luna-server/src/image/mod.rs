@@ -68,7 +68,9 @@ pub struct ImageConfig {
     pub seeder_peer_slots: u32,
     /// Super-seeding (BEP 16): the seeder tells each peer of a piece or two at a time, those it
     /// has given out least, so that every piece reaches the swarm once before any leaves twice.
-    /// See ARCHITECTURE.md (seeder).
+    /// Off by default: with it, `tests/tests/e2e_boot.rs`'s node005 (alone, after the others,
+    /// from a seeder limited to 1 MiB/s) never reported a download progress between 3 and 90 %,
+    /// not understood yet. See ARCHITECTURE.md (seeder).
     pub seeder_super_seed: bool,
 }
 
@@ -83,7 +85,7 @@ impl Default for ImageConfig {
             seed_listen: "0.0.0.0:6881".parse().expect("valid literal"),
             upload_limit_bytes_per_s: 0,
             seeder_peer_slots: DEFAULT_SEEDER_PEER_SLOTS,
-            seeder_super_seed: true,
+            seeder_super_seed: false,
         }
     }
 }

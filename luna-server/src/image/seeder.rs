@@ -286,10 +286,6 @@ impl Seeder {
             // above its live-peer limit) and get the pieces from the slot holders.
             peer_limit: slots(self.state.config.seeder_peer_slots),
             super_seed: self.state.config.seeder_super_seed,
-            // Nodes come to the seeder (the tracker always lists it); its few slots are kept
-            // for them rather than spent on connecting to the nodes the tracker names, some
-            // of which have gone.
-            accept_only: true,
             peer_opts: Some(librqbit::PeerConnectionOptions {
                 keep_alive_interval: Some(SEEDER_KEEP_ALIVE),
                 ..Default::default()

@@ -296,13 +296,6 @@ pub struct AddTorrentOptions {
     #[serde(default)]
     pub super_seed: bool,
 
-    /// luna patch: never connect to peers; only accept those that connect to us. A server's
-    /// seed with a few upload slots keeps them for the peers that come to it: connecting to
-    /// the addresses its tracker announce returned took those slots, for as long as a connect
-    /// attempt to a node that had gone took (see `TorrentStateLive::task_peer_adder`).
-    #[serde(default)]
-    pub accept_only: bool,
-
     /// This is used to restore the session from serialized state.
     pub preferred_id: Option<usize>,
 
@@ -1383,7 +1376,6 @@ impl Session {
                     peer_piece_spread: peer_opts.piece_spread,
                     peer_upload_slots: peer_opts.upload_slots,
                     super_seed: opts.super_seed,
-                    accept_only: opts.accept_only,
                     allow_overwrite: opts.overwrite,
                     output_folder,
                     ratelimits: opts.ratelimits,

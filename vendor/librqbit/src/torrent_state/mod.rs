@@ -121,8 +121,6 @@ pub(crate) struct ManagedTorrentOptions {
     pub peer_upload_slots: Option<usize>,
     // luna patch: see `AddTorrentOptions::super_seed`.
     pub super_seed: bool,
-    // luna patch: see `AddTorrentOptions::accept_only`.
-    pub accept_only: bool,
     pub allow_overwrite: bool,
     pub output_folder: PathBuf,
     pub ratelimits: LimitsConfig,

@@ -779,11 +779,6 @@ impl TorrentStateLive {
         let state = self;
         loop {
             let addr = peer_queue_rx.recv().await.ok_or(Error::TorrentIsNotLive)?;
-            // luna patch: see `AddTorrentOptions::accept_only`.
-            if state.shared.options.accept_only {
-                state.peers.mark_peer_not_needed(addr);
-                continue;
-            }
             if state.shared.options.disable_upload() && state.is_finished_and_no_active_streams() {
                 debug!(?addr, "ignoring peer as we are finished");
                 state.peers.mark_peer_not_needed(addr);
