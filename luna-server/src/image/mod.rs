@@ -69,8 +69,10 @@ pub struct ImageConfig {
     /// Super-seeding (BEP 16): the seeder tells each peer of a piece or two at a time, those it
     /// has given out least, so that every piece reaches the swarm once before any leaves twice.
     /// Off by default: with it, `tests/tests/e2e_boot.rs`'s node005 (alone, after the others,
-    /// from a seeder limited to 1 MiB/s) never reported a download progress between 3 and 90 %,
-    /// not understood yet. See ARCHITECTURE.md (seeder).
+    /// from a seeder limited to 1 MiB/s) never reported a download progress between 3 and 90 %:
+    /// "least given first" hands a late node its first missing piece last, so it streams
+    /// nothing until the end (fix: never-sent pieces first, then in order; not yet made). See
+    /// ARCHITECTURE.md (seeder).
     pub seeder_super_seed: bool,
 }
 
