@@ -11,14 +11,16 @@
 //! for protocol overhead); once every host is complete the seeder holds no peer any more (seeds
 //! disconnect from each other, so finished hosts do not keep upload slots).
 //!
-//! Why that holds: the seeder has `[image] seeder_peer_slots` upload slots (default 2), so two
-//! hosts fetch from it and the other six are refused and fetch from those two and each other
-//! (librqbit clients pick pieces in order, so without slots all 8 ask the seeder for the same
-//! piece at once and it sent 7.5–8×). It also needs our librqbit patch (vendor/librqbit/
-//! LUNA-PATCH.md): unpatched, hosts that connected while empty never sent each other a HAVE.
-//! Measured (16 MiB archive): 2.00× and every host done in about 9 s, against 7.4× and 15 s
-//! without slots. The test prints, per host, the bytes it got from the server and from the other
-//! hosts, and the ratio by seeder counter and veth bytes.
+//! Why that holds: the seeder has `[image] seeder_peer_slots` upload slots (default 8) and
+//! super-seeds (`[image] seeder_super_seed`, default on): it tells each slot holder of a piece
+//! or two at a time, pieces no connected host got from it yet first, so the hosts get different
+//! pieces from it and the rest from each other (librqbit clients pick pieces in order: without
+//! slots or super-seeding all 8 ask the seeder for the same piece at once and it sent 7.5–8×).
+//! It also needs our librqbit patch (vendor/librqbit/LUNA-PATCH.md): unpatched, hosts that
+//! connected while empty never sent each other a HAVE. Measured (16 MiB archive): 1.53× and
+//! every host done in under 3 s with the defaults; 2.00× in about 9 s with 2 slots and no
+//! super-seeding; 7.4× and 15 s without slots. The test prints, per host, the bytes it got
+//! from the server and from the other hosts, and the ratio by seeder counter and veth bytes.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};

@@ -34,14 +34,12 @@ pub use jobs::{JobId, JobState, JobStatus, Jobs};
 pub use pack::{PackMode, PackStep};
 use publish::Layout;
 
-/// Default `[image] seeder_peer_slots`. Nodes fetch pieces in order, so the server sends about
-/// one copy per slot, and more slots do not boot a swarm sooner: the nodes' links are faster than
-/// the server's uplink and the refused nodes follow the slot holders piece by piece (8 hosts, 16
-/// MiB, `tests/tests/image_swarm.rs`: 1 slot 1.0× in 9 s, 2 slots 2.0× in 9 s, 3 slots 2.9× in
-/// 9 s, 4 slots 3.9× in 10 s, no limit 7.4× in 15 s). Two rather than one so that a slow or
-/// failing slot holder does not hold up the others, and so that a two-node boot fetches from the
-/// server exactly as without slots.
-pub const DEFAULT_SEEDER_PEER_SLOTS: u32 = 2;
+/// Default `[image] seeder_peer_slots`, with super-seeding on (the slot holders get different
+/// pieces). bench-swarm, 10 Mbit/s links, 8 MiB image: 64 nodes took 3.4–3.9 S/B with 2 slots,
+/// 2.8–3.2 with 8 (server egress 1.7–2.2 S), 3.9 and 7.5 with 16 (README, Performance). Without
+/// super-seeding slot holders fetch pieces in order and each costs the server a copy (8 hosts,
+/// 16 MiB, `tests/tests/image_swarm.rs`: 1 slot 1.0×, 2 slots 2.0×, 4 slots 3.9×, no limit 7.4×).
+pub const DEFAULT_SEEDER_PEER_SLOTS: u32 = 8;
 
 /// `[image]` in luna.toml.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,13 +64,9 @@ pub struct ImageConfig {
     /// default of 128). Peers beyond it are refused and fetch from the peers that got a slot; a
     /// peer that completes disconnects and frees its slot. See ARCHITECTURE.md (seeder).
     pub seeder_peer_slots: u32,
-    /// Super-seeding (BEP 16): the seeder tells each peer of a piece or two at a time, those it
-    /// has given out least, so that every piece reaches the swarm once before any leaves twice.
-    /// Off by default: with it, `tests/tests/e2e_boot.rs`'s node005 (alone, after the others,
-    /// from a seeder limited to 1 MiB/s) never reported a download progress between 3 and 90 %:
-    /// "least given first" hands a late node its first missing piece last, so it streams
-    /// nothing until the end (fix: never-sent pieces first, then in order; not yet made). See
-    /// ARCHITECTURE.md (seeder).
+    /// Super-seeding (BEP 16): the seeder tells each peer of a piece or two at a time, one no
+    /// connected peer got from it yet if there is one near the peer's first missing piece, else
+    /// the first; so the slot holders get different pieces. See ARCHITECTURE.md (seeder).
     pub seeder_super_seed: bool,
 }
 
@@ -87,7 +81,7 @@ impl Default for ImageConfig {
             seed_listen: "0.0.0.0:6881".parse().expect("valid literal"),
             upload_limit_bytes_per_s: 0,
             seeder_peer_slots: DEFAULT_SEEDER_PEER_SLOTS,
-            seeder_super_seed: false,
+            seeder_super_seed: true,
         }
     }
 }
@@ -112,11 +106,10 @@ seed_listen = "{listen}"
 # Seeder upload limit in bytes per second; 0 = unlimited.
 upload_limit_bytes_per_s = {limit}
 # Upload slots: peers the seeder serves at once per revision (0 = no limit). Others are
-# refused and fetch from the peers holding a slot, so the server sends about this many
-# copies of an image however many nodes boot; a node that completes frees its slot.
+# refused and fetch from the peers holding a slot; a node that completes frees its slot.
 seeder_peer_slots = {slots}
-# Super-seeding: tell each peer of a piece or two at a time, those sent least first, so
-# that the whole image reaches the nodes once before any piece leaves the server twice.
+# Super-seeding: tell each peer of a piece or two at a time, pieces no connected peer got
+# from the server yet first, so that the slot holders get different pieces.
 seeder_super_seed = {super_seed}
 "#,
         dracut = d.dracut,

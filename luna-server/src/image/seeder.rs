@@ -497,7 +497,7 @@ mod tests {
     fn zero_slots_means_librqbits_default_limit() {
         assert_eq!(slots(0), None);
         assert_eq!(slots(1), Some(1));
-        assert_eq!(slots(super::super::DEFAULT_SEEDER_PEER_SLOTS), Some(2));
+        assert_eq!(slots(super::super::DEFAULT_SEEDER_PEER_SLOTS), Some(8));
     }
 
     #[test]

@@ -88,7 +88,7 @@ struct Args {
     #[arg(long, default_value_t = luna_server::image::DEFAULT_SEEDER_PEER_SLOTS)]
     seeder_slots: u32,
     /// `[image] seeder_super_seed` of the server: `true` or `false`.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = luna_server::image::ImageConfig::default().seeder_super_seed, action = clap::ArgAction::Set)]
     super_seed: bool,
     /// How the server's and the nodes' interfaces queue (the switch's ports are FIFOs).
     #[arg(long, value_enum, default_value_t = Queue::SparseFirst)]

@@ -51,6 +51,11 @@ pub trait PeerConnectionHandler {
     fn unchoke_on_connect(&self) -> bool {
         true
     }
+    /// luna patch: whether the peer cancelled this chunk after asking for it (it is then not
+    /// sent; upstream ignored cancels).
+    fn is_cancelled(&self, _chunk: &ChunkInfo) -> bool {
+        false
+    }
     fn update_my_extended_handshake(
         &self,
         _handshake: &mut ExtendedHandshake<ByteBuf>,
@@ -422,6 +427,10 @@ impl<H: PeerConnectionHandler> PeerConnection<H> {
                             .serialize(&mut *write_buf, ext_msg_ids)?
                     }
                     WriterRequest::ReadChunkRequest(chunk) => {
+                        if self.handler.is_cancelled(&chunk) {
+                            trace!(?chunk, "not sent: cancelled");
+                            continue;
+                        }
                         #[allow(unused_mut)]
                         let mut skip_reading_for_e2e_tests = false;
 
