@@ -396,7 +396,8 @@ pub struct SwarmOptions {
     pub initial_peers: Vec<SocketAddr>,
     pub window: u64,
     /// Addresses of the servers (their seeders), to tell bytes from the server from bytes from
-    /// other nodes in [`Census`].
+    /// other nodes in [`Census`]; they are connected first and outside `peer_limit` (librqbit
+    /// patch 12).
     pub servers: Vec<IpAddr>,
     /// Fetch a random one of the rarest of the next `piece_spread` pieces the reader needs that
     /// a peer has (luna patches 6 and 9 to librqbit; 1: strictly in order). Nodes booting together read the image
@@ -480,6 +481,13 @@ impl Swarm {
                     }),
                     initial_peers: (!opts.initial_peers.is_empty()).then(|| opts.initial_peers.clone()),
                     peer_limit: (opts.peer_limit > 0).then_some(opts.peer_limit as usize),
+                    // The seeders are reached whatever the limit (librqbit patch 12).
+                    priority_peers: {
+                        let mut p = opts.servers.clone();
+                        p.sort();
+                        p.dedup();
+                        p
+                    },
                     ..Default::default()
                 }),
             )

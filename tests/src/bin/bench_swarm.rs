@@ -7,7 +7,7 @@
 //!     cargo run -p luna-tests --bin bench-swarm -- [--nodes 1,8,32,64] [--rate-mbit 20]
 //!         [--image-mib 12] [--no-unpack] [--methods swarm,http] [--out docs]
 //!         [--agent-args 'luna.linger=0'] [--agent-log info,luna_agent::torrent=debug]
-//!         [--seeder-slots 2] [--super-seed true|false]
+//!         [--seeder-slots 8] [--super-seed true|false]
 //!
 //! `BENCH_SERVER_LOG` is luna-server's `RUST_LOG` (default `warn`; e.g. `warn,librqbit=debug`
 //! for the seeder's peer connections).

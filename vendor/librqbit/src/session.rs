@@ -296,6 +296,12 @@ pub struct AddTorrentOptions {
     #[serde(default)]
     pub super_seed: bool,
 
+    /// luna patch: peers at these addresses (the server's seeders) are connected whatever
+    /// `peer_limit` says, and ahead of the other peers (see
+    /// `TorrentStateLive::priority_queue_tx`).
+    #[serde(default)]
+    pub priority_peers: Vec<std::net::IpAddr>,
+
     /// This is used to restore the session from serialized state.
     pub preferred_id: Option<usize>,
 
@@ -1376,6 +1382,7 @@ impl Session {
                     peer_piece_spread: peer_opts.piece_spread,
                     peer_upload_slots: peer_opts.upload_slots,
                     super_seed: opts.super_seed,
+                    priority_peers: opts.priority_peers.clone(),
                     allow_overwrite: opts.overwrite,
                     output_folder,
                     ratelimits: opts.ratelimits,

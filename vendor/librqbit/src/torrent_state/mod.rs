@@ -121,6 +121,8 @@ pub(crate) struct ManagedTorrentOptions {
     pub peer_upload_slots: Option<usize>,
     // luna patch: see `AddTorrentOptions::super_seed`.
     pub super_seed: bool,
+    // luna patch: see `AddTorrentOptions::priority_peers`.
+    pub priority_peers: Vec<std::net::IpAddr>,
     pub allow_overwrite: bool,
     pub output_folder: PathBuf,
     pub ratelimits: LimitsConfig,

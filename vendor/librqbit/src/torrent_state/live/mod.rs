@@ -198,6 +198,20 @@ pub struct TorrentStateLive {
 
     // The queue for peer manager to connect to them.
     peer_queue_tx: UnboundedSender<SocketAddr>,
+    /// luna patch: peers at `ManagedTorrentOptions::priority_peers` (the server's seeders) are
+    /// queued here and connected with permits of their own (`priority_semaphore`, one per
+    /// such peer), never behind the live-peer limit. With a node's limit at 20 and the tracker
+    /// naming 50 peers, the seeder was often queued behind 20 nodes that had nothing yet
+    /// ("queued 1" in luna-agent's census for the whole run).
+    priority_queue_tx: UnboundedSender<SocketAddr>,
+    priority_semaphore: Arc<Semaphore>,
+    /// luna patch: outgoing connections (the attempt included) hold a permit of this too, at
+    /// most half the live-peer limit, so at least half of it is left for peers that connect to
+    /// us. A seeder with 8 slots spent all of them on connection attempts (10 s each) to the
+    /// addresses its tracker still named for nodes that had finished and gone, and refused
+    /// every node of the next wave: all 64 fell back to HTTP (bench-swarm, a run following
+    /// another, about one in five).
+    outgoing_semaphore: Arc<Semaphore>,
 
     finished_notify: Notify,
     new_pieces_notify: Notify,
@@ -266,6 +280,7 @@ impl TorrentStateLive {
         cancellation_token: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         let (peer_queue_tx, peer_queue_rx) = unbounded_channel();
+        let (priority_queue_tx, priority_queue_rx) = unbounded_channel();
         let session = paused
             .shared
             .session
@@ -326,6 +341,13 @@ impl TorrentStateLive {
             )),
             new_pieces_notify: Notify::new(),
             peer_queue_tx,
+            priority_queue_tx,
+            priority_semaphore: Arc::new(Semaphore::new(
+                paused.shared.options.priority_peers.len(),
+            )),
+            outgoing_semaphore: Arc::new(Semaphore::new(
+                paused.shared.options.peer_limit.unwrap_or(128).div_ceil(2).max(1),
+            )),
             finished_notify: Notify::new(),
             down_speed_estimator,
             up_speed_estimator,
@@ -385,7 +407,12 @@ impl TorrentStateLive {
         state.spawn(
             debug_span!(parent: state.shared.span.clone(), "peer_adder"),
             format!("[{}]peer_adder", state.shared.id),
-            state.clone().task_peer_adder(peer_queue_rx),
+            state.clone().task_peer_adder(peer_queue_rx, false),
+        );
+        state.spawn(
+            debug_span!(parent: state.shared.span.clone(), "priority_peer_adder"),
+            format!("[{}]priority_peer_adder", state.shared.id),
+            state.clone().task_peer_adder(priority_queue_rx, true),
         );
 
         state.spawn(
@@ -434,7 +461,13 @@ impl TorrentStateLive {
     ) -> anyhow::Result<AddIncomingPeerResult> {
         use dashmap::mapref::entry::Entry;
         let (tx, rx) = unbounded_channel();
-        let permit = match self.peer_semaphore.clone().try_acquire_owned() {
+        // luna patch: a priority peer (the server's seeder) is let in whatever the limit.
+        let permit = match self
+            .is_priority(checked_peer.addr)
+            .then(|| self.priority_semaphore.clone().try_acquire_owned().ok())
+            .flatten()
+            .map_or_else(|| self.peer_semaphore.clone().try_acquire_owned(), Ok)
+        {
             Ok(permit) => permit,
             Err(_) => {
                 debug!("limit of live peers reached, dropping incoming peer");
@@ -787,9 +820,12 @@ impl TorrentStateLive {
         Ok(())
     }
 
+    /// luna patch: `priority` is the adder of `priority_queue_tx`, taking permits of
+    /// `priority_semaphore` (and of the live-peer limit when those are out).
     async fn task_peer_adder(
         self: Arc<Self>,
         mut peer_queue_rx: UnboundedReceiver<SocketAddr>,
+        priority: bool,
     ) -> crate::Result<()> {
         let state = self;
         loop {
@@ -840,11 +876,25 @@ impl TorrentStateLive {
                 continue;
             }
 
-            let permit = state.peer_semaphore.clone().acquire_owned().await?;
+            let (permit, outgoing) = match priority {
+                true => match state.priority_semaphore.clone().try_acquire_owned() {
+                    Ok(p) => (p, None),
+                    Err(_) => (state.peer_semaphore.clone().acquire_owned().await?, None),
+                },
+                false => {
+                    // luna patch: see `outgoing_semaphore`.
+                    let out = state.outgoing_semaphore.clone().acquire_owned().await?;
+                    (state.peer_semaphore.clone().acquire_owned().await?, Some(out))
+                }
+            };
+            let manage = state.clone().task_manage_outgoing_peer(addr, permit);
             state.spawn(
                 debug_span!(parent: state.shared.span.clone(), "manage_peer", peer = ?addr),
                 format!("[{}][addr={addr}]manage_peer", state.shared.id),
-                aframe!(state.clone().task_manage_outgoing_peer(addr, permit)),
+                aframe!(async move {
+                    let _outgoing = outgoing;
+                    manage.await
+                }),
             );
         }
     }
@@ -915,11 +965,24 @@ impl TorrentStateLive {
             None => return Ok(false),
         };
 
-        self.peer_queue_tx
+        self.peer_queue(addr)
             .send(addr)
             .ok()
             .ok_or(Error::TorrentIsNotLive)?;
         Ok(true)
+    }
+
+    /// luna patch: whether `addr` is one of `ManagedTorrentOptions::priority_peers`.
+    fn is_priority(&self, addr: SocketAddr) -> bool {
+        self.shared.options.priority_peers.contains(&addr.ip())
+    }
+
+    /// luna patch: the queue `addr` waits in to be connected (`priority_queue_tx`).
+    fn peer_queue(&self, addr: SocketAddr) -> &UnboundedSender<SocketAddr> {
+        match self.is_priority(addr) {
+            true => &self.priority_queue_tx,
+            false => &self.peer_queue_tx,
+        }
     }
 
     pub fn stats_snapshot(&self) -> StatsSnapshot {
@@ -1102,7 +1165,7 @@ impl TorrentStateLive {
             .states
             .iter_mut()
             .filter_map(|mut p| p.value_mut().reconnect_not_needed_peer(&self.peers))
-            .map(|socket_addr| self.peer_queue_tx.send(socket_addr))
+            .map(|socket_addr| self.peer_queue(socket_addr).send(socket_addr))
             .take_while(|r| r.is_ok())
             .last();
     }
@@ -1641,7 +1704,7 @@ impl PeerHandler {
                         .unwrap_or(false);
                     if should_requeue {
                         self.state
-                            .peer_queue_tx
+                            .peer_queue(handle)
                             .send(handle)
                             .ok()
                             .ok_or(Error::TorrentIsNotLive)?;
