@@ -36,7 +36,8 @@ use publish::Layout;
 
 /// Default `[image] seeder_peer_slots`, with super-seeding on (the slot holders get different
 /// pieces). bench-swarm, 10 Mbit/s links, 8 MiB image: 64 nodes took 3.4–3.9 S/B with 2 slots,
-/// 2.8–3.2 with 8 (server egress 1.7–2.2 S), 3.9 and 7.5 with 16 (README, Performance). Without
+/// 2.8–3.2 with 8 (2.86–2.96 once half of them were kept for incoming peers, librqbit patch
+/// 12; server egress 1.8–2.2 S), 3.9 and 7.5 with 16 (README, Performance). Without
 /// super-seeding slot holders fetch pieces in order and each costs the server a copy (8 hosts,
 /// 16 MiB, `tests/tests/image_swarm.rs`: 1 slot 1.0×, 2 slots 2.0×, 4 slots 3.9×, no limit 7.4×).
 pub const DEFAULT_SEEDER_PEER_SLOTS: u32 = 8;
