@@ -1,14 +1,15 @@
 //! luna patch: super-seeding (BEP 16), the bookkeeping without IO.
 //!
 //! A super-seeding torrent sends no bitfield: it tells each peer of one or two pieces at a time
-//! with HAVE messages: among the peer's first missing pieces, one that has not gone out yet,
-//! else the first. So the first copy of every piece goes to some peer early, and the peers
-//! trade the rest among themselves; a peer that comes late, when every piece has gone out, is
-//! told of its pieces in order and can stream them (choosing the least-given there starved such
-//! a peer's first missing piece: e2e's lone node005 got nothing it could unpack until the end). Without it, the server's
-//! few upload-slot holders each fetched the whole image from it (nodes stream the image in
-//! order, so they all want the same pieces): about two copies left the server before the last
-//! piece reached the swarm (bench-swarm, 64 nodes, 10 Mbit/s).
+//! with HAVE messages: among the peer's missing pieces within `OFFER_AHEAD_BYTES` of its first
+//! missing one, one that no connected peer got from us yet, else the first. So the first copy
+//! of every piece goes to some peer early, and the peers trade the rest among themselves; a peer
+//! that comes late, when every piece has gone out, is told of its pieces in order and can stream
+//! them (choosing the least-given there starved such a peer's first missing piece: e2e's lone
+//! node005 got nothing it could unpack until the end).
+//! Without it, the server's few upload-slot holders each fetched the whole image from it (nodes
+//! stream the image in order, so they all want the same pieces): about two copies left the
+//! server before the last piece reached the swarm (bench-swarm, 64 nodes, 10 Mbit/s).
 //!
 //! `TorrentStateLive::task_super_seed` calls [`SuperSeed::offer`] for every live peer on each
 //! tick and sends the HAVEs it returns; `on_download_request` calls [`SuperSeed::on_request`].
