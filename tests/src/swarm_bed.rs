@@ -151,8 +151,11 @@ pub fn shape_host(ns: &Netns, dev: &str, rate_mbit: u32, queue: HostQueue) -> Re
         HostQueue::Fifo => shape(ns, dev, rate_mbit),
         HostQueue::SparseFirst => {
             let rate = format!("{rate_mbit}mbit");
-            // The bulk FIFO holds what tbf's `latency 100ms` lets it hold.
-            let limit = (u64::from(rate_mbit) * 1_000_000 / 8 / 10).max(16_000).to_string();
+            // The bulk FIFO holds what tbf's `latency 100ms` lets it hold: 100 ms of the rate
+            // plus the 32 KiB burst (tbf's own limit). htb, unlike tbf, does not split the
+            // hosts' GSO packets (up to 64 KiB), so a FIFO shorter than one of them drops every
+            // one: at 5 Mbit/s (62 500 bytes without the burst) one node took 4-6 S/B alone.
+            let limit = (u64::from(rate_mbit) * 1_000_000 / 8 / 10 + 32 * 1024).to_string();
             let tc = |args: &[&str]| ns.run("tc", args).map(drop);
             tc(&["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "20"])?;
             let class = |id: &str, parent: &str, guaranteed: &str, prio: &str| {
