@@ -105,6 +105,13 @@ pub struct PeerConnectionOptions {
     /// upstream does. With `Some(k)` the torrent unchokes k interested peers
     /// at a time and hands a slot on in turn (see `TorrentStateLive::task_choker`).
     pub upload_slots: Option<usize>,
+
+    /// luna patch: keep outstanding per peer what it delivered in this long
+    /// (measured every 250 ms), from 4 chunks up to `max_request_window`,
+    /// instead of always `max_request_window` (see
+    /// `torrent_state/live/request_window.rs`). `None`: the fixed window.
+    #[serde_as(as = "Option<serde_with::DurationMilliSeconds>")]
+    pub request_queue_time: Option<Duration>,
 }
 
 pub(crate) struct PeerConnection<H> {

@@ -68,11 +68,26 @@ where
     pub file_priorities: &'a FilePriorities,
     /// File metadata for iterating pieces.
     pub file_infos: &'a FileInfos,
+    /// luna patch: the peer is one of the server's seeders (`priority_peers`): with
+    /// `availability`, the rarest piece it has is reserved (ties: the first), wherever it is.
+    /// A super-seeding server tells each node of pieces no other node got yet, anywhere in
+    /// the node's window; a node that asked it for the first piece in order instead (the
+    /// fallback below) took pieces every node already had, so the last piece left the server
+    /// late (see `LUNA-PATCH.md`, 13).
+    pub rarest_anywhere: bool,
     /// Returns true if the peer has the given piece.
     pub peer_has_piece: P,
     /// Returns true if the piece can be stolen (e.g., not locked for writing).
     pub can_steal: S,
 }
+
+/// luna patch: a piece in flight from another peer is asked for again (stolen) only when it
+/// has taken this many times this peer's average piece time. Upstream also stole at 3x when
+/// nothing else was left: with every node's uplink shared by its upload slots and its requests
+/// queued behind them, most pieces took 3x some faster peer's time, the first copies still came
+/// (a cancel cannot recall what is in the kernel's buffers), and the nodes downloaded 1.35x
+/// the image; with 10x only, 1.10x and 2.68 S/B against 3.13 (bench-swarm, 64 nodes, 5 Mbit/s).
+const STEAL_SLOWER: f64 = 10.0;
 
 /// Coordinates piece download state.
 ///
@@ -133,8 +148,21 @@ impl PieceTracker {
         S: Fn(ValidPieceIndex) -> bool,
     {
         // 1. Try steal with 10x threshold (very slow peer)
-        if let Some(result) = self.try_steal(&req, 10.0) {
+        if let Some(result) = self.try_steal(&req, STEAL_SLOWER) {
             return result;
+        }
+
+        if let (true, Some(counts)) = (req.rarest_anywhere, req.availability) {
+            let count = |p: ValidPieceIndex| counts.get(p.get_usize()).copied().unwrap_or(0);
+            let rarest = self
+                .chunks
+                .iter_queued_pieces(req.file_priorities, req.file_infos)
+                .filter(|p| (req.peer_has_piece)(*p))
+                .min_by_key(|p| count(*p));
+            return match rarest {
+                Some(piece) => self.reserve_piece(piece, req.peer),
+                None => AcquireResult::NoneAvailable,
+            };
         }
 
         // 2. Try reserve from priority_pieces then queued pieces
@@ -177,11 +205,7 @@ impl PieceTracker {
             }
         }
 
-        // 3. Try steal with 3x threshold (moderately slow peer)
-        if let Some(result) = self.try_steal(&req, 3.0) {
-            return result;
-        }
-
+        // 3. (luna patch: upstream stole from a peer 3x slower here; see `STEAL_SLOWER`.)
         AcquireResult::NoneAvailable
     }
 
@@ -416,6 +440,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true, // Peer has all pieces
@@ -451,6 +476,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |p| p.get() >= 2,
@@ -481,6 +507,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -516,6 +543,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -546,6 +574,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |p| p == piece, // Only has the failed piece
@@ -577,6 +606,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -591,6 +621,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -607,6 +638,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -648,6 +680,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -659,6 +692,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -678,6 +712,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -718,6 +753,7 @@ mod tests {
             priority_pieces: priority.into_iter(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -746,6 +782,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| false, // Peer has nothing
@@ -796,6 +833,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -814,6 +852,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |_| true,
@@ -827,10 +866,10 @@ mod tests {
         };
 
         // Sleep briefly so pieces become stealable
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(15));
 
         // Peer B tries to acquire with:
-        // - Very short avg_time (1ms) so 3x threshold = 3ms < 5ms elapsed
+        // - Very short avg_time (1ms) so the 10x threshold = 10ms < 15ms elapsed
         // - peer_has_piece returns true ONLY for piece 4, NOT piece 0
         let result = tracker.acquire_piece(AcquireRequest {
             peer: peer_b,
@@ -838,6 +877,7 @@ mod tests {
             priority_pieces: std::iter::empty(),
             spread: 1,
             availability: None,
+            rarest_anywhere: false,
             file_priorities: &file_priorities,
             file_infos: &file_infos,
             peer_has_piece: |p| p.get() == 4, // Peer B only has piece 4
@@ -874,6 +914,7 @@ mod tests {
                 priority_pieces: all.iter().copied(),
                 spread: 6,
                 availability: Some(&counts),
+                rarest_anywhere: false,
                 file_priorities: &file_priorities,
                 file_infos: &file_infos,
                 peer_has_piece: |_| true,
@@ -886,5 +927,84 @@ mod tests {
             seen.insert(p.get());
         }
         assert_eq!(seen.len(), 2, "ties are broken at random: {seen:?}");
+    }
+
+    /// luna patch: from a seeder the rarest piece it has, wherever it is: the super-seeding
+    /// server's offer, not the first piece in order that every node already has.
+    #[test]
+    fn test_rarest_anywhere_takes_the_seeders_offer() {
+        let lengths = Lengths::new(16384 * 8, 16384).unwrap();
+        let all: Vec<_> = (0..8).map(|i| lengths.validate_piece_index(i).unwrap()).collect();
+        let file_infos = make_test_file_infos(8);
+        let file_priorities = make_default_file_priorities(&file_infos);
+        // The seeder told us of 0 and 1 long ago (every node has them now) and offers 6.
+        let counts = [9u16, 7, 0, 0, 0, 0, 1, 0];
+        let has = |p: ValidPieceIndex| [0, 1, 6].contains(&p.get());
+        let request = |tracker: &mut PieceTracker, rarest_anywhere| {
+            tracker.acquire_piece(AcquireRequest {
+                peer: peer(1),
+                peer_avg_time: None,
+                priority_pieces: all.iter().copied(),
+                spread: 2,
+                availability: Some(&counts),
+                rarest_anywhere,
+                file_priorities: &file_priorities,
+                file_infos: &file_infos,
+                peer_has_piece: has,
+                can_steal: |_| true,
+            })
+        };
+        let mut tracker = PieceTracker::new(make_test_chunk_tracker(8));
+        match request(&mut tracker, true) {
+            AcquireResult::Reserved(p) => assert_eq!(p.get(), 6),
+            other => panic!("expected Reserved(6), got {other:?}"),
+        }
+        // Then the rarer of what is left, 1; then 0; then nothing (never a steal of its own).
+        for want in [1, 0] {
+            match request(&mut tracker, true) {
+                AcquireResult::Reserved(p) => assert_eq!(p.get(), want),
+                other => panic!("expected Reserved({want}), got {other:?}"),
+            }
+        }
+        assert!(matches!(request(&mut tracker, true), AcquireResult::NoneAvailable));
+        // A node peer keeps the stream's order: 0 or 1 (the spread of 2), not 6.
+        let mut tracker = PieceTracker::new(make_test_chunk_tracker(8));
+        match request(&mut tracker, false) {
+            AcquireResult::Reserved(p) => assert_eq!(p.get(), 1, "the rarer of 0 and 1"),
+            other => panic!("expected Reserved(1), got {other:?}"),
+        }
+    }
+
+    /// luna patch: a piece in flight elsewhere for 3x (not 10x) this peer's average is left
+    /// alone, even when nothing else is left to ask for.
+    #[test]
+    fn test_no_steal_below_ten_times() {
+        let file_infos = make_test_file_infos(2);
+        let file_priorities = make_default_file_priorities(&file_infos);
+        let mut tracker = PieceTracker::new(make_test_chunk_tracker(2));
+        let acquire = |tracker: &mut PieceTracker, who, avg| {
+            tracker.acquire_piece(AcquireRequest {
+                peer: peer(who),
+                peer_avg_time: avg,
+                priority_pieces: std::iter::empty(),
+                spread: 1,
+                availability: None,
+                rarest_anywhere: false,
+                file_priorities: &file_priorities,
+                file_infos: &file_infos,
+                peer_has_piece: |_| true,
+                can_steal: |_| true,
+            })
+        };
+        for _ in 0..2 {
+            assert!(matches!(acquire(&mut tracker, 1, None), AcquireResult::Reserved(_)));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        // 50 ms in flight: 5x a 10 ms average, not 10x.
+        let result = acquire(&mut tracker, 2, Some(Duration::from_millis(10)));
+        assert!(matches!(result, AcquireResult::NoneAvailable), "stole at 5x: {result:?}");
+        // 10x a 4 ms average: stolen.
+        let result = acquire(&mut tracker, 2, Some(Duration::from_millis(4)));
+        assert!(matches!(result, AcquireResult::Stolen { .. }), "expected a steal, got {result:?}");
     }
 }

@@ -1062,6 +1062,9 @@ impl Session {
                 .or(self.peer_opts.max_request_window),
             piece_spread: other.piece_spread.or(self.peer_opts.piece_spread),
             upload_slots: other.upload_slots.or(self.peer_opts.upload_slots),
+            request_queue_time: other
+                .request_queue_time
+                .or(self.peer_opts.request_queue_time),
         }
     }
 
@@ -1380,6 +1383,7 @@ impl Session {
                     peer_keep_alive_interval: peer_opts.keep_alive_interval,
                     peer_max_request_window: peer_opts.max_request_window,
                     peer_piece_spread: peer_opts.piece_spread,
+                    peer_request_queue_time: peer_opts.request_queue_time,
                     peer_upload_slots: peer_opts.upload_slots,
                     super_seed: opts.super_seed,
                     priority_peers: opts.priority_peers.clone(),

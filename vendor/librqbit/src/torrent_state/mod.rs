@@ -117,6 +117,8 @@ pub(crate) struct ManagedTorrentOptions {
     pub peer_max_request_window: Option<usize>,
     // luna patch: see `PeerConnectionOptions::piece_spread`.
     pub peer_piece_spread: Option<usize>,
+    // luna patch: see `PeerConnectionOptions::request_queue_time`.
+    pub peer_request_queue_time: Option<Duration>,
     // luna patch: see `PeerConnectionOptions::upload_slots`.
     pub peer_upload_slots: Option<usize>,
     // luna patch: see `AddTorrentOptions::super_seed`.

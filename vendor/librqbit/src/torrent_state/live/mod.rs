@@ -43,6 +43,7 @@ pub mod peer;
 pub mod peers;
 pub mod stats;
 // luna patch: super-seeding (BEP 16).
+mod request_window;
 mod super_seed;
 
 use std::{
@@ -690,7 +691,10 @@ impl TorrentStateLive {
             addr: checked_peer.addr,
             incoming: true,
             on_bitfield_notify: Default::default(),
-            flow_control: Mutex::new(PeerFlowControl::new(self.max_request_window())),
+            flow_control: Mutex::new(PeerFlowControl::new(
+                self.max_request_window(),
+                self.shared.options.peer_request_queue_time,
+            )),
             state: self.clone(),
             tx,
             counters,
@@ -758,7 +762,10 @@ impl TorrentStateLive {
             addr,
             incoming: false,
             on_bitfield_notify: Default::default(),
-            flow_control: Mutex::new(PeerFlowControl::new(state.max_request_window())),
+            flow_control: Mutex::new(PeerFlowControl::new(
+                state.max_request_window(),
+                state.shared.options.peer_request_queue_time,
+            )),
             state: state.clone(),
             tx,
             counters,
@@ -1262,22 +1269,40 @@ const CHOKE_TICK: Duration = Duration::from_millis(200);
 const CHOKE_TURN: Duration = Duration::from_secs(2);
 /// luna patch: a peer that asked for nothing this long gives its upload slot to a waiting one.
 const CHOKE_IDLE: Duration = Duration::from_millis(500);
-/// luna patch: how stale `TorrentStateLive::piece_availability` may be.
-// luna patch: how often a super-seeding torrent settles and makes its offers.
+/// luna patch: how often a super-seeding torrent settles and makes its offers.
 const SUPER_SEED_TICK: Duration = Duration::from_millis(100);
+/// luna patch: how stale `TorrentStateLive::piece_availability` may be.
 const AVAILABILITY_MAX_AGE: Duration = Duration::from_millis(50);
 
 struct PeerFlowControl {
     i_am_choked: bool,
     request_window: usize,
+    /// luna patch: `request_window` follows this when the torrent has a
+    /// `PeerConnectionOptions::request_queue_time`.
+    adapt: Option<request_window::RequestWindow>,
 }
 
 impl PeerFlowControl {
-    fn new(max_request_window: usize) -> Self {
+    fn new(max_request_window: usize, queue_time: Option<Duration>) -> Self {
+        let adapt = queue_time
+            .map(|t| request_window::RequestWindow::new(t, max_request_window, Instant::now()));
         Self {
             i_am_choked: true,
-            request_window: max_request_window,
+            request_window: adapt
+                .as_ref()
+                .map_or(max_request_window, |a| a.window()),
+            adapt,
         }
+    }
+
+    /// luna patch: a chunk of `len` bytes we asked for arrived. True when the window grew.
+    fn on_chunk(&mut self, len: usize) -> bool {
+        let Some(a) = self.adapt.as_mut() else {
+            return false;
+        };
+        let grew = a.on_chunk(len, Instant::now());
+        self.request_window = a.window();
+        grew
     }
 }
 
@@ -1459,8 +1484,13 @@ impl PeerConnectionHandler for &'_ PeerHandler {
         if let Some(reqq) = hs.reqq.and_then(|reqq| usize::try_from(reqq).ok())
             && reqq > 0
         {
-            let request_window = reqq.min(self.state.max_request_window());
+            let mut request_window = reqq.min(self.state.max_request_window());
             let mut flow = self.lock_flow_control("update request window");
+            // luna patch: the peer's reqq caps an adaptive window.
+            if let Some(a) = flow.adapt.as_mut() {
+                a.set_cap(request_window);
+                request_window = a.window();
+            }
             if flow.request_window != request_window {
                 debug!(
                     reqq,
@@ -1755,6 +1785,8 @@ impl PeerHandler {
                     // luna patch: see `PeerConnectionOptions::piece_spread`.
                     spread,
                     availability: availability.as_deref().map(|v| v.as_slice()),
+                    // luna patch: see `AcquireRequest::rarest_anywhere`.
+                    rarest_anywhere: self.state.is_priority(self.addr),
                     file_priorities,
                     file_infos: &self.state.metadata.file_infos,
                     // luna patch: and the storage has room for it (`TorrentStorage::wants_piece`).
@@ -2185,6 +2217,11 @@ impl PeerHandler {
 
         if !should_process {
             return Ok(());
+        }
+
+        // luna patch: see `PeerConnectionOptions::request_queue_time`.
+        if self.lock_flow_control("adapt request window").on_chunk(piece.len()) {
+            self.notify_request_slots_changed();
         }
 
         // This one is used to calculate download speed.
