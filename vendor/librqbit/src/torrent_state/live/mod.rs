@@ -574,7 +574,9 @@ impl TorrentStateLive {
                         // An idle turn counts as over (sorts first).
                         let asked = live.last_request_at.is_some_and(|t| now.duration_since(t) < CHOKE_IDLE);
                         let idle = !asked && now.duration_since(since) >= CHOKE_IDLE;
-                        unchoked.push((*e.key(), if idle { since.min(now - CHOKE_TURN) } else { since }))
+                        // (`Instant - Duration` panics before the clock's first CHOKE_TURN.)
+                        let over = now.checked_sub(CHOKE_TURN).map_or(since, |t| since.min(t));
+                        unchoked.push((*e.key(), if idle { over } else { since }))
                     }
                     (true, None) => waiting.push((*e.key(), live.choked_since)),
                     (false, Some(_)) => choke.push(*e.key()),
