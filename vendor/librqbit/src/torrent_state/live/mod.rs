@@ -42,8 +42,9 @@
 pub mod peer;
 pub mod peers;
 pub mod stats;
-// luna patch: super-seeding (BEP 16).
+// luna patch: request windows that follow the peer.
 mod request_window;
+// luna patch: super-seeding (BEP 16).
 mod super_seed;
 
 use std::{
