@@ -217,10 +217,12 @@ struct Clients {
 impl Clients {
     fn new(dir: &Path) -> Clients {
         let udhcpc_script = dir.join("udhcpc.sh");
-        // Configure the address too: udhcpc sends its RELEASE from it.
+        // Configure the address too: udhcpc sends its RELEASE from it. Every call is logged to
+        // `$DHCP_OUT.calls`, so a test can wait for the `deconfig` that follows a release.
         write_script(
             &udhcpc_script,
             "#!/bin/sh\n\
+             echo \"$1\" >> \"$DHCP_OUT.calls\"\n\
              case \"$1\" in\n\
              deconfig) ip addr flush dev \"$interface\" ;;\n\
              bound|renew) ip addr flush dev \"$interface\"; ip addr add \"$ip/${mask:-24}\" dev \"$interface\"; env > \"$DHCP_OUT\" ;;\n\
@@ -287,8 +289,19 @@ impl Clients {
         }
         std::thread::sleep(Duration::from_millis(100));
         let env = out.exists().then(|| env_file(&out));
-        // `ip netns exec` execs udhcpc, so the child's pid is udhcpc's.
+        // `ip netns exec` execs udhcpc, so the child's pid is udhcpc's. It sends the RELEASE, then
+        // calls the script with `deconfig`: wait for that before the guard kills it, or a loaded
+        // machine kills it first and nothing is released.
         run(Command::new("kill").args(["-USR2", &guard.0.id().to_string()]));
+        let calls = out.with_extension("env.calls");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let log = std::fs::read_to_string(&calls).unwrap_or_default();
+            if log.lines().skip_while(|l| *l != "bound").any(|l| l == "deconfig") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         env
     }
 
