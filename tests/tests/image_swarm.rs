@@ -5,7 +5,9 @@
 //! nothing but the `.torrent` (our tracker; the torrent is private, so no DHT/PEX/LSD, and the
 //! web seed URL answers nothing here): every byte comes from our seeder or from each other.
 //!
-//! Asserted: every host's file has the revision's SHA-256; every host announced to our tracker;
+//! Asserted: every host's file has the revision's SHA-256; no host went `STALL_LIMIT` without a
+//! byte arriving (the image has more pieces than the seeder's offer span, so a span that never
+//! moves on stalls every host; see `IMAGE_MIB`); every host announced to our tracker;
 //! the server sent at least one copy and its veth at least what its seeder counted (so both
 //! counters are real); the seeder uploaded less than 3× the archive (its veth less than 3.1×,
 //! for protocol overhead); once every host is complete the seeder holds no peer any more (seeds
@@ -19,7 +21,9 @@
 //! It also needs our librqbit patch (vendor/librqbit/LUNA-PATCH.md): unpatched, hosts that
 //! connected while empty never sent each other a HAVE. Measured (16 MiB archive): 1.53× and
 //! every host done in under 3 s with the defaults; 2.00× in about 9 s with 2 slots and no
-//! super-seeding; 7.4× and 15 s without slots. The test prints, per host, the bytes it got
+//! super-seeding; 7.4× and 15 s without slots. 24 MiB (session 12): 1.04–1.05× and every host
+//! done in 3.0 s, longest without progress 0.2 s; before that session's fix 1.28× and 25 s, 20.9 s
+//! without progress. The test prints, per host, the bytes it got
 //! from the server and from the other hosts, and the ratio by seeder counter and veth bytes.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -40,8 +44,11 @@ use serde_json::json;
 use sha2::Digest;
 
 const HOSTS: usize = 8;
-/// Incompressible file data in the image: the archive is about this big.
-const IMAGE_MIB: usize = 16;
+/// Incompressible file data in the image: the archive is about this big. 24 MiB is 96 pieces of
+/// 256 KiB, more than the seeder's offer span (16 MiB past a host's first missing piece): at 16
+/// MiB every piece was within one span, and a seeder whose span never moved on (the stall fixed
+/// in session 12, LUNA-PATCH.md 10) passed; at 24 every host stood still for about 20 s.
+const IMAGE_MIB: usize = 24;
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 1);
 const SERVER_RATE: &str = "80mbit";
 const HOST_RATE: &str = "400mbit";
@@ -121,7 +128,14 @@ struct Done {
     /// Bytes this host fetched from the server's seeder and from the other hosts.
     from_server: u64,
     from_hosts: u64,
+    /// The longest time the host's download made no progress (sampled every 250 ms).
+    longest_stall: Duration,
 }
+
+/// Longest a host may go without a byte arriving. Every host makes progress all the time when
+/// the seeder offers pieces right; a seeder whose offer span never moved on left every host
+/// without a new piece for about 20 s (session 12) until connections were renewed.
+const STALL_LIMIT: Duration = Duration::from_secs(10);
 
 /// `(from the server, from other hosts)`: what `h` fetched per peer, as librqbit counts it.
 fn fetched_by_source(h: &librqbit::ManagedTorrent) -> (u64, u64) {
@@ -139,6 +153,25 @@ fn fetched_by_source(h: &librqbit::ManagedTorrent) -> (u64, u64) {
         }
     }
     (server, hosts)
+}
+
+/// Waits until `h` is complete; returns the longest time its progress stood still.
+async fn completed_watching_stalls(h: &librqbit::ManagedTorrent) -> anyhow::Result<Duration> {
+    let completed = h.wait_until_completed();
+    tokio::pin!(completed);
+    let (mut progress, mut since, mut longest) = (0, Instant::now(), Duration::ZERO);
+    loop {
+        tokio::select! {
+            r = &mut completed => return r.map(|()| longest.max(since.elapsed())),
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                let now = h.stats().progress_bytes;
+                if now != progress {
+                    (progress, since) = (now, Instant::now());
+                }
+                longest = longest.max(since.elapsed());
+            }
+        }
+    }
 }
 
 /// One librqbit client, as the agent runs it: its own listener (so the others can connect to
@@ -189,13 +222,13 @@ async fn client(
         )
         .await;
     let result = match added.map(|a| a.into_handle()) {
-        Ok(Some(h)) => match tokio::time::timeout(Duration::from_secs(100), h.wait_until_completed()).await {
-            Ok(Ok(())) => {
+        Ok(Some(h)) => match tokio::time::timeout(Duration::from_secs(100), completed_watching_stalls(&h)).await {
+            Ok(Ok(longest_stall)) => {
                 let path = out.join(&archive);
                 let secs = t0.elapsed().as_secs_f64();
                 let (from_server, from_hosts) = fetched_by_source(&h);
                 let sha256 = tokio::task::spawn_blocking(move || sha256_file(&path)).await.unwrap_or_default();
-                Ok(Done { host, sha256, secs, from_server, from_hosts })
+                Ok(Done { host, sha256, secs, from_server, from_hosts, longest_stall })
             }
             Ok(Err(e)) => Err(format!("host {host}: download: {e:#}")),
             Err(_) => Err(format!("host {host}: download timed out: {:?}", h.stats())),
@@ -361,13 +394,20 @@ fn eight_hosts_download_an_image_mostly_from_each_other() {
     finished.sort_by_key(|d| d.host);
     for d in &finished {
         println!(
-            "host {}: {:.1}s, {} KiB from the server, {} KiB from other hosts",
+            "host {}: {:.1}s, {} KiB from the server, {} KiB from other hosts, longest without progress {:.1}s",
             d.host,
             d.secs,
             d.from_server >> 10,
-            d.from_hosts >> 10
+            d.from_hosts >> 10,
+            d.longest_stall.as_secs_f64()
         );
         assert_eq!(d.sha256, rev.sha256, "host {} got a different archive", d.host);
+        assert!(
+            d.longest_stall < STALL_LIMIT,
+            "host {} went {:.1}s without a byte (limit {STALL_LIMIT:?})",
+            d.host,
+            d.longest_stall.as_secs_f64()
+        );
     }
     println!(
         "{HOSTS} hosts, archive {} MiB, {wall:.1}s; server seeder uploaded {uploaded} bytes ({:.2}x), \
