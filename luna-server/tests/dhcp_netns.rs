@@ -295,11 +295,12 @@ impl Clients {
         run(Command::new("kill").args(["-USR2", &guard.0.id().to_string()]));
         let calls = out.with_extension("env.calls");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
+        while env.is_some() {
             let log = std::fs::read_to_string(&calls).unwrap_or_default();
             if log.lines().skip_while(|l| *l != "bound").any(|l| l == "deconfig") {
                 break;
             }
+            assert!(Instant::now() < deadline, "udhcpc did not release within 10 s of SIGUSR2; script calls: {log:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
         env
