@@ -65,7 +65,7 @@ pub struct ImageConfig {
     /// default of 128). Peers beyond it are refused and fetch from the peers that got a slot; a
     /// peer that completes disconnects and frees its slot. See ARCHITECTURE.md (seeder).
     pub seeder_peer_slots: u32,
-    /// Super-seeding (BEP 16): the seeder tells each peer of a piece or two at a time, one no
+    /// Super-seeding (BEP 16): the seeder tells each peer of one piece at a time, one no
     /// connected peer got from it yet if there is one near the peer's first missing piece, else
     /// the first; so the slot holders get different pieces. See ARCHITECTURE.md (seeder).
     pub seeder_super_seed: bool,
@@ -109,7 +109,7 @@ upload_limit_bytes_per_s = {limit}
 # Upload slots: peers the seeder serves at once per revision (0 = no limit). Others are
 # refused and fetch from the peers holding a slot; a node that completes frees its slot.
 seeder_peer_slots = {slots}
-# Super-seeding: tell each peer of a piece or two at a time, pieces no connected peer got
+# Super-seeding: tell each peer of one piece at a time, pieces no connected peer got
 # from the server yet first, so that the slot holders get different pieces.
 seeder_super_seed = {super_seed}
 "#,

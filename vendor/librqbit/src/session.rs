@@ -291,7 +291,7 @@ pub struct AddTorrentOptions {
     pub peer_limit: Option<usize>,
 
     /// luna patch: super-seeding (BEP 16) for a torrent we have whole: no bitfield, each peer
-    /// is told of a piece or two at a time, those no connected peer got from us yet first (see
+    /// is told of one piece at a time, those no connected peer got from us yet first (see
     /// `TorrentStateLive::task_super_seed`).
     #[serde(default)]
     pub super_seed: bool,

@@ -615,7 +615,7 @@ impl TorrentStateLive {
 
     /// luna patch: super-seeding (BEP 16; `AddTorrentOptions::super_seed`, see
     /// `super_seed.rs`). No bitfield is sent; every `SUPER_SEED_TICK`, and when a peer has
-    /// asked for a whole offer, each live peer is told (HAVE) of up to two pieces it lacks near
+    /// asked for a whole offer, each live peer is told (HAVE) of a piece it lacks near
     /// its first missing one, those no connected peer got from us yet first, so that the peers
     /// get different pieces.
     async fn task_super_seed(self: Arc<Self>) -> crate::Result<()> {
