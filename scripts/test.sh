@@ -90,4 +90,11 @@ if [ -s "$skip_log" ]; then
 fi
 [ "$status" -eq 0 ] || exit "$status"
 
+if [ $# -eq 0 ]; then
+    step "librqbit's unit tests (vendor/librqbit, with those of luna's patches)"
+    # Outside the workspace (vendor/ is excluded), with a lock file of its own.
+    CARGO_TARGET_DIR="$TARGET_DIR/librqbit" cargo test --locked \
+        --manifest-path vendor/librqbit/Cargo.toml --lib
+fi
+
 step "done"
