@@ -1843,11 +1843,7 @@ impl tracker_comms::TorrentStatsProvider for PeerRxTorrentInfo {
 
 #[cfg(test)]
 mod tests {
-    use buffers::ByteBuf;
-    use itertools::Itertools;
-    use librqbit_core::torrent_metainfo::{TorrentMetaV1, torrent_from_bytes};
-
-    use super::{is_bare_info_hash, torrent_file_from_info_bytes};
+    use super::is_bare_info_hash;
 
     #[test]
     fn test_is_bare_info_hash() {
@@ -1871,6 +1867,11 @@ mod tests {
     #[cfg(any())]
     #[test]
     fn test_torrent_file_from_info_and_bytes() {
+        use super::torrent_file_from_info_bytes;
+        use buffers::ByteBuf;
+        use itertools::Itertools;
+        use librqbit_core::torrent_metainfo::{TorrentMetaV1, torrent_from_bytes};
+
         fn get_trackers(info: &TorrentMetaV1<ByteBuf>) -> Vec<url::Url> {
             info.iter_announce()
                 .filter_map(|t| std::str::from_utf8(t.as_ref()).ok().map(|t| t.to_owned()))
