@@ -485,7 +485,13 @@ impl<H: PeerConnectionHandler> PeerConnection<H> {
                         uploaded_add = Some(chunk.size);
                         // luna patch: one line per chunk sent, for tracing who got which piece
                         // from a seeder (bench-swarm, `BENCH_SERVER_LOG=warn,librqbit::upload=debug`).
-                        debug!(target: "librqbit::upload", peer = %self.addr, piece = chunk.piece_index.get(), chunk = chunk.chunk_index, "sent");
+                        debug!(
+                            target: "librqbit::upload",
+                            peer = %self.addr,
+                            piece = chunk.piece_index.get(),
+                            chunk = chunk.chunk_index,
+                            "sent"
+                        );
                         full_len
                     }
                     WriterRequest::Disconnect(res) => {
