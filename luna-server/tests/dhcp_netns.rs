@@ -668,11 +668,28 @@ fn an_ipxe_rom_in_a_vm_gets_its_address_and_fetches_the_boot_url() {
         .expect("run qemu");
     let _vm = ChildGuard(vm);
 
+    // When the ACK went out, to see how long iPXE then took to ask for its script.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let acked_at = loop {
+        if sink.0.lock().unwrap().iter().any(|e| e.node == "vm001" && e.kind == DhcpEventKind::Acked) {
+            break Instant::now();
+        }
+        assert!(Instant::now() < deadline, "the VM was never acked; events: {:?}", sink.0.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let line = http
         .recv_timeout(Duration::from_secs(120))
         .unwrap_or_else(|_| panic!("the VM never fetched the boot URL; events: {:?}", sink.0.lock().unwrap()));
+    let after_ack = acked_at.elapsed();
     // iPXE percent-encodes the colons; the HTTP side decodes query strings anyway.
     assert_eq!(line.replace("%3A", ":"), format!("GET /boot/ipxe?mac={vm_mac} HTTP/1.1"));
+    // Debian's iPXE also configures IPv6 and boots only once that is done too: without the
+    // server's answer to its router solicitations it waited about 15 s here after the ACK.
+    assert!(
+        after_ack < Duration::from_secs(8),
+        "iPXE asked for its script {after_ack:?} after the ack: it waited for IPv6 configuration"
+    );
+    eprintln!("iPXE asked for its script {after_ack:?} after the dhcp ack");
     let events = wait_for_events(&sink, &[DhcpEventKind::Acked]);
     assert!(
         events.iter().any(|e| e.node == "vm001" && e.kind == DhcpEventKind::Acked && e.ip.to_string() == "10.79.0.21"),

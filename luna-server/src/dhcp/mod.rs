@@ -7,7 +7,9 @@
 //! - [`engine`]: the sans-IO decision function [`handle`] — packet + context + store snapshot in,
 //!   reply + destination + store writes out;
 //! - [`server`]: the thin socket loop [`serve`] that reads the store, calls `handle`, commits and
-//!   sends.
+//!   sends;
+//! - [`ra`]: answers IPv6 Router Solicitations on the same interfaces with "no router here", so
+//!   iPXE does not wait for IPv6 configuration (`answer_router_solicitations`).
 //!
 //! Invariants:
 //! - a packet is answered only when it arrived on an interface named in [`DhcpConfig::interfaces`]
@@ -24,6 +26,7 @@
 pub mod engine;
 pub mod lease;
 pub mod packet;
+pub mod ra;
 pub mod server;
 
 use std::net::Ipv4Addr;
@@ -74,6 +77,11 @@ pub struct DhcpConfig {
     /// start), so two servers never offer the same address. Default: unset, the whole range.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slice: Option<luna_core::model::IpRange>,
+    /// Answer IPv6 Router Solicitations on the DHCP interfaces with an advertisement naming no
+    /// router, no prefix and no DHCPv6, so iPXE stops waiting for IPv6 configuration (15 s
+    /// per boot with Debian's iPXE) and hosts change nothing. Turn off where an IPv6 router
+    /// serves the provisioning network. Default true.
+    pub answer_router_solicitations: bool,
 }
 
 impl Default for DhcpConfig {
@@ -90,6 +98,7 @@ impl Default for DhcpConfig {
             port: 67,
             max_in_flight: 256,
             slice: None,
+            answer_router_solicitations: true,
         }
     }
 }

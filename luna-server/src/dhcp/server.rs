@@ -431,6 +431,9 @@ pub async fn serve_on(
     });
     let mut loops = JoinSet::new();
     for (iface, sock) in sockets.0 {
+        if cfg.answer_router_solicitations {
+            loops.spawn(super::ra::answer(iface.clone(), shutdown.clone()));
+        }
         loops.spawn(receive_loop(shared.clone(), iface, sock, shutdown.clone()));
     }
     while let Some(r) = loops.join_next().await {
