@@ -95,6 +95,9 @@ cluster_name = "{cluster}"
 
 # The built-in DHCP server. It answers only on the interfaces listed here (none: off), and
 # only machines luna knows unless the cluster object has a dhcp_range (discovery).
+# answer_router_solicitations: IPv6 router solicitations there get an advertisement that
+# configures nothing (no router, no prefix, no DHCPv6), so iPXE does not wait 15 s for IPv6;
+# turn it off where an IPv6 router serves the network.
 [dhcp]
 {dhcp}
 {tftp}
