@@ -50,12 +50,16 @@ pub fn advertisement(mac: Option<[u8; 6]>) -> Vec<u8> {
 }
 
 /// Where the answer to a solicitation from `source` goes: back to the soliciting host, or to
-/// all nodes when it had no address yet (RFC 4861 §6.2.6).
-pub fn reply_to(source: Ipv6Addr) -> Ipv6Addr {
+/// all nodes when it had no address yet (RFC 4861 §6.2.6). None for any other source: a host
+/// solicits from its link-local address (RFC 4861 §6.3.7), so a solicitation from elsewhere is
+/// not from a host on this link and gets nothing (no advertisement reflected off-link).
+pub fn reply_to(source: Ipv6Addr) -> Option<Ipv6Addr> {
     if source.is_unspecified() {
-        ALL_NODES
+        Some(ALL_NODES)
+    } else if source.segments()[0] & 0xffc0 == 0xfe80 {
+        Some(source)
     } else {
-        source
+        None
     }
 }
 
@@ -143,6 +147,8 @@ pub async fn answer(iface: String, shutdown: CancellationToken) {
         let (len, from) = match received {
             Err(_would_block) => continue,
             Ok(Err(e)) => {
+                // Wait for the next readiness rather than spin on an error that repeats.
+                guard.clear_ready();
                 tracing::debug!(interface = %iface, error = %e, "dhcp: reading a router solicitation failed");
                 continue;
             }
@@ -151,10 +157,8 @@ pub async fn answer(iface: String, shutdown: CancellationToken) {
         // SAFETY: recv_from initialised the first `len` bytes of `buf`.
         let msg = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, len) };
         let Some(source) = from.as_socket_ipv6().map(|a| *a.ip()) else { continue };
-        if !is_router_solicitation(msg) {
-            continue;
-        }
-        let to = SocketAddrV6::new(reply_to(source), 0, 0, index);
+        let Some(dest) = reply_to(source).filter(|_| is_router_solicitation(msg)) else { continue };
+        let to = SocketAddrV6::new(dest, 0, 0, index);
         match sock.get_ref().send_to(&ra, &to.into()) {
             Ok(_) => tracing::debug!(interface = %iface, %source, "dhcp: answered a router solicitation"),
             Err(e) => {
@@ -193,10 +197,14 @@ mod tests {
     }
 
     #[test]
-    fn answers_go_back_to_the_host_or_to_all_nodes() {
+    fn answers_go_back_to_a_host_on_the_link_or_to_all_nodes_and_nowhere_else() {
         let host: Ipv6Addr = "fe80::5054:ff:febe:7701".parse().unwrap();
-        assert_eq!(reply_to(host), host);
-        assert_eq!(reply_to(Ipv6Addr::UNSPECIFIED), "ff02::1".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(reply_to(host), Some(host));
+        assert_eq!(reply_to(Ipv6Addr::UNSPECIFIED), Some("ff02::1".parse::<Ipv6Addr>().unwrap()));
+        // Not from a host on this link: nothing, so nothing is reflected elsewhere.
+        for other in ["2001:db8::1", "fd00::2", "ff02::1", "::1", "fec0::1"] {
+            assert_eq!(reply_to(other.parse().unwrap()), None, "{other}");
+        }
     }
 
     #[test]
