@@ -44,8 +44,8 @@ use serde_json::json;
 use sha2::Digest;
 
 const HOSTS: usize = 8;
-/// Incompressible file data in the image: the archive is about this big. 24 MiB is 96 pieces of
-/// 256 KiB, more than the seeder's offer span (16 MiB past a host's first missing piece): at 16
+/// Incompressible file data in the image: the archive is about this big. 24 MiB is 384 pieces of
+/// 64 KiB, more than the seeder's offer span (16 MiB past a host's first missing piece): at 16
 /// MiB every piece was within one span, and a seeder whose span never moved on (the stall fixed
 /// in session 12, LUNA-PATCH.md 10) passed; at 24 every host stood still for about 20 s.
 const IMAGE_MIB: usize = 24;

@@ -8,12 +8,19 @@
 
 use sha1::{Digest, Sha1};
 
-pub const MIN_PIECE: u64 = 256 * 1024;
+/// Smallest piece: 64 KiB (four 16 KiB requests), so an image under 125 MiB still has 1000 or
+/// more pieces down to 62.5 MiB (and a 32 MiB one 512, not 128). Each hop of a piece through the
+/// swarm costs one piece's time on a link, so few pieces make a boot storm slower: bench-swarm,
+/// N = 64 (README, Performance, session 14), 8 MiB at 10 Mbit/s: 3.07 S/B with 256 KiB pieces
+/// (32), 2.05 and 2.18 with 64 KiB (128), 2.04 and 2.21 with 32 KiB; 32 MiB at 5 Mbit/s without
+/// unpack: 1.57-1.65 with 256 KiB, 1.37 and 1.39 with 64 KiB, 1.37 and 1.46 with 32 KiB. 16 KiB
+/// (one request a piece, 512 pieces of 8 MiB) was slower: 2.73 and 2.75.
+pub const MIN_PIECE: u64 = 64 * 1024;
 pub const MAX_PIECE: u64 = 16 * 1024 * 1024;
 /// Most pieces a torrent should have; with power-of-two sizes this lands between half and all of it.
 pub const MAX_PIECES: u64 = 2000;
 
-/// The piece size for an archive of `size` bytes: the smallest power of two from 256 KiB to
+/// The piece size for an archive of `size` bytes: the smallest power of two from 64 KiB to
 /// 16 MiB that keeps the torrent at or under 2000 pieces (so 1000–2000 pieces unless clamped).
 pub fn piece_length_for(size: u64) -> u64 {
     piece_length_within(size, MAX_PIECES)
@@ -164,11 +171,14 @@ mod tests {
     fn piece_length_is_clamped_power_of_two_aiming_at_1000_to_2000_pieces() {
         assert_eq!(piece_length_for(0), MIN_PIECE);
         assert_eq!(piece_length_for(10 * MIB), MIN_PIECE);
+        assert_eq!(piece_length_for(32 * MIB), 64 * 1024); // 512 pieces
+        assert_eq!(piece_length_for(125 * MIB), 64 * 1024); // exactly 2000 pieces
+        assert_eq!(piece_length_for(125 * MIB + 1), 128 * 1024);
         assert_eq!(piece_length_for(500 * MIB), 256 * 1024); // exactly 2000 pieces
         assert_eq!(piece_length_for(500 * MIB + 1), 512 * 1024);
         assert_eq!(piece_length_for(4096 * MIB), 4 * MIB);
         assert_eq!(piece_length_for(1 << 40), MAX_PIECE);
-        for size in [300 * MIB, 777 * MIB, 3000 * MIB, 20_000 * MIB, 31_000 * MIB] {
+        for size in [63 * MIB, 100 * MIB, 300 * MIB, 777 * MIB, 3000 * MIB, 20_000 * MIB, 31_000 * MIB] {
             let p = piece_length_for(size);
             assert!(p.is_power_of_two());
             let n = size.div_ceil(p);
@@ -209,7 +219,7 @@ mod tests {
     #[test]
     fn the_candidate_fitting_the_real_size_wins_and_small_ones_are_dropped() {
         // The same logic with a limit of 4 pieces instead of 2000 keeps the data small:
-        // 4 minimum pieces + 1 byte no longer fit 256 KiB pieces.
+        // 4 minimum pieces + 1 byte no longer fit minimum pieces.
         let size = (4 * MIN_PIECE + 1) as usize;
         let mut h = PieceHasher::with_max_pieces(&[MIN_PIECE, 2 * MIN_PIECE, 4 * MIN_PIECE], 4);
         let chunk = vec![7u8; 100_000];
@@ -219,7 +229,7 @@ mod tests {
             h.update(&chunk[..n]);
             left -= n;
         }
-        assert_eq!(h.active(), vec![2 * MIN_PIECE, 4 * MIN_PIECE], "256 KiB can no longer be chosen");
+        assert_eq!(h.active(), vec![2 * MIN_PIECE, 4 * MIN_PIECE], "the minimum can no longer be chosen");
         let p = h.finish();
         assert_eq!(p.piece_length, 2 * MIN_PIECE);
         assert_eq!(p.hashes.len() as u64, (size as u64).div_ceil(2 * MIN_PIECE));
@@ -230,7 +240,7 @@ mod tests {
         let data: Vec<u8> = (0..(3 * MIN_PIECE + 5)).map(|i| (i % 253) as u8).collect();
         let mut h = PieceHasher::with_max_pieces(&[MIN_PIECE, 2 * MIN_PIECE, 4 * MIN_PIECE], 4);
         h.update(&data[..1000]);
-        // predicted 5 minimum pieces: 512 KiB pieces fit the limit of 4
+        // predicted 5 minimum pieces: pieces twice the minimum fit the limit of 4
         h.narrow(5 * MIN_PIECE);
         assert_eq!(h.active(), vec![2 * MIN_PIECE]);
         h.update(&data[1000..]);

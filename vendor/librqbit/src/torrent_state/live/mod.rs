@@ -1886,6 +1886,7 @@ impl PeerHandler {
                 piece_index.get(),
                 chunk_info.chunk_index,
                 self.state.lengths.chunks_per_piece(piece_index),
+                Instant::now(),
             );
             if done {
                 self.state.super_seed_wake.notify_one();
