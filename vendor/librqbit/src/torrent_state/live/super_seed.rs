@@ -217,8 +217,13 @@ mod tests {
 
     /// The peer asks for the whole piece, in `chunks` chunks.
     fn fetch(s: &mut SuperSeed, peer: u8, piece: u32, chunks: u32) {
+        fetch_at(s, peer, piece, chunks, Instant::now());
+    }
+
+    /// The peer asks for the whole piece, in `chunks` chunks, at `t`.
+    fn fetch_at(s: &mut SuperSeed, peer: u8, piece: u32, chunks: u32, t: Instant) {
         for c in 0..chunks {
-            s.on_request(addr(peer), piece, c, chunks, Instant::now());
+            s.on_request(addr(peer), piece, c, chunks, t);
         }
     }
 
@@ -375,16 +380,12 @@ mod tests {
     fn first_two(s: &mut SuperSeed, peer: u8, t: Instant, ask_after: Duration) -> (Vec<u32>, Instant) {
         let mut pieces = s.offer(addr(peer), |_| false, t);
         assert_eq!(pieces.len(), 1, "one offer to begin with");
-        for c in 0..4 {
-            s.on_request(addr(peer), pieces[0], c, 4, t);
-        }
+        fetch_at(s, peer, pieces[0], 4, t);
         let told = t + Duration::from_millis(10);
         let refill = s.offer(addr(peer), |_| false, told);
         assert_eq!(refill.len(), 1, "one refill");
         let asked = told + ask_after;
-        for c in 0..4 {
-            s.on_request(addr(peer), refill[0], c, 4, asked);
-        }
+        fetch_at(s, peer, refill[0], 4, asked);
         pieces.extend(refill);
         (pieces, asked)
     }
@@ -407,24 +408,18 @@ mod tests {
         let late = asked + Duration::from_secs(5);
         fetch(&mut s, 2, 8, 4);
         assert_eq!(s.offer(addr(2), |_| false, late), vec![9]);
-        for c in 0..4 {
-            s.on_request(addr(2), 9, c, 4, late + Duration::from_secs(1));
-        }
+        fetch_at(&mut s, 2, 9, 4, late + Duration::from_secs(1));
         assert_eq!(s.offer(addr(2), |_| false, late + Duration::from_secs(1)), vec![10]);
         // And a slow asker that turns quick is back to one. (Peer 1 asks for its four a second
         // after the HAVEs, still slow.)
         let t = t0 + Duration::from_secs(3);
         for piece in 2..=5 {
-            for c in 0..4 {
-                s.on_request(addr(1), piece, c, 4, t);
-            }
+            fetch_at(&mut s, 1, piece, 4, t);
         }
         let t = t + Duration::from_millis(10);
         let refill = s.offer(addr(1), |_| false, t);
         assert_eq!(refill, vec![11, 12, 13, 14]);
-        for c in 0..4 {
-            s.on_request(addr(1), 11, c, 4, t + Duration::from_millis(50));
-        }
+        fetch_at(&mut s, 1, 11, 4, t + Duration::from_millis(50));
         assert!(s.offer(addr(1), |_| false, t + Duration::from_millis(50)).is_empty());
     }
 
