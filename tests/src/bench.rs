@@ -191,6 +191,50 @@ pub fn raise_nofile() -> u64 {
     lim.rlim_cur
 }
 
+/// The machine's CPU time so far, from the first line of `/proc/stat`: what a bench prints as
+/// "cpu busy" to show whether its run was bound by the CPUs rather than by what it measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuTimes {
+    /// Every state, in clock ticks.
+    pub total: u64,
+    /// idle and iowait.
+    pub idle: u64,
+}
+
+impl CpuTimes {
+    /// Parses the aggregate `cpu  user nice system idle iowait irq softirq steal ...` line.
+    pub fn parse(stat: &str) -> Option<CpuTimes> {
+        let line = stat.lines().next()?;
+        let mut words = line.split_ascii_whitespace();
+        if words.next()? != "cpu" {
+            return None;
+        }
+        let ticks: Vec<u64> = words.map(str::parse).collect::<std::result::Result<_, _>>().ok()?;
+        if ticks.len() < 5 {
+            return None;
+        }
+        // guest and guest_nice (9th and 10th) are already counted in user and nice.
+        let total = ticks.iter().take(8).sum();
+        Some(CpuTimes { total, idle: ticks[3] + ticks[4] })
+    }
+
+    /// This machine's, now.
+    pub fn now() -> Result<CpuTimes> {
+        let stat = std::fs::read_to_string("/proc/stat").map_err(|e| HarnessError::io("read /proc/stat", e))?;
+        CpuTimes::parse(&stat).ok_or_else(|| HarnessError::Setup(format!("no cpu line in /proc/stat: {stat:.80}")))
+    }
+
+    /// The fraction of CPU time spent busy (not idle, not waiting for IO) since `earlier`.
+    pub fn busy_since(&self, earlier: &CpuTimes) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        let idle = self.idle.saturating_sub(earlier.idle);
+        if total == 0 {
+            return 0.0;
+        }
+        1.0 - idle.min(total) as f64 / total as f64
+    }
+}
+
 /// `program --version`-style probe: whether `program` can be run.
 pub fn have(program: &str) -> bool {
     Command::new(program).arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
@@ -237,5 +281,23 @@ impl Drop for NeighTable {
         for (key, old) in self.saved.iter().rev() {
             let _ = std::fs::write(key, old);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_times_from_proc_stat() {
+        let a = CpuTimes::parse("cpu  100 5 50 800 40 1 4 0 7 0\ncpu0 50 2 25 400 20 0 2 0 0 0\n").unwrap();
+        assert_eq!(a, CpuTimes { total: 1000, idle: 840 });
+        let b = CpuTimes::parse("cpu  300 5 150 900 40 1 104 0 7 0\n").unwrap();
+        // 500 ticks later, 100 of them idle.
+        assert!((b.busy_since(&a) - 0.8).abs() < 1e-9);
+        assert_eq!(a.busy_since(&a), 0.0);
+        assert_eq!(CpuTimes::parse("cpu0 1 2 3 4 5\n"), None);
+        assert_eq!(CpuTimes::parse("cpu  1 2 x 4 5\n"), None);
+        assert_eq!(CpuTimes::parse("cpu  1 2 3\n"), None);
     }
 }

@@ -3,6 +3,8 @@
 //! rate both ways; a real image packed by the real server (random, so incompressible, data and a
 //! stand-in dracut); and per node the real static `luna-agent install` with the kernel command
 //! line the server's iPXE script gives that node (token bound to the node's MAC and address).
+//! The server's and every node's namespace use the TCP congestion control the bench names
+//! (`BedOptions::tcp_cc`), not whatever the machine's default is.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -41,6 +43,9 @@ pub struct BedOptions {
     pub super_seed: bool,
     /// How the hosts' (server's and nodes') uplinks queue; the switch's ports are FIFOs.
     pub host_queue: HostQueue,
+    /// TCP congestion control of the server and every node (`net.ipv4.tcp_congestion_control`
+    /// in each namespace), so that a run does not depend on the machine's own default.
+    pub tcp_cc: String,
 }
 
 /// How a host's network interface queues what it sends faster than its link.
@@ -138,6 +143,34 @@ fn make_image_tree(dir: &Path, mib: usize) -> Result<(PathBuf, PathBuf)> {
     Ok((root, dracut))
 }
 
+/// Sets the TCP congestion control of `ns` (`net.ipv4.tcp_congestion_control`; each network
+/// namespace has its own, and a new one starts from the machine's default). `cc` must be one
+/// the kernel lists (checked first, so only such a plain name reaches the shell).
+pub fn set_tcp_cc(ns: &Netns, cc: &str) -> Result<()> {
+    check_tcp_cc(cc)?;
+    let key = "/proc/sys/net/ipv4/tcp_congestion_control";
+    ns.run("sh", &["-c", &format!("echo {cc} > {key}")])?;
+    let now = ns.run("cat", &[key])?;
+    if now.trim() != cc {
+        return Err(HarnessError::Setup(format!("tcp congestion control of {} is {now:?}, not {cc:?}", ns.name())));
+    }
+    Ok(())
+}
+
+/// Checks that the kernel offers TCP congestion control `cc` (else a clear error, not a failed
+/// `echo` into /proc).
+fn check_tcp_cc(cc: &str) -> Result<()> {
+    let key = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+    let avail = std::fs::read_to_string(key).map_err(|e| HarnessError::io(format!("read {key}"), e))?;
+    if !avail.split_ascii_whitespace().any(|a| a == cc) {
+        return Err(HarnessError::Setup(format!(
+            "tcp congestion control {cc:?} is not available here (this kernel has: {}; `modprobe tcp_{cc}` may add it)",
+            avail.trim()
+        )));
+    }
+    Ok(())
+}
+
 /// `tc qdisc ... tbf`: a token bucket on `dev`'s egress, the shape of that side of the link.
 pub fn shape(ns: &Netns, dev: &str, rate_mbit: u32) -> Result<()> {
     let rate = format!("{rate_mbit}mbit");
@@ -190,6 +223,7 @@ impl SwarmBed {
     pub fn start(opts: &BedOptions) -> Result<SwarmBed> {
         crate::require_tool("tc")?;
         crate::require_tool("curl")?;
+        check_tcp_cc(&opts.tcp_cc)?;
         let dir = tempfile::Builder::new()
             .prefix("bench-swarm-")
             .tempdir()
@@ -223,6 +257,7 @@ impl SwarmBed {
         server.add_veth("s0", &switch, "ps")?;
         switch.set_master("ps", "br0")?;
         server.add_addr("s0", &format!("{SERVER_IP}/20"))?;
+        set_tcp_cc(&server, &opts.tcp_cc)?;
         shape_host(&server, "s0", opts.rate_mbit, opts.host_queue)?;
         shape(&switch, "ps", opts.rate_mbit)?;
         let mut nodes = Vec::with_capacity(opts.nodes);
@@ -233,6 +268,7 @@ impl SwarmBed {
             switch.set_master(&port, "br0")?;
             ns.ip(&["link", "set", "h0", "address", &bench_mac(i).to_string()])?;
             ns.add_addr("h0", &format!("{ip}/20"))?;
+            set_tcp_cc(&ns, &opts.tcp_cc)?;
             shape_host(&ns, "h0", opts.rate_mbit, opts.host_queue)?;
             shape(&switch, &port, opts.rate_mbit)?;
             nodes.push(BedNode { name, ip, ns });

@@ -7,7 +7,7 @@
 //!     cargo run -p luna-tests --bin bench-swarm -- [--nodes 1,8,32,64] [--rate-mbit 20]
 //!         [--image-mib 12] [--no-unpack] [--methods swarm,http] [--out docs]
 //!         [--agent-args 'luna.linger=0'] [--agent-log info,luna_agent::torrent=debug]
-//!         [--seeder-slots 8] [--super-seed true|false]
+//!         [--seeder-slots 8] [--super-seed true|false] [--tcp-cc cubic]
 //!
 //! `BENCH_SERVER_LOG` is luna-server's `RUST_LOG` (default `warn`; e.g. `warn,librqbit=debug`
 //! for the seeder's peer connections).
@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
+use luna_tests::bench::CpuTimes;
 use luna_tests::swarm_bed::{gnuplot, BedOptions, HostQueue, SwarmBed};
 
 const TARGET_TIME: f64 = 1.5;
@@ -93,6 +94,13 @@ struct Args {
     /// How the server's and the nodes' interfaces queue (the switch's ports are FIFOs).
     #[arg(long, value_enum, default_value_t = Queue::SparseFirst)]
     host_queue: Queue,
+    /// TCP congestion control of the server and the nodes (`net.ipv4.tcp_congestion_control`,
+    /// set in every namespace). cubic is the default of Debian's and RHEL's kernels, so what a
+    /// node's initramfs and a luna-server run; a namespace would otherwise take the machine's
+    /// own default: bbr on session 16's machine, where 64 nodes (32 MiB at 5 Mbit/s) took
+    /// 1.51-1.61 S/B against 1.38-1.43 with cubic (README, Performance).
+    #[arg(long, default_value = "cubic")]
+    tcp_cc: String,
     /// Words appended to every node's kernel command line (e.g. `luna.linger=0 luna.stall=60`).
     #[arg(long, default_value = "")]
     agent_args: String,
@@ -115,6 +123,9 @@ struct Row {
     exit_secs: f64,
     /// Agents whose swarm stalled and that went on over HTTP.
     fallbacks: usize,
+    /// The fraction of the machine's CPU time busy from the start until the last `installed`:
+    /// near 1, the run measured the CPUs as much as the network.
+    cpu_busy: f64,
 }
 
 /// The line the agent logs once the server has its `installed` report (it may seed on after).
@@ -133,7 +144,9 @@ fn run(bed: &SwarmBed, a: &Args, method: Method, n: usize, sb: f64) -> Result<Ro
     }
     let (tx0, seed0) = (bed.server_tx()?, bed.seeder_uploaded()?);
     let limit = Duration::from_secs_f64(120.0 + 3.0 * sb * n as f64);
+    let cpu0 = CpuTimes::now()?;
     let t0 = Instant::now();
+    let mut cpu_done = None;
     let mut agents = Vec::with_capacity(n);
     for (i, d) in dirs.iter().enumerate() {
         agents.push(bed.start_agent(i, d, method == Method::Swarm, !a.no_unpack, &a.agent_log)?);
@@ -147,6 +160,9 @@ fn run(bed: &SwarmBed, a: &Args, method: Method, n: usize, sb: f64) -> Result<Ro
             let slow: Vec<&str> =
                 (0..n).filter(|i| installed[*i].is_none()).map(|i| bed.nodes[i].name.as_str()).collect();
             bail!("{} of {n} agents not installed after {} s: {slow:?}", slow.len(), limit.as_secs());
+        }
+        if cpu_done.is_none() && installed.iter().all(Option::is_some) {
+            cpu_done = Some(CpuTimes::now()?);
         }
         exited = 0;
         for (i, agent) in agents.iter_mut().enumerate() {
@@ -164,6 +180,7 @@ fn run(bed: &SwarmBed, a: &Args, method: Method, n: usize, sb: f64) -> Result<Ro
         std::thread::sleep(Duration::from_millis(20));
     }
     let exit_secs = t0.elapsed().as_secs_f64();
+    let cpu_busy = cpu_done.map_or(CpuTimes::now(), Ok)?.busy_since(&cpu0);
     let (tx1, seed1) = (bed.server_tx()?, bed.seeder_uploaded()?);
     let mut secs = 0f64;
     let (mut from_peers, mut from_server, mut fallbacks) = (0, 0, 0);
@@ -204,6 +221,7 @@ fn run(bed: &SwarmBed, a: &Args, method: Method, n: usize, sb: f64) -> Result<Ro
         seeder: seed1.saturating_sub(seed0),
         from_peers,
         fallbacks,
+        cpu_busy,
     })
 }
 
@@ -248,6 +266,7 @@ fn main() -> Result<()> {
             Queue::Fifo => HostQueue::Fifo,
             Queue::SparseFirst => HostQueue::SparseFirst,
         },
+        tcp_cc: a.tcp_cc.clone(),
     };
     // Every node may talk to every other and to the server: (N + 1)² neighbours in the one
     // kernel's ARP table.
@@ -259,12 +278,13 @@ fn main() -> Result<()> {
     let sb = s as f64 * 8.0 / (f64::from(a.rate_mbit) * 1e6);
     println!(
         "bench-swarm: {max} node namespaces, links {} Mbit/s, archive S = {s} bytes, S/B = {sb:.2} s, \
-         unpack {}, seeder slots {}, super-seeding {}, host queue {:?} (bed up in {:.0} s; load average {})",
+         unpack {}, seeder slots {}, super-seeding {}, host queue {:?}, tcp {} (bed up in {:.0} s; load average {})",
         a.rate_mbit,
         if a.no_unpack { "off" } else { "on" },
         a.seeder_slots,
         a.super_seed,
         a.host_queue,
+        a.tcp_cc,
         t.elapsed().as_secs_f64(),
         std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split(' ').take(3).collect::<Vec<_>>().join(" ")
     );
@@ -274,7 +294,7 @@ fn main() -> Result<()> {
             let row = run(&bed, &a, m, n, sb).with_context(|| format!("{} with {n} nodes", m.name()))?;
             println!(
                 "  {:<5} N={:<4} T={:7.2} s  T/(S/B)={:6.2}  E/S={:6.2} (seeder {:.2}, from peers {:.2}, \
-                 {} fell back to http; last exit {:.2} s)",
+                 {} fell back to http; last exit {:.2} s; cpu busy {:.0} %)",
                 m.name(),
                 n,
                 row.secs,
@@ -283,17 +303,20 @@ fn main() -> Result<()> {
                 row.seeder as f64 / s as f64,
                 row.from_peers as f64 / s as f64,
                 row.fallbacks,
-                row.exit_secs
+                row.exit_secs,
+                row.cpu_busy * 100.0
             );
             rows.push(row);
         }
     }
 
-    println!("\n| N | method | T(N) s | T(N)/(S/B) | E(N)/S (interface) | E(N)/S (seeder) | fell back | last exit s |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "\n| N | method | T(N) s | T(N)/(S/B) | E(N)/S (interface) | E(N)/S (seeder) | fell back | last exit s | cpu busy |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut csv = String::from(
         "method_id,nodes,method,t_s,t_over_sb,e_iface_bytes,e_over_s,e_seeder_bytes,archive_bytes,rate_mbit,unpack,\
-         fallbacks,exit_s\n",
+         fallbacks,exit_s,cpu_busy,tcp_cc\n",
     );
     // One method after the other, so that gnuplot draws each as one line (a row of the other
     // method is a gap for it).
@@ -301,17 +324,18 @@ fn main() -> Result<()> {
     for r in &rows {
         let (tr, er) = (r.secs / sb, r.iface as f64 / s as f64);
         println!(
-            "| {} | {} | {:.2} | {tr:.2} | {er:.2} | {:.2} | {} | {:.2} |",
+            "| {} | {} | {:.2} | {tr:.2} | {er:.2} | {:.2} | {} | {:.2} | {:.0} % |",
             r.n,
             r.method.name(),
             r.secs,
             r.seeder as f64 / s as f64,
             r.fallbacks,
-            r.exit_secs
+            r.exit_secs,
+            r.cpu_busy * 100.0
         );
         let _ = writeln!(
             csv,
-            "{},{},{},{:.3},{tr:.3},{},{er:.3},{},{s},{},{},{},{:.3}",
+            "{},{},{},{:.3},{tr:.3},{},{er:.3},{},{s},{},{},{},{:.3},{:.3},{}",
             if r.method == Method::Swarm { 1 } else { 2 },
             r.n,
             r.method.name(),
@@ -321,7 +345,9 @@ fn main() -> Result<()> {
             a.rate_mbit,
             !a.no_unpack,
             r.fallbacks,
-            r.exit_secs
+            r.exit_secs,
+            r.cpu_busy,
+            a.tcp_cc
         );
     }
     let out = a.out.clone().unwrap_or_else(|| luna_tests::workspace_root().join("docs"));
